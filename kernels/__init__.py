@@ -1,0 +1,63 @@
+"""Masked multi-head attention with per-head statistics (installed as ``fastbertology.kernels``).
+
+torch and triton only, never transformers. One contract, several backends:
+
+    out, stats = attention(q, k, v, head_mask=None, key_padding_mask=None, causal=False, scale=None,
+                           return_probs=False, backend="auto")
+
+* ``q, k, v``: ``[B, H, N, D]``, any strides, one floating dtype.
+* ``head_mask``: ``[H]`` or ``[B, H]`` floats; multiplies each head's post-softmax probabilities (so its output).
+  Differentiable: the gradient is ``sum_i sum_d dO * (P V)``.
+* ``key_padding_mask``: bool ``[B, N]``, True = keep the key.
+* ``causal``: query i sees keys j <= i.
+* ``scale``: softmax scale, default ``D ** -0.5``.
+* ``out``: ``[B, H, N, D]`` in the input dtype; ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob``
+  ``[B, H, N]`` float32, ``probs`` ``[B, H, N, N]`` only with ``return_probs=True``).
+* ``backend``: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"torch"``, ``"triton"`` (on CPU
+  tensors it needs ``TRITON_INTERPRET=1`` set before triton is imported), or ``"reference"``.
+"""
+
+from __future__ import annotations
+
+from .common import AttentionStats
+from .reference import attention_reference, attention_torch
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def resolve_backend(backend: str, device) -> str:
+    """Map ``"auto"`` to a concrete backend for tensors on ``device``; validate the name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if getattr(device, "type", str(device)) == "cuda" and triton_available() else "torch"
+    return backend
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can be imported (triton is installed)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None, return_probs=False,
+              backend="auto"):
+    """Masked multi-head attention with per-head statistics; see the module docstring for the contract."""
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        from .triton_attention import attention_triton
+
+        function = attention_triton
+    elif backend == "reference":
+        function = attention_reference
+    else:
+        function = attention_torch
+    return function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                    return_probs=return_probs)
+
+
+__all__ = ["AttentionStats", "attention", "attention_reference", "attention_torch", "resolve_backend",
+           "triton_available", "BACKENDS"]
