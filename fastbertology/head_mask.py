@@ -1,0 +1,49 @@
+"""Validation and normalisation of model-level head masks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.device) -> torch.Tensor:
+    """Check a model-level head mask and return it as ``[L, H]`` or ``[B, L, H]``.
+
+    Accepted shapes (as transformers 4.x, plus a per-example extension): ``[H]`` (same for every layer, expanded
+    as a view so gradients still reach the original), ``[L, H]``, ``[B, L, H]``. Values are floats and multiply
+    each head's post-softmax probabilities. Raises ValueError naming the problem and the fix.
+    """
+    if not isinstance(head_mask, torch.Tensor):
+        raise ValueError(f"head_mask must be a torch.Tensor, got {type(head_mask).__name__}")
+    if not head_mask.is_floating_point():
+        raise ValueError(f"head_mask must be a floating-point tensor (e.g. torch.ones(...)); got dtype {head_mask.dtype}")
+    num_layers = len(heads_per_layer)
+    if len(set(heads_per_layer)) > 1:
+        raise ValueError(
+            f"this model's layers have different head counts {heads_per_layer} (it was pruned); a head mask needs "
+            "equal counts: mask heads on the unpruned model instead"
+        )
+    heads = heads_per_layer[0]
+    if head_mask.device != device:
+        raise ValueError(f"head_mask is on {head_mask.device} but the model is on {device}; pass head_mask.to({str(device)!r})")
+    shape = tuple(head_mask.shape)
+    if shape == (heads,):
+        return head_mask.expand(num_layers, heads)
+    if shape == (num_layers, heads) or (len(shape) == 3 and shape[1:] == (num_layers, heads)):
+        return head_mask
+    raise ValueError(
+        f"head_mask has shape {shape}; this model takes [heads]=({heads},), [layers, heads]=({num_layers}, {heads}) "
+        f"or [batch, layers, heads]=(B, {num_layers}, {heads})"
+    )
+
+
+def layer_head_mask(head_mask: torch.Tensor | None, layer: int, batch: int) -> torch.Tensor | None:
+    """Slice a normalised ``[L, H]`` / ``[B, L, H]`` mask to the kernels' ``[H]`` / ``[B, H]`` for one layer."""
+    if head_mask is None:
+        return None
+    if head_mask.dim() == 2:
+        return head_mask[layer]
+    if head_mask.shape[0] != batch:
+        raise ValueError(
+            f"per-example head_mask has batch size {head_mask.shape[0]} but the inputs have batch size {batch}"
+        )
+    return head_mask[:, layer]

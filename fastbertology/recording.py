@@ -1,0 +1,82 @@
+"""Per-head attention statistics accumulated from the fused pass's row statistics (never from stored maps)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class HeadStatistics:
+    """Running sums, per layer and head, over the non-padding query tokens of every forward pass seen.
+
+    entropy_sum[l]:  ``[H_l]`` sum over tokens of the attention entropy ``-sum_j p_j log p_j`` (nats).
+    max_prob_sum[l]: ``[H_l]`` sum over tokens of the largest attention probability.
+    tokens[l]:       number of non-padding query tokens seen by layer ``l``.
+
+    The statistics describe each head's softmax distribution before any head mask is applied. Sums are kept
+    in float64 on the model's device; :meth:`entropy` and :meth:`max_prob` return ``[L, H]`` per-token means on
+    the CPU (NaN for heads a pruned layer no longer has).
+    """
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.entropy_sum: list[torch.Tensor | None] = [None] * num_layers
+        self.max_prob_sum: list[torch.Tensor | None] = [None] * num_layers
+        self.tokens: list[torch.Tensor | None] = [None] * num_layers
+
+    def add(self, layer: int, entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.Tensor | None):
+        """Accumulate one layer's row statistics ``[B, H, N]``; ``query_mask`` bool ``[B, N]`` (None = all)."""
+        if query_mask is None:
+            weights = torch.ones(entropy.shape[0], entropy.shape[2], dtype=torch.float64, device=entropy.device)
+        else:
+            weights = query_mask.to(torch.float64)
+        entropy_sum = torch.einsum("bhn,bn->h", entropy.double(), weights)
+        max_prob_sum = torch.einsum("bhn,bn->h", max_prob.double(), weights)
+        tokens = weights.sum()
+        if self.tokens[layer] is None:
+            self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = entropy_sum, max_prob_sum, tokens
+        else:
+            self.entropy_sum[layer] += entropy_sum
+            self.max_prob_sum[layer] += max_prob_sum
+            self.tokens[layer] += tokens
+
+    def _per_token(self, sums: list[torch.Tensor | None]) -> torch.Tensor:
+        heads = max((s.numel() for s in sums if s is not None), default=0)
+        table = torch.full((self.num_layers, heads), float("nan"), dtype=torch.float64)
+        for layer, values in enumerate(sums):
+            if values is not None and self.tokens[layer] > 0:
+                table[layer, : values.numel()] = (values / self.tokens[layer]).cpu()
+        return table
+
+    def entropy(self) -> torch.Tensor:
+        """``[L, H]`` mean attention entropy per non-padding query token."""
+        return self._per_token(self.entropy_sum)
+
+    def max_prob(self) -> torch.Tensor:
+        """``[L, H]`` mean largest attention probability per non-padding query token."""
+        return self._per_token(self.max_prob_sum)
+
+    def token_count(self) -> int:
+        """Non-padding query tokens seen (by the first layer that saw any)."""
+        counts = [t for t in self.tokens if t is not None]
+        return int(counts[0].item()) if counts else 0
+
+
+@contextlib.contextmanager
+def record(model):
+    """Accumulate per-head statistics over every forward pass of a patched ``model`` inside the block.
+
+    >>> with fastbertology.record(model) as stats:
+    ...     model(**batch)
+    >>> stats.entropy()   # [L, H]
+    """
+    state = getattr(model, "_fastbertology_state", None)
+    if state is None:
+        raise RuntimeError("record() needs a patched model: call fastbertology.patch(model) first")
+    stats = HeadStatistics(state.num_layers)
+    state.recorders.append(stats)
+    try:
+        yield stats
+    finally:
+        state.recorders.remove(stats)
