@@ -209,21 +209,20 @@ def _model_device(model):
 
 def _make_pre_hook(state):
     def pre_hook(module, args, kwargs):
-        head_mask = kwargs.pop("head_mask", None)
-        if head_mask is not None:  # validate before touching the state: a bad mask leaves nothing behind
-            if state.depth > 0 and state.context.head_mask is not None:
-                raise ValueError("head_mask was given twice (to the model and to its base model)")
-            head_mask = normalize_head_mask(
-                head_mask, heads_per_layer=heads_per_layer(state.model), device=_model_device(state.model)
-            )
-        if state.depth == 0:
+        # The post hook runs even when this hook raises (always_call), so count the call first.
+        state.depth += 1
+        if state.depth == 1:
             output_attentions = kwargs.get("output_attentions")
             if output_attentions is None:
                 output_attentions = bool(getattr(state.model.config, "output_attentions", False))
             state.context = _CallContext(output_attentions=bool(output_attentions))
+        head_mask = kwargs.pop("head_mask", None)
         if head_mask is not None:
-            state.context.head_mask = head_mask
-        state.depth += 1
+            if state.context.head_mask is not None:
+                raise ValueError("head_mask was given twice (to the model and to its base model)")
+            state.context.head_mask = normalize_head_mask(
+                head_mask, heads_per_layer=heads_per_layer(state.model), device=_model_device(state.model)
+            )
         return args, kwargs
 
     return pre_hook
