@@ -299,7 +299,8 @@ def patch(model, backend: str = "auto") -> PatchHandle:
     for layer, module in enumerate(modules):
         module._fastbertology_layer = (state, layer)
         undo.append(lambda module=module: delattr(module, "_fastbertology_layer"))
-        if not spec.uses_attention_interface:
+        if not spec.uses_attention_interface and "forward" not in vars(module):
+            # (a layer pruned to zero heads already has its own instance forward: keep that one)
             module.forward = types.MethodType(_openai_attention_forward, module)
             undo.append(lambda module=module: delattr(module, "forward"))
 

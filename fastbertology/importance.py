@@ -1,0 +1,146 @@
+"""Head importance, attention entropy, max probability and the task metric, in one pass over the data.
+
+Importance follows run_bertology (Michel et al. 2019): the gradient of the loss with respect to a head mask of
+ones, ``|dL/dmask|``, accumulated over batches and divided by the number of non-padding tokens; optionally each
+layer is divided by its L2 norm and the whole table min-max scaled to [0, 1].
+
+Two ways to take the absolute value:
+
+* ``"per_batch"`` (run_bertology): ``|dL_batch/dmask|`` per batch, where ``L_batch`` is the task's batch loss
+  (its mean over the batch). run_bertology never zeroed ``head_mask.grad`` and so summed the absolute value of
+  the *cumulative* gradient — a bug we do not reproduce: we sum per-batch absolute gradients.
+* ``"per_example"`` (Michel et al.'s estimator ``E_x |dL(x)/dmask|``): one mask per example (``[B, L, H]``) so
+  that every example's gradient is taken on its own before the absolute value; independent of batching.
+
+No weight gradients are computed: parameters are frozen for the duration of the pass (and restored after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .patching import heads_per_layer, is_patched
+from .recording import record
+
+IMPORTANCE_MODES = ("per_batch", "per_example")
+
+
+@dataclass
+class HeadAnalysis:
+    """Result of :func:`analyze_heads`. Tables are ``[L, H]`` float64 on the CPU."""
+
+    importance: torch.Tensor  # normalised as requested
+    raw_importance: torch.Tensor  # accumulated |gradient| / tokens, before any normalisation
+    entropy: torch.Tensor  # mean attention entropy per non-padding query token (nats)
+    max_prob: torch.Tensor  # mean largest attention probability per non-padding query token
+    metric: float  # the task metric over the whole data, with the head mask applied
+    loss: float  # mean of the task's batch losses
+    tokens: int  # non-padding tokens seen by the first layer
+    examples: int
+
+
+def require_patched(model) -> None:
+    """Analyses need the patch: unpatched transformers 5 models silently ignore ``head_mask``."""
+    if not is_patched(model):
+        raise RuntimeError(
+            "this model is not patched: transformers 5 silently ignores head_mask. Call fastbertology.patch(model) first"
+        )
+
+
+def full_head_mask(model, *, dtype=torch.float32) -> torch.Tensor:
+    """A ``[L, H]`` mask of ones on the model's device (every layer must have the same number of heads)."""
+    counts = heads_per_layer(model)
+    if len(set(counts)) != 1:
+        raise ValueError(f"layers have different head counts {counts} (pruned model): analyse the unpruned model")
+    device = next(model.parameters()).device
+    return torch.ones(len(counts), counts[0], dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """Turn off ``requires_grad`` on every parameter inside the block (only mask gradients are needed)."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_minmax: bool = True) -> torch.Tensor:
+    """run_bertology's normalisation of a ``[L, H]`` table: per-layer L2 (``x / (||x_l||_2 + 1e-20)``), then
+    global min-max to [0, 1]."""
+    importance = raw.clone()
+    if by_layer:
+        importance = importance / (importance.pow(2).sum(-1, keepdim=True).sqrt() + 1e-20)
+    if global_minmax:
+        low, high = importance.min(), importance.max()
+        importance = (importance - low) / (high - low) if high > low else torch.zeros_like(importance)
+    return importance
+
+
+def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tensor | None = None,
+                  importance: str = "per_batch", normalize_by_layer: bool = True, normalize_global: bool = True,
+                  progress: bool = False) -> HeadAnalysis:
+    """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
+
+    model:     a patched model (:func:`fastbertology.patch`), in eval mode.
+    batches:   iterable of batch dicts as produced by :mod:`fastbertology.data` (tensors on the model's device).
+    task:      an object with ``evaluate(model, batch, head_mask=...) -> TaskResult`` (``.loss`` scalar batch loss,
+               ``.example_losses`` ``[B]``) and ``metric_state()`` / ``update_metric(state, result, batch)`` /
+               ``compute_metric(state) -> float`` (see :mod:`fastbertology.tasks`).
+    head_mask: ``[L, H]`` mask to analyse the model under (default: ones). Importance is the gradient at it.
+    importance: ``"per_batch"`` or ``"per_example"`` (see the module docstring).
+    """
+    require_patched(model)
+    if importance not in IMPORTANCE_MODES:
+        raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {importance!r}")
+    base_mask = full_head_mask(model) if head_mask is None else head_mask.detach()
+    raw = torch.zeros(base_mask.shape, dtype=torch.float64, device=base_mask.device)
+    metric_state = task.metric_state()
+    loss_sum, batches_seen, examples = 0.0, 0, 0
+    with frozen_parameters(model), record(model) as stats:
+        for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
+            size = len(batch["input_ids"]) if "input_ids" in batch else task.batch_size(batch)
+            if importance == "per_example":
+                mask = base_mask.expand(size, *base_mask.shape).clone().requires_grad_(True)  # [B, L, H]
+            else:
+                mask = base_mask.clone().requires_grad_(True)  # [L, H]
+            result = task.evaluate(model, batch, head_mask=mask)
+            objective = result.example_losses.sum() if importance == "per_example" else result.loss
+            (gradient,) = torch.autograd.grad(objective, mask)
+            raw += gradient.abs().double().sum(0) if importance == "per_example" else gradient.abs().double()
+            task.update_metric(metric_state, result, batch)
+            loss_sum += float(result.loss.detach())
+            batches_seen += 1
+            examples += size
+    tokens = stats.token_count()
+    raw = (raw / max(tokens, 1)).cpu()
+    return HeadAnalysis(
+        importance=normalize_importance(raw, by_layer=normalize_by_layer, global_minmax=normalize_global),
+        raw_importance=raw,
+        entropy=stats.entropy(),
+        max_prob=stats.max_prob(),
+        metric=task.compute_metric(metric_state),
+        loss=loss_sum / max(batches_seen, 1),
+        tokens=tokens,
+        examples=examples,
+    )
+
+
+def evaluate_metric(model, batches: Iterable[dict], task, *, head_mask: torch.Tensor | None = None,
+                    progress: bool = False, desc: str = "evaluate") -> float:
+    """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients."""
+    require_patched(model)
+    state = task.metric_state()
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+            task.update_metric(state, task.evaluate(model, batch, head_mask=head_mask), batch)
+    return task.compute_metric(state)
