@@ -1,0 +1,233 @@
+"""Triton attention kernels against the float64 reference (CPU: under TRITON_INTERPRET=1, set in conftest.py).
+
+Pass rule (DESIGN.md): for every output, statistic and gradient, the kernel's max abs error against
+``attention_reference`` in float64 must be at most ``factor`` x the error of the same-dtype PyTorch computation
+(``attention_reference`` run in that dtype) plus a small floor, with factor 2 for outputs/statistics/probabilities
+and 3 for gradients. The floor, ``FLOOR[dtype] * max(1, max |reference|)`` (a few units in the last place), only
+matters where the same-dtype PyTorch error is (near) zero, e.g. exactly representable results.
+
+The interpreter is slow, so the cases below are chosen to cover the options (dtype, head dim, N in 1/7/97/130,
+causal, prefix/general/empty key padding, [H]/[B, H] head masks with zeros and fractions, which inputs need
+gradients, non-contiguous inputs, the GPU block sizes) without taking their cartesian product.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+pytestmark = pytest.mark.skipif(
+    DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)",
+)
+
+from fastbertology.kernels import attention, attention_reference, attention_torch  # noqa: E402
+
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+OUTPUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int
+    causal: bool = False
+    padding: str | None = None  # None, "prefix", "prefix_empty" (one example without keys), "general"
+    mask: str | None = None  # None, "H", "BH"
+    grads: str = "all"  # "all", "qkv" (head mask without grad), "mask" (only head mask), "none" (no_grad)
+    strided: bool = False  # q, k, v (and dO) as transposes of [B, N, H, D]
+    gpu_blocks: bool = False  # use the GPU block sizes (on the interpreter)
+    probs: bool = True
+
+    def __str__(self):
+        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        parts = [name, f"B{self.batch}H{self.heads}N{self.seq}D{self.head_dim}", "causal" if self.causal else "full",
+                 f"pad-{self.padding}", f"mask-{self.mask}", f"grad-{self.grads}"]
+        parts += ["strided"] * self.strided + ["gpublocks"] * self.gpu_blocks
+        return "-".join(parts)
+
+
+F32, F16 = torch.float32, torch.float16
+CASES = [
+    Case(F32, 1, 2, 1, 32),
+    Case(F32, 2, 3, 7, 32, causal=True, padding="prefix", mask="H"),
+    Case(F32, 2, 3, 97, 64, padding="prefix_empty", mask="BH", strided=True),
+    Case(F32, 2, 2, 97, 32, causal=True, padding="general", mask="H", grads="qkv", strided=True),
+    Case(F16, 2, 3, 7, 64, padding="general", mask="BH"),
+    Case(F16, 2, 3, 97, 32, causal=True, padding="prefix_empty", mask="BH", grads="mask", strided=True),
+    Case(F16, 1, 3, 97, 64, mask="H", grads="none"),
+    Case(F16, 2, 2, 97, 64, causal=True, strided=True, probs=False),
+    Case(F32, 2, 2, 130, 64, causal=True, padding="prefix", mask="BH", gpu_blocks=True),
+    Case(F16, 1, 2, 130, 32, padding="general", mask="H", strided=True, gpu_blocks=True),
+]
+
+
+def _inputs(case: Case, seed: int = 0):
+    """Fresh random q, k, v, dO (``[B, H, N, D]``), head mask and key padding mask for a case."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, n, d = case.batch, case.heads, case.seq, case.head_dim
+
+    def tensor():
+        if case.strided:  # [B, N, H, D] -> [B, H, N, D] view, as transformers hands them over
+            return torch.randn(b, n, h, d, generator=gen).to(DEVICE, case.dtype).transpose(1, 2)
+        return torch.randn(b, h, n, d, generator=gen).to(DEVICE, case.dtype)
+
+    q, k, v, grad_out = tensor(), tensor(), tensor(), tensor()
+    head_mask = None
+    if case.mask == "H":
+        head_mask = 0.2 + 0.8 * torch.rand(h, generator=gen, dtype=torch.float64)
+        head_mask[h // 2] = 0.0
+    elif case.mask == "BH":
+        head_mask = 0.2 + 0.8 * torch.rand(b, h, generator=gen)
+        head_mask[0, 1] = 0.0
+        head_mask[-1, 0] = 1.0
+    if head_mask is not None:
+        head_mask = head_mask.to(DEVICE)
+    key_padding_mask = None
+    if case.padding in ("prefix", "prefix_empty"):
+        lengths = torch.randint(1, n + 1, (b,), generator=gen)
+        lengths[0] = n
+        if case.padding == "prefix_empty":
+            lengths[-1] = 0
+        key_padding_mask = torch.arange(n)[None, :] < lengths[:, None]
+    elif case.padding == "general":
+        key_padding_mask = torch.rand(b, n, generator=gen) < 0.7
+        key_padding_mask[-1, 0] = False  # causal: query 0 of that example sees no key
+        key_padding_mask[-1, -1] = True
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(DEVICE)
+    return q, k, v, grad_out, head_mask, key_padding_mask
+
+
+def _evaluate(function, case, q, k, v, grad_out, head_mask, key_padding_mask, dtype=None):
+    """Run ``function`` on copies of the inputs cast to ``dtype`` (None: as they are); return name -> tensor."""
+    cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach().clone())
+    q, k, v, grad_out = (cast(t) for t in (q, k, v, grad_out))
+    if head_mask is not None:
+        head_mask = head_mask.detach().to(dtype if dtype is not None else head_mask.dtype)
+    leaves = {"all": ["q", "k", "v", "head_mask"], "qkv": ["q", "k", "v"], "mask": ["head_mask"], "none": []}
+    inputs = {"q": q, "k": k, "v": v, "head_mask": head_mask}
+    wanted = [name for name in leaves[case.grads] if inputs[name] is not None]
+    for name in wanted:
+        inputs[name].requires_grad_(True)
+    with torch.set_grad_enabled(case.grads != "none"):
+        out, stats = function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=case.causal,
+                              return_probs=case.probs)
+    results = {"out": out.detach(), "lse": stats.lse, "entropy": stats.entropy, "max_prob": stats.max_prob}
+    if case.probs:
+        results["probs"] = stats.probs
+    else:
+        assert stats.probs is None
+    if wanted:
+        out.backward(grad_out.to(out.dtype))
+        results.update({f"grad_{name}": inputs[name].grad for name in wanted})
+    return results
+
+
+def _check_against_reference(case, q, k, v, grad_out, head_mask, key_padding_mask, function):
+    """Assert the pass rule for every result; return ``{name: (kernel error, torch error, allowed)}``."""
+    exact = _evaluate(attention_reference, case, q, k, v, grad_out, head_mask, key_padding_mask, torch.float64)
+    same_dtype = _evaluate(attention_reference, case, q, k, v, grad_out, head_mask, key_padding_mask, case.dtype)
+    ours = _evaluate(function, case, q, k, v, grad_out, head_mask, key_padding_mask)
+    assert ours.keys() == exact.keys()
+    report, failures = {}, []
+    for name, reference in exact.items():
+        mine = ours[name]
+        assert mine.shape == reference.shape, name
+        assert torch.isfinite(mine).all(), f"{name} has non-finite values"
+        if name in ("lse", "entropy", "max_prob", "probs"):
+            assert mine.dtype == torch.float32, name
+        elif name == "grad_head_mask":
+            assert mine.dtype == head_mask.dtype, name
+        else:
+            assert mine.dtype == case.dtype, name
+        error = (mine.double() - reference).abs().max().item()
+        torch_error = (same_dtype[name].double() - reference).abs().max().item()
+        factor = GRAD_FACTOR if name.startswith("grad_") else OUTPUT_FACTOR
+        allowed = factor * torch_error + FLOOR[case.dtype] * max(1.0, reference.abs().max().item())
+        report[name] = (error, torch_error, allowed)
+        if not error <= allowed:
+            failures.append(f"{name}: kernel error {error:.3g} > allowed {allowed:.3g} (torch {torch_error:.3g})")
+    assert not failures, f"{case}: " + "; ".join(failures)
+    return report
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_against_reference(case, monkeypatch):
+    from fastbertology.kernels import triton_attention
+
+    if case.gpu_blocks:
+        monkeypatch.setattr(triton_attention, "_configs",
+                            lambda device, block_d, dtype: triton_attention.gpu_configs(block_d, dtype))
+    inputs = _inputs(case)
+    _check_against_reference(case, *inputs, triton_attention.attention_triton)
+
+
+def test_dispatch_zero_mask_rows_and_mask_grad_shape():
+    """backend="triton" dispatch; fully masked rows are exact zeros; [H] mask gradient keeps shape and dtype."""
+    case = Case(F32, 2, 2, 9, 32, causal=True, padding="prefix_empty", mask="H", probs=True)
+    q, k, v, grad_out, head_mask, key_padding_mask = _inputs(case, seed=1)
+    head_mask = head_mask.requires_grad_(True)
+    q.requires_grad_(True)
+    out, stats = attention(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=True,
+                           return_probs=True, backend="triton")
+    out.backward(grad_out)
+    empty = ~key_padding_mask.any(-1)  # examples without keys
+    for tensor in (out, stats.lse, stats.entropy, stats.max_prob, stats.probs):
+        assert torch.count_nonzero(tensor[empty]) == 0
+    assert torch.count_nonzero(q.grad[empty]) == 0
+    assert head_mask.grad.shape == head_mask.shape and head_mask.grad.dtype == torch.float64
+    assert torch.count_nonzero(out[:, case.heads // 2]) == 0  # the head whose mask is 0
+
+
+def test_backward_is_deterministic():
+    case = Case(F32, 2, 2, 40, 32, causal=True, padding="general", mask="BH")
+    from fastbertology.kernels.triton_attention import attention_triton
+
+    grads = []
+    for _ in range(2):
+        q, k, v, grad_out, head_mask, key_padding_mask = _inputs(case, seed=3)
+        for t in (q, k, v, head_mask):
+            t.requires_grad_(True)
+        out, _ = attention_triton(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=True)
+        out.backward(grad_out)
+        grads.append([t.grad.clone() for t in (q, k, v, head_mask)])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_grad_mode_paths_agree():
+    """no_grad (P V skipped for zero-mask heads), head mask without grad (masked output saved) and with grad
+    (unmasked output saved) give the same forward results."""
+    from fastbertology.kernels.triton_attention import attention_triton
+
+    case = Case(F32, 2, 3, 20, 32, padding="general", mask="BH")
+    q, k, v, _, head_mask, key_padding_mask = _inputs(case, seed=5)
+    results = []
+    for q_grad, mask_grad in ((False, False), (True, False), (False, True)):
+        qq, mm = q.detach().clone().requires_grad_(q_grad), head_mask.detach().clone().requires_grad_(mask_grad)
+        out, stats = attention_triton(qq, k, v, head_mask=mm, key_padding_mask=key_padding_mask)
+        results.append((out.detach(), *stats[:3]))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_float64_is_delegated_to_torch():
+    from fastbertology.kernels.triton_attention import attention_triton
+
+    q, k, v, _, head_mask, _ = _inputs(Case(F32, 1, 2, 5, 32, mask="H"))
+    q, k, v = (t.double() for t in (q, k, v))
+    out, stats = attention_triton(q, k, v, head_mask=head_mask)
+    expected, expected_stats = attention_torch(q, k, v, head_mask=head_mask)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(stats.entropy, expected_stats.entropy)
