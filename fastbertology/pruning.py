@@ -201,7 +201,8 @@ def _bert_prune(attention: nn.Module, heads: list[int]) -> None:
     """Prune current heads ``heads`` of a ``BertAttention`` (``.self`` q/k/v rows, ``.output.dense`` columns)."""
     self_attn = attention.self
     num_heads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
-    keep = [h for h in range(num_heads) if h not in set(heads)]
+    gone = set(heads)
+    keep = [h for h in range(num_heads) if h not in gone]
     index = _head_index(keep, head_dim, self_attn.query.weight.device)
     for linear in (self_attn.query, self_attn.key, self_attn.value):
         _select_linear_outputs(linear, index)
@@ -223,7 +224,8 @@ def _conv_prune(attn: nn.Module, heads: list[int], *, heads_attr: str) -> None:
     """Prune current heads of a GPT-2 / openai-gpt attention (fused ``c_attn`` columns, ``c_proj`` rows)."""
     num_heads = getattr(attn, heads_attr)
     head_dim = attn.split_size // num_heads
-    keep = [h for h in range(num_heads) if h not in set(heads)]
+    gone = set(heads)
+    keep = [h for h in range(num_heads) if h not in gone]
     index = _head_index(keep, head_dim, attn.c_attn.weight.device)
     _select_conv1d_outputs(attn.c_attn, _fused_qkv_index(index, attn.split_size))
     _select_conv1d_inputs(attn.c_proj, index)
@@ -323,7 +325,9 @@ def _validated_request(heads_to_prune, num_layers: int, current_heads: Callable[
         raise ValueError("heads_to_prune must be a dict {layer: [head indices]} or a [L, H] 0/1 head mask.")
     request: dict[int, list[int]] = {}
     for layer_key, heads in heads_to_prune.items():
-        layer = _as_int(layer_key, "A layer index")
+        # (layer keys may be strings of integers, as in a JSON-loaded ``pruned_heads``)
+        layer = _as_int(int(layer_key) if isinstance(layer_key, str) and layer_key.isdigit() else layer_key,
+                        "A layer index")
         if not 0 <= layer < num_layers:
             raise ValueError(f"Layer index {layer} is out of range: the model has {num_layers} layers.")
         if layer in request:
@@ -361,7 +365,7 @@ def _remaining_original_heads(config, layer: int, current: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prune_heads(model: nn.Module, heads_to_prune) -> nn.Module:
+def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | np.ndarray) -> nn.Module:
     """Physically remove attention heads, in place; returns ``model``.
 
     Args:
