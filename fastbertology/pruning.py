@@ -465,22 +465,26 @@ def load_pruned(model_class, path: str | os.PathLike, **kwargs) -> nn.Module:
     Args:
         model_class: a transformers model class (``BertForSequenceClassification``, ...) or an Auto class.
         path: a local directory with ``config.json`` and ``model.safetensors`` (or a sharded safetensors index).
-        **kwargs: passed to the model's construction (``_from_config`` / ``from_config``), e.g. ``dtype=`` or
-            ``attn_implementation=``.
+        **kwargs: as for ``from_pretrained``: config attributes (``num_labels=``, ``dtype=``,
+            ``attn_implementation=``, ...) override the saved config; the rest go to the model's constructor.
 
     The model is built with the config's full head counts, pruned to ``config.pruned_heads``, then given the
     checkpoint's weights. Never runs remote code; reads safetensors only.
     """
     from transformers import AutoConfig
 
+    if kwargs.pop("trust_remote_code", False):
+        raise ValueError("load_pruned never runs remote code (trust_remote_code=True is refused).")
+    if not kwargs.pop("use_safetensors", True):
+        raise ValueError("load_pruned reads safetensors only (use_safetensors=False is refused).")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory saved with save_pretrained.")
     config_class = getattr(model_class, "config_class", None) or AutoConfig
-    config = config_class.from_pretrained(path)
+    config, model_kwargs = config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
     to_prune = pruned_heads(config)
     config.pruned_heads = {}
-    model = _build_model(model_class, config, **kwargs)
+    model = _build_model(model_class, config, **model_kwargs)
     prune_heads(model, to_prune)  # on a fresh model, current indices are the original ones
     _load_state(model, _read_safetensors(path))
     return model.eval()

@@ -207,6 +207,14 @@ def test_load_pruned_auto_class_and_shards(tmp_path):
     assert type(loaded) is BertForSequenceClassification
     assert torch.equal(logits(loaded, batch()), logits(model, batch()))
 
+    # from_pretrained-style overrides: config attributes and dtype
+    loaded32 = load_pruned(BertForSequenceClassification, tmp_path, num_labels=3, dtype=torch.float32,
+                           attn_implementation="eager")
+    assert loaded32.dtype == torch.float32 and loaded32.config._attn_implementation == "eager"
+    torch.testing.assert_close(logits(loaded32, batch()), logits(model, batch()).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="remote code"):
+        load_pruned(BertForSequenceClassification, tmp_path, trust_remote_code=True)
+
 
 def test_load_pruned_reports_missing_weights(tmp_path):
     model = tiny_model("gpt2")
