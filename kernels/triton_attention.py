@@ -58,8 +58,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from .common import AttentionStats, check_inputs
 from .reference import attention_torch, expand_head_mask
 
-# Input precision of tl.dot for float32 inputs: "tf32x3" (about float32 accuracy) or "ieee" (exact, slow).
-FP32_DOT_PRECISION = "tf32x3"
+# Input precision of tl.dot for float32 inputs: "tf32x3" (three TF32 tensor-core products, close to float32
+# accuracy) or "ieee" (true float32 FMA, slower). The environment variable overrides it (read at import).
+FP32_DOT_PRECISION = os.environ.get("FASTBERTOLOGY_FP32_DOT_PRECISION", "tf32x3")
 _LOG2E = math.log2(math.e)
 _MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension, which holds batch * heads
 
@@ -555,8 +556,8 @@ def _forward(q, k, v, mask_bh, key_padding_mask, causal, scale, return_probs, st
     has_mask = mask_bh is not None
     out = torch.empty_like(q)  # q's layout where dense (e.g. [B, N, H, D] underneath): free transpose later
     out_u = torch.empty_like(out) if (has_mask and store_unmasked) else None
-    stats = torch.empty((3, batch, heads, seq), dtype=torch.float32, device=q.device)
-    lse, entropy, max_prob = stats.unbind(0)
+    # three separate tensors (not views of one): callers may modify the statistics in place
+    lse, entropy, max_prob = (torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) for _ in range(3))
     dummy = out
     grid = (triton.cdiv(seq, cfg.fwd.block_m), batch * heads)
     _attn_fwd[grid](

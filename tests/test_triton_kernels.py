@@ -71,15 +71,15 @@ CASES = [
 ]
 
 
-def _inputs(case: Case, seed: int = 0):
-    """Fresh random q, k, v, dO (``[B, H, N, D]``), head mask and key padding mask for a case."""
+def _inputs(case: Case, seed: int = 0, device: torch.device = DEVICE):
+    """Fresh random q, k, v, dO (``[B, H, N, D]``), head mask and key padding mask for a case, on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     b, h, n, d = case.batch, case.heads, case.seq, case.head_dim
 
     def tensor():
         if case.strided:  # [B, N, H, D] -> [B, H, N, D] view, as transformers hands them over
-            return torch.randn(b, n, h, d, generator=gen).to(DEVICE, case.dtype).transpose(1, 2)
-        return torch.randn(b, h, n, d, generator=gen).to(DEVICE, case.dtype)
+            return torch.randn(b, n, h, d, generator=gen).to(device, case.dtype).transpose(1, 2)
+        return torch.randn(b, h, n, d, generator=gen).to(device, case.dtype)
 
     q, k, v, grad_out = tensor(), tensor(), tensor(), tensor()
     head_mask = None
@@ -91,7 +91,7 @@ def _inputs(case: Case, seed: int = 0):
         head_mask[0, 1] = 0.0
         head_mask[-1, 0] = 1.0
     if head_mask is not None:
-        head_mask = head_mask.to(DEVICE)
+        head_mask = head_mask.to(device)
     key_padding_mask = None
     if case.padding in ("prefix", "prefix_empty"):
         lengths = torch.randint(1, n + 1, (b,), generator=gen)
@@ -104,7 +104,7 @@ def _inputs(case: Case, seed: int = 0):
         key_padding_mask[-1, 0] = False  # causal: query 0 of that example sees no key
         key_padding_mask[-1, -1] = True
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to(DEVICE)
+        key_padding_mask = key_padding_mask.to(device)
     return q, k, v, grad_out, head_mask, key_padding_mask
 
 

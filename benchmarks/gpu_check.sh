@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU check: the Triton kernel tests, then the attention benchmark; the benchmark table is printed last.
+#   bash benchmarks/gpu_check.sh [results.jsonl]     (default: $OUT/bench_attention.jsonl, else /tmp/...)
+# Works offline (GPU machine: Python 3.12, torch 2.11, triton 3.6, transformers 5.17). Installs the project in
+# editable mode when it is not importable, or falls back to a symlinked package tree on PYTHONPATH.
+# More benchmarks: add them below the attention benchmark, before the final table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+RESULTS=${1:-${OUT:-/tmp}/bench_attention.jsonl}
+
+if ! "$PYTHON" -c "import fastbertology.kernels" 2>/dev/null; then
+  echo "== installing fastbertology (editable, no deps, no build isolation)"
+  if ! "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >/tmp/fastbertology_install.log 2>&1; then
+    echo "   pip install failed (see /tmp/fastbertology_install.log); using a symlinked tree on PYTHONPATH"
+    tree=$(mktemp -d)
+    mkdir "$tree/fastbertology"
+    for f in fastbertology/*; do ln -s "$PWD/$f" "$tree/fastbertology/"; done
+    ln -s "$PWD/kernels" "$tree/fastbertology/kernels"
+    export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONSAFEPATH=1  # keep the repo root (whose fastbertology/ lacks kernels/) off sys.path
+  fi
+  "$PYTHON" -c "import fastbertology.kernels" || { echo "cannot import fastbertology.kernels"; exit 1; }
+fi
+
+echo "== kernel tests on the GPU"
+"$PYTHON" -m pytest tests/test_triton_gpu.py tests/test_triton_kernels.py -q
+tests_rc=$?
+
+echo "== attention benchmark (fwd+bwd)"
+table=$(mktemp)
+"$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
+bench_rc=${PIPESTATUS[0]}
+
+echo
+echo "== summary: kernel tests rc=$tests_rc, benchmark rc=$bench_rc, JSON lines in $RESULTS"
+cat "$table"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,83 @@
+"""Triton attention kernels on the GPU: bf16/fp16/fp32, head dims up to 128, N up to 4096, and peak memory.
+
+Skipped without CUDA. Same pass rule as tests/test_triton_kernels.py (whose helpers are reused): kernel error
+against the float64 reference <= 2x (outputs, statistics) / 3x (gradients) the same-dtype PyTorch error, plus a
+floor of a few units in the last place. Timings live in benchmarks/bench_attention.py, not here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytest.importorskip("triton")
+
+from test_triton_kernels import Case, _check_against_reference, _inputs  # noqa: E402
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+GPU_CASES = [
+    Case(BF16, 2, 3, 1, 64, mask="BH"),
+    Case(BF16, 3, 2, 97, 32, causal=True, padding="general", mask="H", grads="mask"),
+    Case(BF16, 2, 4, 257, 128, padding="general", mask="BH", strided=True),
+    Case(BF16, 2, 2, 513, 64, padding="prefix", mask="H", grads="none"),
+    Case(BF16, 1, 2, 4096, 128, causal=True, padding="prefix", mask="BH", strided=True, probs=False),
+    Case(F16, 2, 4, 1025, 64, causal=True, padding="prefix_empty", mask="H", strided=True),
+    Case(F16, 2, 3, 200, 128, padding="general", mask="BH", grads="qkv"),
+    Case(F16, 1, 2, 4096, 64, causal=True, probs=False),
+    Case(F32, 2, 2, 200, 32, padding="prefix", mask="BH"),
+    Case(F32, 1, 2, 1025, 128, causal=True, padding="general", mask="H", strided=True),
+    Case(F32, 1, 1, 4096, 64, causal=True, mask="H", probs=False),
+]
+
+
+@pytest.fixture(scope="module")
+def device():
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_against_reference_gpu(case, device):
+    from fastbertology.kernels.triton_attention import attention_triton
+
+    _check_against_reference(case, *_inputs(case, device=device), attention_triton)
+
+
+def test_fp32_ieee_dots(device, monkeypatch):
+    """The exact float32 fallback (FP32_DOT_PRECISION="ieee") compiles and passes too."""
+    from fastbertology.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "FP32_DOT_PRECISION", "ieee")
+    case = Case(F32, 2, 2, 300, 64, causal=True, padding="general", mask="BH", strided=True)
+    _check_against_reference(case, *_inputs(case, device=device), triton_attention.attention_triton)
+
+
+def test_peak_memory_far_below_n_squared(device):
+    """B4 H12 N4096 causal bf16, forward + backward with head-mask gradient: no N x N tensor is allocated."""
+    from fastbertology.kernels.triton_attention import attention_triton
+
+    batch, heads, seq, head_dim = 4, 12, 4096, 64
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, grad_out = (torch.randn(batch, seq, heads, head_dim, generator=gen, device=device, dtype=BF16)
+                         .transpose(1, 2) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    head_mask = torch.rand(batch, heads, generator=gen, device=device).requires_grad_(True)
+    lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=gen, device=device)
+    key_padding_mask = torch.arange(seq, device=device)[None, :] < lengths[:, None]
+    attention_triton(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=True)[0].backward(
+        grad_out)  # compile outside the measurement
+    for t in (q, k, v, head_mask):
+        t.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    out, stats = attention_triton(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=True)
+    out.backward(grad_out)
+    torch.cuda.synchronize(device)
+    extra = torch.cuda.max_memory_allocated(device) - baseline
+    n_by_n = batch * heads * seq * seq * 2  # one bf16 [B, H, N, N] tensor: 1.5 GiB
+    assert extra < n_by_n / 8, f"peak extra memory {extra / 2**20:.0f} MiB vs one N x N tensor {n_by_n / 2**20:.0f} MiB"
+    assert torch.isfinite(head_mask.grad).all() and torch.isfinite(q.grad.float()).all()
+    assert stats.probs is None
