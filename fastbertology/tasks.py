@@ -1,0 +1,505 @@
+"""Task layer: losses and metrics, independent of data loading.
+
+A task runs a model on a batch (from :func:`fastbertology.data.make_batches`) and turns the output into a
+differentiable loss and into the running state of a dataset-level metric. The analyses use exactly this
+protocol (see :func:`fastbertology.importance.analyze_heads`)::
+
+    result = task.evaluate(model, batch, head_mask=mask)   # TaskResult: .loss (scalar), .example_losses [B]
+    state = task.metric_state()                            # once per pass over the data
+    task.update_metric(state, result, batch)               # per batch (mutates state)
+    task.compute_metric(state) -> float                    # the task's metric over everything seen
+    task.compute_metrics(state) -> dict[str, float]        # every metric the task tracks
+    task.higher_is_better, task.metric_name
+
+``evaluate`` is ``task.result(task.forward(model, batch, head_mask=...), batch)``: ``forward`` only runs the model,
+``result`` only computes losses from its output, so losses can be checked on crafted outputs.
+
+Metric states hold sums (confusion counts, token NLL sums, hit counts...) so that accumulating batch by batch
+gives the same value as computing the metric on all the data at once.
+
+Tasks:
+
+* :class:`ClassificationTask` — ``model(...).logits [B, C]``, mean cross-entropy; accuracy, F1 (MRPC), Matthews
+  correlation (CoLA).
+* :class:`RegressionTask` — ``logits [B, 1]``, mean squared error; Pearson correlation (STS-B).
+* :class:`LanguageModelingTask` — GPT-2 / GPT next-token NLL over non-padding tokens; perplexity (lower is better).
+* :class:`RetrievalTask` — sentence-embedding models (MiniLM): symmetric contrastive loss and accuracy@1 / MRR
+  within fixed groups of examples, so results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TaskResult", "Task", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
+    "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
+    "confusion_metrics", "MODEL_INPUT_KEYS",
+]
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+# run_bertology's metric per GLUE task: F1 for MRPC, Matthews correlation for CoLA, Pearson for STS-B.
+GLUE_METRICS = {
+    "cola": "mcc", "sst-2": "accuracy", "mrpc": "f1", "sts-b": "pearson", "qqp": "accuracy", "mnli": "accuracy",
+    "mnli-mm": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy",
+}
+
+
+@dataclass
+class TaskResult:
+    """What :meth:`Task.evaluate` returns for one batch of B examples.
+
+    loss:           scalar tensor, differentiable; each task documents how it reduces ``example_losses``.
+    example_losses: ``[B]`` per-example losses (differentiable).
+    logits:         classification ``[B, C]`` / regression ``[B]`` / language modelling ``[B, N, V]``, or None.
+    token_losses:   language modelling: ``[B, N-1]`` NLL of token t+1 given tokens <= t (0 where not counted).
+    token_mask:     language modelling: ``[B, N-1]`` bool, the predicted tokens that count.
+    ranks:          retrieval: ``[B]`` rank (1 = best) of each query's own positive among its group's positives.
+    group_sizes:    retrieval: ``[B]`` size of each example's group (its number of candidates).
+    embeddings, pair_embeddings: retrieval: ``[B, D]`` L2-normalised query / positive embeddings.
+    """
+
+    loss: torch.Tensor
+    example_losses: torch.Tensor
+    logits: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+    group_sizes: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    pair_embeddings: torch.Tensor | None = None
+
+
+def _model_inputs(batch: dict, prefix: str = "") -> dict:
+    """``input_ids``, ``attention_mask``, ``token_type_ids`` (those present) of ``batch``, without ``prefix``."""
+    return {key: batch[prefix + key] for key in MODEL_INPUT_KEYS if prefix + key in batch}
+
+
+def _mask_kwargs(head_mask) -> dict:
+    return {} if head_mask is None else {"head_mask": head_mask}
+
+
+class Task:
+    """Base class; see the module docstring for the protocol. Subclasses set ``name``, ``metric_name``,
+    ``higher_is_better`` and implement :meth:`forward`, :meth:`result`, :meth:`metric_state`,
+    :meth:`update_metric` and :meth:`compute_metrics`."""
+
+    name = "task"
+    metric_name = "metric"
+    higher_is_better = True
+
+    def forward(self, model, batch: dict, *, head_mask: torch.Tensor | None = None):
+        """Run ``model`` on ``batch`` (``head_mask`` ``[L, H]`` or ``[B, L, H]`` given to the patched model)."""
+        raise NotImplementedError
+
+    def result(self, output, batch: dict) -> TaskResult:
+        """Losses (and what the metric needs) from the model output of :meth:`forward`."""
+        raise NotImplementedError
+
+    def evaluate(self, model, batch: dict, *, head_mask: torch.Tensor | None = None) -> TaskResult:
+        """:meth:`forward` then :meth:`result`."""
+        return self.result(self.forward(model, batch, head_mask=head_mask), batch)
+
+    def metric_state(self) -> dict:
+        raise NotImplementedError
+
+    def update_metric(self, state: dict, result: TaskResult, batch: dict) -> None:
+        raise NotImplementedError
+
+    def compute_metrics(self, state: dict) -> dict[str, float]:
+        raise NotImplementedError
+
+    def compute_metric(self, state: dict) -> float:
+        """The task's main metric (``metric_name``) over everything accumulated in ``state``."""
+        return float(self.compute_metrics(state)[self.metric_name])
+
+    def batch_size(self, batch: dict) -> int:
+        """Number of examples in ``batch``."""
+        return len(batch["input_ids"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(metric={self.metric_name!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classification and regression (GLUE)
+# ----------------------------------------------------------------------------------------------------------------
+
+def confusion_metrics(confusion: torch.Tensor, *, positive_label: int = 1) -> dict[str, float]:
+    """Accuracy, F1 and Matthews correlation from a confusion matrix ``[C, C]`` (rows: true, columns: predicted).
+
+    f1:  binary F1 of class ``positive_label`` when C <= 2 (0 when it has no true or predicted examples), else
+         the macro average of the per-class F1 scores.
+    mcc: Matthews correlation coefficient (multi-class form, as scikit-learn); 0 when undefined.
+    """
+    cm = confusion.double()
+    total = float(cm.sum())
+    if total == 0:
+        raise ValueError("no examples were accumulated: the metric is undefined")
+    correct = float(cm.diagonal().sum())
+    true_counts, predicted_counts = cm.sum(1), cm.sum(0)
+    tp = cm.diagonal()
+    per_class_f1 = torch.where(true_counts + predicted_counts > 0, 2 * tp / (true_counts + predicted_counts),
+                               torch.zeros_like(tp))
+    if cm.shape[0] <= 2:
+        f1 = float(per_class_f1[positive_label]) if positive_label < cm.shape[0] else 0.0
+    else:
+        f1 = float(per_class_f1.mean())
+    numerator = correct * total - float(true_counts @ predicted_counts)
+    denominator = math.sqrt((total**2 - float(predicted_counts @ predicted_counts))
+                            * (total**2 - float(true_counts @ true_counts)))
+    mcc = numerator / denominator if denominator > 0 else 0.0
+    return {"accuracy": correct / total, "f1": f1, "mcc": mcc, "examples": total}
+
+
+class ClassificationTask(Task):
+    """Sequence classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` against
+    ``batch["labels"] [B]`` (class ids).
+
+    loss:           mean over the batch of the per-example cross-entropy (as transformers' and run_bertology's
+                    loss); ``example_losses [B]`` the per-example cross-entropy. Computed in float32 or wider.
+    metric:         ``"accuracy"``, ``"f1"`` (binary F1 of class ``positive_label``, run_bertology's MRPC metric;
+                    macro F1 for more than two classes) or ``"mcc"`` (Matthews correlation, CoLA). The state is a
+                    confusion matrix, so accumulation is exact. ``num_labels`` fixes its size (default: grows).
+    """
+
+    name = "classification"
+    higher_is_better = True
+    METRICS = ("accuracy", "f1", "mcc")
+
+    def __init__(self, *, metric: str = "accuracy", num_labels: int | None = None, positive_label: int = 1):
+        if metric not in self.METRICS:
+            raise ValueError(f"classification metric must be one of {self.METRICS}, got {metric!r}")
+        self.metric_name = metric
+        self.num_labels = num_labels
+        self.positive_label = positive_label
+
+    def forward(self, model, batch, *, head_mask=None):
+        return model(**_model_inputs(batch), **_mask_kwargs(head_mask))
+
+    def result(self, output, batch):
+        logits = output.logits if hasattr(output, "logits") else output
+        if logits.dim() != 2:
+            raise ValueError(f"classification logits must be [B, C], got shape {tuple(logits.shape)}")
+        labels = batch["labels"]
+        losses = F.cross_entropy(_at_least_float32(logits), labels.to(logits.device).long(), reduction="none")
+        return TaskResult(loss=losses.mean(), example_losses=losses, logits=logits)
+
+    def metric_state(self):
+        size = self.num_labels or 2
+        return {"confusion": torch.zeros(size, size, dtype=torch.long)}
+
+    def update_metric(self, state, result, batch):
+        predictions = result.logits.detach().argmax(-1).cpu()
+        labels = batch["labels"].detach().long().cpu()
+        size = max(state["confusion"].shape[0], result.logits.shape[-1], int(labels.max()) + 1)
+        if size > state["confusion"].shape[0]:
+            grown = torch.zeros(size, size, dtype=torch.long)
+            old = state["confusion"].shape[0]
+            grown[:old, :old] = state["confusion"]
+            state["confusion"] = grown
+        state["confusion"] += torch.bincount(labels * size + predictions, minlength=size * size).view(size, size)
+
+    def compute_metrics(self, state):
+        return confusion_metrics(state["confusion"], positive_label=self.positive_label)
+
+
+class RegressionTask(Task):
+    """Regression (STS-B): ``model(...).logits [B, 1]`` (or ``[B]``) against float ``batch["labels"] [B]``.
+
+    loss:   mean over the batch of the squared error (transformers' regression loss); ``example_losses [B]``.
+    metric: ``"pearson"`` correlation of predictions and labels (also reported: ``"mse"``). The state keeps
+            counts, means, co-moments (Chan et al.'s pairwise update, float64), so accumulation is exact up to
+            rounding and numerically stable.
+    """
+
+    name = "regression"
+    higher_is_better = True
+    METRICS = ("pearson", "mse")
+
+    def __init__(self, *, metric: str = "pearson"):
+        if metric not in self.METRICS:
+            raise ValueError(f"regression metric must be one of {self.METRICS}, got {metric!r}")
+        self.metric_name = metric
+        self.higher_is_better = metric == "pearson"
+
+    def forward(self, model, batch, *, head_mask=None):
+        return model(**_model_inputs(batch), **_mask_kwargs(head_mask))
+
+    def result(self, output, batch):
+        logits = output.logits if hasattr(output, "logits") else output
+        if logits.dim() == 2 and logits.shape[-1] == 1:
+            logits = logits.squeeze(-1)
+        if logits.dim() != 1:
+            raise ValueError(f"regression logits must be [B, 1] or [B], got shape {tuple(logits.shape)}")
+        target = batch["labels"].to(device=logits.device, dtype=_at_least_float32(logits).dtype)
+        losses = (_at_least_float32(logits) - target) ** 2
+        return TaskResult(loss=losses.mean(), example_losses=losses, logits=logits)
+
+    def metric_state(self):
+        return {"n": 0, "mean_x": 0.0, "mean_y": 0.0, "m2_x": 0.0, "m2_y": 0.0, "c_xy": 0.0, "sse": 0.0}
+
+    def update_metric(self, state, result, batch):
+        x = result.logits.detach().double().cpu()
+        y = batch["labels"].detach().double().cpu()
+        n_b = len(x)
+        if n_b == 0:
+            return
+        mean_bx, mean_by = float(x.mean()), float(y.mean())
+        m2_bx = float(((x - mean_bx) ** 2).sum())
+        m2_by = float(((y - mean_by) ** 2).sum())
+        c_b = float(((x - mean_bx) * (y - mean_by)).sum())
+        n_a = state["n"]
+        n = n_a + n_b
+        dx, dy = mean_bx - state["mean_x"], mean_by - state["mean_y"]
+        state["mean_x"] += dx * n_b / n
+        state["mean_y"] += dy * n_b / n
+        state["m2_x"] += m2_bx + dx * dx * n_a * n_b / n
+        state["m2_y"] += m2_by + dy * dy * n_a * n_b / n
+        state["c_xy"] += c_b + dx * dy * n_a * n_b / n
+        state["sse"] += float(((x - y) ** 2).sum())
+        state["n"] = n
+
+    def compute_metrics(self, state):
+        if state["n"] == 0:
+            raise ValueError("no examples were accumulated: the metric is undefined")
+        denominator = math.sqrt(state["m2_x"] * state["m2_y"])
+        pearson = state["c_xy"] / denominator if denominator > 0 else 0.0
+        return {"pearson": pearson, "mse": state["sse"] / state["n"], "examples": float(state["n"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language modelling (GPT-2, OpenAI GPT)
+# ----------------------------------------------------------------------------------------------------------------
+
+class LanguageModelingTask(Task):
+    """Causal language modelling: ``model(input_ids, attention_mask).logits [B, N, V]``; token t+1 is predicted
+    from tokens <= t.
+
+    Targets: ``batch["labels"] [B, N]`` if present (ignored positions -100), else ``input_ids`` with padding
+    (``attention_mask == 0``) set to -100. The shift happens here; the model is not given labels.
+    loss:           total NLL of the counted tokens of the batch / their number (transformers' LM loss).
+    example_losses: ``[B]`` each example's mean NLL over its counted tokens (0 for an example with none).
+    metric:         ``"perplexity"`` = exp(total token NLL / total counted tokens) over the whole data; lower is
+                    better. Also reported: ``"nll"`` (mean per token) and ``"tokens"``.
+    """
+
+    name = "language_modeling"
+    metric_name = "perplexity"
+    higher_is_better = False
+
+    def forward(self, model, batch, *, head_mask=None):
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+        return model(**inputs, **_mask_kwargs(head_mask))
+
+    @staticmethod
+    def targets(batch: dict) -> torch.Tensor:
+        """``[B, N]`` target ids: ``batch["labels"]`` or ``input_ids`` with padding set to -100."""
+        if "labels" in batch and batch["labels"].shape == batch["input_ids"].shape:
+            return batch["labels"]
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        return labels
+
+    def result(self, output, batch):
+        logits = output.logits if hasattr(output, "logits") else output  # [B, N, V]
+        labels = self.targets(batch).to(logits.device)
+        shifted_logits = _at_least_float32(logits[:, :-1])  # [B, N-1, V]
+        shifted_labels = labels[:, 1:]  # [B, N-1]
+        token_mask = shifted_labels != -100
+        token_losses = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+                                       shifted_labels.reshape(-1), ignore_index=-100, reduction="none")
+        token_losses = token_losses.view(shifted_labels.shape)  # [B, N-1], 0 where ignored
+        counts = token_mask.sum(-1)  # [B]
+        example_losses = token_losses.sum(-1) / counts.clamp(min=1)
+        loss = token_losses.sum() / counts.sum().clamp(min=1)
+        return TaskResult(loss=loss, example_losses=example_losses, logits=logits, token_losses=token_losses,
+                          token_mask=token_mask)
+
+    def metric_state(self):
+        return {"nll": 0.0, "tokens": 0}
+
+    def update_metric(self, state, result, batch):
+        state["nll"] += float(result.token_losses.detach().double()[result.token_mask].sum())
+        state["tokens"] += int(result.token_mask.sum())
+
+    def compute_metrics(self, state):
+        if state["tokens"] == 0:
+            raise ValueError("no tokens were accumulated: perplexity is undefined")
+        nll = state["nll"] / state["tokens"]
+        return {"perplexity": math.exp(nll), "nll": nll, "tokens": float(state["tokens"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Retrieval with sentence embeddings (MiniLM)
+# ----------------------------------------------------------------------------------------------------------------
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden [B, N, D]`` over the non-padding tokens of ``attention_mask [B, N]`` -> ``[B, D]``
+    (sentence-transformers' mean pooling)."""
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, N, 1]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def embed(model, batch: dict, *, prefix: str = "", head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalised mean-pooled sentence embeddings ``[B, D]`` (float32 or wider) of the ``prefix`` inputs of
+    ``batch`` (``""``: ``input_ids``...; ``"pair_"``: ``pair_input_ids``...). Runs the base model (a model with a
+    head is reduced to ``model.base_model``); ``head_mask`` as for the patched model."""
+    inputs = _model_inputs(batch, prefix)
+    encoder = getattr(model, "base_model", model)
+    output = encoder(**inputs, **_mask_kwargs(head_mask))
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]  # [B, N, D]
+    pooled = mean_pool(_at_least_float32(hidden), inputs["attention_mask"].to(hidden.device))
+    return F.normalize(pooled, dim=-1)
+
+
+def retrieval_ranks(similarity: torch.Tensor) -> torch.Tensor:
+    """``similarity [g, g]`` (row i: query i against every positive) -> ``[g]`` rank of the own positive (the
+    diagonal), 1 = best. Ties count against the query: rank = 1 + #{j != i : s_ij >= s_ii}, so a model whose
+    embeddings collapse to one point scores 0, not 1."""
+    own = similarity.diagonal().unsqueeze(1)  # [g, 1]
+    beaten = (similarity >= own).sum(1) - 1  # the diagonal itself always counts once
+    return beaten + 1
+
+
+class RetrievalTask(Task):
+    """In-batch-negatives retrieval for sentence-embedding models such as all-MiniLM-L6-v2.
+
+    Each example is a (query, positive) pair, batched with ``make_batches(..., pair_mode="separate")``: queries
+    in ``input_ids``/``attention_mask``(/``token_type_ids``), positives in ``pair_input_ids``... Both are embedded
+    by the base model with mean pooling over non-padding tokens and L2 normalisation (:func:`embed`).
+
+    Fixed groups (batch-size independence): the examples are cut, in data order, into groups of ``group_size``
+    (G, default 32): example k belongs to group ``k // G`` (from ``batch["example_index"]``; without it, from the
+    position in the batch). Within a group, S = ``scale`` * cos(query_i, positive_j) ``[g, g]``;
+
+    * loss: symmetric cross-entropy with the own positive as the target, as sentence-transformers'
+      MultipleNegativesSymmetricRankingLoss with scale 20: ``example_losses[i] = (CE(S[i, :], i) + CE(S[:, i], i))
+      / 2``; ``loss`` = mean of ``example_losses`` over the batch;
+    * metric: ``"accuracy@1"`` (main) and ``"mrr"`` of each query's own positive among the group's positives
+      (ties count against it, see :func:`retrieval_ranks`); also ``"chance@1"``, the score of random ranking
+      (mean of 1/g), and ``"examples"``.
+
+    Because a group's members are always the same examples, every example's loss and rank — hence the metric and
+    the mean loss over the data — are the same for any batch size that is a multiple of G (use
+    ``batch_size = k * G``). A batch must therefore start at a group boundary and hold whole groups (the last
+    group of the data may be smaller); with ``example_index`` this is checked and a ValueError names the fix.
+    ``group_size=None`` uses the whole batch as the group: the standard in-batch objective, which depends on the
+    batch size and composition.
+
+    With a per-example head mask ``[B, L, H]`` the query and the positive of example b share row b. Note that in
+    this loss examples interact: example i's positive is a negative for the other queries of its group.
+    """
+
+    name = "retrieval"
+    metric_name = "accuracy@1"
+    higher_is_better = True
+
+    def __init__(self, *, group_size: int | None = 32, scale: float = 20.0, symmetric: bool = True):
+        if group_size is not None and group_size < 2:
+            raise ValueError(f"group_size must be at least 2 (or None for the whole batch), got {group_size}")
+        self.group_size = group_size
+        self.scale = float(scale)
+        self.symmetric = symmetric
+
+    def __repr__(self) -> str:
+        return f"RetrievalTask(group_size={self.group_size}, scale={self.scale}, symmetric={self.symmetric})"
+
+    def forward(self, model, batch, *, head_mask=None):
+        if "pair_input_ids" not in batch:
+            raise ValueError("RetrievalTask needs query and positive inputs: make the batches with "
+                             "make_batches(..., pair_mode='separate')")
+        return embed(model, batch, head_mask=head_mask), embed(model, batch, prefix="pair_", head_mask=head_mask)
+
+    def groups(self, batch: dict, size: int) -> list[slice]:
+        """Contiguous slices of the batch that form the fixed groups (see the class docstring)."""
+        if self.group_size is None:
+            return [slice(0, size)]
+        g = self.group_size
+        if "example_index" in batch:
+            index = batch["example_index"].detach().cpu()
+            first = int(index[0])
+            if first % g or not torch.equal(index, torch.arange(first, first + size)):
+                raise ValueError(
+                    f"retrieval groups of {g} examples must not be split across batches: this batch starts at example "
+                    f"{first}. Use a batch size that is a multiple of group_size ({g}) and keep the data order")
+        return [slice(start, min(start + g, size)) for start in range(0, size, g)]
+
+    def result(self, output, batch):
+        queries, positives = output  # [B, D] each, L2-normalised
+        size = len(queries)
+        losses, ranks, group_sizes = [], [], []
+        for group in self.groups(batch, size):
+            q, p = queries[group], positives[group]  # [g, D]
+            cosine = q @ p.T  # [g, g]
+            logits = self.scale * cosine
+            target = torch.arange(len(q), device=q.device)
+            loss = F.cross_entropy(logits, target, reduction="none")
+            if self.symmetric:
+                loss = (loss + F.cross_entropy(logits.T, target, reduction="none")) / 2
+            losses.append(loss)
+            ranks.append(retrieval_ranks(cosine.detach()))
+            group_sizes.append(torch.full((len(q),), len(q), device=q.device))
+        example_losses = torch.cat(losses)
+        return TaskResult(loss=example_losses.mean(), example_losses=example_losses, ranks=torch.cat(ranks),
+                          group_sizes=torch.cat(group_sizes), embeddings=queries, pair_embeddings=positives)
+
+    def metric_state(self):
+        return {"hits": 0, "reciprocal_rank": 0.0, "chance": 0.0, "examples": 0}
+
+    def update_metric(self, state, result, batch):
+        ranks = result.ranks.detach().double().cpu()
+        state["hits"] += int((ranks == 1).sum())
+        state["reciprocal_rank"] += float((1.0 / ranks).sum())
+        state["chance"] += float((1.0 / result.group_sizes.detach().double().cpu()).sum())
+        state["examples"] += len(ranks)
+
+    def compute_metrics(self, state):
+        n = state["examples"]
+        if n == 0:
+            raise ValueError("no examples were accumulated: the metric is undefined")
+        return {"accuracy@1": state["hits"] / n, "mrr": state["reciprocal_rank"] / n, "chance@1": state["chance"] / n,
+                "examples": float(n)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Factories
+# ----------------------------------------------------------------------------------------------------------------
+
+TASK_KINDS = {
+    "classification": ClassificationTask,
+    "regression": RegressionTask,
+    "language_modeling": LanguageModelingTask,
+    "retrieval": RetrievalTask,
+}
+
+
+def make_task(kind: str, **options) -> Task:
+    """A task by kind (``"classification"``, ``"regression"``, ``"language_modeling"`` or ``"retrieval"``) with
+    its keyword options."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; choose one of {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[kind](**options)
+
+
+def glue_task(name: str, *, num_labels: int | None = None) -> Task:
+    """The task run_bertology uses for GLUE task ``name``: STS-B -> :class:`RegressionTask` (Pearson); others ->
+    :class:`ClassificationTask` with F1 (MRPC), Matthews (CoLA) or accuracy."""
+    key = str(name).lower()
+    if key not in GLUE_METRICS:
+        raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_METRICS)}")
+    metric = GLUE_METRICS[key]
+    if metric == "pearson":
+        return RegressionTask(metric="pearson")
+    return ClassificationTask(metric=metric, num_labels=num_labels)
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors upcast to float32 for losses; float32 / float64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
