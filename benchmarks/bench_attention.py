@@ -52,7 +52,8 @@ def make_inputs(batch, seq, dtype, device, seed=0):
 
 
 def make_step(method, inputs, causal, backend):
-    """A closure running one forward + backward of ``method``; the leaves' gradients are reset each call."""
+    """A closure running one forward + backward of ``method`` (its ``reset`` attribute frees the leaves'
+    gradients, which each call does first)."""
     q, k, v, grad_out, head_mask, key_padding_mask = inputs
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     mask_leaf = head_mask.detach().requires_grad_(True)
@@ -102,6 +103,7 @@ def make_step(method, inputs, causal, backend):
         reset()
         forward().backward(grad_out)
 
+    step.reset = reset
     return step
 
 
@@ -125,6 +127,8 @@ def time_step(step, device, warmup, reps):
         end.record()
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
+    step.reset()  # free the previous gradients so that they count in the peak
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
     step()

@@ -28,9 +28,11 @@ Decisions worth knowing:
   (the common prefix case) skips the padded key blocks entirely without a host synchronisation.
 * Causal: key blocks above the diagonal are not visited.
 * Rows without any visible key give zero output, zero statistics, zero probabilities and zero gradients.
-* float32 inputs use ``tl.dot(..., input_precision=FP32_DOT_PRECISION)`` (``"tf32x3"``: three TF32 products,
-  about float32 accuracy on tensor cores; ``"ieee"`` is exact but slow). float64 inputs are delegated to
-  :func:`attention_torch` (the kernels are built for float32, float16 and bfloat16).
+* float32 inputs use ``tl.dot(..., input_precision=FP32_DOT_PRECISION)``: ``"tf32x3"`` (three TF32 products on
+  tensor cores, close to float32 accuracy) by default, ``"ieee"`` (float32 FMA, slower) with the environment
+  variable ``FASTBERTOLOGY_FP32_DOT_PRECISION=ieee``. 16-bit inputs: scores, softmax and accumulators are float32,
+  ``P`` is rounded to the input dtype for the ``P V`` product (as FlashAttention does). float64 inputs are
+  delegated to :func:`attention_torch` (the kernels are built for float32, float16 and bfloat16).
 * The head-mask gradient is returned in the dtype and shape of ``head_mask`` (``[H]``: summed over the batch).
 
 Triton is imported at module import; :mod:`fastbertology.kernels` imports this module only when the Triton
@@ -658,8 +660,9 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
         return_probs: also return ``stats.probs`` ``[B, H, N, N]`` float32 (before the head mask).
 
     Returns:
-        ``out [B, H, N, D]`` (input dtype, with the memory layout of ``q`` where ``q`` is dense) and :class:`AttentionStats` with ``lse, entropy, max_prob``
-        ``[B, H, N]`` float32 (before the head mask, no gradient).
+        ``out [B, H, N, D]`` (input dtype, with the memory layout of ``q`` where ``q`` is dense) and
+        :class:`AttentionStats` with ``lse, entropy, max_prob`` ``[B, H, N]`` float32 (before the head mask, no
+        gradient) and ``probs`` (or None).
 
     Tensors are saved for backward only when one of q, k, v, head_mask requires grad (and grad mode is on); the
     unmasked ``P V`` (one extra ``[B, H, N, D]`` tensor) is kept only when the head-mask gradient is needed.

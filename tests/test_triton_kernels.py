@@ -6,9 +6,10 @@ Pass rule (DESIGN.md): for every output, statistic and gradient, the kernel's ma
 and 3 for gradients. The floor, ``FLOOR[dtype] * max(1, max |reference|)`` (a few units in the last place), only
 matters where the same-dtype PyTorch error is (near) zero, e.g. exactly representable results.
 
-The interpreter is slow, so the cases below are chosen to cover the options (dtype, head dim, N in 1/7/97/130,
-causal, prefix/general/empty key padding, [H]/[B, H] head masks with zeros and fractions, which inputs need
-gradients, non-contiguous inputs, the GPU block sizes) without taking their cartesian product.
+The interpreter is slow, so the cases below are chosen to cover the options (dtype, head dim 32/64 and a padded
+48, N in 1/7/97/130, custom scale, causal, prefix/general/empty key padding, [H]/[B, H] head masks with zeros and
+fractions, which inputs need gradients, non-contiguous inputs, the GPU block sizes) without taking their cartesian
+product.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ class Case:
     strided: bool = False  # q, k, v (and dO) as transposes of [B, N, H, D]
     gpu_blocks: bool = False  # use the GPU block sizes (on the interpreter)
     probs: bool = True
+    scale: float | None = None  # softmax scale, default D ** -0.5
 
     def __str__(self):
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         parts = [name, f"B{self.batch}H{self.heads}N{self.seq}D{self.head_dim}", "causal" if self.causal else "full",
                  f"pad-{self.padding}", f"mask-{self.mask}", f"grad-{self.grads}"]
         parts += ["strided"] * self.strided + ["gpublocks"] * self.gpu_blocks
+        parts += [f"scale{self.scale}"] * (self.scale is not None)
         return "-".join(parts)
 
 
@@ -68,6 +71,8 @@ CASES = [
     Case(F16, 2, 2, 97, 64, causal=True, strided=True, probs=False),
     Case(F32, 2, 2, 130, 64, causal=True, padding="prefix", mask="BH", gpu_blocks=True),
     Case(F16, 1, 2, 130, 32, padding="general", mask="H", strided=True, gpu_blocks=True),
+    Case(F32, 1, 2, 33, 48, causal=True, padding="general", mask="BH", scale=0.3),  # head dim padded to 64
+    Case(F16, 2, 1, 1, 64, padding="prefix_empty", mask="BH"),
 ]
 
 
@@ -88,7 +93,7 @@ def _inputs(case: Case, seed: int = 0, device: torch.device = DEVICE):
         head_mask[h // 2] = 0.0
     elif case.mask == "BH":
         head_mask = 0.2 + 0.8 * torch.rand(b, h, generator=gen)
-        head_mask[0, 1] = 0.0
+        head_mask[0, min(1, h - 1)] = 0.0
         head_mask[-1, 0] = 1.0
     if head_mask is not None:
         head_mask = head_mask.to(device)
@@ -121,7 +126,7 @@ def _evaluate(function, case, q, k, v, grad_out, head_mask, key_padding_mask, dt
         inputs[name].requires_grad_(True)
     with torch.set_grad_enabled(case.grads != "none"):
         out, stats = function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=case.causal,
-                              return_probs=case.probs)
+                              scale=case.scale, return_probs=case.probs)
     results = {"out": out.detach(), "lse": stats.lse, "entropy": stats.entropy, "max_prob": stats.max_prob}
     if case.probs:
         results["probs"] = stats.probs
