@@ -32,6 +32,17 @@ table=$(mktemp)
 "$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
 bench_rc=${PIPESTATUS[0]}
 
+echo "== end-to-end benchmark (run_bertology reference loop vs frozen SDPA vs fastbertology)"
+# Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
+# "skipped"), and the step is killed after E2E_TIMEOUT seconds, so the whole script stays under 8 minutes.
+E2E_RESULTS=${E2E_RESULTS:-$(dirname "$RESULTS")/bench_e2e.jsonl}
+e2e_table=$(mktemp)
+timeout "${E2E_TIMEOUT:-300}" "$PYTHON" -m fastbertology.bench --time-budget "${E2E_BUDGET:-180}" \
+  --out "$E2E_RESULTS" | tee "$e2e_table"
+e2e_rc=${PIPESTATUS[0]}
+{ echo; echo "end-to-end benchmark rc=$e2e_rc, JSON lines in $E2E_RESULTS"; cat "$e2e_table"; } >> "$table"
+bench_rc=$(( bench_rc != 0 || e2e_rc != 0 ))
+
 echo
 echo "== summary: kernel tests rc=$tests_rc, benchmark rc=$bench_rc, JSON lines in $RESULTS"
 cat "$table"

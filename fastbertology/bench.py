@@ -113,8 +113,7 @@ class BenchCase:
         return self.ref_dtype if mode == "reference" else self.dtype
 
 
-FULL_CASES = [
-    BenchCase("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
+FULL_CASES = [  # the batch-1 case (slowest by far) last, so that a time budget cuts it first
     BenchCase("bert-408x128-b32-fp32", BERT_BASE, 408, 128, 32, "fp32"),
     BenchCase("bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16"),
     BenchCase("bert-1024x128-b128-bf16", BERT_BASE, 1024, 128, 128, "bf16"),
@@ -122,12 +121,12 @@ FULL_CASES = [
     BenchCase("gpt2-128x1024-b8-bf16", GPT2_SMALL, 128, 1024, 8, "bf16", reference_dtype="fp32"),
     BenchCase("masking-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="masking",
               modes=MASKING_MODES),
+    BenchCase("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
     BenchCase("sweep-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="sweep",
               modes=("fastbertology",)),
 ]
 
 QUICK_CASES = [  # tiny versions of every full case, in the same order (CPU, well under a minute in total)
-    BenchCase("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
     BenchCase("quick-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32"),
     BenchCase("quick-bert-16x16-b8-bf16", TINY_BERT, 16, 16, 8, "bf16"),
     BenchCase("quick-bert-32x16-b16-bf16", TINY_BERT, 32, 16, 16, "bf16"),
@@ -135,6 +134,7 @@ QUICK_CASES = [  # tiny versions of every full case, in the same order (CPU, wel
     BenchCase("quick-gpt2-8x32-b4-bf16", TINY_GPT2, 8, 32, 4, "bf16", reference_dtype="fp32"),
     BenchCase("quick-masking-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="masking",
               modes=MASKING_MODES),
+    BenchCase("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
     BenchCase("quick-sweep-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep",
               modes=("fastbertology",)),
 ]
@@ -171,8 +171,12 @@ def build_model(size: ModelSize, *, seed: int = MODEL_SEED, device=None) -> torc
         model_class = GPT2LMHeadModel
     else:
         raise ValueError(f"unknown model kind {size.kind!r}")
-    with torch.device(device or "cpu"):
-        model = model_class(config)
+    try:
+        with torch.device(device or "cpu"):  # initialising on the GPU is much faster than on the CPU
+            model = model_class(config)
+    except (RuntimeError, NotImplementedError):
+        torch.manual_seed(seed)
+        model = model_class(config).to(device or "cpu")
     return model.eval()
 
 
@@ -551,85 +555,121 @@ def _model_for(master, dtype: torch.dtype, device: torch.device):
     return copy.deepcopy(master).to(device=device, dtype=dtype).eval()
 
 
-def _run_mode(case: BenchCase, mode: str, master, examples: dict, device: torch.device, *, backend: str,
-              compile_options: dict | None, warmup: bool, importance: str) -> _ModeOutcome:
+def case_data(case: BenchCase, device) -> tuple[torch.nn.Module, dict]:
+    """``(master model, examples)``: the case's random-init fp32 model, kept on the CPU (each mode copies it to
+    the device in its own dtype, so peaks count one model), and its synthetic examples on ``device``."""
+    device = torch.device(device)
+    master = build_model(case.model, device=device).cpu()
+    return master, synthetic_examples(case.model, case.examples, case.seq, device=device)
+
+
+@dataclass
+class PreparedMode:
+    """One mode of one case, set up and ready to time.
+
+    run():    one timed unit — a full pass over the data, or the whole masking run — returning a dict with
+              ``passes`` and, where the mode computes them, ``analysis`` / ``mask`` / ``metric``.
+    warmup(): an untimed pass (for masking: one importance pass, not a whole masking run).
+    close():  undo the patch and drop the model.
+    todo:     set (and run unusable) where the mode cannot run yet (the sweep hook).
+    """
+
+    run: Callable[[], dict]
+    warmup: Callable[[], object]
+    close: Callable[[], None]
+    backend: str | None
+    todo: str | None = None
+
+
+def prepare_mode(case: BenchCase, mode: str, master, examples: dict, device, *, backend: str = "auto",
+                 compile_options: dict | None = None, importance: str = "per_batch") -> PreparedMode:
+    """Copy ``master`` to ``device`` in the mode's dtype, configure it (see the module docstring), build the
+    mode's batches from ``examples`` and return the closures to time (see :class:`PreparedMode`)."""
     from . import patch
     from .importance import analyze_heads
     from .kernels import resolve_backend
     from .masking import iterative_masking
 
-    dtype = DTYPES[case.mode_dtype(mode)]
-    model = _model_for(master, dtype, device)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    device = torch.device(device)
+    model = _model_for(master, DTYPES[case.mode_dtype(mode)], device)
     batches = bucketed_batches(examples, case.batch) if mode == "fastbertology-bucketed" else padded_batches(
         examples, case.batch)
-    handle = None
-    try:
-        if mode == "reference":
-            model.requires_grad_(True)
-            task = make_task(case.model)
+    task = make_task(case.model)
+    handles = []
 
-            def fresh():
-                model.zero_grad(set_to_none=True)
+    def close():
+        while handles:
+            handles.pop().remove()
+        batches.clear()
+        model.to("meta")  # free the parameters now, even if a closure still refers to the module
+        _free(device)
 
-            if case.kind == "masking":
-                def run():
-                    fresh()
-                    return reference_masking(model, batches, task, masking_amount=case.masking_amount,
-                                             masking_threshold=case.masking_threshold)
-                (mask, curve), seconds, peak = timed(
-                    run, device, warmup=(lambda: (fresh(), reference_analysis(model, batches, task)))
-                    if warmup else None)
-                return _ModeOutcome(seconds, peak, passes=len(curve), mask=mask, backend="eager",
-                                    extra={"metric": curve[-1]["score"]})
+    if mode == "reference":
+        model.requires_grad_(True)
 
-            def run():
-                fresh()
-                return reference_analysis(model, batches, task)
-            analysis, seconds, peak = timed(run, device, warmup=run if warmup else None)
-            return _ModeOutcome(seconds, peak, analysis=analysis, backend="eager")
+        def analysis_pass():
+            model.zero_grad(set_to_none=True)  # each timed pass starts without weight gradients
+            return reference_analysis(model, batches, task)
 
-        if mode == "sdpa-frozen":
-            model.set_attn_implementation("sdpa")
-            model.requires_grad_(False)
-            task = make_task(case.model)
-
-            def run():
-                return sdpa_frozen_pass(model, batches, task)
-            _, seconds, peak = timed(run, device, warmup=run if warmup else None)
-            return _ModeOutcome(seconds, peak, backend="sdpa")
-
-        if mode not in ("fastbertology", "fastbertology-bucketed"):
-            raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        handle = patch(model, backend=backend)
-        forward = torch.compile(model, **compile_options) if compile_options is not None else None
-        task = make_task(case.model, forward)
-        resolved = resolve_backend(backend, device)
-        if case.kind == "sweep":
-            runner = _sweep_runner()
-            if runner is None:
-                return _ModeOutcome(status="todo: fastbertology.sweeps not available; single-head ablation "
-                                           "sweep not benchmarked", backend=resolved)
-            return _ModeOutcome(status="todo: fastbertology.sweeps exists but bench.py does not call it yet",
-                                backend=resolved)
         if case.kind == "masking":
             def run():
-                return iterative_masking(model, batches, task, masking_amount=case.masking_amount,
-                                         masking_threshold=case.masking_threshold, importance=importance)
-            result, seconds, peak = timed(
-                run, device, warmup=(lambda: analyze_heads(model, batches, task, importance=importance))
-                if warmup else None)
-            return _ModeOutcome(seconds, peak, passes=len(result.curve), mask=result.head_mask, backend=resolved,
-                                extra={"metric": result.curve[-1]["score"]})
+                model.zero_grad(set_to_none=True)
+                mask, curve = reference_masking(model, batches, task, masking_amount=case.masking_amount,
+                                                masking_threshold=case.masking_threshold)
+                return {"passes": len(curve), "mask": mask, "metric": curve[-1]["score"]}
+        else:
+            def run():
+                analysis = analysis_pass()
+                return {"passes": 1, "analysis": analysis, "metric": analysis.metric}
+        return PreparedMode(run, analysis_pass, close, "eager")
+
+    if mode == "sdpa-frozen":
+        model.set_attn_implementation("sdpa")
+        model.requires_grad_(False)
 
         def run():
-            return analyze_heads(model, batches, task, importance=importance)
-        analysis, seconds, peak = timed(run, device, warmup=run if warmup else None)
-        return _ModeOutcome(seconds, peak, analysis=analysis, backend=resolved)
+            sdpa_frozen_pass(model, batches, task)
+            return {"passes": 1}
+        return PreparedMode(run, run, close, "sdpa")
+
+    handles.append(patch(model, backend=backend))
+    if compile_options is not None:
+        task = make_task(case.model, torch.compile(model, **compile_options))
+    resolved = resolve_backend(backend, device)
+
+    def analysis_pass():
+        return analyze_heads(model, batches, task, importance=importance)
+
+    if case.kind == "sweep":
+        todo = ("todo: fastbertology.sweeps not available; single-head ablation sweep not benchmarked"
+                if _sweep_runner() is None else "todo: fastbertology.sweeps exists but bench.py does not call it yet")
+        return PreparedMode(lambda: {"passes": 0}, lambda: None, close, resolved, todo=todo)
+    if case.kind == "masking":
+        def run():
+            result = iterative_masking(model, batches, task, masking_amount=case.masking_amount,
+                                       masking_threshold=case.masking_threshold, importance=importance)
+            return {"passes": len(result.curve), "mask": result.head_mask, "metric": result.curve[-1]["score"]}
+    else:
+        def run():
+            analysis = analysis_pass()
+            return {"passes": 1, "analysis": analysis, "metric": analysis.metric}
+    return PreparedMode(run, analysis_pass, close, resolved)
+
+
+def _run_mode(case: BenchCase, mode: str, master, examples: dict, device: torch.device, *, backend: str,
+              compile_options: dict | None, warmup: bool, importance: str) -> _ModeOutcome:
+    prepared = prepare_mode(case, mode, master, examples, device, backend=backend, compile_options=compile_options,
+                            importance=importance)
+    try:
+        if prepared.todo is not None:
+            return _ModeOutcome(status=prepared.todo, backend=prepared.backend)
+        result, seconds, peak = timed(prepared.run, device, warmup=prepared.warmup if warmup else None)
+        return _ModeOutcome(seconds, peak, passes=result["passes"], analysis=result.get("analysis"),
+                            mask=result.get("mask"), backend=prepared.backend, extra={"metric": result.get("metric")})
     finally:
-        if handle is not None:
-            handle.remove()
-        del model, batches
-        _free(device)
+        prepared.close()
 
 
 def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequence[str] | None = None,
@@ -642,8 +682,7 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
         "cuda" if torch.cuda.is_available() else "cpu")
     modes = [mode for mode in case.modes if modes is None or mode in modes]
     env = environment(device)
-    master = build_model(case.model, device=device).cpu()
-    examples = synthetic_examples(case.model, case.examples, case.seq, device=device)
+    master, examples = case_data(case, device)
     tokens = int(examples["attention_mask"].sum())
     outcomes = {}
     for mode in modes:
@@ -694,7 +733,7 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
                     row["importance_diff"] = _relative_max_diff(analysis.raw_importance,
                                                                 reference.analysis.raw_importance)
                 row["entropy_diff"] = _relative_max_diff(analysis.entropy, reference.analysis.entropy)
-        if "metric" in outcome.extra:
+        if outcome.extra.get("metric") is not None:
             row["metric"] = outcome.extra["metric"]
         if outcome.mask is not None and mode != "reference" and reference is not None and reference.mask is not None:
             row["mask_mismatch"] = int((outcome.mask.cpu() != reference.mask.cpu()).sum())
@@ -704,9 +743,22 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
     return rows
 
 
+def skipped_rows(case: BenchCase, device, modes: Sequence[str] | None, status: str) -> list[dict]:
+    """Rows for a case that was not run: identification columns and ``status``, every number None."""
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    keys = ("passes", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "speedup_vs_reference", "speedup_vs_sdpa",
+            "importance_diff", "entropy_diff", "metric", "mask_mismatch", "backend", "importance", "tokens")
+    return [{"case": case.name, "kind": case.kind, "model": case.model.kind, "layers": case.model.layers,
+             "heads": case.model.heads, "hidden": case.model.hidden, "mode": mode, "examples": case.examples,
+             "seq": case.seq, "batch": case.batch, "dtype": case.mode_dtype(mode), "device": device.type,
+             "compiled": False, **dict.fromkeys(keys), "status": status, **environment(device)}
+            for mode in case.modes if modes is None or mode in modes]
+
+
 def run_bench(cases: Sequence[BenchCase | str] | None = None, *, device=None, quick: bool = False,
               backend: str = "auto", modes: Sequence[str] | None = None, compile_options: dict | None = None,
-              warmup: bool = True, importance: str = "per_batch",
+              warmup: bool = True, importance: str = "per_batch", time_budget: float | None = None,
               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Run benchmark cases; return one row (dict) per (case, mode).
 
@@ -714,6 +766,8 @@ def run_bench(cases: Sequence[BenchCase | str] | None = None, *, device=None, qu
            ``quick``). device: default CUDA when available, else CPU. backend: fastbertology's attention backend.
     modes: restrict the modes (default: each case's). compile_options: keyword arguments of ``torch.compile``
            applied to the fastbertology modes' model (None = off; ``{"mode": "reduce-overhead"}`` = CUDA graphs).
+    time_budget: seconds; a case that would start after this much time has passed is not run (its rows say
+           ``status="skipped: time budget"``, with no numbers).
     on_row: called with each row as soon as it exists (e.g. to append it to a file).
 
     Row keys: case, kind, model, layers, heads, hidden, mode, examples, seq, batch, dtype, tokens, device,
@@ -727,9 +781,14 @@ def run_bench(cases: Sequence[BenchCase | str] | None = None, *, device=None, qu
     if cases is None or all(isinstance(case, str) for case in cases):
         cases = select_cases(cases, quick=quick)
     rows = []
+    start = time.perf_counter()
     for case in cases:
-        for row in run_case(case, device=device, backend=backend, modes=modes, compile_options=compile_options,
-                            warmup=warmup, importance=importance):
+        if time_budget is not None and time.perf_counter() - start > time_budget:
+            case_rows = skipped_rows(case, device, modes, f"skipped: time budget {time_budget:g} s")
+        else:
+            case_rows = run_case(case, device=device, backend=backend, modes=modes, compile_options=compile_options,
+                                 warmup=warmup, importance=importance)
+        for row in case_rows:
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -784,6 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (e.g. eager, aot_eager)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warmup pass")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="do not start another case after this many seconds (its rows say skipped)")
     parser.add_argument("--out", default=None, help="append one JSON line per row to this file")
     return parser
 
@@ -809,11 +870,11 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = run_bench(args.cases.split(",") if args.cases else None, device=args.device, quick=args.quick,
                      backend=args.backend, modes=args.modes.split(",") if args.modes else None,
                      compile_options=compile_options, warmup=not args.no_warmup, importance=args.importance,
-                     on_row=on_row)
+                     time_budget=args.time_budget, on_row=on_row)
     print(format_table(rows))
     return rows
 
 
 if __name__ == "__main__":
     rows = bench_main()
-    sys.exit(0 if all(row["status"] == "ok" or row["status"].startswith("todo") for row in rows) else 1)
+    sys.exit(0 if all(row["status"] == "ok" or row["status"].startswith(("todo", "skipped")) for row in rows) else 1)

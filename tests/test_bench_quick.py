@@ -159,3 +159,12 @@ def test_compile_flag_path(one_thread):
     ours = next(row for row in rows if row["mode"] == "fastbertology")
     assert ours["status"] == "ok" and ours["compiled"]
     assert ours["importance_diff"] < 1e-4 and ours["entropy_diff"] < 1e-5
+
+
+def test_time_budget_skips_cases_without_numbers():
+    rows = bench.run_bench(["quick-bert-16x16-b8-fp32", "quick-masking"], quick=True, device="cpu", time_budget=0)
+    assert [(r["case"], r["mode"]) for r in rows] == [
+        ("quick-bert-16x16-b8-fp32", mode) for mode in bench.MODES] + [
+        ("quick-masking-bert-16x16-b8-fp32", mode) for mode in bench.MASKING_MODES]
+    assert all(r["status"].startswith("skipped") and r["seconds"] is None and r["ex_per_s"] is None for r in rows)
+    assert "skipped: time budget" in bench.format_table(rows)
