@@ -32,7 +32,8 @@ Decisions worth knowing:
   tensor cores, close to float32 accuracy) by default, ``"ieee"`` (float32 FMA, slower) with the environment
   variable ``FASTBERTOLOGY_FP32_DOT_PRECISION=ieee``. 16-bit inputs: scores, softmax and accumulators are float32,
   ``P`` is rounded to the input dtype for the ``P V`` product (as FlashAttention does). float64 inputs are
-  delegated to :func:`attention_torch` (the kernels are built for float32, float16 and bfloat16).
+  delegated to :func:`attention_torch` (the kernels are built for float32, float16 and bfloat16), and so are
+  head dims above 128 (with a warning).
 * The head-mask gradient is returned in the dtype and shape of ``head_mask`` (``[H]``: summed over the batch).
 
 Triton is imported at module import; :mod:`fastbertology.kernels` imports this module only when the Triton
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -64,6 +66,7 @@ from .reference import attention_torch, expand_head_mask
 # accuracy) or "ieee" (true float32 FMA, slower). The environment variable overrides it (read at import).
 FP32_DOT_PRECISION = os.environ.get("FASTBERTOLOGY_FP32_DOT_PRECISION", "tf32x3")
 _LOG2E = math.log2(math.e)
+MAX_HEAD_DIM = 128  # larger head dims go to attention_torch (shared memory and registers)
 _MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension, which holds batch * heads
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,20 +491,34 @@ _INTERPRETER_CONFIGS = AttentionConfigs(
 
 
 def gpu_configs(block_d: int, dtype: torch.dtype) -> AttentionConfigs:
-    """A small fixed set of configurations chosen for H100/H200 (no autotuning): keyed on head dim and dtype."""
-    if dtype == torch.float32:  # twice the bytes per element; tf32x3 dots
+    """A small fixed set of configurations for H100/H200 (no autotuning), keyed on the padded head dim and dtype.
+
+    Chosen so that no kernel spills registers (checked with ptxas for sm_90, Triton 3.9) except float32 with
+    head dim 128 (a few spilled words in the forward); not tuned by timing.
+    """
+    if dtype == torch.float32:  # twice the bytes per element, and tf32x3 dots need three times the operands
+        if block_d <= 32:
+            return AttentionConfigs(
+                fwd=KernelConfig(64, 32, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
+                dkdv=KernelConfig(16, 32, 4, 2), dq=KernelConfig(32, 16, 4, 2),
+            )
+        if block_d <= 64:
+            return AttentionConfigs(
+                fwd=KernelConfig(64, 32, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
+                dkdv=KernelConfig(16, 32, 4, 2), dq=KernelConfig(32, 32, 8, 2),
+            )
         return AttentionConfigs(
-            fwd=KernelConfig(64, 32, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
-            dkdv=KernelConfig(32, 32, 4, 2), dq=KernelConfig(32, 32, 4, 2),
+            fwd=KernelConfig(64, 16, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
+            dkdv=KernelConfig(16, 16, 4, 1), dq=KernelConfig(16, 32, 4, 2),
         )
     if block_d <= 64:
         return AttentionConfigs(
-            fwd=KernelConfig(128, 64, 4, 3), probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(128, 64),
-            dkdv=KernelConfig(32, 64, 4, 2), dq=KernelConfig(64, 32, 4, 2),
+            fwd=KernelConfig(128, 64, 8, 3), probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(128, 64),
+            dkdv=KernelConfig(32, 128, 8, 2), dq=KernelConfig(128, 64, 8, 2),
         )
     return AttentionConfigs(
         fwd=KernelConfig(128, 64, 8, 2), probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(64, 64),
-        dkdv=KernelConfig(32, 64, 8, 2), dq=KernelConfig(64, 32, 8, 2),
+        dkdv=KernelConfig(32, 64, 8, 2), dq=KernelConfig(128, 64, 8, 2),
     )
 
 
@@ -651,7 +668,7 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
     """Fused Triton attention; same contract as :func:`fastbertology.kernels.attention`.
 
     Args:
-        q, k, v: ``[B, H, N, D]``, float32/float16/bfloat16 (float64 goes to :func:`attention_torch`), CUDA (or
+        q, k, v: ``[B, H, N, D]``, float32/float16/bfloat16, ``D <= 128`` (otherwise :func:`attention_torch`), CUDA (or
             CPU under ``TRITON_INTERPRET=1``), any strides (read in place, never copied).
         head_mask: ``[H]`` or ``[B, H]`` floats, or None; multiplies each head's output. Differentiable.
         key_padding_mask: bool ``[B, N]`` (True = keep the key), any pattern, or None.
@@ -668,7 +685,10 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
     unmasked ``P V`` (one extra ``[B, H, N, D]`` tensor) is kept only when the head-mask gradient is needed.
     """
     batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal)
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM:
+        if head_dim > MAX_HEAD_DIM:
+            warnings.warn(f"head dim {head_dim} > {MAX_HEAD_DIM}: the Triton kernels are not built for it; "
+                          "using the PyTorch backend", stacklevel=2)
         return attention_torch(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal,
                                scale=scale, return_probs=return_probs)
     _check_device(q)
@@ -733,4 +753,4 @@ class _TritonAttention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-__all__ = ["attention_triton", "gpu_configs", "AttentionConfigs", "KernelConfig", "FP32_DOT_PRECISION"]
+__all__ = ["attention_triton", "gpu_configs", "AttentionConfigs", "KernelConfig", "FP32_DOT_PRECISION", "MAX_HEAD_DIM"]
