@@ -493,8 +493,8 @@ _INTERPRETER_CONFIGS = AttentionConfigs(
 def gpu_configs(block_d: int, dtype: torch.dtype) -> AttentionConfigs:
     """A small fixed set of configurations for H100/H200 (no autotuning), keyed on the padded head dim and dtype.
 
-    Chosen so that no kernel spills registers (checked with ptxas for sm_90, Triton 3.9) except float32 with
-    head dim 128 (a few spilled words in the forward); not tuned by timing.
+    Chosen so that no kernel spills registers (compiled ahead of time with ptxas for sm_90 with Triton 3.6 and 3.9)
+    except the float32 forward with head dim 128 (a few spilled words); not yet tuned by timing on a GPU.
     """
     if dtype == torch.float32:  # twice the bytes per element, and tf32x3 dots need three times the operands
         if block_d <= 32:
