@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,12 @@ def run(args):
                     error = None
                 except torch.cuda.OutOfMemoryError:
                     ms, peak, error = math.nan, math.nan, "out of memory"
+                except Exception as exc:  # keep measuring the other methods; the table shows the failure
+                    if args.quick:
+                        raise
+                    traceback.print_exc()
+                    ms, peak, error = math.nan, math.nan, f"{type(exc).__name__}"
+                if error is not None and device.type == "cuda":
                     torch.cuda.empty_cache()
                 row = {"batch": batch, "seq": seq, "causal": causal, "heads": HEADS, "head_dim": HEAD_DIM,
                        "dtype": dtype_name, "method": method, "backend": backend if method.startswith("fused") else

@@ -24,7 +24,9 @@ if ! "$PYTHON" -c "import fastbertology.kernels" 2>/dev/null; then
 fi
 
 echo "== kernel tests on the GPU"
-"$PYTHON" -m pytest tests/test_triton_gpu.py tests/test_triton_kernels.py -q
+# GPU_CHECK_ALL=1 also runs the small interpreter-sized cases of tests/test_triton_kernels.py on the GPU (more
+# kernel variants to compile: a few more minutes)
+"$PYTHON" -m pytest tests/test_triton_gpu.py ${GPU_CHECK_ALL:+tests/test_triton_kernels.py} -q
 tests_rc=$?
 
 echo "== attention benchmark (fwd+bwd)"
