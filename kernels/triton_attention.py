@@ -33,7 +33,7 @@ Decisions worth knowing:
   variable ``FASTBERTOLOGY_FP32_DOT_PRECISION=ieee``. 16-bit inputs: scores, softmax and accumulators are float32,
   ``P`` is rounded to the input dtype for the ``P V`` product (as FlashAttention does). float64 inputs are
   delegated to :func:`attention_torch` (the kernels are built for float32, float16 and bfloat16), and so are
-  head dims above 128 (with a warning).
+  head dims above 128 (with a warning) and empty inputs.
 * The head-mask gradient is returned in the dtype and shape of ``head_mask`` (``[H]``: summed over the batch).
 
 Triton is imported at module import; :mod:`fastbertology.kernels` imports this module only when the Triton
@@ -685,7 +685,7 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
     unmasked ``P V`` (one extra ``[B, H, N, D]`` tensor) is kept only when the head-mask gradient is needed.
     """
     batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal)
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM or q.numel() == 0:
         if head_dim > MAX_HEAD_DIM:
             warnings.warn(f"head dim {head_dim} > {MAX_HEAD_DIM}: the Triton kernels are not built for it; "
                           "using the PyTorch backend", stacklevel=2)
