@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .importance import analyze_heads, full_head_mask
+from .importance import HeadAnalysis, analyze_heads, full_head_mask
 
 
 @dataclass
@@ -42,13 +42,15 @@ def heads_to_mask_next(importance: torch.Tensor, mask: torch.Tensor, count: int)
 def iterative_masking(model, batches: Sequence[dict], task, *, masking_amount: float = 0.1,
                       masking_threshold: float = 0.9, importance: str = "per_batch",
                       normalize_by_layer: bool = True, normalize_global: bool = True,
-                      progress: bool = False) -> MaskingResult:
+                      initial: HeadAnalysis | None = None, progress: bool = False) -> MaskingResult:
     """Mask the ``masking_amount`` fraction (of all heads) least important remaining heads, recompute importance
     and the metric under the new mask, and repeat until the metric falls below ``masking_threshold`` times the
     original (for lower-is-better metrics: until ``original / score`` falls below it).
 
     Returns the last mask that stayed within the threshold and the whole curve (heads remaining -> score).
     ``batches`` is iterated once per step, so it must be a sequence (a list of batches), not a generator.
+    ``initial``: the unmasked model's :func:`analyze_heads` result with the same options, if already computed
+    (saves one pass).
     """
     if not 0 < masking_amount < 1:
         raise ValueError(f"masking_amount must be in (0, 1), got {masking_amount}")
@@ -57,7 +59,7 @@ def iterative_masking(model, batches: Sequence[dict], task, *, masking_amount: f
     higher_is_better = bool(task.higher_is_better)
     options = dict(importance=importance, normalize_by_layer=normalize_by_layer, normalize_global=normalize_global)
     mask = full_head_mask(model)
-    analysis = analyze_heads(model, batches, task, head_mask=mask, **options)
+    analysis = initial if initial is not None else analyze_heads(model, batches, task, head_mask=mask, **options)
     original = analysis.metric
     curve = [{"heads_remaining": int(mask.sum()), "score": original, "masked": []}]
     kept_mask, kept_score = mask.clone(), original
