@@ -88,7 +88,7 @@ def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_min
 
 def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tensor | None = None,
                   importance: str = "per_batch", normalize_by_layer: bool = True, normalize_global: bool = True,
-                  progress: bool = False) -> HeadAnalysis:
+                  progress: bool = False, reduce=None) -> HeadAnalysis:
     """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
 
     model:     a patched model (:func:`fastbertology.patch`), in eval mode.
@@ -98,6 +98,11 @@ def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tens
                ``compute_metric(state) -> float`` (see :mod:`fastbertology.tasks`).
     head_mask: ``[L, H]`` mask to analyse the model under (default: ones). Importance is the gradient at it.
     importance: ``"per_batch"`` or ``"per_example"`` (see the module docstring).
+    reduce:    optional ``reduce(totals) -> totals``, applied to the accumulated sums before they are finalised
+               (data-parallel runs sum them over processes: :func:`fastbertology.distributed.analysis_reducer`).
+               ``totals``: ``raw_importance`` ``[L, H]`` float64 sum of |gradient| (not yet divided by tokens),
+               ``metric_state``, ``loss_sum``, ``batches``, ``examples`` and ``statistics`` (the
+               :class:`~fastbertology.recording.HeadStatistics`, whose per-layer sums it may replace).
     """
     require_patched(model)
     if importance not in IMPORTANCE_MODES:
@@ -121,6 +126,11 @@ def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tens
             loss_sum += float(result.loss.detach())
             batches_seen += 1
             examples += size
+    if reduce is not None:
+        totals = reduce({"raw_importance": raw, "metric_state": metric_state, "loss_sum": loss_sum,
+                         "batches": batches_seen, "examples": examples, "statistics": stats})
+        raw, metric_state, loss_sum, batches_seen, examples = (
+            totals[key] for key in ("raw_importance", "metric_state", "loss_sum", "batches", "examples"))
     tokens = stats.token_count()
     raw = (raw / max(tokens, 1)).cpu()
     return HeadAnalysis(

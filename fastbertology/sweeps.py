@@ -1,0 +1,556 @@
+"""Ablation sweeps: the task metric under many head masks, with batched masks and prefix reuse.
+
+Evaluating M head masks naively costs M full passes over the data. Two things make it much cheaper:
+
+* **Batched masks** (per-example head masks). Each batch of B examples is replicated k times and copy j is run
+  under mask j through one ``[k*B, L, H]`` head mask; the output is split back into k per-copy outputs, and each
+  copy's losses and metric are computed on the *original* batch (so task-specific structure such as retrieval
+  groups is untouched). How a task's batch is replicated and its output split is a small dispatch keyed by task
+  class (:func:`replicate_batch`, :func:`split_output`, :func:`register_task_replication`).
+* **Prefix reuse**. A mask whose first non-one layer is ``l`` (its *start layer*) leaves layers ``< l`` exactly as
+  in the unmasked model. Per batch, one unmasked pass (which also gives the baseline score) records the hidden
+  states entering every start layer with forward pre-hooks; then each pass of k masks with start layer ``l``
+  runs only layers ``l..L-1``: the layers before ``l`` are temporarily replaced by identities (an instance
+  ``forward``) and a forward pre-hook on layer ``l`` substitutes the cached hidden states, repeated k times.
+  The layer list itself is left alone (the patch validates head masks against it and finds layers through
+  ``module._fastbertology_layer``). Everything is restored in ``finally``. Works for BERT, RoBERTa, GPT-2 and
+  OpenAI GPT, and for tasks that run the model several times per batch (retrieval embeds queries and
+  positives: the cached states are replayed in call order).
+
+The work is organised batch-major: for every batch (a *step*) the baseline and all masks are evaluated, so each
+batch's prefix is computed once. After every step the accumulated state (:class:`SweepState`: per-mask metric
+states and loss sums) is handed to an ``on_step`` callback, which can checkpoint it; passing such a state back as
+``resume=`` continues after the last finished step and ends with exactly the results of an uninterrupted run.
+Data-parallel runs pass each process its shard of the batches, the common number of ``steps`` and a ``reduce``
+callable that merges the per-process states (see :mod:`fastbertology.distributed`).
+
+Everything here is a pure function of its inputs (no file IO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .importance import require_patched
+from .patching import heads_per_layer
+from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
+
+__all__ = [
+    "SweepResult", "SweepState", "MaskPass", "ablation_sweep", "evaluate_masks", "single_head_masks", "layer_masks",
+    "first_masked_layer", "plan_passes", "replicate_batch", "split_output", "register_task_replication",
+    "naive_sweep", "benchmark_sweep", "SWEEP_KINDS",
+]
+
+SWEEP_KINDS = ("heads", "layers")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replicating a batch k times and splitting the output: a dispatch keyed by task class
+# --------------------------------------------------------------------------------------------------------------
+def _batch_size(task, batch: dict) -> int:
+    return len(batch["input_ids"]) if "input_ids" in batch else task.batch_size(batch)
+
+
+def _replicate_rows(batch: dict, k: int, size: int) -> dict:
+    """Every tensor whose first dimension is the batch size ``size`` tiled k times along it (copy j = rows
+    ``j*size .. (j+1)*size - 1``); other entries unchanged."""
+    replicated = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
+            value = value.repeat(k, *([1] * (value.dim() - 1)))  # [B, ...] -> [k*B, ...]
+        replicated[key] = value
+    return replicated
+
+
+def _split_logits(output, k: int) -> list:
+    """``output.logits`` (or a tensor) ``[k*B, ...]`` -> k tensors ``[B, ...]`` (what ``task.result`` accepts)."""
+    logits = output.logits if hasattr(output, "logits") else output
+    if logits.shape[0] % k:
+        raise ValueError(f"output batch {logits.shape[0]} is not a multiple of the {k} copies")
+    return list(logits.chunk(k, dim=0))
+
+
+def _split_embedding_pair(output, k: int) -> list:
+    """Retrieval output ``(queries [k*B, D], positives [k*B, D])`` -> k pairs ``([B, D], [B, D])``."""
+    queries, positives = output
+    if queries.shape[0] % k or positives.shape[0] != queries.shape[0]:
+        raise ValueError(f"retrieval output of {queries.shape[0]} queries / {positives.shape[0]} positives cannot be "
+                         f"split into {k} copies")
+    return list(zip(queries.chunk(k, dim=0), positives.chunk(k, dim=0)))
+
+
+@dataclass(frozen=True)
+class TaskReplication:
+    """How to run k copies of a task's batch at once: ``replicate(batch, k, size) -> batch`` and
+    ``split(output, k) -> list of k outputs`` that ``task.result(output_j, original_batch)`` accepts."""
+
+    replicate: Callable
+    split: Callable
+
+
+_REPLICATION: dict[type, TaskReplication] = {
+    ClassificationTask: TaskReplication(_replicate_rows, _split_logits),
+    RegressionTask: TaskReplication(_replicate_rows, _split_logits),
+    LanguageModelingTask: TaskReplication(_replicate_rows, _split_logits),
+    # Queries and positives (``pair_*``) are both tiled. ``example_index`` is tiled as is, so the replicated batch
+    # is *not* a valid retrieval batch (groups() refuses it) — results are always computed per copy on the
+    # original batch, which keeps copy j's fixed groups exactly the original groups.
+    RetrievalTask: TaskReplication(_replicate_rows, _split_embedding_pair),
+}
+
+
+def register_task_replication(task_class: type, *, replicate: Callable = _replicate_rows,
+                              split: Callable = _split_logits) -> None:
+    """Teach the sweeps a new task class (subclasses of a registered class inherit its entry)."""
+    _REPLICATION[task_class] = TaskReplication(replicate, split)
+
+
+def _replication(task) -> TaskReplication:
+    for cls in type(task).__mro__:
+        if cls in _REPLICATION:
+            return _REPLICATION[cls]
+    raise TypeError(f"batched mask evaluation does not know task type {type(task).__name__}: register it with "
+                    "fastbertology.sweeps.register_task_replication(TaskClass, replicate=..., split=...)")
+
+
+def replicate_batch(task, batch: dict, k: int) -> dict:
+    """``batch`` of B examples -> a batch of k*B rows for ``task.forward`` (copy j = rows ``j*B .. (j+1)*B-1``).
+
+    Give it a per-example head mask ``[k*B, L, H]`` whose rows ``j*B ..`` hold mask j, split the output with
+    :func:`split_output`, and call ``task.result(output_j, batch)`` with the *original* batch."""
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    return _replication(task).replicate(batch, k, _batch_size(task, batch))
+
+
+def split_output(task, output, k: int) -> list:
+    """Output of ``task.forward`` on :func:`replicate_batch`'s batch -> k outputs, one per copy."""
+    return _replication(task).split(output, k)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masks and the pass plan
+# --------------------------------------------------------------------------------------------------------------
+def single_head_masks(num_layers: int, num_heads: int, *, dtype=torch.float32) -> torch.Tensor:
+    """``[L*H, L, H]``: mask ``l*H + h`` is all ones except head ``h`` of layer ``l``."""
+    masks = torch.ones(num_layers * num_heads, num_layers, num_heads, dtype=dtype)
+    masks.view(num_layers * num_heads, -1)[torch.arange(num_layers * num_heads),
+                                           torch.arange(num_layers * num_heads)] = 0
+    return masks
+
+
+def layer_masks(num_layers: int, num_heads: int, *, dtype=torch.float32) -> torch.Tensor:
+    """``[L, L, H]``: mask ``l`` zeroes every head of layer ``l``."""
+    masks = torch.ones(num_layers, num_layers, num_heads, dtype=dtype)
+    masks[torch.arange(num_layers), torch.arange(num_layers)] = 0
+    return masks
+
+
+def first_masked_layer(masks: torch.Tensor) -> torch.Tensor:
+    """``masks [M, L, H]`` -> ``[M]`` long: the first layer with an entry other than 1 (L for an all-ones mask)."""
+    num_layers = masks.shape[1]
+    differs = (masks != 1).any(-1)  # [M, L]
+    first = torch.where(differs, torch.arange(num_layers, device=masks.device), num_layers)
+    return first.min(-1).values.cpu() if num_layers else torch.zeros(len(masks), dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class MaskPass:
+    """One forward pass: the masks ``indices`` (at most ``masks_per_pass``) run together from layer ``start``."""
+
+    start: int
+    indices: tuple[int, ...]
+
+
+def plan_passes(masks: torch.Tensor, masks_per_pass: int, *, reuse_prefix: bool) -> tuple[list[MaskPass], list[int]]:
+    """Group masks ``[M, L, H]`` into passes. Returns ``(passes, unmasked)``.
+
+    With prefix reuse, masks are grouped by start layer (:func:`first_masked_layer`), in mask order within a
+    layer, and cut into passes of at most ``masks_per_pass``; all-ones masks need no pass (their result is the
+    baseline) and are listed in ``unmasked``. Without it, consecutive masks form passes that start at layer 0.
+    """
+    if masks_per_pass < 1:
+        raise ValueError(f"masks_per_pass must be positive, got {masks_per_pass}")
+    count, num_layers = masks.shape[0], masks.shape[1]
+    if not reuse_prefix:
+        return [MaskPass(0, tuple(range(i, min(i + masks_per_pass, count)))) for i in range(0, count, masks_per_pass)], []
+    starts = first_masked_layer(masks).tolist()
+    passes = []
+    for layer in range(num_layers):
+        members = [m for m in range(count) if starts[m] == layer]
+        passes += [MaskPass(layer, tuple(members[i:i + masks_per_pass])) for i in range(0, len(members), masks_per_pass)]
+    return passes, [m for m in range(count) if starts[m] == num_layers]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prefix reuse: capture the hidden states entering layers, then run suffixes from them
+# --------------------------------------------------------------------------------------------------------------
+def _layers(model) -> torch.nn.ModuleList:
+    """The model's transformer layers (blocks), in order."""
+    base = model.base_model
+    if model.config.model_type in ("bert", "roberta"):
+        return base.encoder.layer
+    if model.config.model_type in ("gpt2", "openai-gpt"):
+        return base.h
+    raise ValueError(f"prefix reuse does not support model type {model.config.model_type!r}")
+
+
+def _hidden_argument(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextlib.contextmanager
+def _capture_layer_inputs(model, layer_indices):
+    """Record, per call of the model, the hidden states ``[B, N, D]`` entering each layer of ``layer_indices``,
+    and the kind of value each layer returns (tensor, list or tuple). Yields ``(captured, output_kinds)``:
+    ``captured[l]`` is a list with one tensor per model call, in call order."""
+    layers = _layers(model)
+    captured = {layer: [] for layer in layer_indices}
+    output_kinds: dict[int, type] = {}
+    handles = []
+    try:
+        for index, layer in enumerate(layers):
+            if index in captured:
+                def pre_hook(module, args, kwargs, index=index):
+                    captured[index].append(_hidden_argument(args, kwargs).detach())
+                handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+            def post_hook(module, args, output, index=index):
+                output_kinds.setdefault(index, type(output))
+            handles.append(layer.register_forward_hook(post_hook))
+        yield captured, output_kinds
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _identity_forward(kind: type):
+    """A layer forward that returns its input hidden states in the layer's output format."""
+    def forward(self, *args, **kwargs):
+        hidden = _hidden_argument(args, kwargs)
+        if issubclass(kind, torch.Tensor):
+            return hidden
+        return kind([hidden])  # OpenAI GPT's Block returns [hidden, (attentions)]
+    return forward
+
+
+@contextlib.contextmanager
+def _run_from_layer(model, start: int, injections: list[torch.Tensor], output_kinds: dict[int, type]):
+    """Inside the block, calls of ``model`` skip layers ``< start`` (identities) and layer ``start`` receives
+    ``injections[i]`` as its hidden states on the i-th call. Restored in ``finally``."""
+    layers = _layers(model)
+    queue = list(injections)
+    replaced = []
+
+    def inject(module, args, kwargs):
+        if not queue:
+            raise RuntimeError("prefix reuse: the model ran more often than during the capture pass")
+        hidden = queue.pop(0)
+        current = _hidden_argument(args, kwargs)
+        if current.shape != hidden.shape:
+            raise RuntimeError(f"prefix reuse: cached hidden states {tuple(hidden.shape)} do not match the layer "
+                               f"input {tuple(current.shape)}")
+        return _with_hidden(args, kwargs, hidden)
+
+    handle = layers[start].register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        for index in range(start):
+            layer = layers[index]
+            replaced.append((layer, vars(layer).get("forward")))
+            layer.forward = types.MethodType(_identity_forward(output_kinds.get(index, torch.Tensor)), layer)
+        yield
+        if queue:
+            raise RuntimeError("prefix reuse: the model ran less often than during the capture pass")
+    finally:
+        handle.remove()
+        for layer, previous in replaced:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The evaluation loop
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class SweepState:
+    """What one process has accumulated (everything a checkpoint needs).
+
+    steps_done:        steps (batch positions) finished.
+    states:            M metric states (``task.metric_state()`` dicts), one per mask.
+    loss_sums:         M sums of the task's batch losses, one per mask.
+    baseline_state:    metric state of the unmasked model.
+    baseline_loss_sum: sum of its batch losses.
+    batches:           batches evaluated by this process.
+    """
+
+    steps_done: int
+    states: list[dict]
+    loss_sums: list[float]
+    baseline_state: dict
+    baseline_loss_sum: float = 0.0
+    batches: int = 0
+
+    @classmethod
+    def empty(cls, task, count: int) -> SweepState:
+        return cls(0, [task.metric_state() for _ in range(count)], [0.0] * count, task.metric_state())
+
+
+@dataclass
+class SweepResult:
+    """Scores of the task under each of M masks. Tensors are float64 on the CPU.
+
+    kind:     ``"heads"`` (mask ``l*H + h`` zeroes head (l, h)), ``"layers"`` (mask l zeroes layer l) or ``"masks"``.
+    masks:    ``[M, L, H]`` the masks evaluated.
+    scores:   ``[M]`` the task metric under each mask; ``losses`` ``[M]`` the mean batch loss.
+    delta:    ``[M]`` ``scores - baseline_score`` (negative = the metric went down without those heads).
+    metrics:  M dicts of every metric the task tracks (``task.compute_metrics``), when the task has them.
+    """
+
+    kind: str
+    masks: torch.Tensor
+    scores: torch.Tensor
+    losses: torch.Tensor
+    baseline_score: float
+    baseline_loss: float
+    higher_is_better: bool
+    metric_name: str
+    metrics: list[dict] = field(default_factory=list)
+    baseline_metrics: dict = field(default_factory=dict)
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.scores - self.baseline_score
+
+    def table(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``values`` (default: :attr:`delta`) ``[M]`` shaped by kind: heads ``[L, H]``, layers ``[L]``, masks ``[M]``."""
+        values = self.delta if values is None else values
+        if self.kind == "heads":
+            return values.view(self.masks.shape[1], self.masks.shape[2])
+        return values
+
+
+def _check_masks(model, masks: torch.Tensor) -> torch.Tensor:
+    counts = heads_per_layer(model)
+    if len(set(counts)) != 1:
+        raise ValueError(f"layers have different head counts {counts} (pruned model): sweep the unpruned model")
+    expected = (len(counts), counts[0])
+    if not isinstance(masks, torch.Tensor):
+        masks = torch.as_tensor(masks)
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != expected or masks.shape[0] == 0:
+        raise ValueError(f"masks must have shape [M, layers, heads] = [M, {expected[0]}, {expected[1]}] with M >= 1 "
+                         f"for this model; got {tuple(masks.shape)}")
+    if masks.dtype == torch.bool or not masks.is_floating_point():
+        masks = masks.to(torch.float32)
+    if not bool(torch.isfinite(masks).all()):
+        raise ValueError("masks contain NaN or infinite values")
+    return masks
+
+
+def _per_example_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """``masks [k, L, H]`` -> ``[k*B, L, H]`` with rows ``j*B .. (j+1)*B-1`` = mask j."""
+    k = masks.shape[0]
+    return masks[:, None].expand(k, size, *masks.shape[1:]).reshape(k * size, *masks.shape[1:])
+
+
+def _accumulate(task, state: SweepState, index, output, batch):
+    result = task.result(output, batch)
+    if index is None:
+        task.update_metric(state.baseline_state, result, batch)
+        state.baseline_loss_sum += float(result.loss.detach())
+    else:
+        task.update_metric(state.states[index], result, batch)
+        state.loss_sums[index] += float(result.loss.detach())
+
+
+def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reuse_prefix: bool):
+    size = _batch_size(task, batch)
+    if reuse_prefix:
+        with _capture_layer_inputs(model, {p.start for p in passes}) as (captured, output_kinds):
+            output = task.forward(model, batch)
+        _accumulate(task, state, None, output, batch)
+    else:
+        _accumulate(task, state, None, task.forward(model, batch), batch)
+    for mask_pass in passes:
+        k = len(mask_pass.indices)
+        head_mask = _per_example_masks(masks[list(mask_pass.indices)], size)  # [k*B, L, H]
+        replicated = replicate_batch(task, batch, k) if k > 1 else batch
+        if reuse_prefix:
+            injections = [hidden.repeat(k, *([1] * (hidden.dim() - 1))) for hidden in captured[mask_pass.start]]
+            with _run_from_layer(model, mask_pass.start, injections, output_kinds):
+                output = task.forward(model, replicated, head_mask=head_mask)
+        else:
+            output = task.forward(model, replicated, head_mask=head_mask)
+        outputs = split_output(task, output, k) if k > 1 else [output]
+        for index, copy_output in zip(mask_pass.indices, outputs):
+            _accumulate(task, state, index, copy_output, batch)
+
+
+def evaluate_masks(model, batches: Sequence[dict], task, masks: torch.Tensor, *, masks_per_pass: int | None = None,
+                   reuse_prefix: bool = True, progress: bool = False, resume: SweepState | None = None,
+                   on_step: Callable[[SweepState], None] | None = None, steps: int | None = None,
+                   reduce: Callable[[SweepState], SweepState] | None = None, kind: str = "masks") -> SweepResult:
+    """The task metric of a patched ``model`` over ``batches`` under each of the head masks ``masks [M, L, H]``.
+
+    masks_per_pass: k, masks evaluated together in one forward pass of k*B rows (default: the number of heads H).
+    reuse_prefix:   compute the layers before a mask's first non-one layer once per batch (see the module doc).
+    resume:         a :class:`SweepState` from ``on_step`` of an interrupted run with the same arguments.
+    on_step:        called with the (live) state after every step, e.g. to checkpoint it (copy what you keep).
+    steps:          number of steps to run (default ``len(batches)``); steps past the end of ``batches`` evaluate
+                    nothing but still call ``on_step`` (data-parallel processes whose shard is one batch shorter).
+    reduce:         applied to the final state before the scores are computed (merges data-parallel processes).
+
+    Results equal evaluating one ``[L, H]`` mask at a time (up to floating-point rounding of the batched pass).
+    """
+    require_patched(model)
+    started = time.perf_counter()
+    masks = _check_masks(model, masks)
+    device = next(model.parameters()).device
+    masks_device = masks.to(device)
+    masks_per_pass = masks_per_pass or masks.shape[2]
+    passes, unmasked = plan_passes(masks, masks_per_pass, reuse_prefix=reuse_prefix)
+    steps = len(batches) if steps is None else steps
+    if steps < len(batches):
+        raise ValueError(f"steps ({steps}) must be at least the number of batches ({len(batches)})")
+    state = resume if resume is not None else SweepState.empty(task, len(masks))
+    if len(state.states) != len(masks) or state.steps_done > steps:
+        raise ValueError(f"the resume state ({len(state.states)} masks, {state.steps_done} steps done) does not fit "
+                         f"this sweep ({len(masks)} masks, {steps} steps)")
+    bar = tqdm(total=steps, initial=state.steps_done, desc=f"sweep ({len(masks)} masks, {len(passes)} passes/batch)",
+               unit="batch", disable=not progress)
+    try:
+        with torch.no_grad():
+            for step in range(state.steps_done, steps):
+                if step < len(batches):
+                    _evaluate_batch(model, task, batches[step], masks_device, passes, state, reuse_prefix=reuse_prefix)
+                    state.batches += 1
+                state.steps_done = step + 1
+                bar.update(1)
+                if on_step is not None:
+                    on_step(state)
+    finally:
+        bar.close()
+    if reduce is not None:
+        state = reduce(state)
+    final_states = list(state.states)
+    final_losses = list(state.loss_sums)
+    for index in unmasked:  # all-ones masks: the baseline, exactly
+        final_states[index] = copy.deepcopy(state.baseline_state)
+        final_losses[index] = state.baseline_loss_sum
+    batches_seen = max(state.batches, 1)
+    has_all = hasattr(task, "compute_metrics")
+    metrics = [task.compute_metrics(s) for s in final_states] if has_all else []
+    return SweepResult(
+        kind=kind, masks=masks.cpu(),
+        scores=torch.tensor([task.compute_metric(s) for s in final_states], dtype=torch.float64),
+        losses=torch.tensor([loss / batches_seen for loss in final_losses], dtype=torch.float64),
+        baseline_score=float(task.compute_metric(state.baseline_state)),
+        baseline_loss=state.baseline_loss_sum / batches_seen,
+        higher_is_better=bool(getattr(task, "higher_is_better", True)),
+        metric_name=str(getattr(task, "metric_name", "metric")),
+        metrics=metrics, baseline_metrics=task.compute_metrics(state.baseline_state) if has_all else {},
+        batches=state.batches, seconds=time.perf_counter() - started,
+    )
+
+
+def sweep_masks(model, kind) -> tuple[str, torch.Tensor]:
+    """``kind`` ``"heads"`` / ``"layers"`` / a ``[M, L, H]`` tensor -> ``(kind name, masks)``."""
+    if isinstance(kind, str):
+        counts = heads_per_layer(model)
+        if kind not in SWEEP_KINDS:
+            raise ValueError(f"kind must be one of {SWEEP_KINDS} or a [M, L, H] tensor of masks, got {kind!r}")
+        if len(set(counts)) != 1:
+            raise ValueError(f"layers have different head counts {counts} (pruned model): sweep the unpruned model")
+        make = single_head_masks if kind == "heads" else layer_masks
+        return kind, make(len(counts), counts[0])
+    return "masks", _check_masks(model, kind)
+
+
+def ablation_sweep(model, batches: Sequence[dict], task, *, kind="heads", masks_per_pass: int | None = None,
+                   reuse_prefix: bool = True, progress: bool = False, **options) -> SweepResult:
+    """Score change when masking every single head (``kind="heads"``: L*H masks, result ``.table()`` ``[L, H]``),
+    every layer (``"layers"``: L masks, ``[L]``) or each of the given masks (a ``[M, L, H]`` tensor, ``[M]``).
+
+    ``options`` are those of :func:`evaluate_masks` (``resume``, ``on_step``, ``steps``, ``reduce``).
+    """
+    kind, masks = sweep_masks(model, kind)
+    return evaluate_masks(model, batches, task, masks, masks_per_pass=masks_per_pass, reuse_prefix=reuse_prefix,
+                          progress=progress, kind=kind, **options)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference loop and benchmark
+# --------------------------------------------------------------------------------------------------------------
+def naive_sweep(model, batches: Sequence[dict], task, masks: torch.Tensor) -> tuple[torch.Tensor, float, list[dict]]:
+    """The reference: one full pass over the data per mask with an ``[L, H]`` mask. Returns ``(scores [M],
+    baseline score, metric states)``."""
+    require_patched(model)
+    masks = _check_masks(model, masks).to(next(model.parameters()).device)
+    states = []
+    with torch.no_grad():
+        baseline = task.metric_state()
+        for batch in batches:
+            task.update_metric(baseline, task.evaluate(model, batch), batch)
+        for mask in masks:
+            state = task.metric_state()
+            for batch in batches:
+                task.update_metric(state, task.evaluate(model, batch, head_mask=mask), batch)
+            states.append(state)
+    scores = torch.tensor([task.compute_metric(s) for s in states], dtype=torch.float64)
+    return scores, float(task.compute_metric(baseline)), states
+
+
+def benchmark_sweep(model, batches: Sequence[dict], task, *, kind="heads", masks_per_pass: int | None = None,
+                    repeats: int = 1) -> dict:
+    """Time the naive loop (one full pass per mask, plus the baseline) against the batched sweep with and without
+    prefix reuse, on the same model and data. Returns seconds (best of ``repeats``), ratios and the largest score
+    difference to the naive loop."""
+    kind, masks = sweep_masks(model, kind)
+
+    def best(function):
+        times, value = [], None
+        for _ in range(repeats):
+            if next(model.parameters()).is_cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            value = function()
+            if next(model.parameters()).is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return min(times), value
+
+    naive_seconds, (naive_scores, _, _) = best(lambda: naive_sweep(model, batches, task, masks))
+    batched_seconds, batched = best(lambda: evaluate_masks(model, batches, task, masks, masks_per_pass=masks_per_pass,
+                                                           reuse_prefix=False))
+    prefix_seconds, prefix = best(lambda: evaluate_masks(model, batches, task, masks, masks_per_pass=masks_per_pass,
+                                                         reuse_prefix=True))
+    difference = max(float((batched.scores - naive_scores).abs().max()), float((prefix.scores - naive_scores).abs().max()))
+    return {
+        "kind": kind, "masks": len(masks), "batches": len(batches), "masks_per_pass": masks_per_pass or masks.shape[2],
+        "naive_seconds": naive_seconds, "batched_seconds": batched_seconds, "prefix_batched_seconds": prefix_seconds,
+        "speedup_batched": naive_seconds / batched_seconds, "speedup_prefix_batched": naive_seconds / prefix_seconds,
+        "cost_ratio_prefix_batched": prefix_seconds / naive_seconds, "max_score_difference": difference,
+    }
+
+
+def steps_for(total_batches: int, world_size: int) -> int:
+    """Steps every process runs when ``total_batches`` are sharded over ``world_size`` processes."""
+    return math.ceil(total_batches / max(world_size, 1))
