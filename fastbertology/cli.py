@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--head-mask", default=None, help="a head_mask.npy [L, H] (0 = prune) instead of masking")
     prune.set_defaults(handler=run_prune)
 
+    from .sweep_command import add_sweep_arguments, run_sweep
+
+    sweep = commands.add_parser("sweep", help="ablation sweep: the score change when each head (or layer, or given "
+                                              "mask) is masked; resumable, data-parallel under torchrun")
+    _add_common(sweep)
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(handler=run_sweep)
+
     bench = commands.add_parser("bench", help="benchmark against the reference loop and stock SDPA")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of python -m fastbertology.bench")
     bench.set_defaults(handler=run_bench_command)
@@ -214,13 +222,20 @@ def format_table(table, *, title: str, digits: int = 3) -> str:
 
 
 def _say(args, text=""):
-    print(text, flush=True)
+    from .distributed import is_main
+
+    if is_main():  # under torchrun only rank 0 talks
+        print(text, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------------------
-def _output_dir(args) -> Path:
+def _output_dir(args) -> Path | None:
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun only rank 0 writes
+        return None
     path = args.output_dir or os.path.join("runs", f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}")
     return prepare_output_dir(path, overwrite=args.overwrite)
 
@@ -234,10 +249,14 @@ def _importance_step(args, run, output: Path, summary: dict):
     from .importance import analyze_heads
     from .plots import heatmap
 
+    from .distributed import analysis_reducer
+
     started = time.perf_counter()
-    analysis = analyze_heads(run.model, run.batches, run.task, progress=not args.no_progress,
-                             **_analysis_options(args))
+    analysis = analyze_heads(run.model, run.batches, run.task, progress=not args.no_progress and output is not None,
+                             reduce=analysis_reducer(run.model, run.task), **_analysis_options(args))
     seconds = time.perf_counter() - started
+    if output is None:  # not rank 0
+        return analysis
     write_npy(output / "head_importance.npy", analysis.importance.numpy())
     write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
     write_npy(output / "attn_max_prob.npy", analysis.max_prob.numpy())
@@ -259,11 +278,17 @@ def _masking_step(args, run, output: Path, summary: dict, initial=None):
     from .masking import iterative_masking
     from .plots import masking_curve
 
+    from .distributed import analyses_reduced
+
     started = time.perf_counter()
-    result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
-                               masking_threshold=args.masking_threshold, progress=not args.no_progress,
-                               initial=initial, **_analysis_options(args))
+    with analyses_reduced(run.model, run.task):
+        result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
+                                   masking_threshold=args.masking_threshold,
+                                   progress=not args.no_progress and output is not None,
+                                   initial=initial, **_analysis_options(args))
     seconds = time.perf_counter() - started
+    if output is None:  # not rank 0
+        return result
     write_npy(output / "head_mask.npy", result.head_mask.numpy())
     threshold_score = result.original_score * args.masking_threshold if result.higher_is_better else \
         result.original_score / args.masking_threshold
@@ -326,6 +351,8 @@ def _save_model_atomic(model, tokenizer, directory: Path):
 
 
 def _finish(args, output: Path, summary: dict, started: float):
+    if output is None:  # not rank 0
+        return
     summary["seconds_total"] = time.perf_counter() - started
     write_json(output / "summary.json", summary)
     _say(args, f"\nOutputs in {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})")
@@ -338,9 +365,12 @@ def _new_summary(args, run) -> dict:
 
 
 def run_importance(args) -> int:
+    from .distributed import shard_checked
+
     started = time.perf_counter()
     output = _output_dir(args)
     run = setup(args)
+    run.batches = shard_checked(run.model, run.batches)
     summary = _new_summary(args, run)
     _importance_step(args, run, output, summary)
     _finish(args, output, summary, started)
@@ -348,9 +378,12 @@ def run_importance(args) -> int:
 
 
 def run_mask(args) -> int:
+    from .distributed import shard_checked
+
     started = time.perf_counter()
     output = _output_dir(args)
     run = setup(args)
+    run.batches = shard_checked(run.model, run.batches)
     summary = _new_summary(args, run)
     analysis = _importance_step(args, run, output, summary)
     _masking_step(args, run, output, summary, initial=analysis)
@@ -406,10 +439,16 @@ def run_bench_command(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        if distributed.env_world_size() > 1 and args.command not in ("importance", "mask", "sweep"):
+            raise ValueError("only importance, mask and sweep run data-parallel under torchrun; run this command "
+                             "as a single process")
+        with distributed.session(device=getattr(args, "device", None)):
+            return args.handler(args)
     except (OutputDirectoryError, ValueError, RuntimeError, FileNotFoundError) as error:
         print(f"fastbertology {args.command}: error: {error}", file=sys.stderr)
         return 2
