@@ -25,6 +25,11 @@ over the data (after a warmup pass):
     longest example). Entropy, max probability, token counts and the metric are unchanged; ``per_batch``
     importance is not (batch composition changes), so only its entropy is compared with the reference.
 
+The sweep case (single-head ablation, ``L*H`` masks) times a naive loop — one eager pass over the data per mask
+with 4.x head-mask semantics, no gradients (mode ``reference``) — against
+:func:`fastbertology.sweeps.ablation_sweep` (batched per-example masks, prefix reuse); passes = masks + 1
+(the unmasked baseline). Without :mod:`fastbertology.sweeps` its rows say ``status="todo: ..."`` (no numbers).
+
 Masking cases run run_bertology's ``mask_heads`` loop (reference importance, 10 % of the heads per step, stop
 below 0.9 x the original metric or when no more than one step's worth of heads is left) against
 :func:`fastbertology.masking.iterative_masking`; on random weights the metric means nothing, so these rows
@@ -58,6 +63,7 @@ from .batching import bucketed_batches, padded_batches
 
 MODES = ("reference", "sdpa-frozen", "fastbertology", "fastbertology-bucketed")
 MASKING_MODES = ("reference", "fastbertology")
+SWEEP_MODES = ("reference", "fastbertology")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCE_IMPLEMENTATION = "fastbertology_bench_reference"
 MODEL_SEED, DATA_SEED = 0, 1
@@ -121,9 +127,8 @@ FULL_CASES = [  # the batch-1 case (slowest by far) last, so that a time budget 
     BenchCase("gpt2-128x1024-b8-bf16", GPT2_SMALL, 128, 1024, 8, "bf16", reference_dtype="fp32"),
     BenchCase("masking-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="masking",
               modes=MASKING_MODES),
+    BenchCase("sweep-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="sweep", modes=SWEEP_MODES),
     BenchCase("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
-    BenchCase("sweep-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="sweep",
-              modes=("fastbertology",)),
 ]
 
 QUICK_CASES = [  # tiny versions of every full case, in the same order (CPU, well under a minute in total)
@@ -134,9 +139,8 @@ QUICK_CASES = [  # tiny versions of every full case, in the same order (CPU, wel
     BenchCase("quick-gpt2-8x32-b4-bf16", TINY_GPT2, 8, 32, 4, "bf16", reference_dtype="fp32"),
     BenchCase("quick-masking-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="masking",
               modes=MASKING_MODES),
+    BenchCase("quick-sweep-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep", modes=SWEEP_MODES),
     BenchCase("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
-    BenchCase("quick-sweep-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep",
-              modes=("fastbertology",)),
 ]
 
 
@@ -217,23 +221,32 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _Task:
-    """Shared plumbing: ``forward`` (default: the model itself) can be replaced by a compiled callable."""
+    """Shared plumbing, the same split as :class:`fastbertology.tasks.Task`: :meth:`forward` runs the model,
+    ``result(output, batch)`` turns its output (or bare logits) into a :class:`TaskResult`. ``runner`` (default:
+    the model itself) can be a compiled version of the model."""
 
-    def __init__(self, forward: Callable | None = None):
-        self.forward = forward
+    def __init__(self, runner: Callable | None = None):
+        self.runner = runner
 
     @staticmethod
     def model_inputs(batch: dict) -> dict:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def evaluate(self, model, batch: dict, head_mask: torch.Tensor | None = None) -> TaskResult:
+    def forward(self, model, batch: dict, *, head_mask: torch.Tensor | None = None):
+        """The model output on ``batch`` (``head_mask`` ``[L, H]`` or ``[B, L, H]``, patched models only)."""
         kwargs = {} if head_mask is None else {"head_mask": head_mask}
-        forward = model if self.forward is None else self.forward
-        output = forward(**self.model_inputs(batch), **kwargs)
-        return self.result(output.logits, batch)
+        runner = model if self.runner is None else self.runner
+        return runner(**self.model_inputs(batch), **kwargs)
+
+    def evaluate(self, model, batch: dict, head_mask: torch.Tensor | None = None) -> TaskResult:
+        return self.result(self.forward(model, batch, head_mask=head_mask), batch)
 
     def batch_size(self, batch: dict) -> int:
         return len(batch["input_ids"])
+
+
+def _logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
 
 
 class ClassificationTask(_Task):
@@ -243,7 +256,8 @@ class ClassificationTask(_Task):
 
     higher_is_better = True
 
-    def result(self, logits: torch.Tensor, batch: dict) -> TaskResult:
+    def result(self, output, batch: dict) -> TaskResult:
+        logits = _logits(output)  # [B, C]
         losses = F.cross_entropy(_upcast(logits), batch["labels"], reduction="none")  # [B]
         return TaskResult(loss=losses.mean(), example_losses=losses, logits=logits)
 
@@ -266,7 +280,8 @@ class LanguageModelingTask(_Task):
 
     higher_is_better = False
 
-    def result(self, logits: torch.Tensor, batch: dict) -> TaskResult:
+    def result(self, output, batch: dict) -> TaskResult:
+        logits = _logits(output)  # [B, N, V]
         targets = batch["input_ids"][:, 1:]  # [B, N-1]
         valid = batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]  # [B, N-1]
         nll = F.cross_entropy(_upcast(logits[:, :-1]).transpose(1, 2), targets, reduction="none")  # [B, N-1]
@@ -287,8 +302,9 @@ class LanguageModelingTask(_Task):
         return math.exp(state["nll"] / max(state["tokens"], 1.0))
 
 
-def make_task(size: ModelSize, forward: Callable | None = None) -> _Task:
-    return ClassificationTask(forward) if size.kind == "bert" else LanguageModelingTask(forward)
+def make_task(size: ModelSize, runner: Callable | None = None) -> _Task:
+    """The synthetic task of a model kind: classification for BERT, language modelling for GPT-2."""
+    return ClassificationTask(runner) if size.kind == "bert" else LanguageModelingTask(runner)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,7 +409,7 @@ def reference_analysis(model, batches: Sequence[dict], task, *, head_mask: torch
             mask = base_mask.clone().requires_grad_(True)  # [L, H], a fresh leaf: its gradient is per batch
             state.head_mask = mask
             output = model(**task.model_inputs(batch), output_attentions=True)
-            result = task.result(output.logits, batch)
+            result = task.result(output, batch)
             result.loss.backward()
             importance += mask.grad.abs().double()
             keep = batch["attention_mask"]
@@ -446,6 +462,48 @@ def reference_masking(model, batches: Sequence[dict], task, *, masking_amount: f
     return kept.cpu(), curve
 
 
+def single_head_masks(layers: int, heads: int, *, device=None) -> torch.Tensor:
+    """``[L*H, L, H]`` masks of ones with head ``(i // H, i % H)`` zeroed in mask ``i``."""
+    masks = torch.ones(layers * heads, layers * heads, device=device)
+    masks.fill_diagonal_(0.0)
+    return masks.view(layers * heads, layers, heads)
+
+
+@dataclass
+class ReferenceSweep:
+    """``scores`` / ``losses``: ``[M]`` float64 metric and mean batch loss under each mask; the baseline's too."""
+
+    scores: torch.Tensor
+    losses: torch.Tensor
+    baseline_score: float
+    baseline_loss: float
+
+
+def reference_sweep(model, batches: Sequence[dict], task, masks: torch.Tensor) -> ReferenceSweep:
+    """The naive single-head ablation loop with 4.x semantics: one eager pass over the data without a mask, then
+    one per mask ``masks [M, L, H]`` (probabilities times the head mask, no gradients)."""
+    device = next(model.parameters()).device
+    scores, losses = [], []
+    baseline = None
+    with torch.no_grad(), reference_attention(model) as state:
+        for mask in [None, *masks.to(device)]:
+            state.head_mask = mask
+            metric_state, loss_sum = task.metric_state(), 0.0
+            for batch in batches:
+                result = task.evaluate(model, batch)
+                task.update_metric(metric_state, result, batch)
+                loss_sum += float(result.loss)
+            score, loss = task.compute_metric(metric_state), loss_sum / max(len(batches), 1)
+            if mask is None:
+                baseline = (score, loss)
+            else:
+                scores.append(score)
+                losses.append(loss)
+        state.head_mask = None
+    return ReferenceSweep(torch.tensor(scores, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64),
+                          *baseline)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The other two modes
 # --------------------------------------------------------------------------------------------------------------
@@ -466,15 +524,16 @@ def sdpa_frozen_pass(model, batches: Sequence[dict], task) -> None:
         hook.remove()
 
 
-def _sweep_runner():
-    """Hook for the single-head ablation sweep case. TODO: wire ``fastbertology.sweeps`` once it exists (time one
-    full sweep, report passes = heads + 1). Returns None while the module is missing, and the case reports
-    ``status="todo: ..."`` with no numbers."""
+def sweeps_module():
+    """:mod:`fastbertology.sweeps` with this module's task classes registered for batched masks, or None while
+    that module does not exist (the sweep case then reports ``status="todo: ..."`` and no numbers)."""
     try:
-        from . import sweeps  # noqa: F401
+        from . import sweeps
     except ImportError:
         return None
-    return getattr(sweeps, "single_head_ablation", None) or getattr(sweeps, "ablation_sweep", None)
+    for task_class in (ClassificationTask, LanguageModelingTask):
+        sweeps.register_task_replication(task_class)  # rows tiled k times, logits split k ways (the default)
+    return sweeps
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -546,6 +605,7 @@ class _ModeOutcome:
     passes: int = 1
     analysis: object = None
     mask: torch.Tensor | None = None
+    sweep: object = None
     backend: str | None = None
     status: str = "ok"
     extra: dict = field(default_factory=dict)
@@ -606,6 +666,26 @@ def prepare_mode(case: BenchCase, mode: str, master, examples: dict, device, *, 
         model.to("meta")  # free the parameters now, even if a closure still refers to the module
         _free(device)
 
+    if case.kind == "sweep":
+        sweeps = sweeps_module()
+        if sweeps is None:
+            return PreparedMode(lambda: {"passes": 0}, lambda: None, close, None,
+                                todo="todo: fastbertology.sweeps not available; single-head ablation sweep not "
+                                     "benchmarked")
+    if mode == "reference" and case.kind == "sweep":
+        model.requires_grad_(False)
+        masks = single_head_masks(case.model.layers, case.model.heads, device=device)
+
+        def run():
+            result = reference_sweep(model, batches, task, masks)
+            return {"passes": len(masks) + 1, "sweep": result, "metric": result.baseline_score}
+
+        def warmup():
+            with torch.no_grad(), reference_attention(model):
+                for batch in batches:
+                    task.evaluate(model, batch)
+        return PreparedMode(run, warmup, close, "eager")
+
     if mode == "reference":
         model.requires_grad_(True)
 
@@ -637,15 +717,23 @@ def prepare_mode(case: BenchCase, mode: str, master, examples: dict, device, *, 
     handles.append(patch(model, backend=backend))
     if compile_options is not None:
         task = make_task(case.model, torch.compile(model, **compile_options))
+    if mode == "fastbertology-bucketed" and case.kind == "sweep":
+        raise ValueError("the sweep case has modes reference and fastbertology")
     resolved = resolve_backend(backend, device)
 
     def analysis_pass():
         return analyze_heads(model, batches, task, importance=importance)
 
     if case.kind == "sweep":
-        todo = ("todo: fastbertology.sweeps not available; single-head ablation sweep not benchmarked"
-                if _sweep_runner() is None else "todo: fastbertology.sweeps exists but bench.py does not call it yet")
-        return PreparedMode(lambda: {"passes": 0}, lambda: None, close, resolved, todo=todo)
+        model.requires_grad_(False)
+
+        def run():
+            result = sweeps.ablation_sweep(model, batches, task, kind="heads")
+            return {"passes": len(result.scores) + 1, "sweep": result, "metric": result.baseline_score}
+
+        def warmup():
+            sweeps.ablation_sweep(model, batches[:1], task, kind="layers")
+        return PreparedMode(run, warmup, close, resolved)
     if case.kind == "masking":
         def run():
             result = iterative_masking(model, batches, task, masking_amount=case.masking_amount,
@@ -667,7 +755,8 @@ def _run_mode(case: BenchCase, mode: str, master, examples: dict, device: torch.
             return _ModeOutcome(status=prepared.todo, backend=prepared.backend)
         result, seconds, peak = timed(prepared.run, device, warmup=prepared.warmup if warmup else None)
         return _ModeOutcome(seconds, peak, passes=result["passes"], analysis=result.get("analysis"),
-                            mask=result.get("mask"), backend=prepared.backend, extra={"metric": result.get("metric")})
+                            mask=result.get("mask"), sweep=result.get("sweep"), backend=prepared.backend,
+                            extra={"metric": result.get("metric")})
     finally:
         prepared.close()
 
@@ -723,6 +812,7 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
             "speedup_vs_sdpa": (per_pass("sdpa-frozen") / s_per_pass) if s_per_pass and per_pass(
                 "sdpa-frozen") else None,
             "importance_diff": None, "entropy_diff": None, "metric": None, "mask_mismatch": None,
+            "sweep_loss_diff": None,
             "status": outcome.status, **env,
         }
         analysis = outcome.analysis
@@ -737,8 +827,11 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
             row["metric"] = outcome.extra["metric"]
         if outcome.mask is not None and mode != "reference" and reference is not None and reference.mask is not None:
             row["mask_mismatch"] = int((outcome.mask.cpu() != reference.mask.cpu()).sum())
+        if outcome.sweep is not None and mode != "reference" and reference is not None and (
+                reference.sweep is not None):
+            row["sweep_loss_diff"] = _relative_max_diff(outcome.sweep.losses, reference.sweep.losses)
         if keep_results:
-            row["result"] = analysis if analysis is not None else outcome.mask
+            row["result"] = next((r for r in (analysis, outcome.mask, outcome.sweep) if r is not None), None)
         rows.append(row)
     return rows
 
@@ -748,7 +841,7 @@ def skipped_rows(case: BenchCase, device, modes: Sequence[str] | None, status: s
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     keys = ("passes", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "speedup_vs_reference", "speedup_vs_sdpa",
-            "importance_diff", "entropy_diff", "metric", "mask_mismatch", "backend", "importance", "tokens")
+            "importance_diff", "entropy_diff", "metric", "mask_mismatch", "sweep_loss_diff", "backend", "importance", "tokens")
     return [{"case": case.name, "kind": case.kind, "model": case.model.kind, "layers": case.model.layers,
              "heads": case.model.heads, "hidden": case.model.hidden, "mode": mode, "examples": case.examples,
              "seq": case.seq, "batch": case.batch, "dtype": case.mode_dtype(mode), "device": device.type,
@@ -775,7 +868,8 @@ def run_bench(cases: Sequence[BenchCase | str] | None = None, *, device=None, qu
     second), peak_mib (CUDA only), speedup_vs_reference / speedup_vs_sdpa (the other mode's seconds per pass
     over this one's, same run), importance_diff / entropy_diff (max relative difference of the raw importance /
     entropy tables from the reference loop's), metric, mask_mismatch (masking: heads whose kept mask differs
-    from the reference's), status ("ok", "error: ...", "todo: ..."), device_name, torch, transformers, triton,
+    from the reference's), sweep_loss_diff (sweep: max relative difference of the per-mask mean loss from the
+    naive loop's), status ("ok", "error: ...", "todo: ...", "skipped: ..."), device_name, torch, transformers, triton,
     date.
     """
     if cases is None or all(isinstance(case, str) for case in cases):
@@ -811,10 +905,12 @@ def format_table(rows: Sequence[dict]) -> str:
         f"{first['transformers']}, triton {first['triton']}, {first['date']}",
         "×ref / ×sdpa: speedup over the reference loop / frozen SDPA (seconds per pass, same run); Δimp / ΔH: "
         "max relative difference of raw importance / entropy from the reference loop; Δmask: heads whose final "
-        "masking mask differs from the reference's; peak: max CUDA memory allocated (MiB, absolute).",
+        "masking mask differs from the reference's; Δsweep: max relative difference of the per-mask mean loss from the naive "
+        "eager loop; peak: max CUDA memory allocated (MiB, absolute).",
         "",
-        "| case | mode | dtype | passes | s/pass | ex/s | peak MiB | ×ref | ×sdpa | Δimp | ΔH | Δmask | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | mode | dtype | passes | s/pass | ex/s | peak MiB | ×ref | ×sdpa | Δimp | ΔH | Δmask | Δsweep "
+        "| status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -822,7 +918,7 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{_fmt(row['s_per_pass'], '.4g')} | {_fmt(row['ex_per_s'], '.4g')} | {_fmt(row['peak_mib'], '.0f')} | "
             f"{_fmt(row['speedup_vs_reference'], '.2f')} | {_fmt(row['speedup_vs_sdpa'], '.2f')} | "
             f"{_fmt(row['importance_diff'], '.1e')} | {_fmt(row['entropy_diff'], '.1e')} | "
-            f"{_fmt(row['mask_mismatch'], 'd')} | {row['status']} |")
+            f"{_fmt(row['mask_mismatch'], 'd')} | {_fmt(row['sweep_loss_diff'], '.1e')} | {row['status']} |")
     return "\n".join(lines)
 
 
@@ -851,7 +947,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     """Parse ``argv``, run the benchmark, print the table last, append rows to ``--out``; return the rows."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # ``fastbertology bench -- --quick`` hands the separator through
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if not args.quick and device.type != "cuda":
+        parser.error("the full cases (BERT-base, GPT-2 small) need a CUDA GPU; use --quick on the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     compile_options = None
@@ -867,7 +971,7 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
             with open(args.out, "a") as file:
                 file.write(json.dumps(row) + "\n")
 
-    rows = run_bench(args.cases.split(",") if args.cases else None, device=args.device, quick=args.quick,
+    rows = run_bench(args.cases.split(",") if args.cases else None, device=device, quick=args.quick,
                      backend=args.backend, modes=args.modes.split(",") if args.modes else None,
                      compile_options=compile_options, warmup=not args.no_warmup, importance=args.importance,
                      time_budget=args.time_budget, on_row=on_row)
@@ -875,6 +979,15 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def exit_code(rows: Sequence[dict]) -> int:
+    """0 when every row is ok, a TODO hook or skipped by the time budget; 1 when a mode failed."""
+    return 0 if all(row["status"] == "ok" or row["status"].startswith(("todo", "skipped")) for row in rows) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry for ``fastbertology bench`` and ``python -m fastbertology.bench``: :func:`bench_main`, exit status."""
+    return exit_code(bench_main(argv))
+
+
 if __name__ == "__main__":
-    rows = bench_main()
-    sys.exit(0 if all(row["status"] == "ok" or row["status"].startswith(("todo", "skipped")) for row in rows) else 1)
+    sys.exit(main())
