@@ -108,9 +108,9 @@ def subset(examples: Sequence[Example], data_subset: int | None) -> Sequence[Exa
 class GlueTaskSpec:
     """Column layout of a GLUE task's dev TSV, as transformers' GLUE processors read it.
 
-    Columns are 0-based; negative counts from the end (``-1``: last column). ``labels`` is the processor's label
-    list (a label's id is its position); None for the regression task STS-B (float labels). The metric of each
-    task is :data:`fastbertology.tasks.GLUE_METRICS` (tasks stay independent of data loading).
+    Columns are 0-based; negative counts from the end (``-1``: last column). ``label_names`` is the processor's
+    label list (a label's id is its position); None for the regression task STS-B (float labels). The metric of
+    each task is :data:`fastbertology.tasks.GLUE_METRICS` (tasks stay independent of data loading).
     """
 
     dev_file: str
@@ -118,7 +118,7 @@ class GlueTaskSpec:
     pair_col: int | None
     label_col: int
     header: bool
-    labels: tuple[str, ...] | None
+    label_names: tuple[str, ...] | None
 
 
 GLUE_TASKS: dict[str, GlueTaskSpec] = {
@@ -157,8 +157,9 @@ def read_glue(data_dir, *, task: str, data_subset: int | None = None) -> Example
     if not path.is_file():
         raise FileNotFoundError(f"GLUE task {name!r}: {path} not found (expected the task's dev file in {data_dir})")
     needed = max(c if c >= 0 else -c - 1 for c in (spec.text_col, spec.pair_col or 0, spec.label_col)) + 1
-    label_ids = None if spec.labels is None else {label: i for i, label in enumerate(spec.labels)}
-    examples = ExampleList(label_names=None if spec.labels is None else list(spec.labels), source=str(path), task=name)
+    label_ids = None if spec.label_names is None else {label: i for i, label in enumerate(spec.label_names)}
+    examples = ExampleList(label_names=None if spec.label_names is None else list(spec.label_names), source=str(path),
+                           task=name)
     with open(path, encoding="utf-8-sig", newline="") as handle:
         rows = list(enumerate(csv.reader(handle, delimiter="\t", quotechar=None), start=1))
     if not rows:
@@ -180,7 +181,8 @@ def read_glue(data_dir, *, task: str, data_subset: int | None = None) -> Example
                 raise DataError(path, line, f"{name} label must be finite, got {raw_label!r}")
         else:
             if raw_label not in label_ids:
-                raise DataError(path, line, f"unknown {name} label {raw_label!r}; expected one of {list(spec.labels)}")
+                raise DataError(path, line,
+                                f"unknown {name} label {raw_label!r}; expected one of {list(spec.label_names)}")
             label = label_ids[raw_label]
         text_pair = None if spec.pair_col is None else row[spec.pair_col]
         examples.append(Example(text=row[spec.text_col], text_pair=text_pair, label=label))

@@ -103,6 +103,7 @@ def test_read_glue_columns(tmp_path, task):
 
 def test_glue_case_table_covers_every_task():
     assert set(GLUE_CASES) | {"mnli-mm"} == set(GLUE_TASKS)
+    assert [name for name, spec in GLUE_TASKS.items() if spec.label_names is None] == ["sts-b"]  # the regression task
 
 
 def test_read_glue_quotes_are_literal(tmp_path):
