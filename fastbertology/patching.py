@@ -165,11 +165,11 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
 
 def _key_padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                                attention_mask=None, **kwargs):
-    """Mask function registered with ``AttentionMaskInterface``: the 2-D padding mask, or None without padding."""
+    """Mask function registered with ``AttentionMaskInterface``: the 2-D padding mask ``[B, K]`` as given (no
+    check for "no padding at all": that would be a device-to-host sync and a graph break under torch.compile)."""
     if attention_mask is None:
         return None
-    attention_mask = attention_mask[:, -kv_length:]
-    return None if bool(attention_mask.all()) else attention_mask
+    return attention_mask[:, -kv_length:]
 
 
 def _register_implementation():
