@@ -137,9 +137,8 @@ class _ChunkedAttention(torch.autograd.Function):
                 probs_all[:, :, start:stop] = probs
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.causal, ctx.scale, ctx.chunk = causal, scale, chunk
-        ctx.mark_non_differentiable(lse, entropy, max_prob)
-        if probs_all is not None:
-            ctx.mark_non_differentiable(probs_all)
+        # one call: a second mark_non_differentiable would replace the first
+        ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs_all) if t is not None))
         return out, lse, entropy, max_prob, probs_all
 
     @staticmethod

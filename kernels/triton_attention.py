@@ -729,9 +729,8 @@ class _TritonAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o_saved, lse, mask_bh, key_padding_mask)
         ctx.causal, ctx.scale, ctx.o_is_unmasked = causal, scale, out_u is not None
         ctx.head_mask_shape = None if head_mask is None else (head_mask.dim(), head_mask.dtype)
-        ctx.mark_non_differentiable(lse, entropy, max_prob)
-        if probs is not None:
-            ctx.mark_non_differentiable(probs)
+        # one call: a second mark_non_differentiable would replace the first
+        ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs) if t is not None))
         return out, lse, entropy, max_prob, probs
 
     @staticmethod

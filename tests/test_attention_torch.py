@@ -90,8 +90,12 @@ def test_no_probabilities_unless_asked():
     assert stats.probs.shape == (1, 2, 5, 5)
 
 
-def test_statistics_carry_no_gradient_and_inputs_need_none():
-    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_statistics_carry_no_gradient(return_probs):
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+    out, stats = kernels.attention(q, k, v, backend="torch", return_probs=return_probs)
+    assert out.requires_grad
+    assert not any(t.requires_grad for t in stats if t is not None)
     with torch.no_grad():
         out, stats = kernels.attention(q, k, v, backend="torch")
     assert not out.requires_grad and not stats.entropy.requires_grad

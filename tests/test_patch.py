@@ -256,3 +256,30 @@ def test_four_d_attention_mask_is_refused(patched_bert):
     input_ids, _ = random_batch(2, 7)
     with pytest.raises(ValueError, match="2-D attention_mask"):
         model(input_ids, attention_mask=torch.zeros(2, 1, 7, 7, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------- Triton backend (interpreter)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_triton_backend_equals_torch_backend(model_type):
+    """The whole patched model on the Triton kernels (interpreter on CPU) against the PyTorch backend, float32."""
+    model, layers, heads = tiny_model(model_type, dtype=torch.float32)
+    input_ids, attention_mask = random_batch(2, 7, [7, 4])
+    mask = torch.rand(2, layers, heads, generator=torch.Generator().manual_seed(3))
+    mask[0, 1, 2] = 0.0
+    results = {}
+    for backend in ("torch", "triton"):
+        head_mask = mask.clone().requires_grad_(True)
+        with fastbertology.patch(model, backend=backend), fastbertology.record(model) as stats:
+            out = model(input_ids, attention_mask=attention_mask, head_mask=head_mask, output_attentions=True)
+            model_loss(model, out, input_ids, attention_mask).backward()
+        assert not stats.entropy().requires_grad
+        results[backend] = (out, head_mask.grad, stats.entropy(), stats.max_prob())
+    (torch_out, torch_grad, torch_entropy, torch_max), (out, grad, entropy, max_prob) = results.values()
+    keep = attention_mask.bool()
+    logits, torch_logits = (o.logits[keep] if o.logits.dim() == 3 else o.logits for o in (out, torch_out))
+    torch.testing.assert_close(logits, torch_logits, atol=2e-5, rtol=1e-4)
+    for ours, theirs in zip(out.attentions, torch_out.attentions):
+        torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, torch_grad, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(entropy, torch_entropy, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(max_prob, torch_max, atol=2e-6, rtol=1e-5)
