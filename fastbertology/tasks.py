@@ -309,13 +309,14 @@ class LanguageModelingTask(Task):
 
     def result(self, output, batch):
         logits = output.logits if hasattr(output, "logits") else output  # [B, N, V]
-        labels = self.targets(batch).to(logits.device)
-        shifted_logits = _at_least_float32(logits[:, :-1])  # [B, N-1, V]
-        shifted_labels = labels[:, 1:]  # [B, N-1]
-        token_mask = shifted_labels != -100
-        token_losses = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-                                       shifted_labels.reshape(-1), ignore_index=-100, reduction="none")
-        token_losses = token_losses.view(shifted_labels.shape)  # [B, N-1], 0 where ignored
+        batch_size, length, vocab = logits.shape
+        labels = self.targets(batch).to(logits.device)  # [B, N]
+        # Shift the labels, not the logits (no copy of the [B, N, V] logits): position t predicts token t+1.
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], the last position predicts nothing
+        token_losses = F.cross_entropy(_at_least_float32(logits).reshape(-1, vocab), shifted.reshape(-1),
+                                       ignore_index=-100, reduction="none")
+        token_losses = token_losses.view(batch_size, length)[:, :-1]  # [B, N-1], 0 where ignored
+        token_mask = shifted[:, :-1] != -100  # [B, N-1]
         counts = token_mask.sum(-1)  # [B]
         example_losses = token_losses.sum(-1) / counts.clamp(min=1)
         loss = token_losses.sum() / counts.sum().clamp(min=1)
