@@ -16,6 +16,7 @@ and retrieval states are sums. A task may define ``merge_metric_states(states) -
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -66,13 +67,17 @@ def init_from_env(*, device: str | None = None, backend: str | None = None) -> b
 
 @contextlib.contextmanager
 def session(*, device: str | None = None):
-    """Initialise from the environment for the duration of the block (and tear down only what it started)."""
-    started = init_from_env(device=device)
-    try:
-        yield is_distributed()
-    finally:
-        if started and dist.is_initialized():
-            dist.destroy_process_group()
+    """Initialise from the environment if needed (see :func:`init_from_env`) and yield whether the run is
+    distributed. The process group is kept for the life of the process and destroyed at exit: destroying and
+    re-initialising it within one torchrun worker races with the other workers (gloo "connection reset")."""
+    if init_from_env(device=device):
+        atexit.register(_destroy_at_exit)
+    yield is_distributed()
+
+
+def _destroy_at_exit():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
