@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Python's documentation (offline, CPU, ~2 min)")
     _add_common(demo, data_required=False)
     _add_masking(demo)
-    demo.add_argument("--pairs", type=int, default=256, help="number of (query, passage) pairs")
+    demo.add_argument("--pairs", type=int, default=128, help="number of (query, passage) pairs")
     demo.set_defaults(handler=run_demo, batch_size=64, group_size=32, max_seq_length=128, task="retrieval",
                       importance="per_example")
 
@@ -416,9 +416,9 @@ def run_demo(args) -> int:
     started = time.perf_counter()
     output = _output_dir(args)
     model_path = args.model or minilm_path()
-    _say(args, f"fastbertology demo: pretrained MiniLM ({model_path})\nTask: retrieve the rest of a paragraph of "
-               f"Python's own documentation from its first sentence, among {args.group_size} candidates "
-               f"(chance = {1 / args.group_size:.3f})")
+    _say(args, f"fastbertology demo: pretrained MiniLM ({model_path})\nTask: given the first sentence of a paragraph "
+               f"of Python's own documentation, find the sentences that follow it among {args.group_size} "
+               f"candidates (chance = {1 / args.group_size:.3f})")
     run = setup(args, examples=demo_pairs(args.pairs), model_path=model_path)
     summary = _new_summary(args, run)
     _say(args, f"{run.examples} pairs, {len(run.batches)} batches, device {run.description['device']}, "
