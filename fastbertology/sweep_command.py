@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .outputs import OutputDirectoryError, prepare_output_dir, write_bytes_atomic, write_json, write_npy
+from .outputs import OutputDirectoryError, prepare_output_dir, write_bytes_atomic, write_npy
 
 CHECKPOINT = "sweep_checkpoint.json"
 CHECKPOINT_FORMAT = "fastbertology-sweep-checkpoint"
@@ -101,7 +101,8 @@ def decode_state(payload: dict):
     from .sweeps import SweepState
 
     return SweepState(steps_done=payload["steps_done"], states=decode_value(payload["states"]),
-                      loss_sums=decode_value(payload["loss_sums"]), baseline_state=decode_value(payload["baseline_state"]),
+                      loss_sums=decode_value(payload["loss_sums"]),
+                      baseline_state=decode_value(payload["baseline_state"]),
                       baseline_loss_sum=decode_value(payload["baseline_loss_sum"]), batches=payload["batches"])
 
 
@@ -155,7 +156,7 @@ def _on_main(function):
     if distributed.is_main():
         try:
             outcome = ("ok", function())
-        except (OutputDirectoryError, ValueError, RuntimeError, FileNotFoundError) as error:
+        except (OutputDirectoryError, ValueError, RuntimeError, OSError) as error:
             outcome = ("error", type(error), str(error))
     outcome = distributed.broadcast_object(outcome)
     if outcome[0] == "error":
@@ -219,15 +220,15 @@ def run_sweep(args) -> int:
     from .sweeps import ablation_sweep, steps_for
 
     started = time.perf_counter()
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+    if args.masks_per_pass is not None and args.masks_per_pass < 1:
+        raise ValueError(f"--masks-per-pass must be positive, got {args.masks_per_pass}")
     output = _on_main(lambda: _prepare_output(args))
     run = cli.setup(args)
     agreement = distributed.check_agreement(run.model, run.batches)
     kind, masks = _on_main(lambda: _load_masks(args, run.model))
-    if args.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     masks_per_pass = args.masks_per_pass or masks.shape[2]
-    if masks_per_pass < 1:
-        raise ValueError(f"--masks-per-pass must be positive, got {masks_per_pass}")
     fingerprint = _fingerprint(args, run, masks, kind, agreement, masks_per_pass)
     total_batches = len(run.batches)
     steps = steps_for(total_batches, distributed.world_size())

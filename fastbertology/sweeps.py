@@ -182,12 +182,14 @@ def plan_passes(masks: torch.Tensor, masks_per_pass: int, *, reuse_prefix: bool)
         raise ValueError(f"masks_per_pass must be positive, got {masks_per_pass}")
     count, num_layers = masks.shape[0], masks.shape[1]
     if not reuse_prefix:
-        return [MaskPass(0, tuple(range(i, min(i + masks_per_pass, count)))) for i in range(0, count, masks_per_pass)], []
+        chunks = range(0, count, masks_per_pass)
+        return [MaskPass(0, tuple(range(i, min(i + masks_per_pass, count)))) for i in chunks], []
     starts = first_masked_layer(masks).tolist()
     passes = []
     for layer in range(num_layers):
         members = [m for m in range(count) if starts[m] == layer]
-        passes += [MaskPass(layer, tuple(members[i:i + masks_per_pass])) for i in range(0, len(members), masks_per_pass)]
+        chunks = range(0, len(members), masks_per_pass)
+        passes += [MaskPass(layer, tuple(members[i:i + masks_per_pass])) for i in chunks]
     return passes, [m for m in range(count) if starts[m] == num_layers]
 
 
@@ -341,7 +343,8 @@ class SweepResult:
         return self.scores - self.baseline_score
 
     def table(self, values: torch.Tensor | None = None) -> torch.Tensor:
-        """``values`` (default: :attr:`delta`) ``[M]`` shaped by kind: heads ``[L, H]``, layers ``[L]``, masks ``[M]``."""
+        """``values`` (default: :attr:`delta`) ``[M]`` shaped by kind: heads ``[L, H]``, layers ``[L]``,
+        masks ``[M]``."""
         values = self.delta if values is None else values
         if self.kind == "heads":
             return values.view(self.masks.shape[1], self.masks.shape[2])
@@ -542,7 +545,8 @@ def benchmark_sweep(model, batches: Sequence[dict], task, *, kind="heads", masks
                                                            reuse_prefix=False))
     prefix_seconds, prefix = best(lambda: evaluate_masks(model, batches, task, masks, masks_per_pass=masks_per_pass,
                                                          reuse_prefix=True))
-    difference = max(float((batched.scores - naive_scores).abs().max()), float((prefix.scores - naive_scores).abs().max()))
+    difference = max(float((batched.scores - naive_scores).abs().max()),
+                     float((prefix.scores - naive_scores).abs().max()))
     return {
         "kind": kind, "masks": len(masks), "batches": len(batches), "masks_per_pass": masks_per_pass or masks.shape[2],
         "naive_seconds": naive_seconds, "batched_seconds": batched_seconds, "prefix_batched_seconds": prefix_seconds,

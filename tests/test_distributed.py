@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -52,8 +51,8 @@ def test_merged_states_equal_single_accumulation():
     generator = torch.Generator().manual_seed(0)
     # regression: means and co-moments are not sums
     task = RegressionTask()
-    pieces = [(SimpleNamespace(logits=torch.randn(n, generator=generator)), {"labels": torch.randn(n, generator=generator)})
-              for n in (3, 5, 1, 4)]
+    pieces = [(SimpleNamespace(logits=torch.randn(n, generator=generator)),
+               {"labels": torch.randn(n, generator=generator)}) for n in (3, 5, 1, 4)]
     whole = _accumulate(task, pieces)
     parts = [_accumulate(task, pieces[0::2]), _accumulate(task, pieces[1::2]), task.metric_state()]
     merged = distributed.merge_metric_states(task, parts)

@@ -1,6 +1,5 @@
 """Ablation sweeps: batched per-example masks and prefix reuse against one mask at a time; resume; the CLI."""
 
-import copy
 import json
 import os
 import subprocess
