@@ -274,17 +274,15 @@ def _importance_step(args, run, output: Path, summary: dict):
 
 
 def _masking_step(args, run, output: Path, summary: dict, initial=None):
+    from .distributed import analysis_reducer
     from .masking import iterative_masking
     from .plots import masking_curve
 
-    from .distributed import analyses_reduced
-
     started = time.perf_counter()
-    with analyses_reduced(run.model, run.task):
-        result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
-                                   masking_threshold=args.masking_threshold,
-                                   progress=not args.no_progress and output is not None,
-                                   initial=initial, **_analysis_options(args))
+    result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
+                               masking_threshold=args.masking_threshold,
+                               progress=not args.no_progress and output is not None, initial=initial,
+                               reduce=analysis_reducer(run.model, run.task), **_analysis_options(args))
     seconds = time.perf_counter() - started
     if output is None:  # not rank 0
         return result

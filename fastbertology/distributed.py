@@ -31,7 +31,7 @@ __all__ = [
     "init_from_env", "session", "is_distributed", "rank", "world_size", "is_main", "barrier", "shard",
     "all_reduce_sum", "all_gather_objects", "broadcast_object", "merge_metric_states", "reduce_metric_state",
     "analysis_reducer", "sweep_reducer", "model_fingerprint", "data_fingerprint", "check_agreement",
-    "DistributedMismatchError", "shard_checked", "analyses_reduced", "env_world_size",
+    "DistributedMismatchError", "shard_checked", "env_world_size",
 ]
 
 
@@ -378,25 +378,3 @@ def shard_checked(model, batches: Sequence[dict]) -> list:
         return list(batches)
     check_agreement(model, batches)
     return shard(batches)
-
-
-@contextlib.contextmanager
-def analyses_reduced(model, task):
-    """Inside the block, :func:`fastbertology.masking.iterative_masking`'s calls of ``analyze_heads`` sum over
-    all processes (``reduce=``:func:`analysis_reducer`). A stop-gap until ``iterative_masking`` takes ``reduce=``
-    itself: it swaps the name ``analyze_heads`` in :mod:`fastbertology.masking` and restores it in ``finally``.
-    Does nothing when not distributed."""
-    reducer = analysis_reducer(model, task)
-    if reducer is None:
-        yield
-        return
-    import functools
-
-    from . import masking
-
-    original = masking.analyze_heads
-    masking.analyze_heads = functools.partial(original, reduce=reducer)
-    try:
-        yield
-    finally:
-        masking.analyze_heads = original
