@@ -353,6 +353,7 @@ def _finish(args, output: Path, summary: dict, started: float):
     summary["seconds_total"] = time.perf_counter() - started
     write_json(output / "summary.json", summary)
     _say(args, f"\nOutputs in {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})")
+    _say(args, f"Total {summary['seconds_total']:.0f} s")
 
 
 def _new_summary(args, run) -> dict:
@@ -361,49 +362,49 @@ def _new_summary(args, run) -> dict:
             "date": datetime.now().isoformat(timespec="seconds")}
 
 
-def run_importance(args) -> int:
+def _run_command(args, steps, *, data_parallel: bool = False, examples=None, model_path=None) -> int:
+    """Prepare the output directory, set up model, data and task, run ``steps(run, output, summary)``, write the
+    summary. ``data_parallel``: under torchrun, each process takes its shard of the batches."""
     from .distributed import shard_checked
 
     started = time.perf_counter()
     output = _output_dir(args)
-    run = setup(args)
-    run.batches = shard_checked(run.model, run.batches)
+    run = setup(args, examples=examples, model_path=model_path)
+    if data_parallel:
+        run.batches = shard_checked(run.model, run.batches)
     summary = _new_summary(args, run)
-    _importance_step(args, run, output, summary)
+    steps(run, output, summary)
     _finish(args, output, summary, started)
     return 0
+
+
+def _importance_and_masking(args, run, output, summary):
+    analysis = _importance_step(args, run, output, summary)
+    return _masking_step(args, run, output, summary, initial=analysis)
+
+
+def run_importance(args) -> int:
+    return _run_command(args, lambda run, output, summary: _importance_step(args, run, output, summary),
+                        data_parallel=True)
 
 
 def run_mask(args) -> int:
-    from .distributed import shard_checked
-
-    started = time.perf_counter()
-    output = _output_dir(args)
-    run = setup(args)
-    run.batches = shard_checked(run.model, run.batches)
-    summary = _new_summary(args, run)
-    analysis = _importance_step(args, run, output, summary)
-    _masking_step(args, run, output, summary, initial=analysis)
-    _finish(args, output, summary, started)
-    return 0
+    return _run_command(args, lambda run, output, summary: _importance_and_masking(args, run, output, summary),
+                        data_parallel=True)
 
 
 def run_prune(args) -> int:
     import numpy as np
 
-    started = time.perf_counter()
-    output = _output_dir(args)
-    run = setup(args)
-    summary = _new_summary(args, run)
-    if args.head_mask:
-        head_mask = np.load(args.head_mask, allow_pickle=False)
-        summary["head_mask_file"] = args.head_mask
-    else:
-        analysis = _importance_step(args, run, output, summary)
-        head_mask = _masking_step(args, run, output, summary, initial=analysis).head_mask
-    _pruning_step(args, run, head_mask, output, summary)
-    _finish(args, output, summary, started)
-    return 0
+    def steps(run, output, summary):
+        if args.head_mask:
+            head_mask = np.load(args.head_mask, allow_pickle=False)
+            summary["head_mask_file"] = args.head_mask
+        else:
+            head_mask = _importance_and_masking(args, run, output, summary).head_mask
+        _pruning_step(args, run, head_mask, output, summary)
+
+    return _run_command(args, steps)
 
 
 def run_demo(args) -> int:
@@ -411,22 +412,18 @@ def run_demo(args) -> int:
     from .loading import minilm_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
-    output = _output_dir(args)
     model_path = args.model or minilm_path()
     _say(args, f"fastbertology demo: pretrained MiniLM ({model_path})\nTask: given the first sentence of a paragraph "
                f"of Python's own documentation, find the sentences that follow it among {args.group_size} "
                f"candidates (chance = {1 / args.group_size:.3f})")
-    run = setup(args, examples=demo_pairs(args.pairs), model_path=model_path)
-    summary = _new_summary(args, run)
-    _say(args, f"{run.examples} pairs, {len(run.batches)} batches, device {run.description['device']}, "
-               f"backend {run.model._fastbertology_state.backend}\n")
-    analysis = _importance_step(args, run, output, summary)
-    result = _masking_step(args, run, output, summary, initial=analysis)
-    _pruning_step(args, run, result.head_mask, output, summary)
-    _finish(args, output, summary, started)
-    _say(args, f"Total {summary['seconds_total']:.0f} s")
-    return 0
+
+    def steps(run, output, summary):
+        _say(args, f"{run.examples} pairs, {len(run.batches)} batches, device {run.description['device']}, "
+                   f"backend {run.model._fastbertology_state.backend}\n")
+        result = _importance_and_masking(args, run, output, summary)
+        _pruning_step(args, run, result.head_mask, output, summary)
+
+    return _run_command(args, steps, examples=demo_pairs(args.pairs), model_path=model_path)
 
 
 def main(argv=None) -> int:
