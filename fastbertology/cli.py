@@ -442,7 +442,7 @@ def main(argv=None) -> int:
                              "as a single process")
         with distributed.session(device=getattr(args, "device", None)):
             return args.handler(args)
-    except (OutputDirectoryError, ValueError, RuntimeError, FileNotFoundError) as error:
+    except (OutputDirectoryError, ValueError, RuntimeError, OSError) as error:
         print(f"fastbertology {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -58,7 +58,8 @@ def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dt
 
     from .pruning import load_pruned
 
-    looks_local = str(name_or_path).startswith((".", "/", "~")) or os.path.sep in str(name_or_path).rstrip("/")[1:-1]
+    # "org/name" is a hub name; a path that starts like one (/, ./, ~) must be a directory here
+    looks_local = str(name_or_path).startswith((".", os.path.sep, "~"))
     if looks_local and not os.path.isdir(os.path.expanduser(str(name_or_path))):
         raise ValueError(f"model directory {name_or_path} does not exist")
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
