@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .outputs import OutputDirectoryError, prepare_output_dir, write_json, write_npy
+from .outputs import OutputDirectoryError, check_output_dir, prepare_output_dir, write_json, write_npy
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,13 +230,17 @@ def _say(args, text=""):
 # --------------------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------------------
-def _output_dir(args) -> Path | None:
+def _output_dir(args, *, create: bool = True) -> Path | None:
+    """The command's output directory (rank 0 only; None elsewhere). ``create=False`` only checks it, so that a
+    run that fails while loading leaves no empty directory behind."""
     from .distributed import is_main
 
     if not is_main():  # under torchrun only rank 0 writes
         return None
-    path = args.output_dir or os.path.join("runs", f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}")
-    return prepare_output_dir(path, overwrite=args.overwrite)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}")
+    prepare = prepare_output_dir if create else check_output_dir
+    return prepare(args.output_dir, overwrite=args.overwrite)
 
 
 def _analysis_options(args) -> dict:
@@ -368,10 +372,11 @@ def _run_command(args, steps, *, data_parallel: bool = False, examples=None, mod
     from .distributed import shard_checked
 
     started = time.perf_counter()
-    output = _output_dir(args)
+    _output_dir(args, create=False)  # fail fast, before the slow setup
     run = setup(args, examples=examples, model_path=model_path)
     if data_parallel:
         run.batches = shard_checked(run.model, run.batches)
+    output = _output_dir(args)
     summary = _new_summary(args, run)
     steps(run, output, summary)
     _finish(args, output, summary, started)

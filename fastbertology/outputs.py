@@ -15,14 +15,20 @@ class OutputDirectoryError(ValueError):
     """The output directory exists and is not empty, and overwriting was not asked for."""
 
 
-def prepare_output_dir(path, *, overwrite: bool) -> Path:
-    """Create ``path`` if needed. A non-empty directory is refused unless ``overwrite`` (files are replaced
-    one by one as results are written; nothing is deleted)."""
+def check_output_dir(path, *, overwrite: bool) -> Path:
+    """Refuse a path that is not a directory, or a non-empty directory unless ``overwrite`` (files are then
+    replaced one by one as results are written; nothing is deleted). Creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputDirectoryError(f"output path {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OutputDirectoryError(f"output directory {path} is not empty; pass --overwrite to replace its results")
+    return path
+
+
+def prepare_output_dir(path, *, overwrite: bool) -> Path:
+    """:func:`check_output_dir`, then create the directory if needed."""
+    path = check_output_dir(path, overwrite=overwrite)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

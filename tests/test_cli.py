@@ -180,6 +180,7 @@ def test_missing_model_directory(tmp_path, capsys):
     err = _error(capsys, "importance", "--model", tmp_path / "nope", "--data", write_csv(tmp_path / "d.csv"),
                  "--output-dir", tmp_path / "o")
     assert "does not exist" in err
+    assert not (tmp_path / "o").exists()  # a run that fails while loading leaves no empty output directory
 
 
 def test_long_sequences_are_truncated_with_a_warning(classifier, tmp_path):
