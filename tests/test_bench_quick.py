@@ -13,30 +13,16 @@ import torch
 from fastbertology import bench, patch
 from fastbertology.batching import (bucketed_batches, collate, example_lengths, length_bucketed_order,
                                     padded_batches)
+from conftest import single_thread
 from fastbertology.importance import analyze_heads
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models are much faster single-threaded on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """Every quick case through the command-line entry (rows appended to a JSON-lines file)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("bench") / "rows.jsonl"
-    try:
+    with single_thread():
         rows = bench.bench_main(["--quick", "--device", "cpu", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
     return rows, out
 
 

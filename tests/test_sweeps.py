@@ -29,12 +29,7 @@ from cli_models import save_tiny_classifier, write_csv  # noqa: E402
 from models import MODEL_TYPES, random_batch, tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LENGTHS = [[9, 5, 7], [6, 6], [8, 3, 8, 1]]
