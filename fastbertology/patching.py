@@ -12,6 +12,7 @@ reads its slice. Everything is undone by :meth:`PatchHandle.remove`.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +52,8 @@ def _openai_heads(module):
 class ModelSpec:
     """How to find a model type's self-attention modules and read their head counts."""
 
-    attention_modules: callable
-    heads: callable
+    attention_modules: Callable[[torch.nn.Module], list]  # base model -> self-attention module of every layer
+    heads: Callable[[torch.nn.Module], int]  # attention module -> its current number of heads
     uses_attention_interface: bool
 
 
