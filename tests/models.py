@@ -29,10 +29,12 @@ HEADS = 4
 HIDDEN = 32  # head dim 8
 
 
-def tiny_model(model_type: str, *, seed: int = 0, dtype=torch.float64):
+def tiny_model(model_type: str, *, seed: int = 0, dtype=torch.float64, attn_implementation: str | None = None):
     """A tiny randomly initialised model in eval mode. Returns ``(model, num_layers, num_heads)``."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB)
+    if attn_implementation is not None:
+        common["attn_implementation"] = attn_implementation
     if model_type == "bert":
         config = BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                             intermediate_size=48, max_position_embeddings=64, num_labels=3, **common)

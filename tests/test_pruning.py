@@ -16,23 +16,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForSequenceClassification,
-    BertConfig,
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertModel,
-    GPT2Config,
     GPT2LMHeadModel,
-    OpenAIGPTConfig,
-    OpenAIGPTLMHeadModel,
-    RobertaConfig,
-    RobertaForMaskedLM,
 )
 
+import models
 from fastbertology.pruning import count_parameters, heads_to_prune_from_mask, load_pruned, prune_heads
 
-LAYERS, HEADS, HIDDEN = 3, 4, 32
+LAYERS, HEADS, HIDDEN, VOCAB = models.LAYERS, models.HEADS, models.HIDDEN, models.VOCAB
 HEAD_DIM = HIDDEN // HEADS
-VOCAB = 97
 MODEL_TYPES = ["bert", "roberta", "gpt2", "openai-gpt"]
 # Per pruned head: Q, K, V weight rows [d, D] and biases [d], plus the output projection's input columns [D, d].
 PARAMS_PER_HEAD = 4 * HIDDEN * HEAD_DIM + 3 * HEAD_DIM
@@ -42,30 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(model_type: str, *, attn_implementation: str | None = None, seed: int = 0) -> torch.nn.Module:
-    """A tiny random float64 model in eval mode (3 layers x 4 heads, hidden 32)."""
-    torch.manual_seed(seed)
-    if model_type == "bert":
-        config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                            num_attention_heads=HEADS, intermediate_size=48, max_position_embeddings=40,
-                            num_labels=3)
-        cls = BertForSequenceClassification
-    elif model_type == "roberta":
-        config = RobertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, intermediate_size=48, max_position_embeddings=40,
-                               pad_token_id=1)
-        cls = RobertaForMaskedLM
-    elif model_type == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=40,
-                            bos_token_id=0, eos_token_id=0)
-        cls = GPT2LMHeadModel
-    elif model_type == "openai-gpt":
-        config = OpenAIGPTConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=40)
-        cls = OpenAIGPTLMHeadModel
-    else:
-        raise ValueError(model_type)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    return cls(config).to(torch.float64).eval()
+    """A tiny random float64 model in eval mode (3 layers x 4 heads, hidden 32): :func:`models.tiny_model`."""
+    return models.tiny_model(model_type, seed=seed, attn_implementation=attn_implementation)[0]
 
 
 def batch(lengths=(7, 5, 2), *, seed: int = 1) -> dict[str, torch.Tensor]:
