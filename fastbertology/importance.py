@@ -52,6 +52,11 @@ def require_patched(model) -> None:
         )
 
 
+def examples_in(task, batch: dict) -> int:
+    """Number of examples in ``batch``: the rows of ``input_ids``, else what ``task.batch_size`` says."""
+    return len(batch["input_ids"]) if "input_ids" in batch else task.batch_size(batch)
+
+
 def full_head_mask(model, *, dtype=torch.float32) -> torch.Tensor:
     """A ``[L, H]`` mask of ones on the model's device (every layer must have the same number of heads)."""
     counts = heads_per_layer(model)
@@ -113,7 +118,7 @@ def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tens
     loss_sum, batches_seen, examples = 0.0, 0, 0
     with frozen_parameters(model), record(model) as stats:
         for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
-            size = len(batch["input_ids"]) if "input_ids" in batch else task.batch_size(batch)
+            size = examples_in(task, batch)
             if importance == "per_example":
                 mask = base_mask.expand(size, *base_mask.shape).clone().requires_grad_(True)  # [B, L, H]
             else:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .importance import require_patched
+from .importance import examples_in, require_patched
 from .patching import heads_per_layer
 from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
 
@@ -56,10 +56,6 @@ SWEEP_KINDS = ("heads", "layers")
 # --------------------------------------------------------------------------------------------------------------
 # Replicating a batch k times and splitting the output: a dispatch keyed by task class
 # --------------------------------------------------------------------------------------------------------------
-def _batch_size(task, batch: dict) -> int:
-    return len(batch["input_ids"]) if "input_ids" in batch else task.batch_size(batch)
-
-
 def _replicate_rows(batch: dict, k: int, size: int) -> dict:
     """Every tensor whose first dimension is the batch size ``size`` tiled k times along it (copy j = rows
     ``j*size .. (j+1)*size - 1``); other entries unchanged."""
@@ -129,7 +125,7 @@ def replicate_batch(task, batch: dict, k: int) -> dict:
     :func:`split_output`, and call ``task.result(output_j, batch)`` with the *original* batch."""
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
-    return _replication(task).replicate(batch, k, _batch_size(task, batch))
+    return _replication(task).replicate(batch, k, examples_in(task, batch))
 
 
 def split_output(task, output, k: int) -> list:
@@ -385,7 +381,7 @@ def _accumulate(task, state: SweepState, index, output, batch):
 
 
 def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reuse_prefix: bool):
-    size = _batch_size(task, batch)
+    size = examples_in(task, batch)
     if reuse_prefix:
         with _capture_layer_inputs(model, {p.start for p in passes}) as (captured, output_kinds):
             output = task.forward(model, batch)
