@@ -7,10 +7,22 @@ OpenAI GPT has a legacy ``Attention`` module with its own ``_attn``: its instanc
 ``model(..., head_mask=m)`` is intercepted by a forward pre-hook on the model (and on its base model), which
 validates the mask and keeps it for the duration of the call; each attention module knows its layer index and
 reads its slice. Everything is undone by :meth:`PatchHandle.remove`.
+
+**Padding-free execution** (on by default, ``patch(model, padding_free=False)`` turns it off). When a call has a
+right-padded 2-D ``attention_mask`` with padding in it, the layers run on the real tokens only: a pre-hook on the
+first transformer layer gathers the ``T`` real tokens of the ``[B, N, D]`` hidden states into one packed stream
+``[1, T, D]``, every layer (linear layers, layer norms, MLP, attention: forward and backward) works on that stream,
+attention stays within each sequence through :class:`~fastbertology.kernels.Packing`, and a hook on the last
+layer scatters the result back to ``[B, N, D]``. Embeddings (a lookup), the final layer norm and the task head see
+the usual padded shapes; hidden states at padding positions are zero instead of the values stock transformers
+computes there (which no loss reads: they are padding). Calls that ask for ``output_attentions`` or
+``output_hidden_states`` (they return per-position tensors), or that build a cache for generation, run padded,
+exactly as before.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +40,33 @@ IMPLEMENTATION_NAME = "fastbertology"
 # --------------------------------------------------------------------------------------------------------------
 # Which modules are the attention layers of each supported model type
 # --------------------------------------------------------------------------------------------------------------
+def _bert_layers(base):
+    return base.encoder.layer
+
+
+def _gpt_layers(base):
+    return base.h
+
+
 def _bert_attention_modules(base):
     return [layer.attention.self for layer in base.encoder.layer]
 
 
 def _gpt_attention_modules(base):
     return [block.attn for block in base.h]
+
+
+def _decoder_cache(config) -> bool:
+    """BERT-like models build a cache only as decoders."""
+    return bool(getattr(config, "is_decoder", False))
+
+
+def _always_cache(config) -> bool:
+    return True
+
+
+def _never_cache(config) -> bool:
+    return False
 
 
 def _bert_heads(module):
@@ -52,16 +85,18 @@ def _openai_heads(module):
 class ModelSpec:
     """How to find a model type's self-attention modules and read their head counts."""
 
+    layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # base model -> its transformer layers (blocks)
     attention_modules: Callable[[torch.nn.Module], list]  # base model -> self-attention module of every layer
     heads: Callable[[torch.nn.Module], int]  # attention module -> its current number of heads
     uses_attention_interface: bool
+    builds_cache: Callable[[object], bool]  # config -> whether use_cache (its default) builds a generation cache
 
 
 MODEL_SPECS = {
-    "bert": ModelSpec(_bert_attention_modules, _bert_heads, True),
-    "roberta": ModelSpec(_bert_attention_modules, _bert_heads, True),
-    "gpt2": ModelSpec(_gpt_attention_modules, _gpt2_heads, True),
-    "openai-gpt": ModelSpec(_gpt_attention_modules, _openai_heads, False),
+    "bert": ModelSpec(_bert_layers, _bert_attention_modules, _bert_heads, True, _decoder_cache),
+    "roberta": ModelSpec(_bert_layers, _bert_attention_modules, _bert_heads, True, _decoder_cache),
+    "gpt2": ModelSpec(_gpt_layers, _gpt_attention_modules, _gpt2_heads, True, _always_cache),
+    "openai-gpt": ModelSpec(_gpt_layers, _gpt_attention_modules, _openai_heads, False, _never_cache),
 }
 
 
@@ -80,6 +115,11 @@ def attention_modules(model) -> list:
     return model_spec(model).attention_modules(model.base_model)
 
 
+def transformer_layers(model) -> torch.nn.ModuleList:
+    """The transformer layers (blocks) of ``model``, in order."""
+    return model_spec(model).layers(model.base_model)
+
+
 def heads_per_layer(model) -> list[int]:
     """Current number of heads of every layer (pruned layers may have fewer)."""
     spec = model_spec(model)
@@ -89,12 +129,53 @@ def heads_per_layer(model) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 # Per-model state and the shared attention path
 # --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedBatch:
+    """How one call's right-padded batch ``[B, N]`` maps to the packed stream of its ``T`` real tokens."""
+
+    index: torch.Tensor  # [T] long: the flat position b * N + n of every real token, in order
+    batch: int  # B
+    seq: int  # N
+    packing: kernels.Packing  # the sequences (one per example, some possibly empty) of the stream
+
+    @property
+    def total(self) -> int:
+        return self.packing.total
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, N, ...]`` -> ``[1, T, ...]`` (the real tokens, in order)."""
+        flat = hidden.reshape(self.batch * self.seq, *hidden.shape[2:])
+        return flat.index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, T, ...]`` -> ``[B, N, ...]`` with zeros at the padding positions (differentiable)."""
+        flat = packed.new_zeros(self.batch * self.seq, *packed.shape[2:])
+        return flat.index_copy(0, self.index, packed[0]).view(self.batch, self.seq, *packed.shape[2:])
+
+
+def plan_packing(attention_mask: torch.Tensor) -> PackedBatch | None:
+    """A :class:`PackedBatch` for a right-padded 2-D ``attention_mask [B, N]`` (1 = token) that has padding in it;
+    None when there is no padding, no token at all, or the padding is not on the right (left padding or holes:
+    positions that stock heads may read, e.g. BERT's pooler reads position 0). Reads the mask on the host once."""
+    keep = attention_mask.detach().to("cpu", torch.bool)
+    batch, seq = keep.shape
+    lengths = keep.sum(1)
+    total = int(lengths.sum())
+    if total == batch * seq or total == 0:
+        return None
+    if not torch.equal(keep, torch.arange(seq)[None, :] < lengths[:, None]):
+        return None
+    index = keep.flatten().nonzero().squeeze(1).to(attention_mask.device)
+    return PackedBatch(index, batch, seq, kernels.Packing.from_lengths(lengths.tolist(), attention_mask.device))
+
+
 @dataclass
 class _CallContext:
     """What one forward call of the model asked for."""
 
     head_mask: torch.Tensor | None = None  # [L, H] or [B, L, H]
     output_attentions: bool = False
+    packed: PackedBatch | None = None  # the layers run padding-free on this packing
 
 
 @dataclass
@@ -102,13 +183,15 @@ class PatchState:
     model: torch.nn.Module
     backend: str
     num_layers: int
+    padding_free: bool = True
     recorders: list = field(default_factory=list)
     context: _CallContext = field(default_factory=_CallContext)
     depth: int = 0
 
     def attend(self, layer, module, query, key, value, key_padding_mask, *, causal, scale, dropout,
                output_attentions):
-        """Run one layer's attention. q, k, v ``[B, H, N, D]`` -> ``(out [B, N, H, D], probs [B, H, N, N] or None)``.
+        """Run one layer's attention. q, k, v ``[B, H, N, D]`` (packed: ``[1, H, T, D]``) -> ``(out [B, N, H, D],
+        probs [B, H, N, N] or None)``. ``key_padding_mask`` is ignored for packed calls (they have no padding).
 
         ``probs`` are the post-softmax probabilities times the head mask, as transformers 4.x returned them.
         """
@@ -117,23 +200,25 @@ class PatchState:
                 "fastbertology does not implement attention dropout: call model.eval() (the analyses run in eval "
                 "mode), or set the config's attention dropout probability to 0 for training"
             )
-        batch, heads = query.shape[:2]
+        packed = self.context.packed
+        heads = query.shape[1]
+        batch = packed.batch if packed is not None else query.shape[0]
         mask = layer_head_mask(self.context.head_mask, layer, batch)
         if heads == 0:  # every head of this layer was pruned
             return query.new_zeros(query.shape).transpose(1, 2), None
+        if packed is not None:
+            out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
+                                           packing=packed.packing, backend=self.backend)
+            for recorder in self.recorders:
+                recorder.add(layer, stats.entropy, stats.max_prob, None)
+            return out.transpose(1, 2), None
         out, stats = kernels.attention(
             query, key, value, head_mask=mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
             return_probs=output_attentions, backend=self.backend,
         )
         for recorder in self.recorders:
             recorder.add(layer, stats.entropy, stats.max_prob, key_padding_mask)
-        probs = None
-        if output_attentions:
-            probs = stats.probs
-            if mask is not None:
-                probs = probs * kernels.reference.expand_head_mask(mask, batch, heads)[:, :, None, None]
-            probs = probs.to(query.dtype)
-        return out.transpose(1, 2), probs
+        return out.transpose(1, 2), stats.probs
 
 
 def _key_padding_from_2d(attention_mask, n_keys):
@@ -157,8 +242,9 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
             "prepare (cross-attention is not supported); patch the model with fastbertology.patch(model)"
         )
     state, layer = binding
+    key_padding_mask = None if state.context.packed is not None else _key_padding_from_2d(attention_mask, key.shape[2])
     return state.attend(
-        layer, module, query, key, value, _key_padding_from_2d(attention_mask, key.shape[2]),
+        layer, module, query, key, value, key_padding_mask,
         causal=bool(getattr(module, "is_causal", False)), scale=scaling, dropout=dropout,
         output_attentions=state.context.output_attentions,
     )
@@ -186,7 +272,7 @@ def _openai_attention_forward(self, x, attention_mask=None, output_attentions=Fa
     # [B, N, H*D] -> [B, H, N, D]
     query, key, value = (t.view(batch, seq, self.n_head, -1).transpose(1, 2) for t in (query, key, value))
     key_padding_mask = None
-    if attention_mask is not None:  # additive [B, 1, 1, N]: 0 for tokens, dtype-min for padding
+    if attention_mask is not None and state.context.packed is None:  # additive [B, 1, 1, N]: 0 / dtype-min
         if attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1):
             raise ValueError(f"OpenAI GPT attention mask must come from a 2-D mask; got {tuple(attention_mask.shape)}")
         key_padding_mask = attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2
@@ -208,15 +294,46 @@ def _model_device(model):
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _call_arguments(module, args, kwargs) -> dict:
+    """The arguments of a ``module(*args, **kwargs)`` call by name (positional ones named after ``forward``)."""
+    if not args:
+        return kwargs
+    names = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in _POSITIONAL]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _flag(call: dict, config, name: str) -> bool:
+    """A boolean call option, falling back to the config's default."""
+    value = call.get(name)
+    return bool(getattr(config, name, False) if value is None else value)
+
+
+def _packing_for_call(state, call: dict) -> PackedBatch | None:
+    """Whether this call runs padding-free, and how (see the module docstring)."""
+    config = state.model.config
+    mask = call.get("attention_mask")
+    if not state.padding_free or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if _flag(call, config, "output_attentions") or _flag(call, config, "output_hidden_states"):
+        return None
+    if any(call.get(name) is not None for name in ("past_key_values", "cache")):
+        return None
+    if _flag(call, config, "use_cache") and model_spec(state.model).builds_cache(config):
+        return None
+    return plan_packing(mask)
+
+
 def _make_pre_hook(state):
     def pre_hook(module, args, kwargs):
         # The post hook runs even when this hook raises (always_call), so count the call first.
         state.depth += 1
         if state.depth == 1:
-            output_attentions = kwargs.get("output_attentions")
-            if output_attentions is None:
-                output_attentions = bool(getattr(state.model.config, "output_attentions", False))
-            state.context = _CallContext(output_attentions=bool(output_attentions))
+            call = _call_arguments(module, args, kwargs)
+            state.context = _CallContext(output_attentions=_flag(call, state.model.config, "output_attentions"),
+                                         packed=_packing_for_call(state, call))
         head_mask = kwargs.pop("head_mask", None)
         if head_mask is not None:
             if state.context.head_mask is not None:
@@ -235,6 +352,39 @@ def _make_post_hook(state):
         if state.depth == 0:
             state.context = _CallContext()
         return output
+
+    return post_hook
+
+
+def _make_pack_hook(state):
+    """Pre-hook of the first layer: its hidden states ``[B, N, D]`` -> the packed stream ``[1, T, D]``."""
+    def pre_hook(module, args, kwargs):
+        packed = state.context.packed
+        if packed is None:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != (packed.batch, packed.seq):
+            state.context.packed = None  # not the batch the plan was made for: run this call padded
+            return None
+        if args:
+            return (packed.pack(hidden), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": packed.pack(hidden)}
+
+    return pre_hook
+
+
+def _make_unpack_hook(state):
+    """Hook of the last layer: its output hidden states ``[1, T, D]`` -> ``[B, N, D]`` (zeros at padding)."""
+    def post_hook(module, args, output):
+        packed = state.context.packed
+        if packed is None:
+            return None
+        if isinstance(output, torch.Tensor):
+            return packed.unpack(output)
+        if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
+            return type(output)([packed.unpack(output[0]), *output[1:]])
+        raise RuntimeError(f"padding-free execution cannot unpack a layer output of type {type(output).__name__}; "
+                           "patch the model with fastbertology.patch(model, padding_free=False)")
 
     return post_hook
 
@@ -270,11 +420,17 @@ class PatchHandle:
         return False
 
 
+def current_packing(model) -> PackedBatch | None:
+    """The packing of the model call in progress (None outside a call, or when the call runs padded)."""
+    state = getattr(model, "_fastbertology_state", None)
+    return None if state is None else state.context.packed
+
+
 def is_patched(model) -> bool:
     return getattr(model, "_fastbertology_state", None) is not None
 
 
-def patch(model, backend: str = "auto") -> PatchHandle:
+def patch(model, backend: str = "auto", *, padding_free: bool = True) -> PatchHandle:
     """Patch a loaded BERT, RoBERTa, GPT-2 or OpenAI GPT model in place; return a :class:`PatchHandle`.
 
     After patching, ``model(..., head_mask=m)`` takes ``m`` of shape ``[H]``, ``[L, H]`` or ``[B, L, H]`` (floats,
@@ -283,6 +439,7 @@ def patch(model, backend: str = "auto") -> PatchHandle:
 
     backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch otherwise), ``"torch"``, ``"triton"`` or
     ``"reference"`` (explicit, for testing).
+    padding_free: run the layers on the real tokens only for calls with right padding (see the module docstring).
     """
     spec = model_spec(model)
     if backend not in kernels.BACKENDS:
@@ -292,7 +449,7 @@ def patch(model, backend: str = "auto") -> PatchHandle:
     if getattr(model.config, "add_cross_attention", False):
         raise ValueError("models with cross-attention are not supported by fastbertology (self-attention only)")
     modules = spec.attention_modules(model.base_model)
-    state = PatchState(model=model, backend=backend, num_layers=len(modules))
+    state = PatchState(model=model, backend=backend, num_layers=len(modules), padding_free=padding_free)
     undo = []
 
     model._fastbertology_state = state
@@ -310,6 +467,12 @@ def patch(model, backend: str = "auto") -> PatchHandle:
         previous = model.config._attn_implementation
         model.set_attn_implementation(IMPLEMENTATION_NAME)
         undo.append(lambda: model.set_attn_implementation(previous))
+
+    layers = spec.layers(model.base_model)
+    if len(layers):
+        first = layers[0].register_forward_pre_hook(_make_pack_hook(state), with_kwargs=True)
+        last = layers[-1].register_forward_hook(_make_unpack_hook(state))
+        undo.extend([first.remove, last.remove])
 
     hooked = [model] if model.base_model is model else [model, model.base_model]
     for module in hooked:

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .importance import examples_in, require_patched
-from .patching import heads_per_layer
+from .patching import current_packing, heads_per_layer, transformer_layers
 from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
 
 __all__ = [
@@ -192,16 +192,6 @@ def plan_passes(masks: torch.Tensor, masks_per_pass: int, *, reuse_prefix: bool)
 # --------------------------------------------------------------------------------------------------------------
 # Prefix reuse: capture the hidden states entering layers, then run suffixes from them
 # --------------------------------------------------------------------------------------------------------------
-def _layers(model) -> torch.nn.ModuleList:
-    """The model's transformer layers (blocks), in order."""
-    base = model.base_model
-    if model.config.model_type in ("bert", "roberta"):
-        return base.encoder.layer
-    if model.config.model_type in ("gpt2", "openai-gpt"):
-        return base.h
-    raise ValueError(f"prefix reuse does not support model type {model.config.model_type!r}")
-
-
 def _hidden_argument(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
@@ -214,10 +204,11 @@ def _with_hidden(args, kwargs, hidden):
 
 @contextlib.contextmanager
 def _capture_layer_inputs(model, layer_indices):
-    """Record, per call of the model, the hidden states ``[B, N, D]`` entering each layer of ``layer_indices``,
-    and the kind of value each layer returns (tensor, list or tuple). Yields ``(captured, output_kinds)``:
-    ``captured[l]`` is a list with one tensor per model call, in call order."""
-    layers = _layers(model)
+    """Record, per call of the model, the hidden states entering each layer of ``layer_indices`` (``[B, N, D]``, or
+    the packed stream ``[1, T, D]`` of a padding-free call) and the kind of value each layer returns (tensor, list
+    or tuple). Yields ``(captured, output_kinds)``: ``captured[l]`` is a list with one ``(hidden, packed)`` pair per
+    model call, in call order."""
+    layers = transformer_layers(model)
     captured = {layer: [] for layer in layer_indices}
     output_kinds: dict[int, type] = {}
     handles = []
@@ -225,7 +216,8 @@ def _capture_layer_inputs(model, layer_indices):
         for index, layer in enumerate(layers):
             if index in captured:
                 def pre_hook(module, args, kwargs, index=index):
-                    captured[index].append(_hidden_argument(args, kwargs).detach())
+                    packed = current_packing(model) is not None
+                    captured[index].append((_hidden_argument(args, kwargs).detach(), packed))
                 handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
             def post_hook(module, args, output, index=index):
@@ -247,11 +239,19 @@ def _identity_forward(kind: type):
     return forward
 
 
+def _replicate_hidden(hidden: torch.Tensor, packed: bool, k: int) -> torch.Tensor:
+    """Hidden states of one call for k copies of its batch: ``[B, N, D]`` -> ``[k*B, N, D]``; a packed stream
+    ``[1, T, D]`` -> ``[1, k*T, D]`` (the replicated batch packs to k copies of the stream, copy-major)."""
+    if packed:
+        return hidden.repeat(1, k, 1)
+    return hidden.repeat(k, *([1] * (hidden.dim() - 1)))
+
+
 @contextlib.contextmanager
 def _run_from_layer(model, start: int, injections: list[torch.Tensor], output_kinds: dict[int, type]):
     """Inside the block, calls of ``model`` skip layers ``< start`` (identities) and layer ``start`` receives
     ``injections[i]`` as its hidden states on the i-th call. Restored in ``finally``."""
-    layers = _layers(model)
+    layers = transformer_layers(model)
     queue = list(injections)
     replaced = []
 
@@ -393,7 +393,7 @@ def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reu
         head_mask = _per_example_masks(masks[list(mask_pass.indices)], size)  # [k*B, L, H]
         replicated = replicate_batch(task, batch, k) if k > 1 else batch
         if reuse_prefix:
-            injections = [hidden.repeat(k, *([1] * (hidden.dim() - 1))) for hidden in captured[mask_pass.start]]
+            injections = [_replicate_hidden(hidden, packed, k) for hidden, packed in captured[mask_pass.start]]
             with _run_from_layer(model, mask_pass.start, injections, output_kinds):
                 output = task.forward(model, replicated, head_mask=head_mask)
         else:

@@ -81,7 +81,9 @@ def _model_inputs(batch: dict, prefix: str = "") -> dict:
 
 
 def _mask_kwargs(head_mask) -> dict:
-    return {} if head_mask is None else {"head_mask": head_mask}
+    """``head_mask`` for the patched model, and ``use_cache=False``: the analyses never need a generation cache,
+    and a call that builds one cannot run padding-free."""
+    return {"use_cache": False} if head_mask is None else {"head_mask": head_mask, "use_cache": False}
 
 
 class Task:

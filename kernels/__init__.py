@@ -3,29 +3,34 @@
 torch and triton only, never transformers. One contract, several backends:
 
     out, stats = attention(q, k, v, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                           return_probs=False, backend="auto")
+                           return_probs=False, packing=None, backend="auto")
 
-* ``q, k, v``: ``[B, H, N, D]``, any strides, one floating dtype.
-* ``head_mask``: ``[H]`` or ``[B, H]`` floats; multiplies each head's post-softmax probabilities (so its output).
-  Differentiable: the gradient is ``sum_i sum_d dO * (P V)``.
-* ``key_padding_mask``: bool ``[B, N]``, True = keep the key.
-* ``causal``: query i sees keys j <= i.
+* ``q, k, v``: ``[B, H, N, D]``, any strides, one floating dtype. With ``packing`` (:class:`Packing`), ``[1, H, T, D]``:
+  S sequences stored one after another without padding; attention stays within each sequence.
+* ``head_mask``: ``[H]`` or ``[B, H]`` (packed: ``[S, H]``) floats; multiplies each head's post-softmax
+  probabilities (so its output). Differentiable: the gradient is ``sum_i sum_d dO * (P V)``.
+* ``key_padding_mask``: bool ``[B, N]``, True = keep the key (not with ``packing``).
+* ``causal``: query i sees keys j <= i (of its own sequence).
 * ``scale``: softmax scale, default ``D ** -0.5``.
 * ``out``: ``[B, H, N, D]`` in the input dtype; ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob``
-  ``[B, H, N]`` float32, ``probs`` ``[B, H, N, N]`` only with ``return_probs=True``).
+  ``[B, H, N]`` float32, of the softmax before the head mask; ``probs`` ``[B, H, N, N]``, the probabilities times the
+  head mask in the input dtype, only with ``return_probs=True`` and not with ``packing``).
 * ``backend``: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"torch"``, ``"triton"`` (on CPU
   tensors it needs ``TRITON_INTERPRET=1`` set before triton is imported), or ``"reference"``.
 """
 
 from __future__ import annotations
 
-from .common import AttentionStats
-from .reference import attention_reference, attention_torch
+import torch
+
+from .common import AttentionStats, Packing
+from .reference import attention_reference
+from .torch_attention import attention_torch
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
 
-def resolve_backend(backend: str, device) -> str:
+def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Map ``"auto"`` to a concrete backend for tensors on ``device``; validate the name."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -43,8 +48,10 @@ def triton_available() -> bool:
     return True
 
 
-def attention(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None, return_probs=False,
-              backend="auto"):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_mask: torch.Tensor | None = None,
+              key_padding_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+              return_probs: bool = False, packing: Packing | None = None,
+              backend: str = "auto") -> tuple[torch.Tensor, AttentionStats]:
     """Masked multi-head attention with per-head statistics; see the module docstring for the contract."""
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
@@ -56,8 +63,8 @@ def attention(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, s
     else:
         function = attention_torch
     return function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                    return_probs=return_probs)
+                    return_probs=return_probs, packing=packing)
 
 
-__all__ = ["AttentionStats", "attention", "attention_reference", "attention_torch", "resolve_backend",
+__all__ = ["AttentionStats", "Packing", "attention", "attention_reference", "attention_torch", "resolve_backend",
            "triton_available", "BACKENDS"]

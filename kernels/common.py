@@ -1,4 +1,4 @@
-"""The result type and the input checks shared by every attention backend."""
+"""The result type, the packed-sequence description and the input checks shared by every attention backend."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ class AttentionStats(NamedTuple):
     lse:      ``[B, H, N]`` log-sum-exp of the (scaled, masked) scores.
     entropy:  ``[B, H, N]`` ``-sum_j p_j log p_j`` over keys.
     max_prob: ``[B, H, N]`` largest probability of the row.
-    probs:    ``[B, H, N, N]`` the softmax probabilities before the head mask, only when asked, else None.
+    probs:    ``[B, H, N, N]`` in the dtype of the inputs: the softmax probabilities times the head mask (what
+              transformers 4.x returned as attentions), only when asked, else None.
 
-    Rows whose keys are all masked have zero probabilities and zero statistics. The statistics describe the
-    head's softmax distribution, before the head mask is applied, and carry no gradient.
+    Rows whose keys are all masked have zero probabilities and zero statistics. ``lse``, ``entropy`` and
+    ``max_prob`` describe the head's softmax distribution before the head mask is applied. None of them carries a
+    gradient. With packed sequences ``B = 1`` and ``N`` is the total number of tokens.
     """
 
     lse: torch.Tensor
@@ -25,8 +27,57 @@ class AttentionStats(NamedTuple):
     probs: torch.Tensor | None = None
 
 
-def check_inputs(q, k, v, head_mask, key_padding_mask, causal):
-    """Validate shapes, dtypes and devices; return ``(B, H, N, D)``. Raises ValueError naming the problem."""
+class Packing(NamedTuple):
+    """Sequences of different lengths stored one after another along the token axis, without padding.
+
+    cu_seqlens: int32 ``[S + 1]`` on the device of the packed tensors; sequence ``s`` holds the tokens
+                ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1`` (``cu_seqlens[0] = 0``, ``cu_seqlens[S] = T``).
+    lengths:    the ``S`` sequence lengths as Python ints (a host copy: backends never synchronise to read them).
+
+    Attention over packed ``q, k, v`` ``[1, H, T, D]`` stays within each sequence (and is causal within it when
+    asked), exactly as padded attention over ``[S, H, max(lengths), D]`` with a key padding mask would be at the
+    real tokens; padding rows simply do not exist.
+    """
+
+    cu_seqlens: torch.Tensor
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def from_lengths(cls, lengths, device=None) -> Packing:
+        """A packing of sequences with the given lengths (ints >= 0), ``cu_seqlens`` on ``device``."""
+        lengths = tuple(int(n) for n in lengths)
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"sequence lengths must be >= 0, got {lengths}")
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        return cls(torch.tensor(offsets, dtype=torch.int32, device=device), lengths)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def total(self) -> int:
+        """T, the number of packed tokens."""
+        return sum(self.lengths)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths, default=0)
+
+    def starts(self) -> list[int]:
+        """Host-side start offset of every sequence."""
+        starts, offset = [], 0
+        for n in self.lengths:
+            starts.append(offset)
+            offset += n
+        return starts
+
+
+def check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing=None, return_probs=False):
+    """Validate shapes, dtypes and devices; return ``(B, H, N, D)`` (with ``packing``: ``(S, H, T, D)``).
+    Raises ValueError naming the problem and the fix."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, seq, head_dim]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -43,12 +94,15 @@ def check_inputs(q, k, v, head_mask, key_padding_mask, causal):
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     batch, heads, seq, head_dim = q.shape
+    if packing is not None:
+        batch = _check_packing(packing, q, key_padding_mask, return_probs)
     if head_mask is not None:
         if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
             raise ValueError("head_mask must be a floating-point tensor of shape [heads] or [batch, heads]")
+        rows = "sequences" if packing is not None else "batch"
         if tuple(head_mask.shape) not in ((heads,), (batch, heads)):
             raise ValueError(
-                f"head_mask must have shape [heads]=({heads},) or [batch, heads]=({batch}, {heads}); "
+                f"head_mask must have shape [heads]=({heads},) or [{rows}, heads]=({batch}, {heads}); "
                 f"got {tuple(head_mask.shape)}"
             )
         if head_mask.device != q.device:
@@ -64,3 +118,26 @@ def check_inputs(q, k, v, head_mask, key_padding_mask, causal):
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     return batch, heads, seq, head_dim
+
+
+def _check_packing(packing, q, key_padding_mask, return_probs) -> int:
+    """Checks for packed inputs ``[1, H, T, D]``; returns the number of sequences."""
+    if not isinstance(packing, Packing):
+        raise ValueError(f"packing must be a fastbertology.kernels.Packing, got {type(packing).__name__}")
+    if q.shape[0] != 1 or q.shape[2] != packing.total:
+        raise ValueError(
+            f"packed q, k, v must be [1, heads, total tokens, head_dim] with total tokens = sum(lengths) = "
+            f"{packing.total}; got {tuple(q.shape)}"
+        )
+    cu = packing.cu_seqlens
+    if cu.dim() != 1 or cu.numel() != packing.num_sequences + 1 or cu.dtype != torch.int32 or cu.device != q.device:
+        raise ValueError(
+            f"packing.cu_seqlens must be int32 [sequences + 1] = [{packing.num_sequences + 1}] on {q.device}; got "
+            f"{cu.dtype} {tuple(cu.shape)} on {cu.device} (build it with Packing.from_lengths(lengths, device))"
+        )
+    if key_padding_mask is not None:
+        raise ValueError("packed sequences have no padding: pass key_padding_mask=None with packing")
+    if return_probs:
+        raise ValueError("return_probs is not available for packed sequences (the maps are [B, H, N, N] per padded "
+                         "batch): call without packing to get them")
+    return packing.num_sequences

@@ -1,40 +1,38 @@
 """Fused masked multi-head attention with per-head statistics, in Triton.
 
 :func:`attention_triton` implements the contract of :func:`fastbertology.kernels.attention` (see
-``kernels/__init__.py``) with the same outputs as :func:`~fastbertology.kernels.reference.attention_torch`:
+``kernels/__init__.py``), for padded batches ``[B, H, N, D]`` and for packed sequences ``[1, H, T, D]``
+(:class:`~fastbertology.kernels.Packing`, one program per query block of a sequence, as FlashAttention's variable
+length kernels). Every program works on one *sequence* (a batch row, or a packed sequence) and one head.
 
-* forward (``_attn_fwd``): one pass over the keys per block of queries with an online softmax that keeps the
-  running max ``m``, ``l = sum_j exp(s_j - m)`` and ``u = sum_j exp(s_j - m) (s_j - m)`` (DESIGN.md), so that
-  ``lse = m + log l``, ``entropy = log l - u / l`` and ``max_prob = 1 / l`` come out of the same pass as
-  ``out = head_mask * P V``; no ``N x N`` tensor is ever stored. The probabilities themselves are written by a
-  second kernel (``_attn_probs``) only when ``return_probs=True``.
-* backward: ``_attn_bwd_preprocess`` computes per query row ``r = rowsum(dO * (P V))`` (the head-mask gradient
-  before the reduction over rows) and ``Delta = mask * r``; ``_attn_bwd_dkdv`` (one program per key block, looping
-  over query blocks) and ``_attn_bwd_dq`` (one program per query block, looping over key blocks) recompute ``P``
-  from the saved log-sum-exp. ``dL/dmask[b, h] = sum_i r[b, h, i]`` is reduced with ``torch.sum``. No atomics:
-  the backward is deterministic.
+* forward (``_attn_fwd``): online softmax over the key blocks that keeps the running max ``m``,
+  ``l = sum_j exp(s_j - m)`` and ``u = sum_j exp(s_j - m) (s_j - m)``, so that ``lse = m + log l``,
+  ``entropy = log l - u / l`` and ``max_prob = 1 / l`` come out of the same pass as ``out = mask * P V``;
+  ``u`` costs one multiply-add per score, on the ``exp2`` argument itself. No ``N x N`` tensor is stored. The
+  probabilities, times the head mask and in the output dtype, are written by ``_attn_probs`` only on request.
+* backward: ``_attn_bwd_preprocess`` computes ``Delta = rowsum(dO * O)``; ``_attn_bwd_dkdv`` (one program per
+  key block, looping over query blocks) and ``_attn_bwd_dq`` (one program per query block, looping over key
+  blocks) recompute ``P`` from the saved log-sum-exp.
+* head-mask gradient ``dL/dmask = sum_i sum_d dO (P V)``, reduced inside the kernels into per-program partial sums
+  (then summed by torch; deterministic, no atomics). Where the mask is not 0, ``P V = O / mask`` and the gradient
+  is ``sum_i Delta_i / mask`` (the preprocess kernel sums it); where it is 0 (or tiny), ``_attn_bwd_dq`` computes
+  ``sum_j P_ij (dO_i . V_j)`` in its key loop. No extra output tensor is stored for it.
 
-Scores are handled in base 2 inside the kernels (``s2 = s * log2(e)``, ``exp2``); statistics are returned in
-natural units.
+Masks only where they matter: the key loops are split into *interior* blocks, where every query of the block sees
+every key (no bounds checks, no causal compare, no ``where``), and *edge* blocks: the causal diagonal and the last,
+partial block of a sequence. A key padding mask with holes (padded batches only; packing removes padding) puts
+every block on the edge path. A masked score is a large finite negative number, so that no second ``where`` is
+needed for ``u``; rows that saw no key at all are recognised by their running max and get zeros.
 
-Decisions worth knowing:
+Scores are handled in base 2 inside the kernels (``s2 = s * scale * log2(e)``, ``exp2``); statistics are returned
+in natural units. float32 inputs use ``tl.dot(..., input_precision=FP32_DOT_PRECISION)``: ``"tf32x3"`` (three TF32
+products on tensor cores, close to float32 accuracy) by default, ``"ieee"`` with the environment variable
+``FASTBERTOLOGY_FP32_DOT_PRECISION=ieee``. 16-bit inputs: scores, softmax and accumulators are float32, ``P`` is
+rounded to the input dtype for the ``P V`` product (as FlashAttention does). float64 inputs, head dims above 128,
+a non-positive scale and empty inputs are delegated to :func:`attention_torch`.
 
-* Statistics are those of the head's softmax *before* the head mask (the contract), so a head whose mask is 0
-  still has its scores and statistics computed; what is skipped for it is the ``P V`` product and the loads of
-  ``V`` (forward, unless the head-mask gradient is needed, which requires ``P V``) and the whole ``dQ, dK, dV``
-  computation (backward: its gradients are exactly zero).
-* Key padding: the bool ``[B, N]`` mask is read inside the kernels (any pattern of kept keys is supported) and,
-  on top of it, the per-example end of the last kept key, ``kv_end[b]``, bounds the key loops, so right padding
-  (the common prefix case) skips the padded key blocks entirely without a host synchronisation.
-* Causal: key blocks above the diagonal are not visited.
-* Rows without any visible key give zero output, zero statistics, zero probabilities and zero gradients.
-* float32 inputs use ``tl.dot(..., input_precision=FP32_DOT_PRECISION)``: ``"tf32x3"`` (three TF32 products on
-  tensor cores, close to float32 accuracy) by default, ``"ieee"`` (float32 FMA, slower) with the environment
-  variable ``FASTBERTOLOGY_FP32_DOT_PRECISION=ieee``. 16-bit inputs: scores, softmax and accumulators are float32,
-  ``P`` is rounded to the input dtype for the ``P V`` product (as FlashAttention does). float64 inputs are
-  delegated to :func:`attention_torch` (the kernels are built for float32, float16 and bfloat16), and so are
-  head dims above 128 (with a warning) and empty inputs.
-* The head-mask gradient is returned in the dtype and shape of ``head_mask`` (``[H]``: summed over the batch).
+A head whose mask is 0 still has its statistics computed (they describe the softmax before the mask), but no ``V``
+loads or ``P V`` products in the forward and no ``dQ, dK, dV`` work in the backward (they are exactly zero).
 
 Triton is imported at module import; :mod:`fastbertology.kernels` imports this module only when the Triton
 backend is selected. On CPU tensors it runs under the Triton interpreter (``TRITON_INTERPRET=1`` must be set
@@ -46,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import NamedTuple
 
 import torch
 
@@ -59,67 +56,175 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "use backend='torch' otherwise"
     ) from error
 
-from .common import AttentionStats, check_inputs
-from .reference import attention_torch, expand_head_mask
+from .common import AttentionStats, Packing, check_inputs
+from .reference import expand_head_mask
+from .torch_attention import attention_torch
+from .triton_configs import AttentionConfigs, KernelConfig, configs_for, gpu_configs
 
 # Input precision of tl.dot for float32 inputs: "tf32x3" (three TF32 tensor-core products, close to float32
 # accuracy) or "ieee" (true float32 FMA, slower). The environment variable overrides it (read at import).
 FP32_DOT_PRECISION = os.environ.get("FASTBERTOLOGY_FP32_DOT_PRECISION", "tf32x3")
 _LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 128  # larger head dims go to attention_torch (shared memory and registers)
-_MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension, which holds batch * heads
+_MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension, which holds sequences * heads
+# Heads whose |mask| is below this get their mask gradient from the exact P (dO . V) sum instead of Delta / mask.
+_SMALL_MASK = 1.0 / 64
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels
+# Helpers shared by the kernels
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                    offs_m, offs_d, d_ok, hi, kv_end, qk_scale,
-                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
-                    WITH_PV: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax loop over the key blocks ``[0, hi)`` for one block of queries ``q [BLOCK_M, BLOCK_D]``.
-
-    Carries ``acc [BLOCK_M, BLOCK_D]`` (unnormalised ``P V``, only when WITH_PV), ``l_i, m_i, u_i [BLOCK_M]``
-    (base-2 units: ``m`` is the running max of ``s2``, ``u = sum p (s2 - m)``).
-    """
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_end
-        # -- stage 1: scores of this key block, in base 2; keys the query may not see get -inf
-        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        keep = n_ok[None, :]
+def _sequence(CuSeqlens, KvEnd, seq, N, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
+    """``(batch row, first row, query rows, key rows)`` of sequence ``seq``: a packed sequence (VARLEN, batch row
+    0, rows ``cu[seq] ..``), or batch row ``seq`` of a padded batch (all N query rows; keys up to ``kv_end``)."""
+    if VARLEN:
+        row0 = tl.load(CuSeqlens + seq)
+        q_len = tl.load(CuSeqlens + seq + 1) - row0
+        k_len = q_len
+        batch_row = seq * 0
+    else:
+        row0 = seq * 0
+        q_len = N
+        k_len = N
         if HAS_KEY_PAD:
-            kp = tl.load(kp_base + offs_n * stride_pn, mask=n_ok, other=0)
-            keep = keep & (kp != 0)[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        # -- stage 2: online softmax update of m, l, u (rows with no key so far keep m = -inf, l = u = 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite: exp2 of masked scores is exactly 0
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        shift = tl.where(keep, s - m_use[:, None], 0.0)  # no 0 * inf at masked keys
-        m_old = tl.where(l_i > 0, m_i, m_use)  # l = 0: nothing to move (and no -inf * 0)
-        moved = (m_old - m_use) * l_i  # u <- alpha (u + (m_old - m_new) l_old)
-        u_i = alpha * (u_i + moved) + tl.sum(p * shift, 1)
-        l_i = l_i * alpha + tl.sum(p, 1)
+            k_len = tl.load(KvEnd + seq)
+        batch_row = seq
+    return batch_row, row0, q_len, k_len
+
+
+@triton.jit
+def _base(T, batch_row, head, row0, stride_b, stride_h, stride_n):
+    """Pointer to the first row of a (sequence, head) in a ``[B, H, N, D]`` tensor (64-bit offsets)."""
+    return T + batch_row.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + row0.to(tl.int64) * stride_n
+
+
+@triton.jit
+def _load_rows(base, offs, stride_n, offs_d, stride_d, bound,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """``[len(offs), BLOCK_D]`` rows ``offs`` of a ``[rows, HEAD_DIM]`` matrix; rows >= ``bound`` (only checked with
+    CHECK_ROWS) and columns >= HEAD_DIM read as 0."""
+    ptrs = base + offs[:, None] * stride_n + offs_d[None, :] * stride_d
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            block = tl.load(ptrs, mask=(offs < bound)[:, None], other=0.0)
+        else:
+            block = tl.load(ptrs, mask=(offs < bound)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            block = tl.load(ptrs)
+        else:
+            block = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return block
+
+
+@triton.jit
+def _store_rows(base, offs, stride_n, offs_d, stride_d, bound, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store ``value [len(offs), BLOCK_D]`` into rows ``offs < bound``, columns < HEAD_DIM."""
+    ptrs = base + offs[:, None] * stride_n + offs_d[None, :] * stride_d
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value, mask=(offs < bound)[:, None])
+    else:
+        tl.store(ptrs, value, mask=(offs < bound)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
+    """bool ``[BLOCK_M, BLOCK_N]``: key ``offs_n`` exists, is not padding, and (causal) is not after query ``offs_m``."""
+    keep = (offs_n < k_len)[None, :]
+    if HAS_KEY_PAD:
+        kp = tl.load(kp_base + offs_n * stride_pn, mask=offs_n < k_len, other=0)
+        keep = keep & (kp != 0)[None, :]
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    return keep
+
+
+@triton.jit
+def _interior_end(start_m, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_KEY_PAD: tl.constexpr):
+    """End of the key blocks that every query of the block ``[start_m, start_m + BLOCK_M)`` sees in full."""
+    end = (k_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:  # block [n, n + BLOCK_N) is interior iff n + BLOCK_N - 1 <= start_m
+        end = tl.minimum(end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    if HAS_KEY_PAD:  # holes anywhere: every block is an edge block
+        end = end * 0
+    return end
+
+
+@triton.jit
+def _key_end(start_m, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key any query of the block may see."""
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(end, start_m + BLOCK_M)
+    return end
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+              offs_m, offs_d, lo, hi, k_len, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WITH_PV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks ``[lo, hi)`` for the query block ``q [BLOCK_M, BLOCK_D]``.
+
+    Carries ``acc [BLOCK_M, BLOCK_D]`` (unnormalised ``P V``, only WITH_PV) and ``l_i, m_i, u_i [BLOCK_M]`` (base 2:
+    ``m`` is the running max of ``s2``, ``u = sum p (s2 - m)``). EDGE blocks check bounds, key padding and causality.
+    """
+    MASKED_SCORE: tl.constexpr = -1.0e30
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # -- stage 1: raw scores; keys the query may not see get MASKED_SCORE (edge blocks only)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if EDGE:
+            keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, CAUSAL, HAS_KEY_PAD)
+            qk = tl.where(keep, qk, MASKED_SCORE)
+        # -- stage 2: online softmax; x = s2 - m_new is the exp2 argument and the entropy term
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        x = qk * qk_scale - m_new[:, None]
+        p = tl.exp2(x)
+        alpha = tl.exp2(m_i - m_new)
+        u_i = alpha * (u_i + (m_i - m_new) * l_i) + tl.sum(p * x, 1)
+        l_i = alpha * l_i + tl.sum(p, 1)
         m_i = m_new
-        # -- stage 3: accumulate P V
+        # -- stage 3: P V
         if WITH_PV:
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, k_len, HEAD_DIM, BLOCK_D, EDGE)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i, u_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, Out, OutU, Lse, Ent, MaxP,
+def _fwd_blocks(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                offs_m, offs_d, start_m, k_len, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WITH_PV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Interior key blocks, then the edge blocks, of one query block."""
+    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
+    acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                                   offs_m, offs_d, 0, interior, k_len, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WITH_PV, DOT_PRECISION)
+    acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                                   offs_m, offs_d, interior, _key_end(start_m, k_len, BLOCK_M, CAUSAL), k_len,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WITH_PV,
+                                   DOT_PRECISION)
+    return acc, l_i, m_i, u_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -127,103 +232,87 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, Out, OutU, Lse, Ent, MaxP,
               stride_pb, stride_pn,
               H, N, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
-              STORE_UNMASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Forward for one block of queries of one (example, head); grid ``(cdiv(N, BLOCK_M), B * H)``.
+              CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Forward for one query block of one (sequence, head); grid ``(cdiv(longest sequence, BLOCK_M), S * H)``.
 
-    Q, K, V ``[B, H, N, HEAD_DIM]`` (any strides); HeadMask ``[B, H]`` float32 contiguous; KeyPad ``[B, N]`` uint8
-    (1 = keep); KvEnd ``[B]`` int32 (one past the last kept key); Out, OutU ``[B, H, N, HEAD_DIM]`` (same strides):
-    Out = mask * P V, OutU = P V (only with STORE_UNMASKED); Lse, Ent, MaxP ``[B, H, N]`` float32 contiguous.
-    ``qk_scale`` = softmax scale * log2(e).
+    Q, K, V, Out ``[B, H, N, HEAD_DIM]`` (any strides; packed: B = 1, N = T); HeadMask ``[S * H]`` float32;
+    KeyPad ``[B, N]`` uint8 (1 = keep) and KvEnd ``[B]`` int32 (one past the last kept key), padded batches only;
+    CuSeqlens ``[S + 1]`` int32 (VARLEN only); Lse, Ent, MaxP ``[B * H * N]`` float32.
+    ``qk_scale`` = softmax scale * log2(e) > 0.
     """
     LN2: tl.constexpr = 0.6931471805599453
-    # -- stage 0: the (example, head, query block) of this program
+    MASKED_SCORE: tl.constexpr = -1.0e30
+    # -- stage 0: the (sequence, head, query block) of this program
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    seq = off_bh // H
     off_h = off_bh % H
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
-    kp_base = KeyPad + off_b.to(tl.int64) * stride_pb
+    batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
+    if start_m >= q_len:  # past the end of a shorter packed sequence
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if HAS_KEY_PAD:
-        kv_end = tl.load(KvEnd + off_b)
-    else:
-        kv_end = N
-    hi = kv_end
-    if CAUSAL:  # key blocks entirely above the diagonal are never visited
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+    q = _load_rows(_base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
+                   stride_qd, q_len, HEAD_DIM, BLOCK_D, True)
+    k_base = _base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn)
+    v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
+    kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
 
-    # -- stage 1: the key loop (online softmax); P V is skipped for a head whose mask is 0 when not needed
+    # -- stage 1: the key loops; P V is skipped for a head whose mask is 0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + MASKED_SCORE * qk_scale
+    hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
-        if STORE_UNMASKED:
-            acc, l_i, m_i, u_i = _attn_fwd_inner(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                                 offs_m, offs_d, d_ok, hi, kv_end, qk_scale,
-                                                 BLOCK_N, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
-        elif hm != 0.0:
-            acc, l_i, m_i, u_i = _attn_fwd_inner(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                                 offs_m, offs_d, d_ok, hi, kv_end, qk_scale,
-                                                 BLOCK_N, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
-        else:
-            acc, l_i, m_i, u_i = _attn_fwd_inner(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                                 offs_m, offs_d, d_ok, hi, kv_end, qk_scale,
-                                                 BLOCK_N, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+    if hm != 0.0:
+        acc, l_i, m_i, u_i = _fwd_blocks(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                                         offs_m, offs_d, start_m, k_len, qk_scale,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, True,
+                                         DOT_PRECISION)
     else:
-        acc, l_i, m_i, u_i = _attn_fwd_inner(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                             stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                             offs_m, offs_d, d_ok, hi, kv_end, qk_scale,
-                                             BLOCK_N, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+        acc, l_i, m_i, u_i = _fwd_blocks(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                                         offs_m, offs_d, start_m, k_len, qk_scale,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, False,
+                                         DOT_PRECISION)
 
-    # -- stage 2: normalise; rows without any visible key (l = 0) get zeros
-    has_keys = l_i > 0
+    # -- stage 2: normalise; rows that saw no key (the max never left MASKED_SCORE) get zeros
+    has_keys = m_i > 0.5 * MASKED_SCORE * qk_scale
     l_safe = tl.where(has_keys, l_i, 1.0)
-    pv = acc / l_safe[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2, 0.0)
-    entropy = tl.where(has_keys, (tl.log2(l_safe) - u_i / l_safe) * LN2, 0.0)
-    max_prob = tl.where(has_keys, 1.0 / l_safe, 0.0)
+    inv_l = 1.0 / l_safe
+    log_l = tl.log2(l_safe)
+    lse = tl.where(has_keys, (m_i + log_l) * LN2, 0.0)
+    entropy = tl.where(has_keys, (log_l - u_i * inv_l) * LN2, 0.0)
+    max_prob = tl.where(has_keys, inv_l, 0.0)
+    out = acc * tl.where(has_keys, inv_l * hm, 0.0)[:, None]
 
-    # -- stage 3: store outputs and statistics
-    o_offs = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
-        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    o_mask = m_ok[:, None] & d_ok[None, :]
-    if HAS_HEAD_MASK:
-        tl.store(Out + o_offs, (pv * hm).to(Out.dtype.element_ty), mask=o_mask)
-        if STORE_UNMASKED:
-            tl.store(OutU + o_offs, pv.to(OutU.dtype.element_ty), mask=o_mask)
-    else:
-        tl.store(Out + o_offs, pv.to(Out.dtype.element_ty), mask=o_mask)
-    row = off_bh.to(tl.int64) * N + offs_m
+    # -- stage 3: store the output and the statistics
+    _store_rows(_base(Out, batch_row, off_h, row0, stride_ob, stride_oh, stride_on), offs_m, stride_on, offs_d,
+                stride_od, q_len, out.to(Out.dtype.element_ty), HEAD_DIM, BLOCK_D)
+    row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
+    m_ok = offs_m < q_len
     tl.store(Lse + row, lse, mask=m_ok)
     tl.store(Ent + row, entropy, mask=m_ok)
     tl.store(MaxP + row, max_prob, mask=m_ok)
 
 
 @triton.jit
-def _attn_probs(Q, K, KeyPad, KvEnd, Lse, P,
+def _attn_probs(Q, K, HeadMask, KeyPad, KvEnd, Lse, P,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_pb, stride_pn,
                 stride_probs_bh, stride_probs_m,
                 H, N, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Probabilities ``P [B, H, N, N]`` float32 (contiguous) from the saved log-sum-exp; only for return_probs.
+                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """``P * mask`` ``[B, H, N, N]`` (contiguous, in P's dtype) from the saved log-sum-exp; padded batches only.
 
-    Grid ``(cdiv(N, BLOCK_M), cdiv(N, BLOCK_N), B * H)``. Masked keys and rows without keys get 0.
+    Grid ``(cdiv(N, BLOCK_M), cdiv(N, BLOCK_N), B * H)``. Keys a query may not see and rows without keys get 0.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     start_m = tl.program_id(0) * BLOCK_M
@@ -234,71 +323,101 @@ def _attn_probs(Q, K, KeyPad, KvEnd, Lse, P,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
+    k_len = N
     if HAS_KEY_PAD:
-        kv_end = tl.load(KvEnd + off_b)
-    else:
-        kv_end = N
-    n_ok = offs_n < kv_end
-    # -- stage 1: scores
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_t = tl.load(K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
-                  + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                  mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    # -- stage 2: p = exp(s - lse) where visible, else 0
-    keep = m_ok[:, None] & n_ok[None, :]
-    if HAS_KEY_PAD:
-        kp = tl.load(KeyPad + off_b.to(tl.int64) * stride_pb + offs_n * stride_pn, mask=n_ok, other=0)
-        keep = keep & (kp != 0)[None, :]
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None])
-    lse2 = tl.load(Lse + off_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0) * LOG2E
+        k_len = tl.load(KvEnd + off_b)
+    zero = off_b * 0
+    q = _load_rows(_base(Q, off_b, off_h, zero, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
+                   stride_qd, N, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(_base(K, off_b, off_h, zero, stride_kb, stride_kh, stride_kn), offs_n, stride_kn, offs_d,
+                   stride_kd, k_len, HEAD_DIM, BLOCK_D, True)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    keep = _key_keep(KeyPad + off_b.to(tl.int64) * stride_pb, stride_pn, offs_m, offs_n, k_len, CAUSAL, HAS_KEY_PAD)
+    lse2 = tl.load(Lse + off_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0) * LOG2E
     p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    if HAS_HEAD_MASK:
+        p = p * tl.load(HeadMask + off_bh)
     p_offs = off_bh.to(tl.int64) * stride_probs_bh + offs_m[:, None].to(tl.int64) * stride_probs_m + offs_n[None, :]
-    tl.store(P + p_offs, p, mask=m_ok[:, None] & (offs_n < N)[None, :])
+    tl.store(P + p_offs, p.to(P.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_n < N)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, HeadMask, Delta, RowDot,
+def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Delta, MaskGrad,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_dob, stride_doh, stride_don, stride_dod,
-                         H, N,
+                         H, N, blocks_per_row, small_mask,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         SCALE_BY_HEAD_MASK: tl.constexpr):
-    """Per query row ``r = rowsum(dO * O)`` and ``Delta`` ``[B, H, N]`` float32; grid ``(cdiv(N, BLOCK_M), B * H)``.
+                         VARLEN: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, MASK_GRAD: tl.constexpr):
+    """``Delta = rowsum(dO * O)`` ``[B * H * N]`` float32 per query row; grid ``(cdiv(longest, BLOCK_M), S * H)``.
 
-    With SCALE_BY_HEAD_MASK, ``O`` is the unmasked ``P V``: ``Delta = mask * r`` (the gradient with respect to
-    ``P V`` is ``mask * dO``) and ``r`` is stored in RowDot (its sum over rows is ``dL/dmask``). Otherwise ``O`` is
-    the output itself and ``Delta = r``.
+    With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i / mask`` (``O = mask * P V``),
+    into ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
     """
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    seq = off_bh // H
     off_h = off_bh % H
+    batch_row, row0, q_len, _ = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, False)
+    if start_m >= q_len:
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    r = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = off_bh.to(tl.int64) * N + offs_m
-    if SCALE_BY_HEAD_MASK:
+    o = _load_rows(_base(O, batch_row, off_h, row0, stride_ob, stride_oh, stride_on), offs_m, stride_on, offs_d,
+                   stride_od, q_len, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don), offs_m, stride_don,
+                    offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
+    tl.store(Delta + row, delta, mask=offs_m < q_len)
+    if MASK_GRAD:
         hm = tl.load(HeadMask + off_bh)
-        tl.store(RowDot + row, r, mask=m_ok)
-        tl.store(Delta + row, r * hm, mask=m_ok)
-    else:
-        tl.store(Delta + row, r, mask=m_ok)
+        if tl.abs(hm) >= small_mask:
+            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0) / hm)
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, Lse, Delta, DK, DV,
+def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+               stride_qn, stride_qd, stride_don, stride_dod,
+               offs_n, offs_d, lo, hi, q_len, qk_scale, delta_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
+               CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate ``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over the query blocks ``[lo, hi)`` of one key
+    block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds and (causal) the diagonal.
+
+    ``P^T = exp2(K Q^T * qk_scale - lse2)``; ``dS^T = P^T (V dO^T - Delta / mask)`` (``delta_scale`` = 1 / mask).
+    Query rows past the sequence read as zeros (dO = Delta = 0), so they add nothing.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, stride_qn, offs_d, stride_qd, q_len, HEAD_DIM, BLOCK_D, EDGE)
+        do = _load_rows(do_base, offs_m, stride_don, offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, EDGE)
+        if EDGE:
+            lse2 = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
+            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0) * delta_scale
+        else:
+            lse2 = tl.load(lse_base + offs_m) * LOG2E
+            delta = tl.load(delta_base + offs_m) * delta_scale
+        # recompute P^T [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        if EDGE:
+            if CAUSAL:
+                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DK, DV,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -307,225 +426,221 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, Lse, Delta, DK, DV,
                    stride_pb, stride_pn,
                    H, N, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """dK, dV for one key block of one (example, head), looping over query blocks; grid ``(cdiv(N, BLOCK_N), B*H)``.
-
-    ``P^T = exp(K Q^T * scale - lse)``; ``dV = mask * P^T dO``; ``dP^T = mask * V dO^T``;
-    ``dS^T = P^T (dP^T - Delta)``; ``dK = scale * dS^T Q``. DK and DV share the strides ``stride_g*``.
+                   CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+                   HAS_HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key block of one (sequence, head), looping over query blocks; grid
+    ``(cdiv(longest, BLOCK_N), S * H)``. ``dV = mask * P^T dO``, ``dK = scale * mask * dS^T Q``; keys that are
+    padding (or past a padded row's last key) get zeros. DK and DV share the strides ``stride_g*``.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
-    # -- stage 0: the (example, head, key block) of this program; load K, V of the block
+    # -- stage 0: the (sequence, head, key block) of this program; load its K, V
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    seq = off_bh // H
     off_h = off_bh % H
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+    batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
+    n_rows = N  # rows to store: a padded row stores zeros for its padding keys, a packed sequence only its own
+    if VARLEN:
+        n_rows = k_len
+    if start_n >= n_rows:
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    if HAS_KEY_PAD:
-        kv_end = tl.load(KvEnd + off_b)
-    else:
-        kv_end = N
-    n_ok = offs_n < kv_end
-    keep_n = n_ok
-    if HAS_KEY_PAD:
-        kp = tl.load(KeyPad + off_b.to(tl.int64) * stride_pb + offs_n * stride_pn, mask=n_ok, other=0)
-        keep_n = keep_n & (kp != 0)
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = _load_rows(_base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn), offs_n, stride_kn, offs_d,
+                   stride_kd, k_len, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(_base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn), offs_n, stride_vn, offs_d,
+                   stride_vd, k_len, HEAD_DIM, BLOCK_D, True)
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
-    # queries before the block's first key never see it (causal); a block past the last key or a head whose
-    # mask is 0 has zero gradients
-    lo = 0
-    if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    hi = tl.where(start_n < kv_end, N, lo)
-    if HAS_HEAD_MASK:
-        hi = tl.where(hm != 0.0, hi, lo)
-
-    # -- stage 1: loop over query blocks
+    q_base = _base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn)
+    do_base = _base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don)
+    stats = (batch_row.to(tl.int64) * H + off_h) * N + row0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < N
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-        row = off_bh.to(tl.int64) * N + offs_m
-        lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
-        delta = tl.load(Delta + row, mask=m_ok, other=0.0)
-        # recompute P^T [BLOCK_N, BLOCK_M]
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        keep = keep_n[:, None] & m_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[None, :] >= offs_n[:, None])
-        p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-        # dV += P^T dO (the head mask is applied once at the end)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        # dS^T = P^T (mask * V dO^T - Delta); dK += dS^T Q
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * hm
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    # -- stage 2: store
-    g_offs = off_b.to(tl.int64) * stride_gb + off_h.to(tl.int64) * stride_gh \
-        + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
-    g_mask = (offs_n < N)[:, None] & d_ok[None, :]
-    tl.store(DK + g_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=g_mask)
-    tl.store(DV + g_offs, (dv * hm).to(DV.dtype.element_ty), mask=g_mask)
+    # -- stage 1: query blocks; causal: the diagonal blocks (edge), then the blocks that see the whole key block
+    if (start_n < k_len) & (hm != 0.0):
+        delta_scale = 1.0 / hm
+        lo = 0
+        diagonal_end = 0
+        if CAUSAL:
+            lo = (start_n // BLOCK_M) * BLOCK_M
+            diagonal_end = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,
+                                stride_qn, stride_qd, stride_don, stride_dod,
+                                offs_n, offs_d, lo, diagonal_end, q_len, qk_scale, delta_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION)
+        full_end = tl.maximum((q_len // BLOCK_M) * BLOCK_M, diagonal_end)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,
+                            stride_qn, stride_qd, stride_don, stride_dod,
+                            offs_n, offs_d, diagonal_end, full_end, q_len, qk_scale, delta_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,
+                            stride_qn, stride_qd, stride_don, stride_dod,
+                            offs_n, offs_d, full_end, q_len, q_len, qk_scale, delta_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, True, False, DOT_PRECISION)
+
+    # -- stage 2: scale, zero the keys nobody sees, store
+    keep_n = offs_n < k_len
+    if HAS_KEY_PAD:
+        kp = tl.load(KeyPad + batch_row.to(tl.int64) * stride_pb + offs_n * stride_pn, mask=keep_n, other=0)
+        keep_n = keep_n & (kp != 0)
+    dk = tl.where(keep_n[:, None], dk * (sm_scale * hm), 0.0)
+    dv = tl.where(keep_n[:, None], dv * hm, 0.0)
+    g_base = _base(DK, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn)
+    _store_rows(g_base, offs_n, stride_gn, offs_d, stride_gd, n_rows, dk.to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D)
+    g_base = _base(DV, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn)
+    _store_rows(g_base, offs_n, stride_gn, offs_d, stride_gd, n_rows, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, Lse, Delta, DQ,
+def _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
+             stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+             offs_m, offs_d, lo, hi, k_len,
+             qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """Over the key blocks ``[lo, hi)`` of one query block: ``dQ += dS K`` (unscaled), with
+    ``dS = P (dO V^T - Delta / mask)``; or, ROW_DOT_ONLY (a head whose mask is 0), only the head-mask gradient rows
+    ``row_dot += sum_j P (dO V^T)``. Keys past the sequence read as zeros (K = V = 0) and add nothing; EDGE blocks
+    zero ``P`` above the causal diagonal and at padding keys."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, k_len, HEAD_DIM, BLOCK_D, EDGE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if EDGE:
+            p = tl.where(_key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, CAUSAL, HAS_KEY_PAD), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if ROW_DOT_ONLY:
+            row_dot += tl.sum(p * dp, 1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq, row_dot
+
+
+@triton.jit
+def _dq_blocks(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+               offs_m, offs_d, start_m, k_len, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Interior key blocks, then the edge blocks, of one query block."""
+    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
+    dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d, 0, interior, k_len,
+                           qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEY_PAD, ROW_DOT_ONLY,
+                           DOT_PRECISION)
+    dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d, interior,
+                           _key_end(start_m, k_len, BLOCK_M, CAUSAL), k_len, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, ROW_DOT_ONLY, DOT_PRECISION)
+    return dq, row_dot
+
+
+@triton.jit
+def _dq_program(Q, K, V, DO, KeyPad, Lse, Delta, DQ, MaskGrad,
+                stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+                stride_qb, stride_gb, stride_gh, stride_gn, stride_gd, stride_pb, stride_pn,
+                batch_row, row0, q_len, k_len, off_h, off_bh, hm, H, N, qk_scale, sm_scale, blocks_per_row, small_mask,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, COMPUTE_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """The work of one ``_attn_bwd_dq`` program: dQ (COMPUTE_DQ; 0 for a head whose mask is 0) and, with
+    MASK_GRAD for a head whose mask is small, the head-mask gradient of the block's rows."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(_base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
+                   stride_qd, q_len, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don), offs_m, stride_don,
+                    offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, True)
+    row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
+    m_ok = offs_m < q_len
+    lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
+    k_base = _base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn)
+    v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
+    kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # -- stage 1: key blocks; dS = P (dO V^T - Delta / mask)
+    if COMPUTE_DQ:
+        if hm != 0.0:
+            delta = tl.load(Delta + row, mask=m_ok, other=0.0) / hm
+            dq, row_dot = _dq_blocks(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                                     offs_m, offs_d, start_m, k_len, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+    # -- stage 2: the head-mask gradient rows sum_j P (dO V^T) of a head whose mask is (near) 0
+    if MASK_GRAD:
+        if tl.abs(hm) < small_mask:
+            row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+            dq, row_dot = _dq_blocks(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                                     offs_m, offs_d, start_m, k_len, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(row_dot, 0))
+    # -- stage 3: store
+    if COMPUTE_DQ:
+        _store_rows(_base(DQ, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn), offs_m, stride_gn, offs_d,
+                    stride_gd, q_len, (dq * (sm_scale * hm)).to(DQ.dtype.element_ty), HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ, MaskGrad,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_don, stride_dod,
                  stride_gb, stride_gh, stride_gn, stride_gd,
                  stride_pb, stride_pn,
-                 H, N, qk_scale, sm_scale,
+                 H, N, qk_scale, sm_scale, blocks_per_row, small_mask,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+                 HAS_HEAD_MASK: tl.constexpr, COMPUTE_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """dQ for one query block of one (example, head), looping over key blocks; grid ``(cdiv(N, BLOCK_M), B * H)``.
-
-    ``P = exp(Q K^T * scale - lse)``; ``dS = P (mask * dO V^T - Delta)``; ``dQ = scale * dS K``.
+    """dQ of one query block of one (sequence, head), looping over key blocks; grid ``(cdiv(longest, BLOCK_M),
+    S * H)``. ``dQ = scale * mask * dS K``. With MASK_GRAD, heads with ``|mask| < small_mask`` get the head-mask
+    gradient of the block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in ``MaskGrad[(seq * H + head) *
+    blocks_per_row + block]``. Without COMPUTE_DQ (launched for that gradient alone) other heads do nothing.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
-    # -- stage 0: the (example, head, query block) of this program; load Q, dO, lse, Delta of the block
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    seq = off_bh // H
     off_h = off_bh % H
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
-    kp_base = KeyPad + off_b.to(tl.int64) * stride_pb
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-    row = off_bh.to(tl.int64) * N + offs_m
-    lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
-    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
-    if HAS_KEY_PAD:
-        kv_end = tl.load(KvEnd + off_b)
-    else:
-        kv_end = N
-    hi = kv_end
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+    batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
+    if start_m >= q_len:
+        return
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
-        hi = tl.where(hm != 0.0, hi, 0)  # a head whose mask is 0 has dQ = 0
-
-    # -- stage 1: loop over key blocks
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_end
-        kv_mask = d_ok[:, None] & n_ok[None, :]
-        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_mask, other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        keep = m_ok[:, None] & n_ok[None, :]
-        if HAS_KEY_PAD:
-            kp = tl.load(kp_base + offs_n * stride_pn, mask=n_ok, other=0)
-            keep = keep & (kp != 0)[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION) * hm
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
-
-    # -- stage 2: store
-    tl.store(DQ + off_b.to(tl.int64) * stride_gb + off_h.to(tl.int64) * stride_gh
-             + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if COMPUTE_DQ:
+        _dq_program(Q, K, V, DO, KeyPad, Lse, Delta, DQ, MaskGrad,
+                    stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+                    stride_qb, stride_gb, stride_gh, stride_gn, stride_gd, stride_pb, stride_pn,
+                    batch_row, row0, q_len, k_len, off_h, off_bh, hm, H, N, qk_scale, sm_scale, blocks_per_row,
+                    small_mask, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, True, MASK_GRAD,
+                    DOT_PRECISION)
+    else:
+        if tl.abs(hm) < small_mask:
+            _dq_program(Q, K, V, DO, KeyPad, Lse, Delta, DQ, MaskGrad,
+                        stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+                        stride_qb, stride_gb, stride_gh, stride_gn, stride_gd, stride_pb, stride_pn,
+                        batch_row, row0, q_len, k_len, off_h, off_bh, hm, H, N, qk_scale, sm_scale, blocks_per_row,
+                        small_mask, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, False, True,
+                        DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launchers
 # ----------------------------------------------------------------------------------------------------------
-
-
-class KernelConfig(NamedTuple):
-    """Block sizes and launch options of one kernel."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-class AttentionConfigs(NamedTuple):
-    """The launch configurations of every kernel for one (device, head dim, dtype)."""
-
-    fwd: KernelConfig
-    probs: KernelConfig
-    preprocess: KernelConfig  # only block_m is used
-    dkdv: KernelConfig
-    dq: KernelConfig
-
-
-# Small blocks on the interpreter: short sequences in tests still cross several blocks.
-_INTERPRETER_CONFIGS = AttentionConfigs(
-    fwd=KernelConfig(32, 16), probs=KernelConfig(32, 16), preprocess=KernelConfig(32, 16),
-    dkdv=KernelConfig(16, 32), dq=KernelConfig(32, 16),
-)
-
-
-def gpu_configs(block_d: int, dtype: torch.dtype) -> AttentionConfigs:
-    """A small fixed set of configurations for H100/H200 (no autotuning), keyed on the padded head dim and dtype.
-
-    Chosen so that no kernel spills registers (compiled ahead of time with ptxas for sm_90 with Triton 3.6 and 3.9)
-    except the float32 forward with head dim 128 (a few spilled words); not yet tuned by timing on a GPU.
-    """
-    if dtype == torch.float32:  # twice the bytes per element, and tf32x3 dots need three times the operands
-        if block_d <= 32:
-            return AttentionConfigs(
-                fwd=KernelConfig(64, 32, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
-                dkdv=KernelConfig(16, 32, 4, 2), dq=KernelConfig(32, 16, 4, 2),
-            )
-        if block_d <= 64:
-            return AttentionConfigs(
-                fwd=KernelConfig(64, 32, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
-                dkdv=KernelConfig(16, 32, 4, 2), dq=KernelConfig(32, 32, 8, 2),
-            )
-        return AttentionConfigs(
-            fwd=KernelConfig(64, 16, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
-            dkdv=KernelConfig(16, 16, 4, 1), dq=KernelConfig(16, 32, 4, 2),
-        )
-    if block_d <= 64:
-        return AttentionConfigs(
-            fwd=KernelConfig(128, 64, 8, 3), probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(128, 64),
-            dkdv=KernelConfig(32, 128, 8, 2), dq=KernelConfig(128, 64, 8, 2),
-        )
-    return AttentionConfigs(
-        fwd=KernelConfig(128, 64, 8, 2), probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(64, 64),
-        dkdv=KernelConfig(32, 64, 8, 2), dq=KernelConfig(128, 64, 8, 2),
-    )
-
-
-def _configs(device: torch.device, block_d: int, dtype: torch.dtype) -> AttentionConfigs:
-    if device.type == "cuda":
-        return gpu_configs(block_d, dtype)
-    return _INTERPRETER_CONFIGS
 
 
 def _block_d(head_dim: int) -> int:
@@ -547,115 +662,142 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------
+class _Layout:
+    """What the kernels need to know about the sequences of one call (computed once, kept for the backward).
+
+    ``sequences`` S and ``longest`` (grid sizes); ``cu_seqlens`` int32 ``[S + 1]`` (packed); ``keep`` uint8 ``[B, N]``
+    and ``kv_end`` int32 ``[B]`` (padded with a key padding mask); ``dummy`` for the pointers a variant never reads.
+    """
+
+    def __init__(self, q, key_padding_mask, packing: Packing | None):
+        self.packing = packing
+        self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+        self.keep = self.kv_end = None
+        self.pad_strides = (0, 0)
+        if packing is not None:
+            self.sequences, self.longest = packing.num_sequences, packing.max_seqlen
+            self.cu_seqlens = packing.cu_seqlens
+        else:
+            self.sequences, self.longest = q.shape[0], q.shape[2]
+            self.cu_seqlens = self.dummy
+            if key_padding_mask is not None:
+                self.keep = key_padding_mask.view(torch.uint8)  # bool -> uint8 view, no copy
+                positions = torch.arange(1, q.shape[2] + 1, dtype=torch.int32, device=q.device)
+                self.kv_end = (self.keep.to(torch.int32) * positions).amax(dim=-1).to(torch.int32)  # 0: no keys
+                self.pad_strides = (self.keep.stride(0), self.keep.stride(1))
+
+    @property
+    def varlen(self) -> bool:
+        return self.packing is not None
+
+    @property
+    def has_key_pad(self) -> bool:
+        return self.keep is not None
+
+    def pointers(self):
+        """``(KeyPad, KvEnd, CuSeqlens)`` kernel arguments."""
+        return (self.keep if self.keep is not None else self.dummy,
+                self.kv_end if self.kv_end is not None else self.dummy, self.cu_seqlens)
 
 
-def _key_padding(key_padding_mask, batch, seq, device):
-    """``(mask as uint8 [B, N] or a dummy, kv_end int32 [B] or a dummy, strides)``; kv_end = 1 + last kept key."""
-    if key_padding_mask is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
-        return dummy, dummy, (0, 0)
-    keep = key_padding_mask.view(torch.uint8)  # bool -> uint8 view, no copy
-    positions = torch.arange(1, seq + 1, dtype=torch.int32, device=device)
-    kv_end = (keep.to(torch.int32) * positions).amax(dim=-1).to(torch.int32)  # [B], 0 if no key is kept
-    return keep, kv_end, (keep.stride(0), keep.stride(1))
+def _configs(q: torch.Tensor, layout: _Layout, causal: bool) -> AttentionConfigs:
+    return configs_for(q.device, _block_d(q.shape[3]), q.dtype, max_seqlen=layout.longest, causal=causal)
 
 
-def _forward(q, k, v, mask_bh, key_padding_mask, causal, scale, return_probs, store_unmasked):
-    """Launch ``_attn_fwd`` (and ``_attn_probs``). Returns ``(out, out_unmasked or None, lse, entropy, max_prob,
-    probs or None)``; ``mask_bh`` is None or float32 contiguous ``[B, H]``."""
+def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
+    """Launch ``_attn_fwd`` (and ``_attn_probs``). Returns ``(out, lse, entropy, max_prob, probs or None)``;
+    ``mask_sh`` is None or float32 contiguous ``[S, H]``."""
     batch, heads, seq, head_dim = q.shape
     block_d = _block_d(head_dim)
-    cfg = _configs(q.device, block_d, q.dtype)
+    cfg = _configs(q, layout, causal)
     precision = _dot_precision(q.dtype)
     qk_scale = scale * _LOG2E
-    keep, kv_end, (stride_pb, stride_pn) = _key_padding(key_padding_mask, batch, seq, q.device)
-    has_mask = mask_bh is not None
+    has_mask = mask_sh is not None
     out = torch.empty_like(q)  # q's layout where dense (e.g. [B, N, H, D] underneath): free transpose later
-    out_u = torch.empty_like(out) if (has_mask and store_unmasked) else None
     # three separate tensors (not views of one): callers may modify the statistics in place
     lse, entropy, max_prob = (torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) for _ in range(3))
-    dummy = out
-    grid = (triton.cdiv(seq, cfg.fwd.block_m), batch * heads)
+    key_pad, kv_end, cu_seqlens = layout.pointers()
+    grid = (triton.cdiv(layout.longest, cfg.fwd.block_m), layout.sequences * heads)
     _attn_fwd[grid](
-        q, k, v, mask_bh if has_mask else dummy, keep, kv_end, out, out_u if out_u is not None else dummy,
-        lse, entropy, max_prob,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        stride_pb, stride_pn,
+        q, k, v, mask_sh if has_mask else lse, key_pad, kv_end, cu_seqlens, out, lse, entropy, max_prob,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *layout.pad_strides,
         heads, seq, qk_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n,
-        CAUSAL=causal, HAS_KEY_PAD=key_padding_mask is not None, HAS_HEAD_MASK=has_mask,
-        STORE_UNMASKED=out_u is not None, DOT_PRECISION=precision,
-        num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages,
+        CAUSAL=causal, VARLEN=layout.varlen, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask,
+        DOT_PRECISION=precision, num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages,
     )
     probs = None
-    if return_probs:
-        probs = torch.empty((batch, heads, seq, seq), dtype=torch.float32, device=q.device)
+    if return_probs:  # padded batches only (checked by check_inputs)
+        probs = torch.empty((batch, heads, seq, seq), dtype=q.dtype, device=q.device)
         grid = (triton.cdiv(seq, cfg.probs.block_m), triton.cdiv(seq, cfg.probs.block_n), batch * heads)
         _attn_probs[grid](
-            q, k, keep, kv_end, lse, probs,
-            *q.stride(), *k.stride(), stride_pb, stride_pn, probs.stride(1), probs.stride(2),
+            q, k, mask_sh if has_mask else lse, key_pad, kv_end, lse, probs,
+            *q.stride(), *k.stride(), *layout.pad_strides, probs.stride(1), probs.stride(2),
             heads, seq, qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.probs.block_m, BLOCK_N=cfg.probs.block_n,
-            CAUSAL=causal, HAS_KEY_PAD=key_padding_mask is not None, DOT_PRECISION=precision,
+            CAUSAL=causal, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, DOT_PRECISION=precision,
             num_warps=cfg.probs.num_warps, num_stages=cfg.probs.num_stages,
         )
-    return out, out_u, lse, entropy, max_prob, probs
+    return out, lse, entropy, max_prob, probs
 
 
-def _backward(grad_out, q, k, v, o_saved, lse, mask_bh, key_padding_mask, causal, scale, o_is_unmasked,
-              need_dq, need_dkdv):
-    """Launch the backward kernels. Returns ``(dq, dk, dv, row_dot)``; ``row_dot [B, H, N]`` float32 holds
-    ``rowsum(dO * P V)`` when ``o_is_unmasked`` (for the head-mask gradient), else None."""
+def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, scale, need_dq, need_dkdv, need_mask):
+    """Launch the backward kernels. Returns ``(dq, dk, dv, mask_grad)``; ``mask_grad [S, H]`` float32 or None."""
     batch, heads, seq, head_dim = q.shape
     block_d = _block_d(head_dim)
-    cfg = _configs(q.device, block_d, q.dtype)
+    cfg = _configs(q, layout, causal)
     precision = _dot_precision(q.dtype)
-    has_mask = mask_bh is not None
-    keep, kv_end, (stride_pb, stride_pn) = _key_padding(key_padding_mask, batch, seq, q.device)
-    # -- stage 1: Delta (and the per-row head-mask gradient)
+    has_mask = mask_sh is not None
+    need_mask = need_mask and has_mask
+    key_pad, kv_end, cu_seqlens = layout.pointers()
+    rows = layout.sequences * heads
+    mask_arg = mask_sh if has_mask else lse
+    # -- stage 1: Delta, and the head-mask gradient of heads whose mask is not small
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
-    row_dot = torch.empty_like(delta) if o_is_unmasked else None
-    grid = (triton.cdiv(seq, cfg.preprocess.block_m), batch * heads)
-    _attn_bwd_preprocess[grid](
-        o_saved, grad_out, mask_bh if has_mask else delta, delta, row_dot if row_dot is not None else delta,
-        *o_saved.stride(), *grad_out.stride(),
-        heads, seq,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess.block_m,
-        SCALE_BY_HEAD_MASK=o_is_unmasked,
+    pre_blocks = triton.cdiv(layout.longest, cfg.preprocess.block_m)
+    pre_grad = torch.zeros((rows, pre_blocks), dtype=torch.float32, device=q.device) if need_mask else delta
+    _attn_bwd_preprocess[(pre_blocks, rows)](
+        out, grad_out, mask_arg, kv_end, cu_seqlens, delta, pre_grad,
+        *out.stride(), *grad_out.stride(),
+        heads, seq, pre_blocks, _SMALL_MASK,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess.block_m, VARLEN=layout.varlen,
+        HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask,
     )
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=layout.varlen,
+                  HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, DOT_PRECISION=precision)
     dq = dk = dv = None
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_PAD=key_padding_mask is not None,
-                  HAS_HEAD_MASK=has_mask, DOT_PRECISION=precision)
-    mask_arg = mask_bh if has_mask else delta
     # -- stage 2: dK, dV
     if need_dkdv:
         dk = torch.empty_like(k)
         dv = torch.empty_like(dk)  # dK and dV share strides in the kernel
-        grid = (triton.cdiv(seq, cfg.dkdv.block_n), batch * heads)
+        grid = (triton.cdiv(layout.longest, cfg.dkdv.block_n), rows)
         _attn_bwd_dkdv[grid](
-            q, k, v, grad_out, mask_arg, keep, kv_end, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-            stride_pb, stride_pn,
+            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
             heads, seq, scale * _LOG2E, scale,
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
             num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages,
         )
-    # -- stage 3: dQ
-    if need_dq:
-        dq = torch.empty_like(q)
-        grid = (triton.cdiv(seq, cfg.dq.block_m), batch * heads)
+    # -- stage 3: dQ, and the head-mask gradient of heads whose mask is (near) 0
+    dq_grad = None
+    if need_dq or need_mask:
+        dq = torch.empty_like(q) if need_dq else None
+        dq_blocks = triton.cdiv(layout.longest, cfg.dq.block_m)
+        dq_grad = torch.zeros((rows, dq_blocks), dtype=torch.float32, device=q.device) if need_mask else None
+        grid = (dq_blocks, rows)
         _attn_bwd_dq[grid](
-            q, k, v, grad_out, mask_arg, keep, kv_end, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            stride_pb, stride_pn,
-            heads, seq, scale * _LOG2E, scale,
-            BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, **common,
+            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta,
+            dq if dq is not None else q, dq_grad if dq_grad is not None else lse,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
+            *layout.pad_strides,
+            heads, seq, scale * _LOG2E, scale, dq_blocks, _SMALL_MASK,
+            BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
             num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
         )
-    return dq, dk, dv, row_dot
+    mask_grad = None
+    if need_mask:
+        mask_grad = (pre_grad.sum(-1) + dq_grad.sum(-1)).view(layout.sequences, heads)
+    return dq, dk, dv, mask_grad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -664,70 +806,68 @@ def _backward(grad_out, q, k, v, o_saved, lse, mask_bh, key_padding_mask, causal
 
 
 def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                     return_probs=False):
+                     return_probs=False, packing: Packing | None = None):
     """Fused Triton attention; same contract as :func:`fastbertology.kernels.attention`.
 
     Args:
-        q, k, v: ``[B, H, N, D]``, float32/float16/bfloat16, ``D <= 128`` (otherwise :func:`attention_torch`), CUDA (or
-            CPU under ``TRITON_INTERPRET=1``), any strides (read in place, never copied).
-        head_mask: ``[H]`` or ``[B, H]`` floats, or None; multiplies each head's output. Differentiable.
-        key_padding_mask: bool ``[B, N]`` (True = keep the key), any pattern, or None.
-        causal: query i sees keys j <= i.
+        q, k, v: ``[B, H, N, D]`` (packed: ``[1, H, T, D]``), float32/float16/bfloat16, ``D <= 128`` (otherwise
+            :func:`attention_torch`), CUDA (or CPU under ``TRITON_INTERPRET=1``), any strides (read in place).
+        head_mask: ``[H]`` or ``[B, H]`` (packed: ``[S, H]``) floats, or None; multiplies each head's output.
+            Differentiable.
+        key_padding_mask: bool ``[B, N]`` (True = keep the key), any pattern, or None (padded batches only).
+        causal: query i sees keys j <= i (of its own sequence).
         scale: softmax scale, default ``D ** -0.5``.
-        return_probs: also return ``stats.probs`` ``[B, H, N, N]`` float32 (before the head mask).
+        return_probs: also return ``stats.probs`` ``[B, H, N, N]`` (probabilities times the head mask, input dtype).
+        packing: :class:`~fastbertology.kernels.Packing` of packed sequences, or None.
 
     Returns:
-        ``out [B, H, N, D]`` (input dtype, with the memory layout of ``q`` where ``q`` is dense) and
-        :class:`AttentionStats` with ``lse, entropy, max_prob`` ``[B, H, N]`` float32 (before the head mask, no
-        gradient) and ``probs`` (or None).
+        ``out`` (input dtype, with the memory layout of ``q`` where ``q`` is dense) and :class:`AttentionStats`
+        with ``lse, entropy, max_prob`` float32 (before the head mask, no gradient) and ``probs`` (or None).
 
-    Tensors are saved for backward only when one of q, k, v, head_mask requires grad (and grad mode is on); the
-    unmasked ``P V`` (one extra ``[B, H, N, D]`` tensor) is kept only when the head-mask gradient is needed.
+    Tensors are saved for backward only when one of q, k, v, head_mask requires grad (and grad mode is on).
     """
-    batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal)
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM or q.numel() == 0:
+    batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM or q.numel() == 0 \
+            or not scale > 0:
         if head_dim > MAX_HEAD_DIM:
             warnings.warn(f"head dim {head_dim} > {MAX_HEAD_DIM}: the Triton kernels are not built for it; "
                           "using the PyTorch backend", stacklevel=2)
         return attention_torch(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal,
-                               scale=scale, return_probs=return_probs)
+                               scale=scale, return_probs=return_probs, packing=packing)
     _check_device(q)
     if batch * heads > _MAX_GRID_Y:
-        raise ValueError(f"batch * heads = {batch * heads} exceeds {_MAX_GRID_Y}; split the batch")
-    scale = head_dim**-0.5 if scale is None else float(scale)
+        raise ValueError(f"sequences * heads = {batch * heads} exceeds {_MAX_GRID_Y}; split the batch")
+    layout = _Layout(q, key_padding_mask, packing)
     grad_on = torch.is_grad_enabled()
-    qkv_grad = grad_on and (q.requires_grad or k.requires_grad or v.requires_grad)
-    mask_grad = grad_on and head_mask is not None and head_mask.requires_grad
-    if not (qkv_grad or mask_grad):
-        mask_bh = _mask_bh(head_mask, batch, heads)
-        out, _, lse, entropy, max_prob, probs = _forward(q, k, v, mask_bh, key_padding_mask, causal, scale,
-                                                         return_probs, store_unmasked=False)
+    needs_grad = grad_on and (q.requires_grad or k.requires_grad or v.requires_grad
+                              or (head_mask is not None and head_mask.requires_grad))
+    if not needs_grad:
+        out, lse, entropy, max_prob, probs = _forward(q, k, v, _mask_sh(head_mask, batch, heads), layout, causal,
+                                                      scale, return_probs)
     else:
-        out, lse, entropy, max_prob, probs = _TritonAttention.apply(q, k, v, head_mask, key_padding_mask, causal,
-                                                                    scale, return_probs, mask_grad)
+        out, lse, entropy, max_prob, probs = _TritonAttention.apply(q, k, v, head_mask, layout, causal, scale,
+                                                                    return_probs)
     return out, AttentionStats(lse=lse, entropy=entropy, max_prob=max_prob, probs=probs)
 
 
-def _mask_bh(head_mask, batch, heads):
-    """None, or the head mask as float32 contiguous ``[B, H]`` (detached)."""
+def _mask_sh(head_mask, sequences, heads):
+    """None, or the head mask as float32 contiguous ``[S, H]`` (detached)."""
     if head_mask is None:
         return None
-    return expand_head_mask(head_mask.detach(), batch, heads).to(torch.float32).contiguous()
+    return expand_head_mask(head_mask.detach(), sequences, heads).to(torch.float32).contiguous()
 
 
 class _TritonAttention(torch.autograd.Function):
-    """Autograd wrapper: inputs ``q, k, v [B, H, N, D]``, ``head_mask [H] | [B, H] | None``; outputs ``out``
-    and the non-differentiable ``lse, entropy, max_prob`` (and ``probs`` or None)."""
+    """Autograd wrapper: inputs ``q, k, v``, ``head_mask [H] | [S, H] | None``; outputs ``out`` and the
+    non-differentiable ``lse, entropy, max_prob`` (and ``probs`` or None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, head_mask, key_padding_mask, causal, scale, return_probs, mask_grad):
-        batch, heads = q.shape[:2]
-        mask_bh = _mask_bh(head_mask, batch, heads)
-        out, out_u, lse, entropy, max_prob, probs = _forward(q, k, v, mask_bh, key_padding_mask, causal, scale,
-                                                             return_probs, store_unmasked=mask_grad)
-        o_saved = out_u if out_u is not None else out  # P V when the head-mask gradient is needed, else out
-        ctx.save_for_backward(q, k, v, o_saved, lse, mask_bh, key_padding_mask)
-        ctx.causal, ctx.scale, ctx.o_is_unmasked = causal, scale, out_u is not None
+    def forward(ctx, q, k, v, head_mask, layout, causal, scale, return_probs):
+        mask_sh = _mask_sh(head_mask, layout.sequences, q.shape[1])
+        out, lse, entropy, max_prob, probs = _forward(q, k, v, mask_sh, layout, causal, scale, return_probs)
+        ctx.save_for_backward(q, k, v, out, lse, mask_sh)
+        ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
         ctx.head_mask_shape = None if head_mask is None else (head_mask.dim(), head_mask.dtype)
         # one call: a second mark_non_differentiable would replace the first
         ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs) if t is not None))
@@ -735,21 +875,18 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
-        q, k, v, o_saved, lse, mask_bh, key_padding_mask = ctx.saved_tensors
+        q, k, v, out, lse, mask_sh = ctx.saved_tensors
         need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
         if grad_out is None:
-            return (None,) * 9
-        dq, dk, dv, row_dot = _backward(grad_out, q, k, v, o_saved, lse, mask_bh, key_padding_mask, ctx.causal,
-                                        ctx.scale, ctx.o_is_unmasked, need_dq=need_q, need_dkdv=need_k or need_v)
+            return (None,) * 8
+        dq, dk, dv, mask_grad = _backward(grad_out, q, k, v, out, lse, mask_sh, ctx.layout, ctx.causal, ctx.scale,
+                                          need_dq=need_q, need_dkdv=need_k or need_v, need_mask=need_mask)
         grad_mask = None
-        if need_mask and row_dot is not None:
-            grad_mask = row_dot.sum(dim=-1)  # [B, H], deterministic reduction over query rows
+        if need_mask and mask_grad is not None:
             dim, dtype = ctx.head_mask_shape
-            if dim == 1:
-                grad_mask = grad_mask.sum(dim=0)  # [H]
-            grad_mask = grad_mask.to(dtype)
+            grad_mask = (mask_grad.sum(dim=0) if dim == 1 else mask_grad).to(dtype)
         return (dq if need_q else None, dk if need_k else None, dv if need_v else None, grad_mask,
-                None, None, None, None, None)
+                None, None, None, None)
 
 
 __all__ = ["attention_triton", "gpu_configs", "AttentionConfigs", "KernelConfig", "FP32_DOT_PRECISION", "MAX_HEAD_DIM"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastbertology import kernels
-from fastbertology.kernels import reference
+from fastbertology.kernels import reference, torch_attention
 
 
 def _inputs(batch, heads, seq, head_dim, dtype, *, seed=0, padding=True, mask_kind="BH"):
@@ -64,11 +64,14 @@ def test_torch_backend_matches_reference(dtype, seq, causal, mask_kind):
         assert ours_error <= factor * torch_error + floor, f"{name}: {ours_error} vs same-dtype torch {torch_error}"
 
 
-def test_chunked_path_equals_unchunked(monkeypatch):
+@pytest.mark.parametrize("chunk_elements, keep_probs_elements", [(2 * 3 * 41 * 5, 1 << 24), (1 << 24, 0),
+                                                                    (2 * 3 * 41 * 5, 0)])
+def test_chunked_and_recomputing_paths_equal_the_whole(monkeypatch, chunk_elements, keep_probs_elements):
+    """Query chunks of 5 rows, and probabilities recomputed in the backward instead of kept: same results."""
     tensors, head_mask, key_padding_mask, grad_out = _inputs(2, 3, 41, 8, torch.float64)
     whole = _run(kernels.attention_torch, tensors, head_mask, key_padding_mask, grad_out, torch.float64, True)
-    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * 3 * 41 * 5)  # chunks of 5 queries
-    assert reference._chunk_size(2, 3, 41, 41) == 5
+    monkeypatch.setattr(torch_attention, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(torch_attention, "KEEP_PROBS_ELEMENTS", keep_probs_elements)
     chunked = _run(kernels.attention_torch, tensors, head_mask, key_padding_mask, grad_out, torch.float64, True)
     for a, b in zip([whole[0], *whole[1], *whole[2]], [chunked[0], *chunked[1], *chunked[2]]):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -153,18 +153,24 @@ def test_prefix_reuse_sweep_equals_naive_sweep(model_type):
 
 
 def test_prefix_reuse_skips_the_prefix():
-    """Layer l runs once per batch for the baseline plus once per pass starting at or before it."""
+    """Layer l runs once per batch for the baseline plus once per pass starting at or before it, on the real
+    tokens only (padding-free: every token a layer sees is a real token)."""
     model, layers, heads = tiny_model("gpt2")
     batches = _batches("lm")
-    rows = {layer: 0 for layer in range(layers)}
-    handles = [block.attn.register_forward_hook(lambda m, a, o, i=i: rows.__setitem__(i, rows[i] + a[0].shape[0]))
+    assert any(not bool(b["attention_mask"].all()) for b in batches)  # there is padding to skip
+    tokens = {layer: 0 for layer in range(layers)}
+
+    def count(module, args, output, layer):
+        tokens[layer] += args[0].shape[0] * args[0].shape[1]  # [B, N, D] or the packed [1, T, D]
+
+    handles = [block.attn.register_forward_hook(lambda m, a, o, i=i: count(m, a, o, i))
                for i, block in enumerate(model.base_model.h)]
     with fastbertology.patch(model, backend="torch"):
         ablation_sweep(model, batches, LanguageModelingTask(), kind="heads", masks_per_pass=heads)
     for handle in handles:
         handle.remove()
-    examples = sum(len(b["input_ids"]) for b in batches)
-    assert rows == {layer: examples * (1 + heads * (layer + 1)) for layer in range(layers)}
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert tokens == {layer: real * (1 + heads * (layer + 1)) for layer in range(layers)}
 
 
 def test_replicate_and_split_keep_retrieval_groups():

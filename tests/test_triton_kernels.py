@@ -149,7 +149,7 @@ def _check_against_reference(case, q, k, v, grad_out, head_mask, key_padding_mas
         mine = ours[name]
         assert mine.shape == reference.shape, name
         assert torch.isfinite(mine).all(), f"{name} has non-finite values"
-        if name in ("lse", "entropy", "max_prob", "probs"):
+        if name in ("lse", "entropy", "max_prob"):
             assert mine.dtype == torch.float32, name
         elif name == "grad_head_mask":
             assert mine.dtype == head_mask.dtype, name
@@ -171,8 +171,9 @@ def test_against_reference(case, monkeypatch):
     from fastbertology.kernels import triton_attention
 
     if case.gpu_blocks:
-        monkeypatch.setattr(triton_attention, "_configs",
-                            lambda device, block_d, dtype: triton_attention.gpu_configs(block_d, dtype))
+        monkeypatch.setattr(triton_attention, "configs_for",
+                            lambda device, block_d, dtype, **options: triton_attention.gpu_configs(block_d, dtype,
+                                                                                                   **options))
     inputs = _inputs(case)
     _check_against_reference(case, *inputs, triton_attention.attention_triton)
 
@@ -265,19 +266,31 @@ class Recorder:
 
 for name in ("_attn_fwd", "_attn_probs", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
     setattr(ta, name, Recorder(getattr(ta, name)))
-ta._configs = lambda device, block_d, dtype: ta.gpu_configs(block_d, dtype)
+ta.configs_for = lambda device, block_d, dtype, **options: ta.gpu_configs(block_d, dtype, **options)
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
            torch.int32: "*i32"}
 
-for dtype, head_dim, causal in ((torch.bfloat16, 64, True), (torch.float32, 128, False)):
+# (dtype, head dim, causal, layout): packed sequences (the default path of patched models), padded with a key
+# padding mask (and probabilities), padded without one
+CONFIGS = [(torch.bfloat16, 64, False, "packed"), (torch.bfloat16, 64, True, "packed"),
+           (torch.float16, 128, True, "padded"), (torch.float32, 128, False, "padded"),
+           (torch.bfloat16, 32, False, "dense")]
+for dtype, head_dim, causal, kind in CONFIGS:
     b, h, n = 2, 3, 200
-    q, k, v, do = (torch.randn(b, n, h, head_dim, dtype=dtype).transpose(1, 2) for _ in range(4))
-    mask = torch.rand(b, h)
-    keep = torch.rand(b, n) < 0.8
+    lengths = [120, 80]
+    if kind == "packed":
+        packing = ta.Packing.from_lengths(lengths)
+        q, k, v, do = (torch.randn(1, sum(lengths), h, head_dim, dtype=dtype).transpose(1, 2) for _ in range(4))
+        layout = ta._Layout(q, None, packing)
+    else:
+        q, k, v, do = (torch.randn(b, n, h, head_dim, dtype=dtype).transpose(1, 2) for _ in range(4))
+        keep = torch.rand(b, n) < 0.8 if kind == "padded" else None
+        layout = ta._Layout(q, keep, None)
+    mask = torch.rand(layout.sequences, h)
     calls.clear()
-    mask_grad = dtype != torch.float32  # fp32: the head mask without grad (zero-mask heads skip P V at run time)
-    out, out_u, lse, *_ = ta._forward(q, k, v, mask, keep, causal, 0.125, True, mask_grad)
-    ta._backward(do, q, k, v, out_u if mask_grad else out, lse, mask, keep, causal, 0.125, mask_grad, True, True)
+    out, lse, *_ = ta._forward(q, k, v, mask, layout, causal, 0.125, kind == "padded")
+    ta._backward(do, q, k, v, out, lse, mask, layout, causal, 0.125, True, True, True)
+    ta._backward(do, q, k, v, out, lse, mask, layout, causal, 0.125, False, False, True)  # mask gradient only
     for fn, args, kwargs in calls:
         kwargs = dict(kwargs)
         options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
@@ -301,14 +314,15 @@ for dtype, head_dim, causal in ((torch.bfloat16, 64, True), (torch.float32, 128,
                                   options=options)
         assert compiled.metadata.shared <= 227 * 1024, (fn.__name__, compiled.metadata.shared)
         assert compiled.asm["cubin"], fn.__name__
-        print(fn.__name__, dtype, head_dim, "shared", compiled.metadata.shared)
+        print(fn.__name__, kind, dtype, head_dim, "causal" if causal else "", "shared", compiled.metadata.shared)
 print("compiled", flush=True)
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels run on the GPU here")
 def test_kernels_compile_for_sm90(tmp_path):
-    """bf16 head dim 64 causal and fp32 head dim 128, key padding, head mask with gradient, probabilities."""
+    """Every kernel for packed bf16 head dim 64 (bidirectional and causal), padded fp16/fp32 head dim 128 with key
+    padding and probabilities, and dense bf16 head dim 32; head mask with gradient, and the mask gradient alone."""
     import subprocess
     import sys
     from pathlib import Path

@@ -1,0 +1,203 @@
+"""Packed (padding-free) attention: every backend against the float64 reference, and packed == padded.
+
+Packed sequences ``[1, H, T, D]`` with :class:`Packing` must give, at every real token, exactly what padded
+attention over ``[S, H, max_len, D]`` with a key padding mask gives (outputs, statistics, every gradient including
+the head mask's). The Triton kernels run under the interpreter on the CPU (small blocks: interior and edge key
+blocks are both crossed), also with the GPU block sizes. Pass rule as in test_triton_kernels.py: the backend's
+error against float64 is at most 2x (outputs) / 3x (gradients) the error of the same-dtype PyTorch computation
+plus a floor of a few units in the last place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fastbertology.kernels import Packing, attention
+
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4}
+OUTPUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    lengths: tuple[int, ...]
+    heads: int = 2
+    head_dim: int = 32
+    causal: bool = False
+    mask: str | None = None  # None, "H", "SH" (per sequence, with a 0 and a tiny value)
+    grads: str = "all"  # "all", "qkv", "mask", "none"
+
+    def __str__(self):
+        name = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16"}[self.dtype]
+        return "-".join([name, "L" + ",".join(map(str, self.lengths)), f"H{self.heads}D{self.head_dim}",
+                         "causal" if self.causal else "full", f"mask-{self.mask}", f"grad-{self.grads}"])
+
+
+def _packed_inputs(case: Case, seed: int = 0):
+    """q, k, v, dO ``[1, H, T, D]`` (strided like transformers' views), head mask, packing."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(case.lengths)
+    q, k, v, grad_out = (torch.randn(1, total, case.heads, case.head_dim, generator=gen, dtype=torch.float64)
+                         .transpose(1, 2) for _ in range(4))
+    head_mask = None
+    if case.mask == "H":
+        head_mask = 0.5 + torch.rand(case.heads, generator=gen, dtype=torch.float64)
+        head_mask[-1] = 0.0
+    elif case.mask == "SH":
+        head_mask = 0.5 + torch.rand(len(case.lengths), case.heads, generator=gen, dtype=torch.float64)
+        head_mask[0, -1] = 0.0
+        head_mask[-1, 0] = 1e-3  # below the kernels' "small mask" threshold: exact gradient path
+    return q, k, v, grad_out, head_mask, Packing.from_lengths(case.lengths)
+
+
+def _evaluate(backend, case, q, k, v, grad_out, head_mask, packing, dtype):
+    """Run one backend on copies cast to ``dtype``; return name -> tensor (float64)."""
+    q, k, v, grad_out = (t.detach().to(dtype) for t in (q, k, v, grad_out))
+    if head_mask is not None:
+        head_mask = head_mask.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    inputs = {"q": q, "k": k, "v": v, "head_mask": head_mask}
+    wanted = {"all": ["q", "k", "v", "head_mask"], "qkv": ["q", "k", "v"], "mask": ["head_mask"], "none": []}
+    wanted = [name for name in wanted[case.grads] if inputs[name] is not None]
+    for name in wanted:
+        inputs[name].requires_grad_(True)
+    with torch.set_grad_enabled(bool(wanted)):
+        out, stats = attention(q, k, v, head_mask=head_mask, causal=case.causal, packing=packing, backend=backend)
+    results = {"out": out.detach(), "lse": stats.lse, "entropy": stats.entropy, "max_prob": stats.max_prob}
+    if wanted:
+        out.backward(grad_out.to(out.dtype))
+        results.update({f"grad_{name}": inputs[name].grad for name in wanted})
+    return {name: value.double() for name, value in results.items()}
+
+
+def _check(backend, case, seed=0):
+    inputs = _packed_inputs(case, seed)
+    exact = _evaluate("reference", case, *inputs, torch.float64)
+    same_dtype = _evaluate("reference", case, *inputs, case.dtype)
+    ours = _evaluate(backend, case, *inputs, case.dtype)
+    assert ours.keys() == exact.keys()
+    failures = []
+    for name, reference in exact.items():
+        mine = ours[name]
+        assert mine.shape == reference.shape, name
+        assert torch.isfinite(mine).all(), f"{name} has non-finite values"
+        error = (mine - reference).abs().max().item() if mine.numel() else 0.0
+        torch_error = (same_dtype[name] - reference).abs().max().item() if mine.numel() else 0.0
+        factor = GRAD_FACTOR if name.startswith("grad_") else OUTPUT_FACTOR
+        scale = max(1.0, reference.abs().max().item() if mine.numel() else 1.0)
+        allowed = factor * torch_error + FLOOR[case.dtype] * scale
+        if not error <= allowed:
+            failures.append(f"{name}: error {error:.3g} > allowed {allowed:.3g} (torch {torch_error:.3g})")
+    assert not failures, f"{backend} {case}: " + "; ".join(failures)
+
+
+F64, F32, F16 = torch.float64, torch.float32, torch.float16
+# Odd lengths, a 1-token and an empty sequence, sequences shorter and longer than the interpreter's blocks.
+TORCH_CASES = [
+    Case(F64, (5, 1, 0, 9, 4), mask="SH"),
+    Case(F64, (5, 1, 0, 9, 4), causal=True, mask="H"),
+    Case(F32, (97, 33, 1), causal=True, mask="SH", grads="qkv"),
+    Case(F32, (1, 1, 1), mask="SH", grads="mask"),
+    Case(F32, (40, 7), grads="none"),
+]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=str)
+def test_torch_backend_packed(case):
+    _check("torch", case)
+
+
+def test_torch_backend_recomputing_probabilities(monkeypatch):
+    from fastbertology.kernels import torch_attention
+
+    monkeypatch.setattr(torch_attention, "KEEP_PROBS_ELEMENTS", 0)
+    _check("torch", Case(F64, (13, 1, 7), causal=True, mask="SH"))
+
+
+triton_needed = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)",
+)
+TRITON_CASES = [
+    Case(F32, (97, 1, 0, 33), mask="SH"),
+    Case(F32, (97, 1, 0, 33), causal=True, mask="SH"),
+    Case(F16, (50, 17, 3), heads=3, head_dim=64, causal=True, mask="H", grads="mask"),
+    Case(F16, (31, 64, 2), head_dim=16, mask="SH", grads="qkv"),
+    Case(F32, (20, 21), head_dim=48, causal=True, grads="none"),
+    Case(F32, (1, 1, 1, 1), mask="SH"),
+]
+
+
+@triton_needed
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_backend_packed(case):
+    pytest.importorskip("triton")
+    _check("triton", case)
+
+
+@triton_needed
+def test_triton_backend_packed_gpu_blocks(monkeypatch):
+    """The GPU block sizes (128-row query blocks for long sequences) on the interpreter."""
+    pytest.importorskip("triton")
+    from fastbertology.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "configs_for",
+                        lambda device, block_d, dtype, **options: triton_attention.gpu_configs(block_d, dtype,
+                                                                                               **options))
+    _check("triton", Case(F32, (130, 5, 70), causal=True, mask="SH"))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_needed)])
+def test_packed_equals_padded(backend):
+    """The same sequences padded (key padding mask) and packed give the same values at every real token."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    lengths = [9, 1, 17, 4]
+    batch, seq, heads, dim = len(lengths), max(lengths), 2, 32
+    gen = torch.Generator().manual_seed(3)
+    padded = [torch.randn(batch, seq, heads, dim, generator=gen).transpose(1, 2) for _ in range(3)]
+    keep = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+    index = keep.flatten().nonzero().squeeze(1)
+
+    def pack(t):  # [B, H, N, D] -> [1, H, T, D]
+        return t.transpose(1, 2).reshape(batch * seq, heads, dim)[index].transpose(0, 1)[None]
+
+    head_mask = torch.rand(batch, heads, generator=gen) + 0.5
+    for causal in (False, True):
+        out_p, stats_p = attention(*padded, head_mask=head_mask, key_padding_mask=keep, causal=causal, backend=backend)
+        out_k, stats_k = attention(*(pack(t) for t in padded), head_mask=head_mask, causal=causal,
+                                   packing=Packing.from_lengths(lengths), backend=backend)
+        torch.testing.assert_close(out_k, pack(out_p), atol=2e-6, rtol=0)
+        for a, b in zip(stats_k[:3], stats_p[:3]):
+            torch.testing.assert_close(a[0].t(), b.transpose(1, 2).reshape(batch * seq, heads)[index],
+                                       atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(key_padding_mask=torch.ones(1, 6, dtype=torch.bool)), "no padding"),
+        (dict(return_probs=True), "not available for packed"),
+        (dict(packing=Packing.from_lengths([2, 3])), "total tokens"),
+        (dict(head_mask=torch.ones(3, 2)), "head_mask must have shape"),
+        (dict(packing=Packing(torch.tensor([0, 2, 6]), (2, 4))), "int32"),
+    ],
+)
+def test_packed_bad_inputs_raise(kwargs, message):
+    q = torch.randn(1, 2, 6, 4)
+    options = dict(packing=Packing.from_lengths([2, 4]))
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        attention(q, q, q, backend="torch", **options)
+
+
+def test_packing_from_lengths():
+    packing = Packing.from_lengths([3, 0, 2])
+    assert packing.cu_seqlens.tolist() == [0, 3, 3, 5] and packing.cu_seqlens.dtype == torch.int32
+    assert (packing.total, packing.max_seqlen, packing.num_sequences, packing.starts()) == (5, 3, 3, [0, 3, 3])
+    with pytest.raises(ValueError, match=">= 0"):
+        Packing.from_lengths([2, -1])
