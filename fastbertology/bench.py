@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import tasks
 from .batching import bucketed_batches, padded_batches
 
 MODES = ("reference", "sdpa-frozen", "fastbertology", "fastbertology-bucketed")
@@ -243,6 +244,9 @@ class _Task:
 
     def batch_size(self, batch: dict) -> int:
         return len(batch["input_ids"])
+
+    replicate = tasks.Task.replicate  # k copies of a batch for batched masks, and the output split k ways
+    split = tasks.Task.split
 
 
 def _logits(output) -> torch.Tensor:
@@ -531,8 +535,6 @@ def sweeps_module():
         from . import sweeps
     except ImportError:
         return None
-    for task_class in (ClassificationTask, LanguageModelingTask):
-        sweeps.register_task_replication(task_class)  # rows tiled k times, logits split k ways (the default)
     return sweeps
 
 

@@ -5,8 +5,8 @@ Evaluating M head masks naively costs M full passes over the data. Two things ma
 * **Batched masks** (per-example head masks). Each batch of B examples is replicated k times and copy j is run
   under mask j through one ``[k*B, L, H]`` head mask; the output is split back into k per-copy outputs, and each
   copy's losses and metric are computed on the *original* batch (so task-specific structure such as retrieval
-  groups is untouched). How a task's batch is replicated and its output split is a small dispatch keyed by task
-  class (:func:`replicate_batch`, :func:`split_output`, :func:`register_task_replication`).
+  groups is untouched). How a task's batch is replicated and its output split is the task's own business
+  (``task.replicate`` and ``task.split``, see :mod:`fastbertology.tasks`).
 * **Prefix reuse**. A mask whose first non-one layer is ``l`` (its *start layer*) leaves layers ``< l`` exactly as
   in the unmasked model. Per batch, one unmasked pass (which also gives the baseline score) records the hidden
   states entering every start layer with forward pre-hooks; then each pass of k masks with start layer ``l``
@@ -42,11 +42,10 @@ from tqdm.auto import tqdm
 
 from .importance import examples_in, require_patched
 from .patching import current_packing, heads_per_layer, transformer_layers
-from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
 
 __all__ = [
     "SweepResult", "SweepState", "MaskPass", "ablation_sweep", "evaluate_masks", "single_head_masks", "layer_masks",
-    "first_masked_layer", "plan_passes", "replicate_batch", "split_output", "register_task_replication",
+    "first_masked_layer", "plan_passes", "replicate_batch", "split_output",
     "naive_sweep", "benchmark_sweep", "SWEEP_KINDS",
 ]
 
@@ -54,70 +53,8 @@ SWEEP_KINDS = ("heads", "layers")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Replicating a batch k times and splitting the output: a dispatch keyed by task class
+# Replicating a batch k times and splitting the output: the task's own replicate / split
 # --------------------------------------------------------------------------------------------------------------
-def _replicate_rows(batch: dict, k: int, size: int) -> dict:
-    """Every tensor whose first dimension is the batch size ``size`` tiled k times along it (copy j = rows
-    ``j*size .. (j+1)*size - 1``); other entries unchanged."""
-    replicated = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
-            value = value.repeat(k, *([1] * (value.dim() - 1)))  # [B, ...] -> [k*B, ...]
-        replicated[key] = value
-    return replicated
-
-
-def _split_logits(output, k: int) -> list:
-    """``output.logits`` (or a tensor) ``[k*B, ...]`` -> k tensors ``[B, ...]`` (what ``task.result`` accepts)."""
-    logits = output.logits if hasattr(output, "logits") else output
-    if logits.shape[0] % k:
-        raise ValueError(f"output batch {logits.shape[0]} is not a multiple of the {k} copies")
-    return list(logits.chunk(k, dim=0))
-
-
-def _split_embedding_pair(output, k: int) -> list:
-    """Retrieval output ``(queries [k*B, D], positives [k*B, D])`` -> k pairs ``([B, D], [B, D])``."""
-    queries, positives = output
-    if queries.shape[0] % k or positives.shape[0] != queries.shape[0]:
-        raise ValueError(f"retrieval output of {queries.shape[0]} queries / {positives.shape[0]} positives cannot be "
-                         f"split into {k} copies")
-    return list(zip(queries.chunk(k, dim=0), positives.chunk(k, dim=0)))
-
-
-@dataclass(frozen=True)
-class TaskReplication:
-    """How to run k copies of a task's batch at once: ``replicate(batch, k, size) -> batch`` and
-    ``split(output, k) -> list of k outputs`` that ``task.result(output_j, original_batch)`` accepts."""
-
-    replicate: Callable
-    split: Callable
-
-
-_REPLICATION: dict[type, TaskReplication] = {
-    ClassificationTask: TaskReplication(_replicate_rows, _split_logits),
-    RegressionTask: TaskReplication(_replicate_rows, _split_logits),
-    LanguageModelingTask: TaskReplication(_replicate_rows, _split_logits),
-    # Queries and positives (``pair_*``) are both tiled. ``example_index`` is tiled as is, so the replicated batch
-    # is *not* a valid retrieval batch (groups() refuses it) — results are always computed per copy on the
-    # original batch, which keeps copy j's fixed groups exactly the original groups.
-    RetrievalTask: TaskReplication(_replicate_rows, _split_embedding_pair),
-}
-
-
-def register_task_replication(task_class: type, *, replicate: Callable = _replicate_rows,
-                              split: Callable = _split_logits) -> None:
-    """Teach the sweeps a new task class (subclasses of a registered class inherit its entry)."""
-    _REPLICATION[task_class] = TaskReplication(replicate, split)
-
-
-def _replication(task) -> TaskReplication:
-    for cls in type(task).__mro__:
-        if cls in _REPLICATION:
-            return _REPLICATION[cls]
-    raise TypeError(f"batched mask evaluation does not know task type {type(task).__name__}: register it with "
-                    "fastbertology.sweeps.register_task_replication(TaskClass, replicate=..., split=...)")
-
-
 def replicate_batch(task, batch: dict, k: int) -> dict:
     """``batch`` of B examples -> a batch of k*B rows for ``task.forward`` (copy j = rows ``j*B .. (j+1)*B-1``).
 
@@ -125,12 +62,20 @@ def replicate_batch(task, batch: dict, k: int) -> dict:
     :func:`split_output`, and call ``task.result(output_j, batch)`` with the *original* batch."""
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
-    return _replication(task).replicate(batch, k, examples_in(task, batch))
+    return _task_method(task, "replicate")(batch, k)
 
 
 def split_output(task, output, k: int) -> list:
     """Output of ``task.forward`` on :func:`replicate_batch`'s batch -> k outputs, one per copy."""
-    return _replication(task).split(output, k)
+    return _task_method(task, "split")(output, k)
+
+
+def _task_method(task, name: str):
+    method = getattr(task, name, None)
+    if method is None:
+        raise TypeError(f"batched mask evaluation needs task.{name}(...): derive {type(task).__name__} from "
+                        "fastbertology.tasks.Task (or define replicate(batch, k) and split(output, k))")
+    return method
 
 
 # --------------------------------------------------------------------------------------------------------------

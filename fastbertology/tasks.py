@@ -10,6 +10,7 @@ protocol (see :func:`fastbertology.importance.analyze_heads`)::
     task.compute_metric(state) -> float                    # the task's metric over everything seen
     task.compute_metrics(state) -> dict[str, float]        # every metric the task tracks
     task.higher_is_better, task.metric_name
+    task.replicate(batch, k) / task.split(output, k)       # k copies of a batch in one pass (batched masks)
 
 ``evaluate`` is ``task.result(task.forward(model, batch, head_mask=...), batch)``: ``forward`` only runs the model,
 ``result`` only computes losses from its output, so losses can be checked on crafted outputs.
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "TaskResult", "Task", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
+    "TaskResult", "Task", "PredictedLogits", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
     "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
     "confusion_metrics", "MODEL_INPUT_KEYS",
 ]
@@ -56,7 +57,8 @@ class TaskResult:
 
     loss:           scalar tensor, differentiable; each task documents how it reduces ``example_losses``.
     example_losses: ``[B]`` per-example losses (differentiable).
-    logits:         classification ``[B, C]`` / regression ``[B]`` / language modelling ``[B, N, V]``, or None.
+    logits:         classification ``[B, C]`` / regression ``[B]`` / language modelling ``[B, N, V]`` (or ``[K, V]``
+                    at the K predicted positions, see :class:`PredictedLogits`), or None.
     token_losses:   language modelling: ``[B, N-1]`` NLL of token t+1 given tokens <= t (0 where not counted).
     token_mask:     language modelling: ``[B, N-1]`` bool, the predicted tokens that count.
     ranks:          retrieval: ``[B]`` rank (1 = best) of each query's own positive among its group's positives.
@@ -123,6 +125,25 @@ class Task:
     def batch_size(self, batch: dict) -> int:
         """Number of examples in ``batch``."""
         return len(batch["input_ids"])
+
+    def replicate(self, batch: dict, k: int) -> dict:
+        """``batch`` of B examples -> k*B rows for :meth:`forward` (copy j = rows ``j*B .. (j+1)*B - 1``): every
+        tensor whose first dimension is B is tiled k times along it; other entries unchanged."""
+        size = self.batch_size(batch)
+        replicated = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
+                value = value.repeat(k, *([1] * (value.dim() - 1)))  # [B, ...] -> [k*B, ...]
+            replicated[key] = value
+        return replicated
+
+    def split(self, output, k: int) -> list:
+        """Output of :meth:`forward` on :meth:`replicate`'s batch -> k outputs, one per copy, each of which
+        :meth:`result` accepts with the original batch. Default: ``output.logits`` (or a tensor) split in k."""
+        logits = output.logits if hasattr(output, "logits") else output
+        if logits.shape[0] % k:
+            raise ValueError(f"output batch {logits.shape[0]} is not a multiple of the {k} copies")
+        return list(logits.chunk(k, dim=0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(metric={self.metric_name!r})"
@@ -279,9 +300,41 @@ class RegressionTask(Task):
 # Language modelling (GPT-2, OpenAI GPT)
 # ----------------------------------------------------------------------------------------------------------------
 
+@dataclass
+class PredictedLogits:
+    """Language-model logits at the predicted positions only: ``logits [K, V]`` for the K positions where
+    ``positions [B, N]`` (bool) is True, in row-major order. What :class:`LanguageModelingTask` computes instead of
+    ``[B, N, V]`` when it can: no vocabulary projection for padding or for positions that predict nothing."""
+
+    logits: torch.Tensor
+    positions: torch.Tensor
+
+    def split(self, k: int) -> list[PredictedLogits]:
+        """k outputs for k equal row blocks of ``positions``."""
+        if self.positions.shape[0] % k:
+            raise ValueError(f"output batch {self.positions.shape[0]} is not a multiple of the {k} copies")
+        blocks = self.positions.chunk(k, dim=0)
+        rows = self.logits.split([int(block.sum()) for block in blocks], dim=0)
+        return [PredictedLogits(logits, block) for logits, block in zip(rows, blocks)]
+
+
+def _output_projection(model) -> torch.nn.Linear | None:
+    """The vocabulary projection of a causal LM whose logits are exactly ``projection(base model hidden states)``
+    (GPT-2, OpenAI GPT), else None."""
+    projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", model)
+    if not isinstance(projection, torch.nn.Linear) or base is model:
+        return None
+    if getattr(model.config, "model_type", None) not in ("gpt2", "openai-gpt"):
+        return None
+    return projection
+
+
 class LanguageModelingTask(Task):
     """Causal language modelling: ``model(input_ids, attention_mask).logits [B, N, V]``; token t+1 is predicted
-    from tokens <= t.
+    from tokens <= t. For GPT-2 and OpenAI GPT, :meth:`forward` runs the base model and applies the vocabulary
+    projection only at the positions that predict a counted token (:class:`PredictedLogits`): the same numbers,
+    without the projection (the largest layer of a small LM) for padding.
 
     Targets: ``batch["labels"] [B, N]`` if present (ignored positions -100), else ``input_ids`` with padding
     (``attention_mask == 0``) set to -100. The shift happens here; the model is not given labels.
@@ -297,7 +350,22 @@ class LanguageModelingTask(Task):
 
     def forward(self, model, batch, *, head_mask=None):
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
-        return model(**inputs, **_mask_kwargs(head_mask))
+        projection = _output_projection(model)
+        if projection is None:
+            return model(**inputs, **_mask_kwargs(head_mask))
+        hidden = model.base_model(**inputs, **_mask_kwargs(head_mask)).last_hidden_state  # [B, N, D]
+        positions = self._predicting(self.targets(batch)).to(hidden.device)  # [B, N]
+        return PredictedLogits(projection(hidden[positions]), positions)
+
+    @staticmethod
+    def _predicting(labels: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, N]``: position t predicts a counted token t+1 (the last position predicts nothing)."""
+        return F.pad(labels[:, 1:], (0, 1), value=-100) != -100
+
+    def split(self, output, k):
+        if isinstance(output, PredictedLogits):
+            return output.split(k)
+        return super().split(output, k)
 
     @staticmethod
     def targets(batch: dict) -> torch.Tensor:
@@ -310,6 +378,8 @@ class LanguageModelingTask(Task):
         return labels
 
     def result(self, output, batch):
+        if isinstance(output, PredictedLogits):
+            return self._predicted_result(output, batch)
         logits = output.logits if hasattr(output, "logits") else output  # [B, N, V]
         batch_size, length, vocab = logits.shape
         labels = self.targets(batch).to(logits.device)  # [B, N]
@@ -324,6 +394,19 @@ class LanguageModelingTask(Task):
         loss = token_losses.sum() / counts.sum().clamp(min=1)
         return TaskResult(loss=loss, example_losses=example_losses, logits=logits, token_losses=token_losses,
                           token_mask=token_mask)
+
+    def _predicted_result(self, output: PredictedLogits, batch) -> TaskResult:
+        """The same losses from logits at the predicted positions only."""
+        labels = self.targets(batch).to(output.logits.device)  # [B, N]
+        positions = output.positions
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
+        losses = F.cross_entropy(_at_least_float32(output.logits), shifted[positions], reduction="none")  # [K]
+        token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)[:, :-1]  # [B, N-1]
+        token_mask = positions[:, :-1]
+        counts = token_mask.sum(-1)
+        return TaskResult(loss=losses.sum() / counts.sum().clamp(min=1),
+                          example_losses=token_losses.sum(-1) / counts.clamp(min=1), logits=output.logits,
+                          token_losses=token_losses, token_mask=token_mask)
 
     def metric_state(self):
         return {"nll": 0.0, "tokens": 0}
@@ -419,6 +502,16 @@ class RetrievalTask(Task):
             raise ValueError("RetrievalTask needs query and positive inputs: make the batches with "
                              "make_batches(..., pair_mode='separate')")
         return embed(model, batch, head_mask=head_mask), embed(model, batch, prefix="pair_", head_mask=head_mask)
+
+    def split(self, output, k):
+        """``(queries [k*B, D], positives [k*B, D])`` -> k pairs ``([B, D], [B, D])``. (The replicated batch tiles
+        ``example_index`` as is, so it is not a valid retrieval batch itself: results are computed per copy on the
+        original batch, which keeps copy j's fixed groups exactly the original groups.)"""
+        queries, positives = output
+        if queries.shape[0] % k or positives.shape[0] != queries.shape[0]:
+            raise ValueError(f"retrieval output of {queries.shape[0]} queries / {positives.shape[0]} positives "
+                             f"cannot be split into {k} copies")
+        return list(zip(queries.chunk(k, dim=0), positives.chunk(k, dim=0)))
 
     def groups(self, batch: dict, size: int) -> list[slice]:
         """Contiguous slices of the batch that form the fixed groups (see the class docstring)."""

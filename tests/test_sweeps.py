@@ -241,7 +241,7 @@ def test_bad_inputs_give_clear_errors():
             def forward(self, model, batch, head_mask=None):
                 return model(input_ids=batch["input_ids"], head_mask=head_mask)
 
-        with pytest.raises(TypeError, match="register_task_replication"):
+        with pytest.raises(TypeError, match="derive Unknown from fastbertology.tasks.Task"):
             replicate_batch(Unknown(), batches[0], 2)
 
         class Failing(ClassificationTask):
