@@ -1,14 +1,18 @@
 """The PyTorch backend (the CPU path) of :func:`fastbertology.kernels.attention`.
 
-* Padded batches ``[B, H, N, D]`` are processed in query chunks, so that no ``N x N`` tensor for the whole batch
-  exists unless it is small.
-* Packed sequences ``[1, H, T, D]`` (:class:`~fastbertology.kernels.Packing`) are processed one sequence at a
-  time on views of the packed tensors: no work and no memory for padding, in the forward or the backward.
+The work is cut into *pieces* that one batched matrix product each can do:
 
-Both run through one autograd Function with a hand-written backward. On the CPU recomputing the probabilities is
-not free (the ``exp`` alone costs as much as a score product), so the probabilities are kept for the backward
-whenever they fit in ``KEEP_PROBS_ELEMENTS``; larger inputs keep only the log-sum-exp and recompute them chunk by
-chunk, like FlashAttention.
+* padded batches ``[B, H, N, D]``: query chunks of all examples, so that no ``N x N`` tensor for the whole batch
+  exists unless it is small (:class:`PaddedPieces`);
+* packed sequences ``[1, H, T, D]`` (:class:`~fastbertology.kernels.Packing`): one sequence at a time, on views of
+  the packed tensors: no work and no memory for padding (:class:`PackedPieces`). (Gathering sequences of similar
+  length into padded groups makes fewer, larger products, but the gathers and scatters cost more than they save
+  on a CPU: measured 2x slower for MiniLM-sized heads.)
+
+One autograd Function with a hand-written backward runs either. On the CPU recomputing the probabilities is not
+free (the ``exp`` alone costs about as much as a score product), so they are kept for the backward whenever they
+fit in ``KEEP_PROBS_ELEMENTS``; larger inputs keep only the log-sum-exp and recompute them piece by piece, like
+FlashAttention.
 
 Statistics use the shift-invariant form ``u = sum_j e_j (s_j - m)`` with ``e_j = exp(s_j - m)``, ``l = sum_j e_j``:
 ``entropy = log l - u / l``, ``lse = m + log l``, ``max_prob = 1 / l`` (no large terms cancel). Masked scores are
@@ -39,120 +43,153 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _softmax_with_statistics(scores: torch.Tensor, may_have_empty_rows: bool):
+def _softmax_parts(scores: torch.Tensor, may_have_empty_rows: bool):
     """Softmax of ``scores [..., K]`` (masked entries = ``MASKED_SCORE``), computed in place in ``scores``.
 
-    Returns ``(probs, lse, entropy, max_prob)``: probs ``[..., K]`` (the storage of ``scores``), statistics
-    ``[...]``. With ``may_have_empty_rows``, rows whose every key is masked give zero probabilities and zero
-    statistics.
+    Returns ``(probs [..., K], row_max [...], total [...], weighted_shift [...])``: the row's max ``m`` (0 for a
+    row without keys), ``l = sum_j e_j`` (1 for a row without keys) and ``u = sum_j e_j (s_j - m)``; see
+    :func:`_statistics`. With ``may_have_empty_rows``, rows whose every key is masked get zero probabilities.
     """
     row_max = scores.amax(dim=-1, keepdim=True)
-    has_keys = None
-    if may_have_empty_rows:
-        has_keys = row_max > MASKED_SCORE / 2
-        row_max = row_max.masked_fill(~has_keys, 0.0)  # masked scores then stay hugely negative: exp -> 0
+    if may_have_empty_rows:  # masked scores stay hugely negative after shifting by 0: exp -> 0
+        row_max.masked_fill_(row_max < MASKED_SCORE / 2, 0.0)
     shifted = scores.sub_(row_max)
     weights = torch.exp(shifted)
-    total = weights.sum(dim=-1, keepdim=True)  # >= 1 where the row has keys
-    weighted_shift = torch.linalg.vecdot(weights, shifted).unsqueeze(-1)  # u
+    total = weights.sum(dim=-1, keepdim=True)  # >= 1 where the row has keys, 0 otherwise
+    weighted_shift = torch.linalg.vecdot(weights, shifted)
     if may_have_empty_rows:
-        total = total.masked_fill(~has_keys, 1.0)
+        total.clamp_(min=1.0)  # rows without keys: probabilities 0 / 1
     probs = weights.div_(total)
+    return probs, row_max.squeeze(-1), total.squeeze(-1), weighted_shift
+
+
+def _statistics(row_max: torch.Tensor, total: torch.Tensor, weighted_shift: torch.Tensor, has_keys):
+    """``(lse, entropy, max_prob)`` from :func:`_softmax_parts`' row quantities (any shape, all alike):
+    ``lse = m + log l``, ``entropy = log l - u / l``, ``max_prob = 1 / l``; zeros where ``has_keys`` is False."""
     log_total = torch.log(total)
-    entropy = log_total - weighted_shift / total
-    lse = row_max + log_total
-    max_prob = total.reciprocal()
-    if may_have_empty_rows:
-        entropy, lse, max_prob = (t.masked_fill(~has_keys, 0.0) for t in (entropy, lse, max_prob))
-    return probs, lse.squeeze(-1), entropy.squeeze(-1), max_prob.squeeze(-1)
+    lse, entropy, max_prob = row_max + log_total, log_total - weighted_shift / total, total.reciprocal()
+    if has_keys is not None:
+        lse, entropy, max_prob = (t.masked_fill(~has_keys, 0.0) for t in (lse, entropy, max_prob))
+    return lse, entropy, max_prob
 
 
-class _Problem:
-    """One attention problem: a list of independent pieces that together cover every query row.
+class PaddedPieces:
+    """Query chunks of a padded batch ``[B, H, N, D]``; a piece is ``(start, stop)`` of query rows (all keys).
+    Piece tensors are ``[B, H, n, ...]``; row quantities ``[B, H, n]``."""
 
-    A piece is ``(batch rows, query rows, key rows, query offset)``: padded chunks take all batch rows, a query
-    chunk and all keys; packed sequences take batch row 0 and the same token range for queries and keys.
-    """
+    may_have_empty_rows: bool
 
-    def __init__(self, q, k, causal, key_padding_mask, packing: Packing | None):
-        self.causal = causal
-        self.key_padding_mask = key_padding_mask
-        self.packing = packing
-        self.pieces = []
-        if packing is not None:
-            for start, length in zip(packing.starts(), packing.lengths):
-                if length:
-                    rows = slice(start, start + length)
-                    self.pieces.append((rows, rows, 0))
-        else:
-            batch, heads, n_queries = q.shape[:3]
-            n_keys = k.shape[2]
-            chunk = max(1, min(n_queries, CHUNK_ELEMENTS // max(1, batch * heads * n_keys)))
-            for start in range(0, n_queries, chunk):
-                self.pieces.append((slice(start, min(start + chunk, n_queries)), slice(0, n_keys), start))
-        self._causal_masks: dict[tuple[int, int, int], torch.Tensor] = {}
+    def __init__(self, q, causal: bool, key_padding_mask):
+        batch, heads, n = q.shape[:3]
+        self.causal, self.key_padding_mask = causal, key_padding_mask
+        self.may_have_empty_rows = key_padding_mask is not None
+        chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, batch * heads * n)))
+        self.pieces = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+        self.score_elements = batch * heads * n * n
 
-    @property
-    def may_have_empty_rows(self) -> bool:
-        return self.key_padding_mask is not None
+    def queries(self, piece, t: torch.Tensor) -> torch.Tensor:
+        return t[:, :, piece[0]:piece[1]]
 
-    def score_elements(self, q) -> int:
-        """Elements of all the pieces' probabilities together."""
-        batch, heads = q.shape[:2]
-        return sum(batch * heads * (rows.stop - rows.start) * (keys.stop - keys.start)
-                   for rows, keys, _ in self.pieces)
+    def keys(self, piece, t: torch.Tensor) -> torch.Tensor:
+        return t
 
-    def scores(self, q_piece, k_piece, scale, piece) -> torch.Tensor:
-        """Scaled scores ``[b, H, n_q, n_k]`` (accumulation dtype) of one piece, masked keys = ``MASKED_SCORE``."""
-        acc = accumulation_dtype(q_piece.dtype)
-        scores = torch.matmul(q_piece.to(acc), k_piece.to(acc).transpose(-1, -2)).mul_(scale)
-        rows, keys, offset = piece
-        if self.packing is not None:
-            if self.causal:
-                scores.masked_fill_(self._causal_mask(rows.stop - rows.start, 0, scores.device), MASKED_SCORE)
-            return scores
-        keep = score_mask(self.key_padding_mask, self.causal, offset, rows.stop - rows.start,
-                          keys.stop - keys.start, scores.device)
+    def query_gradient_rows(self, piece, grad_out: torch.Tensor) -> torch.Tensor:
+        return self.queries(piece, grad_out)
+
+    def mask_scores(self, piece, scores: torch.Tensor) -> None:
+        keep = score_mask(self.key_padding_mask, self.causal, piece[0], piece[1] - piece[0], scores.shape[-1],
+                          scores.device)
         if keep is not None:
             scores.masked_fill_(~keep, MASKED_SCORE)
-        return scores
 
-    def _causal_mask(self, length, offset, device) -> torch.Tensor:
-        """bool ``[length, length]``, True above the diagonal (keys a query may not see); cached per length."""
-        key = (length, offset, device.index or 0)
-        if key not in self._causal_masks:
-            self._causal_masks[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
-        return self._causal_masks[key]
+    def lse_rows(self, piece, lse: torch.Tensor) -> torch.Tensor:
+        return lse[:, :, piece[0]:piece[1]]
+
+    def assemble(self, like: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-piece query rows ``[B, H, n, ...]`` -> ``[B, H, N, ...]`` (the chunks tile the rows in order)."""
+        return torch.cat(parts, dim=2)
+
+    def assemble_keys(self, like: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-piece key gradients (every chunk covers every key) -> their sum ``[B, H, N, D]``."""
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+    def has_keys(self, q) -> torch.Tensor | None:
+        """bool ``[B, 1, N]``: the query row sees at least one key (None: every row does)."""
+        if self.key_padding_mask is None:
+            return None
+        if self.causal:  # query i sees a key iff a kept key j <= i exists
+            return (self.key_padding_mask.cumsum(-1) > 0)[:, None, :]
+        return self.key_padding_mask.any(-1)[:, None, None].expand(q.shape[0], 1, q.shape[2])
+
+
+class PackedPieces:
+    """The sequences of a packed batch ``[1, H, T, D]``, one piece ``(start, stop)`` each, taken as views (no
+    copies, no padding). Piece tensors are ``[1, H, n, ...]``; row quantities ``[1, H, n]``."""
+
+    may_have_empty_rows = False  # every query of a sequence sees at least itself
+
+    def __init__(self, q, causal: bool, packing: Packing):
+        self.causal = causal
+        self.pieces = [(start, start + n) for start, n in zip(packing.starts(), packing.lengths) if n]
+        self.score_elements = q.shape[1] * sum(n * n for n in packing.lengths)
+        self._causal: dict[int, torch.Tensor] = {}
+
+    def queries(self, piece, t: torch.Tensor) -> torch.Tensor:
+        return t[:, :, piece[0]:piece[1]]
+
+    keys = queries
+    query_gradient_rows = queries
+    lse_rows = queries
+
+    def mask_scores(self, piece, scores: torch.Tensor) -> None:
+        if self.causal:
+            length = piece[1] - piece[0]
+            if length not in self._causal:
+                self._causal[length] = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu_(1)
+            scores.masked_fill_(self._causal[length], MASKED_SCORE)
+
+    def assemble(self, like: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sequence rows ``[1, H, n, ...]`` -> ``[1, H, T, ...]`` (the sequences tile the stream in order)."""
+        return torch.cat(parts, dim=2)
+
+    assemble_keys = assemble
+
+    def has_keys(self, q) -> None:
+        return None
+
+
+def _pieces(q, causal, key_padding_mask, packing):
+    return PackedPieces(q, causal, packing) if packing is not None else PaddedPieces(q, causal, key_padding_mask)
 
 
 class _TorchAttention(torch.autograd.Function):
-    """Unmasked attention ``P @ V`` over the pieces of a :class:`_Problem`; keeps the probabilities for the
-    backward when they are small, else the log-sum-exp."""
+    """Unmasked attention ``P @ V`` over the pieces of :class:`PaddedPieces` / :class:`PackedPieces`; keeps the
+    probabilities for the backward when they are small, else the log-sum-exp. Per piece only the score products,
+    the softmax and ``P V`` run; the row statistics and the output are assembled once for all pieces."""
 
     @staticmethod
-    def forward(ctx, q, k, v, problem: _Problem, scale, return_probs):
-        batch, heads, n_queries = q.shape[:3]
+    def forward(ctx, q, k, v, pieces, scale, return_probs):
         acc = accumulation_dtype(q.dtype)
-        out = torch.empty_like(q)  # keeps q's memory layout (e.g. [B, N, H, D] underneath)
-        lse = q.new_empty((batch, heads, n_queries), dtype=acc)
-        entropy, max_prob = torch.empty_like(lse), torch.empty_like(lse)
-        probs_all = q.new_zeros((batch, heads, n_queries, k.shape[2]), dtype=acc) if return_probs else None
-        keep_probs = any(ctx.needs_input_grad[:3]) and problem.score_elements(q) <= KEEP_PROBS_ELEMENTS
-        kept = []
-        v_acc = v.to(acc)
-        for piece in problem.pieces:
-            q_rows, k_rows, _ = piece
-            batch_rows = slice(0, 1) if problem.packing is not None else slice(0, batch)
-            scores = problem.scores(q[batch_rows, :, q_rows], k[batch_rows, :, k_rows], scale, piece)
-            probs, lse_p, entropy_p, max_prob_p = _softmax_with_statistics(scores, problem.may_have_empty_rows)
-            lse[batch_rows, :, q_rows], entropy[batch_rows, :, q_rows], max_prob[batch_rows, :, q_rows] = (
-                lse_p, entropy_p, max_prob_p)
-            out[batch_rows, :, q_rows] = torch.matmul(probs, v_acc[batch_rows, :, k_rows])
-            if return_probs:
-                probs_all[batch_rows, :, q_rows, k_rows] = probs
+        probs_all = q.new_zeros((*q.shape[:3], k.shape[2]), dtype=acc) if return_probs else None
+        keep_probs = any(ctx.needs_input_grad[:3]) and pieces.score_elements <= KEEP_PROBS_ELEMENTS
+        kept, outs, maxes, totals, shifts = [], [], [], [], []
+        for piece in pieces.pieces:
+            keys = pieces.keys(piece, k).to(acc)
+            scores = torch.matmul(pieces.queries(piece, q).to(acc), keys.transpose(-1, -2)).mul_(scale)
+            pieces.mask_scores(piece, scores)
+            probs, row_max, total, weighted_shift = _softmax_parts(scores, pieces.may_have_empty_rows)
+            outs.append(torch.matmul(probs, pieces.keys(piece, v).to(acc)))
+            maxes.append(row_max)
+            totals.append(total)
+            shifts.append(weighted_shift)
+            if return_probs:  # padded batches only
+                probs_all[:, :, piece[0]:piece[1]] = probs
             if keep_probs:
                 kept.append(probs)
-        ctx.problem, ctx.scale, ctx.kept = problem, scale, kept if keep_probs else None
+        out = pieces.assemble(q, outs).to(q.dtype)
+        row_max, total, weighted_shift = (pieces.assemble(q, parts) for parts in (maxes, totals, shifts))
+        lse, entropy, max_prob = _statistics(row_max, total.clamp(min=1.0), weighted_shift, pieces.has_keys(q))
+        ctx.pieces, ctx.scale, ctx.kept = pieces, scale, kept if keep_probs else None
         ctx.save_for_backward(q, k, v, out, lse)
         # one call: a second mark_non_differentiable would replace the first
         ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs_all) if t is not None))
@@ -161,49 +198,39 @@ class _TorchAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_unused):
         q, k, v, out, lse = ctx.saved_tensors
-        problem, scale = ctx.problem, ctx.scale
+        pieces, scale = ctx.pieces, ctx.scale
         acc = lse.dtype
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        packed = problem.packing is not None  # packed pieces own disjoint rows: write, do not accumulate
-        new = torch.empty_like if packed else torch.zeros_like
-        grad_q = new(q, dtype=acc) if need_q else None
-        grad_k = new(k, dtype=acc) if need_k else None
-        grad_v = new(v, dtype=acc) if need_v else None
-        batch_rows = slice(0, 1) if problem.packing is not None else slice(0, q.shape[0])
-        for index, piece in enumerate(problem.pieces):
-            q_rows, k_rows, _ = piece
-            q_piece, k_piece = q[batch_rows, :, q_rows].to(acc), k[batch_rows, :, k_rows].to(acc)
+        grads_q, grads_k, grads_v = [], [], []
+        for index, piece in enumerate(pieces.pieces):
+            q_piece, k_piece = pieces.queries(piece, q).to(acc), pieces.keys(piece, k).to(acc)
             if ctx.kept is not None:
                 probs = ctx.kept[index]
             else:
-                probs = problem.scores(q_piece, k_piece, scale, piece).sub_(lse[batch_rows, :, q_rows, None]).exp_()
-            d_out = grad_out[batch_rows, :, q_rows].to(acc)
+                scores = torch.matmul(q_piece, k_piece.transpose(-1, -2)).mul_(scale)
+                pieces.mask_scores(piece, scores)
+                probs = scores.sub_(pieces.lse_rows(piece, lse).unsqueeze(-1)).exp_()
+            d_out = pieces.query_gradient_rows(piece, grad_out).to(acc)
             if need_v:
-                _store(grad_v[batch_rows, :, k_rows], torch.matmul(probs.transpose(-1, -2), d_out), packed)
+                grads_v.append(torch.matmul(probs.transpose(-1, -2), d_out))
             if need_q or need_k:
-                d_scores = torch.matmul(d_out, v[batch_rows, :, k_rows].to(acc).transpose(-1, -2))
-                delta = torch.linalg.vecdot(d_out, out[batch_rows, :, q_rows].to(acc)).unsqueeze(-1)  # rowsum(dO*O)
+                d_scores = torch.matmul(d_out, pieces.keys(piece, v).to(acc).transpose(-1, -2))
+                delta = torch.linalg.vecdot(d_out, pieces.queries(piece, out).to(acc)).unsqueeze(-1)  # rowsum(dO*O)
                 d_scores.sub_(delta).mul_(probs).mul_(scale)
                 if need_q:
-                    _store(grad_q[batch_rows, :, q_rows], torch.matmul(d_scores, k_piece), packed)
+                    grads_q.append(torch.matmul(d_scores, k_piece))
                 if need_k:
-                    _store(grad_k[batch_rows, :, k_rows], torch.matmul(d_scores.transpose(-1, -2), q_piece), packed)
+                    grads_k.append(torch.matmul(d_scores.transpose(-1, -2), q_piece))
         ctx.kept = None
-        grads = [g.to(t.dtype) if g is not None else None for g, t in ((grad_q, q), (grad_k, k), (grad_v, v))]
-        return (*grads, None, None, None)
-
-
-def _store(target: torch.Tensor, value: torch.Tensor, overwrite: bool) -> None:
-    """``target = value`` (``overwrite``) or ``target += value``, in place."""
-    if overwrite:
-        target.copy_(value)
-    else:
-        target.add_(value)
+        grad_q = pieces.assemble(q, grads_q).to(q.dtype) if need_q else None
+        grad_k = pieces.assemble_keys(k, grads_k).to(k.dtype) if need_k else None
+        grad_v = pieces.assemble_keys(v, grads_v).to(v.dtype) if need_v else None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int):
     """The head mask broadcastable to the output ``[B, H, N, D]``: ``[B, H, 1, 1]``, or for packed sequences
-    with per-sequence masks ``[1, H, T, 1]`` (each token takes its sequence's row)."""
+    ``[1, H, 1, 1]`` (``[H]`` masks) or ``[1, H, T, 1]`` (``[S, H]``: each token takes its sequence's row)."""
     if packing is not None and head_mask.dim() == 1:
         return head_mask[None, :, None, None]
     if packing is not None:
@@ -221,8 +248,12 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
     """
     batch, heads, _, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs)
     scale = head_dim**-0.5 if scale is None else float(scale)
-    problem = _Problem(q, k, causal, key_padding_mask, packing)
-    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, problem, scale, return_probs)
+    if q.numel() == 0:
+        empty = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+        probs = q.new_zeros((*q.shape[:3], k.shape[2])) if return_probs else None
+        return q.new_zeros(q.shape), AttentionStats(empty, empty.clone(), empty.clone(), probs)
+    pieces = _pieces(q, causal, key_padding_mask, packing)
+    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
         out = out * mask.to(out.dtype)
