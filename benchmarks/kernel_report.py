@@ -68,7 +68,8 @@ ARCH_LIMITS = {
 
 
 class Occupancy(NamedTuple):
-    """Resident CTAs per SM (``ctas``), what limits it (``limiter``) and the bound from each resource."""
+    """Resident CTAs per SM (``ctas``), what limits it (``limiter``, e.g. ``"regs"`` or ``"regs+threads"``) and
+    the bound from each resource."""
 
     ctas: int
     limiter: str
@@ -93,7 +94,8 @@ def ctas_per_sm(regs_per_thread: int, num_warps: int, smem_per_cta: int, limits:
       sm_90 (164 KiB on sm_80) and 1 KiB reserved per CTA by the driver; 0 when ``smem_per_cta`` exceeds the
       per-block maximum (227 KiB, 163 KiB).
 
-    Returns the minimum of the three with the name of the binding resource ("regs", "threads" or "smem").
+    Returns the minimum of the three and the binding resources (``"regs"``, ``"threads"``, ``"smem"``, joined by
+    ``+`` when several bind).
     """
     regs_per_warp = _round_up(max(regs_per_thread, 1) * 32, limits.reg_alloc_unit)
     if _round_up(num_warps, limits.reg_partitions) * regs_per_warp > limits.max_regs_per_block:
@@ -107,8 +109,9 @@ def ctas_per_sm(regs_per_thread: int, num_warps: int, smem_per_cta: int, limits:
     else:
         by_smem = limits.smem_per_sm // (smem_per_cta + limits.smem_reserved_per_block)
     bounds = {"regs": by_regs, "threads": by_threads, "smem": by_smem}
-    limiter = min(bounds, key=lambda name: bounds[name])
-    return Occupancy(bounds[limiter], limiter, by_regs, by_threads, by_smem)
+    ctas = min(bounds.values())
+    limiter = "+".join(name for name, bound in bounds.items() if bound == ctas)
+    return Occupancy(ctas, limiter, by_regs, by_threads, by_smem)
 
 
 # ----------------------------------------------------------------------------------------------------------
