@@ -4,6 +4,7 @@
     python benchmarks/kernel_report.py --quick               # BERT and GPT-2 cases at bf16 D=64 only
     python benchmarks/kernel_report.py --arch 90 --dtype bf16 --head-dim 64 --kernel fwd --breakdown
     python benchmarks/kernel_report.py --json report.json    # also write every result as JSON
+    python benchmarks/kernel_report.py --head-dim 48,96       # head dims padded to BLOCK_D (64, 128)
 
 For each kernel configuration that the launchers of ``kernels/triton_attention.py`` can pick (listed in
 ``benchmarks/kernel_specs.py``) and for the yardstick (``benchmarks/yardstick_attention.py``, a minimal
@@ -20,7 +21,8 @@ function; :func:`run_specs` compiles a list of :class:`KernelSpec` in worker pro
 
 Compilation runs in spawned worker processes whose environment lacks ``TRITON_INTERPRET``: a process in which
 triton was imported with ``TRITON_INTERPRET=1`` (the CPU test suite) holds interpreter functions, not JIT
-functions, and cannot compile them. Triton's on-disk cache (``TRITON_CACHE_DIR``) makes a second run fast.
+functions, and cannot compile them. Triton's on-disk cache (``TRITON_CACHE_DIR``) and the analyses stored beside it
+(:func:`cached_analysis`) make a second run fast.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import functools
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -225,18 +227,37 @@ def compile_kernel(fn, signature: dict, constexprs: dict, attrs: dict, arch: int
 
 
 def tool_path(name: str) -> Path:
-    """Path of an NVIDIA tool shipped with triton (``ptxas``, ``nvdisasm``, ``cuobjdump``); Triton's knob
-    (``TRITON_<NAME>_PATH``) wins where set. FileNotFoundError when absent."""
-    override = os.environ.get(f"TRITON_{name.upper()}_PATH")
-    if override:
-        path = Path(override)
-    else:
-        import triton
+    """Path of an NVIDIA tool shipped with triton (``ptxas``, ``nvdisasm``, ``cuobjdump``) or the file named by
+    Triton's variable ``TRITON_<NAME>_PATH`` where it exists (as Triton does). FileNotFoundError when absent."""
+    import triton
 
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    override = os.environ.get(f"TRITON_{name.upper().replace('-', '_')}_PATH")
+    default = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    path = Path(override) if override and Path(override).is_file() else default
     if not path.is_file():
         raise FileNotFoundError(f"{name} not found at {path}")
     return path
+
+
+def toolchain_problem(archs=(90, 80)) -> str | None:
+    """Why kernels cannot be compiled and read on this machine (None when they can): triton missing, no NVIDIA
+    backend, or a missing tool: the ptxas that Triton uses for each arch, and cuobjdump (``nvdisasm`` is
+    optional: ``cuobjdump -sass`` stands in)."""
+    try:
+        from triton.backends.nvidia import compiler
+    except ImportError as error:
+        return f"triton with its NVIDIA backend is not importable ({error})"
+    try:
+        tool_path("cuobjdump")
+        get_ptxas = getattr(compiler, "get_ptxas", None)  # Triton 3.9: ptxas-blackwell for sm_90 and newer
+        for arch in archs if get_ptxas else ():
+            if not Path(get_ptxas(arch).path).is_file():
+                return f"no ptxas for sm_{arch} at {get_ptxas(arch).path}"
+        if not get_ptxas:
+            tool_path("ptxas")
+    except (FileNotFoundError, RuntimeError) as error:
+        return f"missing NVIDIA tool: {error}"
+    return None
 
 
 def _run_tool_on_cubin(tool: str, flags: list[str], cubin: bytes) -> str:
@@ -264,10 +285,10 @@ def resource_usage(cubin: bytes) -> dict[str, dict[str, int]]:
 
 
 def disassemble(cubin: bytes) -> str:
-    """SASS text of the cubin: ``nvdisasm -c`` (labelled branch targets), or ``cuobjdump -sass`` when nvdisasm
+    """SASS text of the cubin: ``nvdisasm -c -ndf`` (labelled branch targets), or ``cuobjdump -sass`` when nvdisasm
     is missing; both formats are understood by :func:`parse_sass`."""
     try:
-        return _run_tool_on_cubin("nvdisasm", ["-c"], cubin)
+        return _run_tool_on_cubin("nvdisasm", ["-c", "-ndf"], cubin)  # no dataflow analysis: 30% faster
     except FileNotFoundError:
         return _run_tool_on_cubin("cuobjdump", ["-sass"], cubin)
 
@@ -478,16 +499,52 @@ def analyse_cubin(cubin: bytes, num_warps: int, dynamic_smem: int, arch: int) ->
     }
 
 
+def analysis_cache_dir() -> Path:
+    """Where :func:`cached_analysis` keeps its results: ``kernel_report/`` in Triton's cache directory
+    (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), so that a fresh Triton cache starts a fresh report."""
+    try:
+        from triton import knobs
+
+        root = knobs.cache.dir
+    except (ImportError, AttributeError):
+        root = os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache")
+    return Path(root) / "kernel_report"
+
+
+def cached_analysis(cubin: bytes, num_warps: int, dynamic_smem: int, arch: int) -> dict[str, Any]:
+    """:func:`analyse_cubin`, stored on disk under :func:`analysis_cache_dir` by a hash of the cubin, the launch
+    values and this file's source (a changed parser recomputes): disassembling takes ~0.4 s a kernel, a Triton
+    cache hit ~5 ms."""
+    digest = hashlib.sha256(cubin)
+    digest.update(f"{num_warps}-{dynamic_smem}-{arch}".encode())
+    digest.update(Path(__file__).read_bytes())
+    path = analysis_cache_dir() / f"{digest.hexdigest()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    result = analyse_cubin(cubin, num_warps, dynamic_smem, arch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(result))
+        temporary.replace(path)  # atomic: concurrent workers never read half a file
+    except OSError:
+        pass  # a read-only cache only costs time
+    return result
+
+
 def analyse_spec(spec: KernelSpec, arch: int) -> dict[str, Any]:
-    """Compile one :class:`KernelSpec` for ``arch`` in this process and analyse it (:func:`analyse_cubin`),
-    adding ``compile_s`` and the ``signature`` used. Needs JIT functions (no ``TRITON_INTERPRET`` here)."""
+    """Compile one :class:`KernelSpec` for ``arch`` in this process and analyse it (:func:`cached_analysis`),
+    adding ``compile_s`` (wall time of ``triton.compile``: near 0 on a Triton cache hit) and the ``signature``
+    used. Needs JIT functions (no ``TRITON_INTERPRET`` in this process)."""
     fn = resolve_kernel(spec.kernel)
     constexpr_names = {param.name for param in fn.params if param.is_constexpr}
     signature, constexprs, attrs = specialize(fn.arg_names, constexpr_names, spec.args, spec.constexprs)
     started = time.perf_counter()
     compiled = compile_kernel(fn, signature, constexprs, attrs, arch, spec.options)
     compile_s = time.perf_counter() - started
-    result = analyse_cubin(compiled.asm["cubin"], compiled.metadata.num_warps, compiled.metadata.shared, arch)
+    result = cached_analysis(compiled.asm["cubin"], compiled.metadata.num_warps, compiled.metadata.shared, arch)
     result.update(compile_s=round(compile_s, 3), signature=signature)
     return result
 
@@ -662,6 +719,8 @@ def _parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="only the BERT case (bf16 D64, key padding, head mask with gradient) and the GPT-2 case "
                              "(bf16 D64 causal), with the yardstick")
+    parser.add_argument("--seq-len", type=int, default=512,
+                        help="sequence length behind the launch values (only its divisibility by 16 matters; 512)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes compiling in parallel (default 2)")
     parser.add_argument("--breakdown", action="store_true", help="opcode classes of each hottest loop")
     parser.add_argument("--json", metavar="PATH", help="write every result row as JSON ('-' for stdout)")
@@ -669,16 +728,21 @@ def _parse_args(argv):
 
 
 def main(argv=None) -> int:
-    """CLI entry point; returns 1 when a kernel failed to compile, else 0."""
+    """CLI entry point; returns 1 when a kernel failed to compile, 2 when nothing can be compiled here, else 0."""
     started = time.perf_counter()
     args = _parse_args(argv)
+    archs = [int(arch) for arch in args.arch.split(",")]
+    problem = toolchain_problem(archs)
+    if problem:
+        print(f"kernel report: cannot compile here: {problem}", file=sys.stderr)
+        return 2
     import kernel_specs  # noqa: PLC0415 - the project's launches; benchmarks/ is on sys.path
 
-    archs = [int(arch) for arch in args.arch.split(",")]
     dtypes = args.dtype.split(",") if args.dtype else None
     head_dims = [int(d) for d in args.head_dim.split(",")] if args.head_dim else None
     kernels = args.kernel.split(",") if args.kernel else None
-    specs = kernel_specs.report_specs(dtypes=dtypes, head_dims=head_dims, kernels=kernels, quick=args.quick)
+    specs = kernel_specs.report_specs(dtypes=dtypes, head_dims=head_dims, kernels=kernels, quick=args.quick,
+                                      shape=kernel_specs.Shape(seq=args.seq_len))
     print(f"kernel report: {len(specs)} kernel configurations x {len(archs)} archs; {_versions()}", flush=True)
 
     def progress(done, total):

@@ -99,21 +99,16 @@ def test_specialize_follows_the_jit_rules():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _missing_toolchain():
-    """Why the kernels cannot be compiled here, or None."""
+def _toolchain_problem():
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    for tool in ("ptxas", "nvdisasm", "cuobjdump"):
-        try:
-            kr.tool_path(tool)
-        except FileNotFoundError as error:
-            return f"no NVIDIA tool: {error}"
-    return None
+    return kr.toolchain_problem(archs=(90,))
 
 
-needs_toolchain = pytest.mark.skipif(_missing_toolchain() is not None, reason=str(_missing_toolchain()))
+needs_toolchain = pytest.mark.skipif(_toolchain_problem() is not None, reason=f"cannot compile for sm_90 here: "
+                                     f"{_toolchain_problem()}")
 
 
 @pytest.fixture(scope="module")
