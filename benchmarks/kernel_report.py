@@ -660,37 +660,36 @@ def format_breakdown(loop: dict) -> str:
     return ", ".join(f"{name} {count}" for name, count in loop["classes"].items())
 
 
+TABLE_HEADER = ["kernel", "config", "regs", "spill st/ld B", "smem KiB", "CTAs/SM", "loop bodies (instr.)",
+                "vs yardstick"]
+
+
+def table_cells(row: dict) -> list[str]:
+    """The cells of one result row under :data:`TABLE_HEADER`."""
+    if "error" in row:
+        return [row["kernel"], row["config"], "ERROR", row["error"].splitlines()[0][:80], "", "", "", ""]
+    ratio = row.get("vs_yardstick")
+    return [row["kernel"], row["config"], str(row["regs"]), f"{row['spill_store_bytes']}/{row['spill_load_bytes']}",
+            f"{row['smem_bytes'] / 1024:.1f}", f"{row['ctas_per_sm']} ({row['ctas_limiter']})", format_loops(row),
+            "" if ratio is None else f"{ratio:.2f}x"]
+
+
 def format_table(rows: list[dict], breakdown: bool = False) -> str:
-    """A fixed-width table of result rows (one arch), grouped by kernel."""
-    header = ["kernel", "config", "regs", "spill st/ld B", "smem KiB", "CTAs/SM", "loop bodies (instr.)",
-              "vs yardstick"]
-    lines = []
-    for row in rows:
-        if "error" in row:
-            lines.append([row["kernel"], row["config"], "ERROR", row["error"].splitlines()[0][:80], "", "", "", ""])
-            continue
-        ratio = row.get("vs_yardstick")
-        lines.append([
-            row["kernel"], row["config"], str(row["regs"]),
-            f"{row['spill_store_bytes']}/{row['spill_load_bytes']}", f"{row['smem_bytes'] / 1024:.1f}",
-            f"{row['ctas_per_sm']} ({row['ctas_limiter']})", format_loops(row),
-            "" if ratio is None else f"{ratio:.2f}x",
-        ])
-        if breakdown and row["hottest_loop"] is not None:
-            lines.append(["", "  hottest: " + format_breakdown(row["loops"][row["hottest_loop"]]), *[""] * 6])
-    widths = [max(len(cells[i]) for cells in [header] + [c for c in lines if not c[1].startswith("  hottest")])
-              for i in range(len(header))]
-    out = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip(),
-           "  ".join("-" * width for width in widths)]
-    previous = None
-    for cells in lines:
-        if cells[1].startswith("  hottest"):
-            out.append(" " * (widths[0] + 2) + cells[1])
-            continue
-        if previous is not None and cells[0] != previous:
+    """A fixed-width table of result rows (one arch), a blank line between kernels; with ``breakdown``, the
+    opcode classes of each hottest loop on a line below its row."""
+    cells = [table_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in [TABLE_HEADER, *cells]) for i in range(len(TABLE_HEADER))]
+
+    def join(line):
+        return "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+
+    out = [join(TABLE_HEADER), join("-" * width for width in widths)]
+    for index, (row, line) in enumerate(zip(rows, cells)):
+        if index and row["kernel"] != rows[index - 1]["kernel"]:
             out.append("")
-        previous = cells[0]
-        out.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+        out.append(join(line))
+        if breakdown and row.get("hottest_loop") is not None:
+            out.append(" " * (widths[0] + 2) + "hottest: " + format_breakdown(row["loops"][row["hottest_loop"]]))
     return "\n".join(out)
 
 
@@ -728,9 +727,11 @@ def _parse_args(argv):
 
 
 def main(argv=None) -> int:
-    """CLI entry point; returns 1 when a kernel failed to compile, 2 when nothing can be compiled here, else 0."""
+    """CLI entry point; returns 1 when a kernel failed to compile, 2 when nothing can be compiled here, else 0.
+    With ``--json -`` the JSON goes to stdout and the tables to stderr."""
     started = time.perf_counter()
     args = _parse_args(argv)
+    out = sys.stderr if args.json == "-" else sys.stdout
     archs = [int(arch) for arch in args.arch.split(",")]
     problem = toolchain_problem(archs)
     if problem:
@@ -743,7 +744,8 @@ def main(argv=None) -> int:
     kernels = args.kernel.split(",") if args.kernel else None
     specs = kernel_specs.report_specs(dtypes=dtypes, head_dims=head_dims, kernels=kernels, quick=args.quick,
                                       shape=kernel_specs.Shape(seq=args.seq_len))
-    print(f"kernel report: {len(specs)} kernel configurations x {len(archs)} archs; {_versions()}", flush=True)
+    print(f"kernel report: {len(specs)} kernel configurations x {len(archs)} archs; {_versions()}", file=out,
+          flush=True)
 
     def progress(done, total):
         if done == total or done % 25 == 0:
@@ -753,8 +755,8 @@ def main(argv=None) -> int:
     add_yardstick_ratios(rows)
     for arch in archs:
         print(f"\n== {ARCH_LIMITS[arch].name} (per CTA; loop bodies: SASS instructions per iteration per warp, "
-              "innermost first, * = hottest)")
-        print(format_table([row for row in rows if row["arch"] == arch], breakdown=args.breakdown))
+              "innermost first, * = hottest)", file=out)
+        print(format_table([row for row in rows if row["arch"] == arch], breakdown=args.breakdown), file=out)
     if args.json:
         text = json.dumps(rows, indent=1, default=str)
         if args.json == "-":
@@ -764,7 +766,7 @@ def main(argv=None) -> int:
     errors = sum(1 for row in rows if "error" in row)
     spilled = sum(1 for row in rows if row.get("spill_store_bytes") or row.get("spill_load_bytes"))
     print(f"\n{len(rows)} rows, {errors} compile errors, {spilled} with spills; total wall time "
-          f"{time.perf_counter() - started:.1f} s")
+          f"{time.perf_counter() - started:.1f} s", file=out)
     return 1 if errors else 0
 
 
