@@ -99,16 +99,8 @@ def test_specialize_follows_the_jit_rules():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _toolchain_problem():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    return kr.toolchain_problem(archs=(90,))
-
-
-needs_toolchain = pytest.mark.skipif(_toolchain_problem() is not None, reason=f"cannot compile for sm_90 here: "
-                                     f"{_toolchain_problem()}")
+_PROBLEM = kr.toolchain_problem(archs=(90,))  # triton or its NVIDIA tools missing
+needs_toolchain = pytest.mark.skipif(_PROBLEM is not None, reason=f"cannot compile for sm_90 here: {_PROBLEM}")
 
 
 @pytest.fixture(scope="module")
