@@ -1,0 +1,186 @@
+"""benchmarks/kernel_report.py: SASS parsing, occupancy and specialisation rules (pure Python), then the kernels
+compiled ahead of time for sm_90 (the BERT case, the GPT-2 case and the yardstick; needs triton with its NVIDIA
+tools, no GPU) and the yardstick's results against a reference (interpreter on CPU, or CUDA).
+
+The parser samples in ``tests/data`` are the real ``nvdisasm -c`` and ``cuobjdump -sass`` listings of this kernel,
+compiled by Triton 3.9 for sm_90 with ``num_warps=1`` and arguments ``(*fp32, *fp32, 7, 5)``::
+
+    @triton.jit
+    def nested_sum(X, Y, N, M):
+        acc = 0.0
+        for i in range(0, N):
+            for j in range(0, M):
+                acc += tl.load(X + i * M + j)
+        tl.store(Y, acc)
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(BENCHMARKS))
+
+import kernel_report as kr  # noqa: E402 - standard library only at import
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure Python: parser, loops, classes, occupancy, specialisation
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tool", ["nvdisasm", "cuobjdump"])
+def test_parser_finds_the_nested_loops_of_a_real_listing(tool):
+    """Outer loop 0xb0-0x510 (71 instructions) holding the unrolled-by-4 inner loop 0x200-0x300 (17) and its
+    remainder loop 0x450-0x4f0 (11); the BRA spin after EXIT is not a loop."""
+    instructions = kr.parse_sass((DATA / f"nested_sum.{tool}.sass").read_text())
+    assert len(instructions) == 104 and {i.function for i in instructions} == {"nested_sum"}
+    assert instructions[0].opcode == "LDC" and instructions[-1].opcode == "NOP"
+    branches = {i.address: i.target for i in instructions if i.target is not None}
+    assert branches[0x300] == 0x200 and branches[0x510] == 0xB0 and branches[0x60] == 0x520
+
+    loops = kr.find_loops(instructions)
+    spans = [(loop.start, loop.end, loop.instructions, loop.depth, loop.innermost) for loop in loops]
+    assert spans == [(0x200, 0x300, 17, 1, True), (0x450, 0x4F0, 11, 1, True), (0xB0, 0x510, 71, 0, False)]
+    assert loops[0].classes == {"int": 6, "load": 4, "fp": 4, "pred/select": 2, "control": 1}
+    assert sum(loops[2].classes.values()) == 71
+    assert kr.hottest_loop(loops) == loops[0]
+
+
+def test_opcode_classes():
+    expected = {"HGMMA.64x64x16.F32.BF16": "tensor", "HMMA.16816.F32.BF16": "tensor", "MUFU.EX2": "mufu",
+                "FFMA.FTZ": "fp", "FMNMX": "fp", "F2FP.BF16.F32.PACK_AB": "convert", "IMAD.WIDE": "int",
+                "LEA.HI.X": "int", "FSEL": "pred/select", "ISETP.GE.AND": "pred/select", "SHFL.BFLY": "shuffle",
+                "LDGSTS.E.BYPASS.128": "load", "LDSM.16.M88.4": "load", "STS.128": "store", "BAR.SYNC": "sync",
+                "WARPGROUP.ARRIVE": "sync", "BRA": "control", "UIADD3": "uniform", "ULDC.64": "load",
+                "XYZ": "other"}
+    assert {opcode: kr.opcode_class(opcode) for opcode in expected} == expected
+
+
+def test_local_memory_bytes_count_spills():
+    listing = """
+        /*0100*/                   STL.64 [R1], R4 ;
+        /*0110*/                   STL [R1+0x8], R6 ;
+        /*0120*/              @!P0 LDL.128 R8, [R1+0x10] ;
+    """
+    assert kr.local_memory_bytes(kr.parse_sass(listing)) == (12, 16)
+
+
+def test_ctas_per_sm():
+    h100, a100 = kr.ARCH_LIMITS[90], kr.ARCH_LIMITS[80]
+    # 142 regs -> 4608 per warp, 3 warps per sub-partition: 12 warps, one CTA of 8 warps
+    assert kr.ctas_per_sm(142, 8, 65 * 1024, h100) == kr.Occupancy(1, "regs", 1, 8, 3)
+    assert kr.ctas_per_sm(128, 8, 65 * 1024, h100).ctas == 2  # 4096 per warp: 16 warps
+    assert kr.ctas_per_sm(40, 4, 100 * 1024, a100) == kr.Occupancy(1, "smem", 12, 16, 1)
+    assert kr.ctas_per_sm(32, 4, 0, h100) == kr.Occupancy(16, "regs+threads", 16, 16, 228)
+    assert kr.ctas_per_sm(16, 1, 0, h100).ctas == 32  # the 32 CTAs per SM cap
+    assert kr.ctas_per_sm(40, 4, 200 * 1024, a100).ctas == 0  # over the per-block maximum
+    assert kr.ctas_per_sm(255, 32, 0, h100).ctas == 0  # 32 warps x 8192 registers > 64K per block
+
+
+def test_specialize_follows_the_jit_rules():
+    names = ["X", "Y", "n", "stride", "one", "scale", "big", "BLOCK"]
+    args = (kr.Ptr("bf16"), kr.Ptr("u8", aligned=False), 12, 768, 1, 0.5, 2**33)
+    signature, constexprs, attrs = kr.specialize(names, {"BLOCK"}, args, {"BLOCK": 64})
+    assert signature == {"X": "*bf16", "Y": "*u8", "n": "i32", "stride": "i32", "one": "constexpr",
+                         "scale": "fp32", "big": "i64", "BLOCK": "constexpr"}
+    assert constexprs == {"one": 1, "BLOCK": 64}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]],
+                     (6,): [["tt.divisibility", 16]]}
+    with pytest.raises(TypeError, match="missing"):
+        kr.specialize(names, {"BLOCK"}, args, {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compiles for sm_90 (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------
+
+
+_PROBLEM = kr.toolchain_problem(archs=(90,))  # triton or its NVIDIA tools missing
+needs_toolchain = pytest.mark.skipif(_PROBLEM is not None, reason=f"cannot compile for sm_90 here: {_PROBLEM}")
+
+
+@pytest.fixture(scope="module")
+def quick_rows():
+    """The report's quick specs (BERT and GPT-2 cases, bf16 D=64, every kernel; the yardstick) for sm_90."""
+    import kernel_specs
+
+    rows = kr.run_specs(kernel_specs.report_specs(quick=True), [90], jobs=2)
+    kr.add_yardstick_ratios(rows)
+    return rows
+
+
+def _row(rows, kernel, *flags, absent=()):
+    """The one row of ``kernel`` whose config has every flag and none of ``absent``."""
+    found = [row for row in rows if row["kernel"] == kernel and all(flag in row["config"].split() for flag in flags)
+             and not any(flag in row["config"].split() for flag in absent)]
+    assert len(found) == 1, (kernel, flags, [row["config"] for row in rows if row["kernel"] == kernel])
+    return found[0]
+
+
+@needs_toolchain
+def test_bert_and_gpt2_kernels_compile_without_spills(quick_rows):
+    assert {row["kernel"] for row in quick_rows} == {"_attn_fwd", "_attn_probs", "_attn_bwd_preprocess",
+                                                      "_attn_bwd_dkdv", "_attn_bwd_dq", "_yardstick_attn_fwd"}
+    for row in quick_rows:
+        assert "error" not in row, row.get("error")
+        assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (row["kernel"], row["config"])
+        assert 16 <= row["regs"] <= 255 and row["ctas_per_sm"] >= 1
+        assert row["smem_bytes"] <= kr.ARCH_LIMITS[90].max_smem_per_block
+
+
+@needs_toolchain
+def test_loop_bodies_are_found(quick_rows):
+    bert = _row(quick_rows, "_attn_fwd", "key_pad", "head_mask", "store_unmasked", absent=["causal"])
+    gpt2 = _row(quick_rows, "_attn_fwd", "causal", "store_unmasked")
+    stick = _row(quick_rows, "_yardstick_attn_fwd")
+    for row in (bert, gpt2, stick, _row(quick_rows, "_attn_bwd_dq", "causal"),
+                _row(quick_rows, "_attn_bwd_dkdv", "key_pad")):
+        hottest = row["loops"][row["hottest_loop"]]
+        assert hottest["innermost"] and 50 < hottest["instructions"] < 3000, (row["kernel"], row["loops"])
+        assert hottest["classes"].get("tensor", 0) >= 2 and hottest["classes"].get("control", 0) >= 1
+        assert sum(hottest["classes"].values()) == hottest["instructions"]
+    assert stick["loops"][stick["hottest_loop"]]["classes"].get("mufu", 0) >= 32  # one exp2 per score (+ alpha)
+    for row in (bert, gpt2):  # the masks cost instructions: the ratio is defined and above 1
+        assert row["vs_yardstick"] is not None and row["vs_yardstick"] > 1.0
+    assert not _row(quick_rows, "_attn_probs", "causal")["loops"]  # one block per program: no loop
+
+
+@needs_toolchain
+def test_report_table_lists_every_row(quick_rows):
+    table = kr.format_table(quick_rows, breakdown=True)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["kernel", "config", "regs"]
+    assert sum(line.startswith("_attn_fwd ") for line in lines) == 2
+    assert sum(line.startswith("_yardstick_attn_fwd ") for line in lines) == 1
+    assert sum("hottest: " in line for line in lines) == 7  # fwd x 2, dkdv x 2, dq x 2, yardstick
+    assert "1 (regs)" in table and "x" in lines[2].split()[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The yardstick computes what it claims
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_yardstick_matches_the_reference():
+    """fp16 (the interpreter's bf16 dot is wrong in Triton 3.9); out, log-sum-exp and entropy against torch."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    from yardstick_attention import yardstick_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(2, 2, 48, 16, generator=gen) for _ in range(3))
+    out, lse, entropy = yardstick_attention(*(t.to(device, torch.float16) for t in (q, k, v)))
+    q, k, v = (t.half().float() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * 16**-0.5
+    probs = scores.softmax(-1)
+    torch.testing.assert_close(out.float().cpu(), probs @ v, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.cpu(), scores.logsumexp(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy.cpu(), -(probs * probs.clamp_min(1e-30).log()).sum(-1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple"):
+        yardstick_attention(*(t[:, :, :40].to(device, torch.float16) for t in (q, k, v)), block_m=16)
