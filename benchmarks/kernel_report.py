@@ -10,9 +10,15 @@ For each kernel configuration that the launchers of ``kernels/triton_attention.p
 ``benchmarks/kernel_specs.py``) and for the yardstick (``benchmarks/yardstick_attention.py``, a minimal
 tutorial-style forward with the entropy accumulator), it prints per target architecture: registers per thread,
 spilled bytes (local-memory stores / loads), shared memory per CTA, CTAs per SM and what limits them, the SASS
-instruction count of every loop body (innermost first, ``*`` = the hottest loop) and, for the forward, the ratio
-of its hottest loop to the yardstick's for the same dtype and head dim. Needs only triton (with its NVIDIA
-backend: ``ptxas``, ``nvdisasm`` and ``cuobjdump`` ship in ``triton/backends/nvidia/bin``) and torch.
+instruction count of every loop body (innermost first, ``*`` = the hottest loop), for the forward the ratio of
+its hottest loop to the yardstick's for the same dtype and head dim, and for the forward, dK/dV and dQ kernels the
+ratio to the same kernel without any mask ("vs plain"). Needs only triton (with its NVIDIA backend: ``ptxas``,
+``nvdisasm`` and ``cuobjdump`` ship in ``triton/backends/nvidia/bin``) and torch.
+
+Loops are told apart by the compiled code's line information: the kernels call their loop helpers from the kernel
+itself, on lines marked ``# loop: interior`` (blocks every query sees in full: no masks) or ``# loop: edge``
+(causal diagonal, the last partial block, padding holes); the hottest loop is the largest interior one, the loop
+that runs almost every iteration for all but the shortest sequences (an ``i`` / ``e`` after a count marks them).
 
 The library part is generic: :func:`specialize` (launch arguments -> Triton signature, the way the JIT
 specialises them), :func:`compile_kernel`, :func:`resource_usage`, :func:`disassemble`, :func:`parse_sass`,
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import importlib
 import json
@@ -285,10 +292,11 @@ def resource_usage(cubin: bytes) -> dict[str, dict[str, int]]:
 
 
 def disassemble(cubin: bytes) -> str:
-    """SASS text of the cubin: ``nvdisasm -c -ndf`` (labelled branch targets), or ``cuobjdump -sass`` when nvdisasm
-    is missing; both formats are understood by :func:`parse_sass`."""
+    """SASS text of the cubin: ``nvdisasm -c -ndf -gi`` (labelled branch targets, source lines with the lines they
+    were inlined at), or ``cuobjdump -sass`` when nvdisasm is missing; both formats are understood by
+    :func:`parse_sass`."""
     try:
-        return _run_tool_on_cubin("nvdisasm", ["-c", "-ndf"], cubin)  # no dataflow analysis: 30% faster
+        return _run_tool_on_cubin("nvdisasm", ["-c", "-ndf", "-gi"], cubin)  # no dataflow analysis: 30% faster
     except FileNotFoundError:
         return _run_tool_on_cubin("cuobjdump", ["-sass"], cubin)
 
@@ -300,13 +308,15 @@ def disassemble(cubin: bytes) -> str:
 
 class Instruction(NamedTuple):
     """One SASS instruction: its function, byte address, opcode with modifiers (``"HGMMA.64x64x16.F32.BF16"``),
-    the whole text without the trailing ``;``, and the address a branch jumps to (None if not a branch)."""
+    the whole text without the trailing ``;``, the address a branch jumps to (None if not a branch), and its source
+    ``sites`` (``"file:line"`` of the line, then of the line it was inlined at; empty without line info)."""
 
     function: str
     address: int
     opcode: str
     text: str
     target: int | None
+    sites: tuple = ()
 
     @property
     def base(self) -> str:
@@ -326,6 +336,7 @@ class Loop(NamedTuple):
     depth: int
     innermost: bool
     classes: dict
+    sites: dict = {}  # "file:line" -> instructions of the body from (or inlined at) that source line
 
 
 _FUNCTION_RE = re.compile(r"^\s*(?:Function\s*:\s*([\w$.]+)|//-+\s*\.text\.([\w$.]+)\s*-+)")
@@ -334,6 +345,7 @@ _INSTRUCTION_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
 _PREDICATE_RE = re.compile(r"^@!?U?P(?:T|\d+)\s+")
 _BRANCH_OPCODES = {"BRA", "JMP"}
 _LABEL_TARGET_RE = re.compile(r"`\((\.L[\w$.]*)\)")
+_LINE_INFO_RE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 _ADDRESS_TARGET_RE = re.compile(r"(?:^|[\s,])(0x[0-9a-fA-F]+)\s*$")
 
 
@@ -344,12 +356,16 @@ def parse_sass(text: str) -> list[Instruction]:
     addresses (``BRA 0x38c0``). Only ``BRA`` / ``JMP`` count as branches (not ``BSSY``, ``CALL``, ``BRX``).
     """
     rows, labels = [], {}
-    function, pending = "", []
+    function, pending, sites = "", [], ()
     for line in text.splitlines():
+        found = _LINE_INFO_RE.match(line)
+        if found:
+            sites = tuple(f"{path}:{number}" for path, number in (found.group(1, 2), found.group(3, 4)) if path)
+            continue
         found = _FUNCTION_RE.match(line)
         if found:
             function = found.group(1) or found.group(2)
-            pending = []
+            pending, sites = [], ()
             continue
         found = _LABEL_RE.match(line)
         if found:
@@ -363,9 +379,9 @@ def parse_sass(text: str) -> list[Instruction]:
             labels[(function, label)] = address
         pending = []
         opcode = _PREDICATE_RE.sub("", body).split(None, 1)[0] if body else ""
-        rows.append((function, address, opcode, body))
+        rows.append((function, address, opcode, body, sites))
     instructions = []
-    for function, address, opcode, body in rows:
+    for function, address, opcode, body, sites in rows:
         target = None
         if opcode.split(".", 1)[0] in _BRANCH_OPCODES:
             label = _LABEL_TARGET_RE.search(body)
@@ -374,7 +390,7 @@ def parse_sass(text: str) -> list[Instruction]:
             else:
                 hex_target = _ADDRESS_TARGET_RE.search(body)
                 target = int(hex_target.group(1), 16) if hex_target else None
-        instructions.append(Instruction(function, address, opcode, body, target))
+        instructions.append(Instruction(function, address, opcode, body, target, sites))
     return instructions
 
 
@@ -404,15 +420,56 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
         innermost = not any(f == function and (s, e) != (start, end) and start <= s and e <= end
                             for (f, s), e in spans.items())
         classes = collections.Counter(opcode_class(i.opcode) for i in body)
-        loops.append(Loop(function, start, end, len(body), depth, innermost, dict(classes.most_common())))
+        sites = collections.Counter(site for i in body for site in i.sites)
+        loops.append(Loop(function, start, end, len(body), depth, innermost, dict(classes.most_common()),
+                          dict(sites.most_common())))
     return sorted(loops, key=lambda loop: (not loop.innermost, -loop.depth, -loop.instructions))
 
 
 def hottest_loop(loops: list[Loop]) -> Loop | None:
     """The loop reported as the hot one: the innermost loop with the most instructions (None without loops).
-    Its trip count is not known from the code; innermost loops run the most iterations in these kernels."""
+    Its trip count is not known from the code; innermost loops run the most iterations in these kernels. See
+    :func:`hot_loop_index` for kernels whose loops are marked with roles."""
     innermost = [loop for loop in loops if loop.innermost]
     return max(innermost, key=lambda loop: loop.instructions) if innermost else None
+
+
+_ROLE_RE = re.compile(r"#\s*loop:\s*([\w-]+)")
+
+
+@functools.lru_cache(maxsize=None)
+def _source_roles(path: str) -> dict[int, str]:
+    """``{line number: role}`` of the lines of a source file that carry a ``# loop: <role>`` marker."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    return {number: found.group(1) for number, line in enumerate(lines, 1) if (found := _ROLE_RE.search(line))}
+
+
+def loop_role(loop: dict) -> str | None:
+    """The role of a loop (a dict of :class:`Loop`): kernels mark the source line that calls a loop helper with
+    ``# loop: interior`` or ``# loop: edge`` (the line a loop's instructions were inlined at); the role of the most
+    instructions wins. None without markers or line info."""
+    votes = collections.Counter()
+    for site, count in loop.get("sites", {}).items():
+        path, _, number = site.rpartition(":")
+        role = _source_roles(path).get(int(number))
+        if role:
+            votes[role] += count
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def assign_roles(result: dict) -> None:
+    """Set ``role`` on every loop of an analysis (from the current source, so an edited marker counts) and make
+    ``hottest_loop`` the largest ``interior`` loop where there are any: the loop over the key (or query) blocks
+    that every query sees in full, which runs almost every iteration for all but the shortest sequences."""
+    loops = result.get("loops", [])
+    for loop in loops:
+        loop["role"] = loop_role(loop)
+    interior = [index for index, loop in enumerate(loops) if loop["role"] == "interior" and loop["innermost"]]
+    if interior:
+        result["hottest_loop"] = max(interior, key=lambda index: loops[index]["instructions"])
 
 
 # Opcode classes, by opcode without modifiers. Uniform-datapath opcodes (U...) not listed are "uniform".
@@ -545,6 +602,7 @@ def analyse_spec(spec: KernelSpec, arch: int) -> dict[str, Any]:
     compiled = compile_kernel(fn, signature, constexprs, attrs, arch, spec.options)
     compile_s = time.perf_counter() - started
     result = cached_analysis(compiled.asm["cubin"], compiled.metadata.num_warps, compiled.metadata.shared, arch)
+    assign_roles(result)
     result.update(compile_s=round(compile_s, 3), signature=signature)
     return result
 
@@ -643,12 +701,37 @@ def add_yardstick_ratios(rows: list[dict]) -> None:
             row["vs_yardstick"] = round(mine / stick, 2) if stick and mine else None
 
 
+PLAIN_FLAGS = {"_attn_fwd": set(), "_attn_bwd_dkdv": set(), "_attn_bwd_dq": {"compute_dq"}}
+
+
+def config_flags(row: dict) -> set[str]:
+    """The flags of a row's config label (``"bf16 D64 | causal varlen | ..."`` -> ``{"causal", "varlen"}``)."""
+    parts = row["config"].split("|")
+    return set(parts[1].split()) - {"plain"} if len(parts) > 2 else set()
+
+
+def add_plain_ratios(rows: list[dict]) -> None:
+    """Set ``vs_plain`` on the rows of the forward, dK/dV and dQ kernels: their hottest loop over that of the same
+    kernel without any mask (dense layout, not causal, no head mask) for the same arch, dtype and head dim; what
+    causal masking, padding, packing and head masks cost in the loop that runs the most."""
+    plain = {}
+    for row in rows:
+        if row["kernel"] in PLAIN_FLAGS and "error" not in row and config_flags(row) == PLAIN_FLAGS[row["kernel"]]:
+            plain[(row["arch"], row["kernel"], row["dtype"], row["head_dim"])] = hottest_instructions(row)
+    for row in rows:
+        if row["kernel"] in PLAIN_FLAGS and "error" not in row:
+            base = plain.get((row["arch"], row["kernel"], row["dtype"], row["head_dim"]))
+            mine = hottest_instructions(row)
+            row["vs_plain"] = round(mine / base, 2) if base and mine else None
+
+
 def format_loops(row: dict) -> str:
-    """Loop bodies as ``"608*"`` / ``"296* 40(d0)"``: instructions, innermost first, ``*`` = hottest, ``(dN)``
-    = depth of a loop that contains others."""
+    """Loop bodies as ``"360i* 430e"`` / ``"296* 40(d0)"``: instructions, innermost first, ``i`` / ``e`` = interior
+    / edge loop (where the kernel marks them), ``*`` = hottest, ``(dN)`` = depth of a loop that contains others."""
     parts = []
     for index, loop in enumerate(row["loops"]):
-        text = str(loop["instructions"]) + ("*" if index == row["hottest_loop"] else "")
+        role = {"interior": "i", "edge": "e"}.get(loop.get("role") or "", "")
+        text = str(loop["instructions"]) + role + ("*" if index == row["hottest_loop"] else "")
         if not loop["innermost"] or loop["depth"]:
             text += f"(d{loop['depth']})"
         parts.append(text)
@@ -661,17 +744,17 @@ def format_breakdown(loop: dict) -> str:
 
 
 TABLE_HEADER = ["kernel", "config", "regs", "spill st/ld B", "smem KiB", "CTAs/SM", "loop bodies (instr.)",
-                "vs yardstick"]
+                "vs yardstick", "vs plain"]
 
 
 def table_cells(row: dict) -> list[str]:
     """The cells of one result row under :data:`TABLE_HEADER`."""
     if "error" in row:
-        return [row["kernel"], row["config"], "ERROR", row["error"].splitlines()[0][:80], "", "", "", ""]
-    ratio = row.get("vs_yardstick")
+        return [row["kernel"], row["config"], "ERROR", row["error"].splitlines()[0][:80], "", "", "", "", ""]
+    ratio, plain = row.get("vs_yardstick"), row.get("vs_plain")
     return [row["kernel"], row["config"], str(row["regs"]), f"{row['spill_store_bytes']}/{row['spill_load_bytes']}",
             f"{row['smem_bytes'] / 1024:.1f}", f"{row['ctas_per_sm']} ({row['ctas_limiter']})", format_loops(row),
-            "" if ratio is None else f"{ratio:.2f}x"]
+            "" if ratio is None else f"{ratio:.2f}x", "" if plain is None else f"{plain:.2f}x"]
 
 
 def format_table(rows: list[dict], breakdown: bool = False) -> str:
@@ -753,6 +836,7 @@ def main(argv=None) -> int:
 
     rows = run_specs(specs, archs, jobs=args.jobs, progress=progress)
     add_yardstick_ratios(rows)
+    add_plain_ratios(rows)
     for arch in archs:
         print(f"\n== {ARCH_LIMITS[arch].name} (per CTA; loop bodies: SASS instructions per iteration per warp, "
               "innermost first, * = hottest)", file=out)

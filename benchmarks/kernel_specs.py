@@ -1,20 +1,20 @@
 """KERNEL SPECS: every launch of the project's Triton kernels that the launchers can pick, for the kernel report.
 
-This is the only file that knows the kernels' arguments. Each ``*_launch(case, shape)`` function mirrors one
-launch in ``kernels/triton_attention.py`` (``_forward`` / ``_backward``): the same positional arguments in the
-same order (tensors as :class:`~kernel_report.Ptr` with the launcher's dtype, strides of the tensors the launcher
-passes), the same constexpr keywords and the block configuration of ``gpu_configs``. When the kernels or the
-launchers change, change these functions (and :data:`LAUNCHES`); ``kernel_report.py`` stays as it is.
+The launches are not written out by hand: for each :class:`Case` the real launchers (``_forward`` and ``_backward``
+of ``kernels/triton_attention.py``) run on CPU tensors with the GPU block configurations, with every kernel
+replaced by a recorder, and each recorded launch (its positional arguments, constexpr keywords and options)
+becomes a :class:`~kernel_report.KernelSpec`. So the report always compiles exactly what the launchers launch;
+when the kernels change, nothing here changes unless the launchers grow a new choice (a new :class:`Case` field).
 
 What the launch values decide (Triton's JIT specialisation): ints equal to 1 become constants, ints divisible by 16
-get a divisibility hint, so the strides matter. The tensors are laid out as transformers hands them over:
-``q, k, v`` (and ``out``, ``dq``, ``dk``, ``dv``, ``dO``) ``[B, H, N, D]`` views of ``[B, N, H, D]``; the padding
-mask ``[B, N]`` bool viewed as uint8; statistics ``[B, H, N]`` float32 contiguous. :class:`Shape` gives the sizes
-(only their divisibility by 16 and equality to 1 matter).
+get a divisibility hint, so the strides matter. The tensors are laid out as transformers hands them over: ``q, k,
+v`` and ``dO`` ``[B, H, N, D]`` views of ``[B, N, H, D]`` (packed: ``[1, H, T, D]`` views of ``[1, T, H, D]``).
+:class:`Shape` gives the sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
@@ -31,152 +31,113 @@ for _path in (str(REPO), str(BENCHMARKS)):  # `kernels` as a plain package (torc
 
 from kernel_report import KernelSpec, Ptr  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
+from kernels.common import Packing  # noqa: E402
 
 KERNEL_MODULE = "kernels.triton_attention"
+KERNELS = ("_attn_fwd", "_attn_probs", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
 YARDSTICK = "yardstick_attention:_yardstick_attn_fwd"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (32, 64, 128)
+LAYOUTS = ("packed", "padded", "dense")  # packed sequences; padded with a key padding mask; padded without one
 HEAD_MASKS = ("none", "mask", "grad")  # no head mask, a head mask without gradient, with gradient
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
+                torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
 
 class Case(NamedTuple):
-    """One choice of the launcher: input dtype, head dim, causal, key padding mask, head mask (``HEAD_MASKS``)."""
+    """One choice of the launchers: input dtype, head dim, causal, layout (:data:`LAYOUTS`), head mask
+    (:data:`HEAD_MASKS`)."""
 
     dtype: str
     head_dim: int
     causal: bool
-    key_pad: bool
+    layout: str
     head_mask: str
 
 
 class Shape(NamedTuple):
-    """Sizes behind the launch values (strides, ``H``, ``N``)."""
+    """Sizes behind the launch values: sequences, heads, and the (longest) sequence length, which also picks the
+    block configuration (see ``kernels/triton_configs.py``)."""
 
     batch: int = 4
     heads: int = 12
     seq: int = 512
 
 
-BERT = Case("bf16", 64, causal=False, key_pad=True, head_mask="grad")  # head importance with padded batches
-GPT2 = Case("bf16", 64, causal=True, key_pad=False, head_mask="grad")  # causal, head importance
-QUICK_CASES = (BERT, GPT2)
+BERT = Case("bf16", 64, causal=False, layout="packed", head_mask="grad")  # head importance, padding-free
+GPT2 = Case("bf16", 64, causal=True, layout="packed", head_mask="grad")  # causal, head importance
+PLAIN = Case("bf16", 64, causal=False, layout="dense", head_mask="none")  # no mask of any kind: the baseline
+QUICK_CASES = (BERT, GPT2, PLAIN)
 
 
-def _bnhd_strides(shape: Shape, head_dim: int) -> tuple[int, int, int, int]:
-    """Strides of a ``[B, N, H, D]`` tensor viewed as ``[B, H, N, D]`` (q, k, v from a projection, and
-    ``empty_like`` of them)."""
-    return (shape.seq * shape.heads * head_dim, head_dim, shape.heads * head_dim, 1)
+class _Recorder:
+    """Stands in for a jit kernel: ``kernel[grid](*args, **kwargs)`` appends ``(name, args, kwargs)``."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
 
 
-def _common(case: Case, shape: Shape):
-    """What every launch derives from the case: ``(torch dtype, BLOCK_D, configs, dot precision, scale, strides,
-    key padding (keep pointer, kv_end pointer, stride_pb, stride_pn))``, as ``_forward`` / ``_backward`` do."""
+@contextlib.contextmanager
+def _recording(calls: list):
+    """Inside the block the launchers record their kernel launches into ``calls`` and use the GPU configs."""
+    saved = {name: getattr(ta, name) for name in (*KERNELS, "configs_for")}
+    try:
+        for name in KERNELS:
+            setattr(ta, name, _Recorder(name, calls))
+        ta.configs_for = lambda device, block_d, dtype, **options: ta.gpu_configs(block_d, dtype, **options)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ta, name, value)
+
+
+def _inputs(case: Case, shape: Shape):
+    """``(q, k, v, dO, layout, head mask [S, H] or None)`` on the CPU, laid out as the patch hands them over."""
     dtype = DTYPES[case.dtype]
-    block_d = ta._block_d(case.head_dim)
-    configs = ta.gpu_configs(block_d, dtype)
-    precision = ta._dot_precision(dtype)
+    if case.layout == "packed":
+        packing = Packing.from_lengths([shape.seq] * shape.batch)
+        q, k, v, grad_out = (torch.zeros(1, packing.total, shape.heads, case.head_dim, dtype=dtype).transpose(1, 2)
+                             for _ in range(4))
+        layout = ta._Layout(q, None, packing)
+    else:
+        q, k, v, grad_out = (torch.zeros(shape.batch, shape.seq, shape.heads, case.head_dim, dtype=dtype)
+                             .transpose(1, 2) for _ in range(4))
+        keep = None
+        if case.layout == "padded":
+            keep = torch.arange(shape.seq)[None, :] < torch.tensor([shape.seq, shape.seq // 2] * (shape.batch // 2)
+                                                                  + [shape.seq] * (shape.batch % 2))[:, None]
+        layout = ta._Layout(q, keep, None)
+    mask = torch.ones(layout.sequences, shape.heads) if case.head_mask != "none" else None
+    return q, k, v, grad_out, layout, mask
+
+
+def recorded_launches(case: Case, shape: Shape) -> list[tuple[str, tuple, dict]]:
+    """Every kernel launch of one forward (with the probabilities where the layout allows them) and backward of
+    ``case``, and of the backward that only needs the head-mask gradient: ``(kernel name, args, kwargs)``."""
+    q, k, v, grad_out, layout, mask = _inputs(case, shape)
     scale = case.head_dim**-0.5
-    strides = _bnhd_strides(shape, case.head_dim)
-    if case.key_pad:  # the bool [B, N] mask viewed as uint8, kv_end int32 [B]
-        padding = (Ptr("u8"), Ptr("i32"), shape.seq, 1)
-    else:  # one int32 dummy for both, strides (0, 0)
-        padding = (Ptr("i32"), Ptr("i32"), 0, 0)
-    return dtype, block_d, configs, precision, scale, strides, padding
+    calls: list = []
+    with _recording(calls):
+        out, lse, *_ = ta._forward(q, k, v, mask, layout, case.causal, scale, case.layout != "packed")
+        need_mask = case.head_mask == "grad"
+        ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, True, True, need_mask)
+        if need_mask:
+            ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, False, False, True)
+    return calls
 
 
-def _options(config) -> dict:
-    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def fwd_launch(case: Case, shape: Shape) -> tuple:
-    """``_attn_fwd`` as ``_forward`` launches it: ``(args, constexprs, options)``."""
-    _, block_d, configs, precision, scale, strides, padding = _common(case, shape)
-    has_mask, store_unmasked = case.head_mask != "none", case.head_mask == "grad"
-    out = Ptr(case.dtype)
-    stat = Ptr("fp32")
-    args = (Ptr(case.dtype), Ptr(case.dtype), Ptr(case.dtype), stat if has_mask else out, padding[0], padding[1],
-            out, out, stat, stat, stat, *strides, *strides, *strides, *strides, padding[2], padding[3],
-            shape.heads, shape.seq, scale * ta._LOG2E)
-    constexprs = dict(HEAD_DIM=case.head_dim, BLOCK_D=block_d, BLOCK_M=configs.fwd.block_m,
-                      BLOCK_N=configs.fwd.block_n, CAUSAL=case.causal, HAS_KEY_PAD=case.key_pad,
-                      HAS_HEAD_MASK=has_mask, STORE_UNMASKED=store_unmasked, DOT_PRECISION=precision)
-    return args, constexprs, _options(configs.fwd)
-
-
-def probs_launch(case: Case, shape: Shape) -> tuple:
-    """``_attn_probs`` (``return_probs=True``) as ``_forward`` launches it; probabilities ``[B, H, N, N]``."""
-    _, block_d, configs, precision, scale, strides, padding = _common(case, shape)
-    args = (Ptr(case.dtype), Ptr(case.dtype), padding[0], padding[1], Ptr("fp32"), Ptr("fp32"),
-            *strides, *strides, padding[2], padding[3], shape.seq * shape.seq, shape.seq,
-            shape.heads, shape.seq, scale * ta._LOG2E)
-    constexprs = dict(HEAD_DIM=case.head_dim, BLOCK_D=block_d, BLOCK_M=configs.probs.block_m,
-                      BLOCK_N=configs.probs.block_n, CAUSAL=case.causal, HAS_KEY_PAD=case.key_pad,
-                      DOT_PRECISION=precision)
-    return args, constexprs, _options(configs.probs)
-
-
-def preprocess_launch(case: Case, shape: Shape) -> tuple:
-    """``_attn_bwd_preprocess`` as ``_backward`` launches it (no num_warps / num_stages: Triton's defaults)."""
-    _, block_d, configs, _, _, strides, _ = _common(case, shape)
-    stat = Ptr("fp32")
-    args = (Ptr(case.dtype), Ptr(case.dtype), stat, stat, stat, *strides, *strides, shape.heads, shape.seq)
-    constexprs = dict(HEAD_DIM=case.head_dim, BLOCK_D=block_d, BLOCK_M=configs.preprocess.block_m,
-                      SCALE_BY_HEAD_MASK=case.head_mask == "grad")
-    return args, constexprs, {}
-
-
-def _grad_launch(case: Case, shape: Shape, config, outputs: int) -> tuple:
-    """``_attn_bwd_dkdv`` (``outputs=2``: dK, dV) or ``_attn_bwd_dq`` (``outputs=1``) as ``_backward``
-    launches them."""
-    _, block_d, _, precision, scale, strides, padding = _common(case, shape)
-    stat = Ptr("fp32")
-    tensors = (Ptr(case.dtype),) * 4 + (stat, padding[0], padding[1], stat, stat) + (Ptr(case.dtype),) * outputs
-    args = (*tensors, *strides * 5, padding[2], padding[3], shape.heads, shape.seq, scale * ta._LOG2E, scale)
-    constexprs = dict(HEAD_DIM=case.head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                      CAUSAL=case.causal, HAS_KEY_PAD=case.key_pad, HAS_HEAD_MASK=case.head_mask != "none",
-                      DOT_PRECISION=precision)
-    return args, constexprs, _options(config)
-
-
-def dkdv_launch(case: Case, shape: Shape) -> tuple:
-    """``_attn_bwd_dkdv`` as ``_backward`` launches it."""
-    return _grad_launch(case, shape, _common(case, shape)[2].dkdv, outputs=2)
-
-
-def dq_launch(case: Case, shape: Shape) -> tuple:
-    """``_attn_bwd_dq`` as ``_backward`` launches it."""
-    return _grad_launch(case, shape, _common(case, shape)[2].dq, outputs=1)
-
-
-# kernel name -> launch mirror; "forward" marks the kernel compared with the yardstick
-LAUNCHES = {
-    "_attn_fwd": (fwd_launch, "forward"),
-    "_attn_probs": (probs_launch, ""),
-    "_attn_bwd_preprocess": (preprocess_launch, ""),
-    "_attn_bwd_dkdv": (dkdv_launch, ""),
-    "_attn_bwd_dq": (dq_launch, ""),
-}
-
-
-def yardstick_launch(dtype: str, head_dim: int, shape: Shape) -> tuple:
-    """The yardstick with the block configuration of the project's forward for this dtype and head dim, on
-    contiguous ``[B * H, N, D]`` tensors."""
-    config = ta.gpu_configs(ta._block_d(head_dim), DTYPES[dtype]).fwd
-    stat = Ptr("fp32")
-    args = (Ptr(dtype), Ptr(dtype), Ptr(dtype), Ptr(dtype), stat, stat, shape.seq * head_dim, head_dim, shape.seq,
-            head_dim**-0.5 * math.log2(math.e))
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
-    return args, constexprs, _options(config)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Spec lists
-# ----------------------------------------------------------------------------------------------------------
+def _spec_argument(value):
+    if isinstance(value, torch.Tensor):
+        return Ptr(TRITON_TYPES[value.dtype])
+    return value
 
 
 def config_label(dtype: str, head_dim: int, constexprs: dict, options: dict) -> str:
-    """``"bf16 D64 | causal key_pad | 128x64 w8 s3"``: dtype, head dim (``D48/64`` when padded to BLOCK_D), the
-    boolean constexprs that are on (``HAS_`` dropped), the block sizes and warps / stages."""
+    """``"bf16 D64 | causal varlen head_mask | 128x64 w8 s3"``: dtype, head dim (``D48/64`` when padded to BLOCK_D),
+    the boolean constexprs that are on (``HAS_`` dropped), the block sizes and warps / stages."""
     block_d = constexprs.get("BLOCK_D", head_dim)
     dims = f"D{head_dim}" if block_d == head_dim else f"D{head_dim}/{block_d}"
     flags = [name.lower().removeprefix("has_") for name, value in constexprs.items() if value is True]
@@ -187,27 +148,41 @@ def config_label(dtype: str, head_dim: int, constexprs: dict, options: dict) -> 
 
 def all_cases(dtypes, head_dims):
     """Every :class:`Case` for these dtypes and head dims."""
-    for dtype, head_dim, causal, key_pad, head_mask in itertools.product(dtypes, head_dims, (False, True),
-                                                                        (False, True), HEAD_MASKS):
-        yield Case(dtype, head_dim, causal, key_pad, head_mask)
+    for dtype, head_dim, causal, layout, head_mask in itertools.product(dtypes, head_dims, (False, True), LAYOUTS,
+                                                                       HEAD_MASKS):
+        yield Case(dtype, head_dim, causal, layout, head_mask)
 
 
 def project_kernel_specs(cases, kernels=None, shape: Shape = Shape()) -> list[KernelSpec]:
-    """A :class:`KernelSpec` per project kernel and case, identical launches once (e.g. ``_attn_bwd_dq`` does not
-    depend on whether the head mask needs its gradient); ``kernels`` keeps the names that contain one of them."""
+    """A :class:`KernelSpec` per distinct recorded launch of the cases (identical launches once); ``kernels`` keeps
+    the names that contain one of them."""
     specs, seen = [], set()
-    for name, (launch, role) in LAUNCHES.items():
-        if kernels and not any(part in name for part in kernels):
-            continue
-        for case in cases:
-            args, constexprs, options = launch(case, shape)
+    for case in cases:
+        for name, args, kwargs in recorded_launches(case, shape):
+            if kernels and not any(part in name for part in kernels):
+                continue
+            options = {key: kwargs[key] for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
+            constexprs = {key: value for key, value in kwargs.items() if key not in options}
+            args = tuple(_spec_argument(value) for value in args)
             key = (name, repr(args), repr(constexprs), repr(options))
             if key in seen:
                 continue
             seen.add(key)
             specs.append(KernelSpec(f"{KERNEL_MODULE}:{name}", args, constexprs, options, case.dtype, case.head_dim,
-                                    config_label(case.dtype, case.head_dim, constexprs, options), role))
+                                    config_label(case.dtype, case.head_dim, constexprs, options),
+                                    "forward" if name == "_attn_fwd" else ""))
     return specs
+
+
+def yardstick_launch(dtype: str, head_dim: int, shape: Shape) -> tuple:
+    """The yardstick with the block configuration of the project's forward for this dtype, head dim and sequence
+    length, on contiguous ``[B * H, N, D]`` tensors."""
+    config = ta.gpu_configs(ta._block_d(head_dim), DTYPES[dtype], max_seqlen=shape.seq).fwd
+    stat = Ptr("fp32")
+    args = (Ptr(dtype), Ptr(dtype), Ptr(dtype), Ptr(dtype), stat, stat, shape.seq * head_dim, head_dim, shape.seq,
+            head_dim**-0.5 * math.log2(math.e))
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+    return args, constexprs, {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def yardstick_specs(dtypes, head_dims, shape: Shape = Shape()) -> list[KernelSpec]:

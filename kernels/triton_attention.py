@@ -204,26 +204,6 @@ def _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                offs_m, offs_d, start_m, k_len, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WITH_PV: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Interior key blocks, then the edge blocks, of one query block."""
-    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
-    acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                   offs_m, offs_d, 0, interior, k_len, qk_scale,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WITH_PV, DOT_PRECISION)
-    acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                   offs_m, offs_d, interior, _key_end(start_m, k_len, BLOCK_M, CAUSAL), k_len,
-                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WITH_PV,
-                                   DOT_PRECISION)
-    return acc, l_i, m_i, u_i
-
-
-@triton.jit
 def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
@@ -259,7 +239,9 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
     kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
 
-    # -- stage 1: the key loops; P V is skipped for a head whose mask is 0
+    # -- stage 1: the key loops: interior blocks (no masks), then edge blocks. P V is skipped for a head whose mask
+    #    is 0. (The loops are called from the kernel itself, so that the compiled code's line information names
+    #    these lines and benchmarks/kernel_report.py can tell the loops apart by their "# loop:" marks.)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -267,18 +249,26 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
+    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
+    key_end = _key_end(start_m, k_len, BLOCK_M, CAUSAL)
     if hm != 0.0:
-        acc, l_i, m_i, u_i = _fwd_blocks(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                         offs_m, offs_d, start_m, k_len, qk_scale,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, True,
-                                         DOT_PRECISION)
+        acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: interior
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                       0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       False, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+        acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                       interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       True, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
     else:
-        acc, l_i, m_i, u_i = _fwd_blocks(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                         offs_m, offs_d, start_m, k_len, qk_scale,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, False,
-                                         DOT_PRECISION)
+        acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: interior
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                       0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       False, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+        acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                       interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       True, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
 
     # -- stage 2: normalise; rows that saw no key (the max never left MASKED_SCORE) get zeros
     has_keys = m_i > 0.5 * MASKED_SCORE * qk_scale
@@ -466,16 +456,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
         if CAUSAL:
             lo = (start_n // BLOCK_M) * BLOCK_M
             diagonal_end = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
-            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: edge
                                 stride_qn, stride_qd, stride_don, stride_dod,
                                 offs_n, offs_d, lo, diagonal_end, q_len, qk_scale, delta_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION)
         full_end = tl.maximum((q_len // BLOCK_M) * BLOCK_M, diagonal_end)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: interior
                             stride_qn, stride_qd, stride_don, stride_dod,
                             offs_n, offs_d, diagonal_end, full_end, q_len, qk_scale, delta_scale,
                             HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: edge
                             stride_qn, stride_qd, stride_don, stride_dod,
                             offs_n, offs_d, full_end, q_len, q_len, qk_scale, delta_scale,
                             HEAD_DIM, BLOCK_D, BLOCK_M, True, False, DOT_PRECISION)
@@ -522,76 +512,6 @@ def _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
 
 
 @triton.jit
-def _dq_blocks(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-               offs_m, offs_d, start_m, k_len, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """Interior key blocks, then the edge blocks, of one query block."""
-    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
-    dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d, 0, interior, k_len,
-                           qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEY_PAD, ROW_DOT_ONLY,
-                           DOT_PRECISION)
-    dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d, interior,
-                           _key_end(start_m, k_len, BLOCK_M, CAUSAL), k_len, qk_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, ROW_DOT_ONLY, DOT_PRECISION)
-    return dq, row_dot
-
-
-@triton.jit
-def _dq_program(Q, K, V, DO, KeyPad, Lse, Delta, DQ, MaskGrad,
-                stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
-                stride_qb, stride_gb, stride_gh, stride_gn, stride_gd, stride_pb, stride_pn,
-                batch_row, row0, q_len, k_len, off_h, off_bh, hm, H, N, qk_scale, sm_scale, blocks_per_row, small_mask,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, COMPUTE_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """The work of one ``_attn_bwd_dq`` program: dQ (COMPUTE_DQ; 0 for a head whose mask is 0) and, with
-    MASK_GRAD for a head whose mask is small, the head-mask gradient of the block's rows."""
-    LOG2E: tl.constexpr = 1.4426950408889634
-    start_m = tl.program_id(0) * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(_base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
-                   stride_qd, q_len, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(_base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don), offs_m, stride_don,
-                    offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, True)
-    row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
-    m_ok = offs_m < q_len
-    lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
-    k_base = _base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn)
-    v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
-    kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # -- stage 1: key blocks; dS = P (dO V^T - Delta / mask)
-    if COMPUTE_DQ:
-        if hm != 0.0:
-            delta = tl.load(Delta + row, mask=m_ok, other=0.0) / hm
-            dq, row_dot = _dq_blocks(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
-                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                     offs_m, offs_d, start_m, k_len, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
-    # -- stage 2: the head-mask gradient rows sum_j P (dO V^T) of a head whose mask is (near) 0
-    if MASK_GRAD:
-        if tl.abs(hm) < small_mask:
-            row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
-            dq, row_dot = _dq_blocks(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,
-                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                                     offs_m, offs_d, start_m, k_len, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
-            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(row_dot, 0))
-    # -- stage 3: store
-    if COMPUTE_DQ:
-        _store_rows(_base(DQ, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn), offs_m, stride_gn, offs_d,
-                    stride_gd, q_len, (dq * (sm_scale * hm)).to(DQ.dtype.element_ty), HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ, MaskGrad,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
@@ -605,10 +525,13 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
                  HAS_HEAD_MASK: tl.constexpr, COMPUTE_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """dQ of one query block of one (sequence, head), looping over key blocks; grid ``(cdiv(longest, BLOCK_M),
-    S * H)``. ``dQ = scale * mask * dS K``. With MASK_GRAD, heads with ``|mask| < small_mask`` get the head-mask
-    gradient of the block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in ``MaskGrad[(seq * H + head) *
-    blocks_per_row + block]``. Without COMPUTE_DQ (launched for that gradient alone) other heads do nothing.
+    S * H)``. ``dQ = scale * mask * dS K`` (COMPUTE_DQ; 0 for a head whose mask is 0). With MASK_GRAD, heads with
+    ``|mask| < small_mask`` get the head-mask gradient of the block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in
+    ``MaskGrad[(seq * H + head) * blocks_per_row + block]``. Without COMPUTE_DQ (launched for that gradient alone)
+    the other heads' programs return at once.
     """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    # -- stage 0: the (sequence, head, query block) of this program; load Q, dO, lse of the block
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     seq = off_bh // H
@@ -619,23 +542,54 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
+    if not COMPUTE_DQ:
+        if tl.abs(hm) >= small_mask:
+            return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(_base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
+                   stride_qd, q_len, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don), offs_m, stride_don,
+                    offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, True)
+    row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
+    m_ok = offs_m < q_len
+    lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
+    k_base = _base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn)
+    v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
+    kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
+    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
+    key_end = _key_end(start_m, k_len, BLOCK_M, CAUSAL)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # -- stage 1: key blocks, interior then edge; dS = P (dO V^T - Delta / mask)
     if COMPUTE_DQ:
-        _dq_program(Q, K, V, DO, KeyPad, Lse, Delta, DQ, MaskGrad,
-                    stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
-                    stride_qb, stride_gb, stride_gh, stride_gn, stride_gd, stride_pb, stride_pn,
-                    batch_row, row0, q_len, k_len, off_h, off_bh, hm, H, N, qk_scale, sm_scale, blocks_per_row,
-                    small_mask, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, True, MASK_GRAD,
-                    DOT_PRECISION)
-    else:
+        if hm != 0.0:
+            delta = tl.load(Delta + row, mask=m_ok, other=0.0) / hm
+            dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: interior
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                   0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   False, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+            dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: edge
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                   interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   True, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+    # -- stage 2: the head-mask gradient rows sum_j P (dO V^T) of a head whose mask is (near) 0
+    if MASK_GRAD:
         if tl.abs(hm) < small_mask:
-            _dq_program(Q, K, V, DO, KeyPad, Lse, Delta, DQ, MaskGrad,
-                        stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
-                        stride_qb, stride_gb, stride_gh, stride_gn, stride_gd, stride_pb, stride_pn,
-                        batch_row, row0, q_len, k_len, off_h, off_bh, hm, H, N, qk_scale, sm_scale, blocks_per_row,
-                        small_mask, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD, False, True,
-                        DOT_PRECISION)
+            dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: interior
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                   0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   False, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+            dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: edge
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+                                   interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   True, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(row_dot, 0))
+    # -- stage 3: store
+    if COMPUTE_DQ:
+        _store_rows(_base(DQ, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn), offs_m, stride_gn, offs_d,
+                    stride_gd, q_len, (dq * (sm_scale * hm)).to(DQ.dtype.element_ty), HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -724,7 +678,7 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
         heads, seq, qk_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n,
         CAUSAL=causal, VARLEN=layout.varlen, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask,
-        DOT_PRECISION=precision, num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages,
+        DOT_PRECISION=precision, **cfg.fwd.launch_options(),
     )
     probs = None
     if return_probs:  # padded batches only (checked by check_inputs)
@@ -736,7 +690,7 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
             heads, seq, qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.probs.block_m, BLOCK_N=cfg.probs.block_n,
             CAUSAL=causal, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, DOT_PRECISION=precision,
-            num_warps=cfg.probs.num_warps, num_stages=cfg.probs.num_stages,
+            **cfg.probs.launch_options(),
         )
     return out, lse, entropy, max_prob, probs
 
@@ -776,7 +730,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
             heads, seq, scale * _LOG2E, scale,
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
-            num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages,
+            **cfg.dkdv.launch_options(),
         )
     # -- stage 3: dQ, and the head-mask gradient of heads whose mask is (near) 0
     dq_grad = None
@@ -792,7 +746,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
             *layout.pad_strides,
             heads, seq, scale * _LOG2E, scale, dq_blocks, _SMALL_MASK,
             BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
-            num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
+            **cfg.dq.launch_options(),
         )
     mask_grad = None
     if need_mask:

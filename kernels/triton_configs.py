@@ -22,6 +22,12 @@ class KernelConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
 
+    def launch_options(self) -> dict:
+        """Keyword options of a kernel launch: ``num_warps``, ``num_stages``. (A register cap, ``maxnreg=128``, would
+        fit two 8-warp CTAs of the causal forward and of dK/dV per SM, but the report shows it spills: 16-108
+        bytes per thread. Not used.)"""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
 
 class AttentionConfigs(NamedTuple):
     """The launch configurations of every kernel for one call."""
