@@ -166,6 +166,9 @@ def _check_task_options(args, objective: str) -> None:
                              f"{'perplexity' if objective == 'lm' else 'accuracy@1 and mrr'}); leave it out")
         _require(args.metric in allowed, f"--metric {args.metric!r} is not a {objective} metric; choose one of "
                                          f"{', '.join(allowed)}")
+    if objective == "lm":
+        _require(args.max_seq_length >= 2, f"--max-seq-length must be at least 2 for language modelling (one "
+                                            f"next-token prediction), got {args.max_seq_length}")
     if objective == "retrieval":
         _require(args.batch_size % args.group_size == 0,
                  f"--batch-size {args.batch_size} must be a multiple of --group-size {args.group_size}: retrieval "

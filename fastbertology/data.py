@@ -388,8 +388,10 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
             input_ids = row.get("input_ids")
             if input_ids is not None:
                 if (not isinstance(input_ids, list) or not input_ids
-                        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in input_ids)):
-                    raise DataError(path, line, "'input_ids' must be a non-empty list of non-negative integers")
+                        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2 ** 63
+                                   for i in input_ids)):
+                    raise DataError(path, line, "'input_ids' must be a non-empty list of non-negative integers "
+                                                "(token ids below 2**63)")
             text = _check_text(path, line, row.get("text"), "text", required=input_ids is None)
             pair = _check_text(path, line, row.get("text_pair"), "text_pair", required=require_pair)
             label = row.get("label")

@@ -116,6 +116,8 @@ def resolve_model_path(name_or_path) -> str:
     or else a hub name already in the local Hugging Face cache (offline: nothing is downloaded). Anything else
     is a :class:`ModelLoadingError` naming the path that was tried."""
     name = os.fspath(name_or_path)
+    if not name.strip():
+        raise ModelLoadingError("the model path is empty; give a local model directory")
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return str(path.resolve())
@@ -275,18 +277,32 @@ def _from_pretrained(model_class, path: str, options: dict):
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # missing weights are reported (or refused) by check_random_weights
+    load = dict(use_safetensors=True, trust_remote_code=False, local_files_only=True, output_loading_info=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were not initialized.*")
         try:
-            model, info = model_class.from_pretrained(path, use_safetensors=True,
-                                                      trust_remote_code=False, local_files_only=True,
-                                                      output_loading_info=True, **options)
+            model, info = model_class.from_pretrained(path, **load, **options)
         except (RuntimeError, ValueError, OSError) as error:
-            raise ModelLoadingError(f"cannot load the weights in {path}: {str(error).splitlines()[0]} (the weights do "
+            raise ModelLoadingError(f"cannot load the weights in {path}: "
+                                    f"{_shape_mismatches(model_class, path, load, options) or error} (the weights do "
                                     "not fit the architecture config.json describes; save the model again)") from None
         finally:
             transformers_logging.set_verbosity(verbosity)
     return model, sorted(info.get("missing_keys", ()))
+
+
+def _shape_mismatches(model_class, path: str, load: dict, options: dict) -> str:
+    """After a failed load: which weights have other shapes than the config implies ("" when that is not it)."""
+    try:
+        _, info = model_class.from_pretrained(path, ignore_mismatched_sizes=True, **load, **options)
+    except Exception:  # noqa: BLE001 - only an explanation is sought here; the caller reports the original error
+        return ""
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    if not mismatched:
+        return ""
+    shown = ", ".join(f"{key} is {list(saved)} in the file but {list(expected)} in the model"
+                      for key, saved, expected in mismatched[:2])
+    return f"{len(mismatched)} weight(s) have other shapes than config.json implies ({shown})"
 
 
 def _load_tokenizer(path: str, config):

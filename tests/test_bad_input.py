@@ -277,6 +277,8 @@ def test_token_ids_outside_the_vocabulary(bert, tmp_path, capsys):
                                           '{"input_ids": [101, 99999, 102], "label": 1}\n')
     err = _error(capsys, *_importance(bert, data, tmp_path / "o"))
     assert "ids.jsonl, line 2" in err and "99999" in err and "30522" in err
+    huge = _write(tmp_path / "huge.jsonl", '{"input_ids": [101, 99999999999999999999999, 102], "label": 0}\n')
+    assert "huge.jsonl, line 1" in _error(capsys, *_importance(bert, huge, tmp_path / "o"))
 
 
 def test_token_type_ids_outside_the_model(tmp_path, capsys):
@@ -323,6 +325,12 @@ def test_broken_model_directories(bert, data, tmp_path, capsys):
     assert "no model.safetensors" in err and "pytorch_model.bin" in err and "never pickle" in err
     err = _error(capsys, *_importance(data, data, tmp_path / "o"))
     assert "is a file, not a model directory" in err
+    assert "model path is empty" in _error(capsys, *_importance("", data, tmp_path / "o"))
+    shapes = _copy_model(bert, tmp_path / "shapes")
+    config = json.loads((shapes / "config.json").read_text())
+    (shapes / "config.json").write_text(json.dumps({**config, "intermediate_size": 50}))
+    err = _error(capsys, *_importance(shapes, data, tmp_path / "o"))
+    assert "other shapes than config.json implies" in err and "is [48] in the file but [50] in the model" in err
 
 
 def test_head_mask_with_a_string_dtype(bert, data, tmp_path, capsys, no_loading):
@@ -464,6 +472,7 @@ def test_label_names_follow_the_checkpoint(tmp_path):
     (("importance", "--device", "meta"), "device 'meta' is not supported"),
     (("importance", "--metric", "bleu"), "--metric 'bleu' is not a classification metric"),
     (("importance", "--task", "lm", "--metric", "f1"), "--metric does not apply to lm"),
+    (("importance", "--task", "lm", "--max-seq-length", 1), "at least 2 for language modelling"),
     (("importance", "--task", "retrieval", "--batch-size", 5, "--group-size", 4), "multiple of --group-size"),
     (("importance", "--task", "mrpc"), "must be a GLUE task directory"),
     (("importance", "--seed", -1), "--seed must be between"),
