@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -126,7 +126,6 @@ class Inputs:
     model_path: str | None = None
     head_mask: np.ndarray | None = None  # prune --head-mask: [L, H] float32 of 0 / 1
     masks: np.ndarray | None = None  # sweep --masks: [M, L, H] float32
-    extras: dict = field(default_factory=dict)
 
 
 def _expand(path):
@@ -398,6 +397,7 @@ def setup(args, *, examples=None, model_path=None) -> Setup:
     its vocabulary and token types, sequence lengths against its positions (longer ones are truncated)."""
     from . import patch
     from .data import check_token_ids, load_examples, make_batches, move_batch
+    from .distributed import is_main
     from .loading import parse_dtype, resolve_device, usable_positions
 
     torch.manual_seed(args.seed)
@@ -421,14 +421,14 @@ def setup(args, *, examples=None, model_path=None) -> Setup:
     batches = [move_batch(batch, device) for batch in batches]
     patch(model, backend=args.backend)
     description = {
-        "model": str(model_path), "model_dir": report.path, "model_type": model.config.model_type,
+        "model": str(args.model or model_path), "model_dir": report.path, "model_type": model.config.model_type,
         "objective": objective, "task": repr(task), "metric": getattr(task, "metric_name", "metric"),
         "examples": len(examples), "batches": len(batches), "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length, "device": _device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "backend": args.backend,
         "random_head": report.random_head,
     }
-    if report.random_head:
+    if report.random_head and is_main():
         print(f"fastbertology: warning: the task head of {report.path} is not in the checkpoint "
               f"({', '.join(report.random_head)}): it was initialised at random (--allow-random-head)",
               file=sys.stderr, flush=True)
