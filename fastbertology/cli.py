@@ -375,6 +375,19 @@ def _load_for_objective(args, objective: str, model_path: str, examples, device,
     return model, tokenizer, report
 
 
+def _check_heads(model, path) -> None:
+    """Every analysis takes ``[layers, heads]`` head masks: a pruned model with unequal head counts, or with no
+    head left, is refused before any work."""
+    from .patching import heads_per_layer
+
+    counts = heads_per_layer(model)
+    if len(set(counts)) > 1:
+        raise ValueError(f"the model {path} has different head counts {counts} in its layers (it was pruned); a head "
+                         "mask needs equal counts: analyse the unpruned model")
+    if not any(counts):
+        raise ValueError(f"the model {path} has no attention heads left (all were pruned): there is nothing to analyse")
+
+
 def _make_task(args, objective: str, model):
     from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask, glue_task
 
@@ -409,6 +422,7 @@ def setup(args, *, examples=None, model_path=None) -> Setup:
     if examples is not None and len(examples) == 0:
         raise ValueError("the data has no examples")
     model, tokenizer, report = _load_for_objective(args, objective, model_path, examples, device, dtype)
+    _check_heads(model, report.path)
     max_positions = usable_positions(model.config)
     if objective == "lm":
         examples = load_examples(args.data, tokenizer=tokenizer, max_seq_length=min(args.max_seq_length, max_positions),
@@ -641,9 +655,15 @@ def _run_command(args, steps, *, data_parallel: bool = False, examples=None, mod
         _check_head_mask_shape(inputs.head_mask, run.model, args.head_mask)
     if data_parallel:
         run.batches = shard_checked(run.model, run.batches)
+    existed = args.output_dir is not None and Path(args.output_dir).exists()
     output = _output_dir(args)
     summary = _new_summary(args, run)
-    steps(run, inputs, output, summary)
+    try:
+        steps(run, inputs, output, summary)
+    except BaseException:
+        if output is not None and not existed and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # a run that failed before writing anything leaves no empty directory behind
+        raise
     _finish(args, output, summary, started)
     return 0
 

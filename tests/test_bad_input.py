@@ -503,6 +503,26 @@ def test_unusable_output_directories_come_before_any_work(bert, data, tmp_path, 
             assert message in err
 
 
+def test_pruned_models_the_analyses_cannot_take(bert, data, tmp_path, capsys):
+    zeros = tmp_path / "zeros.npy"
+    np.save(zeros, np.zeros((3, 4), dtype=np.float32))
+    assert _run("prune", "--model", bert, "--data", data, "--output-dir", tmp_path / "p", "--head-mask", zeros,
+                "--max-seq-length", 16) == 0
+    err = _error(capsys, *_importance(tmp_path / "p" / "pruned_model", data, tmp_path / "o"))
+    assert "no attention heads left" in err and not (tmp_path / "o").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(bert, data, tmp_path, capsys, monkeypatch):
+    import fastbertology.cli
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(fastbertology.cli, "_importance_step", fail)
+    assert "CUDA out of memory" in _error(capsys, *_importance(bert, data, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------------------------------ also
 def test_outputs_respect_the_umask(bert, data, tmp_path):
     from fastbertology.outputs import write_bytes_atomic
