@@ -13,7 +13,9 @@ label id -> name table when labels were strings, and ``source``):
 * :func:`load_examples` — picks one of the above from ``task=`` or the file suffix.
 * :func:`demo_pairs` — (query, positive) pairs from the Python documentation that ships with Python.
 
-Malformed input raises :class:`DataError` (a ``ValueError``) whose message names the file and the line.
+Malformed input raises :class:`DataError` (a ``ValueError``) whose message names the file and the line (bytes
+that are not UTF-8 included). Against a model: :func:`check_class_labels` (labels are class ids it has),
+:func:`align_label_names` (label names follow its ``id2label``), :func:`check_token_ids` (ids its embeddings have).
 
 :func:`make_batches` turns examples into batches in data order: dicts of tensors ``input_ids [B, N]``,
 ``attention_mask [B, N]``, ``token_type_ids [B, N]`` (when the tokenizer produces them) and ``labels [B]``
@@ -695,7 +697,9 @@ def make_batches(examples: Sequence[Example], tokenizer=None, *, max_seq_length:
     padded with ``pad_token_id`` (default: the tokenizer's pad id, else its EOS id, else 0 without a tokenizer).
     Sequences longer than ``max_seq_length`` — or ``max_positions`` (the model's position limit) or the
     tokenizer's ``model_max_length``, whichever is smallest — are truncated (pairs longest-first), and a single
-    ``warnings.warn`` says how many. Returns a list, so the batches can be iterated several times.
+    ``warnings.warn`` says how many; a limit that leaves no room for text next to the tokenizer's special tokens
+    raises ValueError (the tokenizer would silently not truncate). Returns a list, so the batches can be iterated
+    several times.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
