@@ -282,10 +282,11 @@ def _from_pretrained(model_class, path: str, options: dict):
         warnings.filterwarnings("ignore", message=".*were not initialized.*")
         try:
             model, info = model_class.from_pretrained(path, **load, **options)
-        except (RuntimeError, ValueError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - whatever weights that do not fit the config make it raise
             raise ModelLoadingError(f"cannot load the weights in {path}: "
-                                    f"{_shape_mismatches(model_class, path, load, options) or error} (the weights do "
-                                    "not fit the architecture config.json describes; save the model again)") from None
+                                    f"{_shape_mismatches(model_class, path, load, options) or _first_line(error)} "
+                                    "(config.json and the weights do not make a loadable model; save the model "
+                                    "again with save_pretrained)") from None
         finally:
             transformers_logging.set_verbosity(verbosity)
     return model, sorted(info.get("missing_keys", ()))
@@ -305,14 +306,20 @@ def _shape_mismatches(model_class, path: str, load: dict, options: dict) -> str:
     return f"{len(mismatched)} weight(s) have other shapes than config.json implies ({shown})"
 
 
+def _first_line(error: BaseException) -> str:
+    """An exception as one line: its type, and its message joined onto one line."""
+    message = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def _load_tokenizer(path: str, config):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelLoadingError(f"cannot load the tokenizer in {path}: {str(error).splitlines()[0]}; save the "
-                                "tokenizer again with tokenizer.save_pretrained") from None
+    except Exception as error:  # noqa: BLE001 - whatever the tokenizer files make transformers raise
+        raise ModelLoadingError(f"cannot load the tokenizer in {path}: {_first_line(error)}; save the tokenizer "
+                                "again with tokenizer.save_pretrained") from None
     specials = set(tokenizer.all_special_ids)
     if len(tokenizer) <= len(specials) + 1:
         raise ModelLoadingError(f"the tokenizer in {path} has {len(tokenizer)} tokens, all or nearly all special: its "
@@ -356,8 +363,9 @@ def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dt
     check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelLoadingError(f"cannot read {path}/config.json: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - whatever a malformed config.json makes transformers raise
+        raise ModelLoadingError(f"cannot read {path}/config.json: {_first_line(error)}; re-save the model with "
+                                "save_pretrained") from None
     model_class = _model_class(kind, config.model_type)
     tokenizer = _load_tokenizer(path, config)
     options = {}
