@@ -272,6 +272,17 @@ def test_labels_outside_the_checkpoint_classes(bert, tmp_path, capsys):
     assert "five.csv, line 3" in err and "[5, 7]" in err and "2 classes" in err
 
 
+def test_regression_task_against_a_classifier(bert, tmp_path, capsys):
+    glue = tmp_path / "STS-B"
+    glue.mkdir()
+    rows = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+    rows += [f"{i}\tg\tf\ty\t{i}\ts\ts\t{a}\t{b}\t{i % 5}.5" for i, (a, b) in
+             enumerate(zip(sentences(4), sentences(4, seed=1)))]
+    (glue / "dev.tsv").write_text("\n".join(rows) + "\n")
+    err = _error(capsys, *_importance(bert, glue, tmp_path / "o", "--task", "sts-b"))
+    assert "regression task" in err and "2 classes" in err
+
+
 def test_token_ids_outside_the_vocabulary(bert, tmp_path, capsys):
     data = _write(tmp_path / "ids.jsonl", '{"input_ids": [101, 2000, 102], "label": 0}\n'
                                           '{"input_ids": [101, 99999, 102], "label": 1}\n')
