@@ -146,10 +146,10 @@ def _check_numbers(args) -> None:
     _require(args.group_size >= 2, f"--group-size must be at least 2, got {args.group_size}")
     _require(0 <= args.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if hasattr(args, "masking_threshold"):
-        _require(0 < args.masking_threshold <= 1,
-                 f"--masking-threshold must be in (0, 1] (a fraction of the original score), got {args.masking_threshold}")
-        _require(0 < args.masking_amount < 1,
-                 f"--masking-amount must be in (0, 1) (the fraction of heads masked per step), got {args.masking_amount}")
+        _require(0 < args.masking_threshold <= 1, "--masking-threshold must be in (0, 1] (a fraction of the "
+                                                  f"original score), got {args.masking_threshold}")
+        _require(0 < args.masking_amount < 1, "--masking-amount must be in (0, 1) (the fraction of heads masked "
+                                              f"per step), got {args.masking_amount}")
     if hasattr(args, "pairs"):
         _require(args.pairs >= 1, f"--pairs must be at least 1, got {args.pairs}")
 
@@ -369,8 +369,9 @@ def _load_for_objective(args, objective: str, model_path: str, examples, device,
             model, tokenizer = load(num_labels=_classes_in(examples))
     elif objective == "regression" and model.config.num_labels != 1:
         if not report.random_head:
-            raise ValueError(f"--task {args.task} is a regression task, but the checkpoint {model_path} is a classifier "
-                             f"with {model.config.num_labels} classes; use a checkpoint with one regression output")
+            raise ValueError(f"--task {args.task} is a regression task, but the checkpoint {model_path} is a "
+                             f"classifier with {model.config.num_labels} classes; use a checkpoint with one "
+                             "regression output")
         model, tokenizer = load(num_labels=1)
     return model, tokenizer, report
 

@@ -323,7 +323,8 @@ def _load_tokenizer(path: str, config):
     specials = set(tokenizer.all_special_ids)
     if len(tokenizer) <= len(specials) + 1:
         raise ModelLoadingError(f"the tokenizer in {path} has {len(tokenizer)} tokens, all or nearly all special: its "
-                                "vocabulary is missing. Save the tokenizer the model was trained with into the directory")
+                                "vocabulary is missing. Save the tokenizer the model was trained with into the "
+                                "directory")
     vocab_size = getattr(config, "vocab_size", None)
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
         raise ModelLoadingError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's embedding has "

@@ -303,7 +303,8 @@ def test_token_type_ids_outside_the_model(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     weights = load_file(model / "model.safetensors")
-    weights["bert.embeddings.token_type_embeddings.weight"] = weights["bert.embeddings.token_type_embeddings.weight"][:1]
+    key = "bert.embeddings.token_type_embeddings.weight"
+    weights[key] = weights[key][:1]
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     data = _write(tmp_path / "pairs.csv", "text,text_pair,label\nthe cat,a dog,0\nblue sky,green fields,1\n")
     err = _error(capsys, *_importance(model, data, tmp_path / "o"))
@@ -343,7 +344,8 @@ def test_broken_model_directories(bert, data, tmp_path, capsys):
     heads = _copy_model(bert, tmp_path / "heads")
     config = json.loads((heads / "config.json").read_text())
     (heads / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
-    assert "not a multiple of the number of attention heads" in _error(capsys, *_importance(heads, data, tmp_path / "o"))
+    err = _error(capsys, *_importance(heads, data, tmp_path / "o"))
+    assert "not a multiple of the number of attention heads" in err
     tokenizer = _copy_model(bert, tmp_path / "tokenizer")
     (tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')
     assert "cannot load the tokenizer" in _error(capsys, *_importance(tokenizer, data, tmp_path / "o"))
