@@ -13,7 +13,9 @@ label id -> name table when labels were strings, and ``source``):
 * :func:`load_examples` — picks one of the above from ``task=`` or the file suffix.
 * :func:`demo_pairs` — (query, positive) pairs from the Python documentation that ships with Python.
 
-Malformed input raises :class:`DataError` (a ``ValueError``) whose message names the file and the line.
+Malformed input raises :class:`DataError` (a ``ValueError``) whose message names the file and the line (bytes
+that are not UTF-8 included). Against a model: :func:`check_class_labels` (labels are class ids it has),
+:func:`align_label_names` (label names follow its ``id2label``), :func:`check_token_ids` (ids its embeddings have).
 
 :func:`make_batches` turns examples into batches in data order: dicts of tensors ``input_ids [B, N]``,
 ``attention_mask [B, N]``, ``token_type_ids [B, N]`` (when the tokenizer produces them) and ``labels [B]``
@@ -23,12 +25,13 @@ Malformed input raises :class:`DataError` (a ``ValueError``) whose message names
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +39,7 @@ import torch
 __all__ = [
     "DataError", "Example", "ExampleList", "GlueTaskSpec", "GLUE_TASKS", "read_glue", "read_csv", "read_jsonl",
     "read_text_blocks", "load_examples", "subset", "make_batches", "move_batch", "demo_pairs", "PAIR_MODES",
+    "read_text", "check_class_labels", "align_label_names", "check_token_ids",
 ]
 
 # A tokenizer's model_max_length above this is transformers' "no limit" sentinel (int(1e30)), not a real limit.
@@ -57,12 +61,14 @@ class DataError(ValueError):
 class Example:
     """One example. ``text`` / ``text_pair``: raw strings (``text`` may be None when ``input_ids`` is given);
     ``label``: class id (int), regression target (float) or None; ``input_ids``: pre-tokenized ids, used as
-    given (no special tokens added)."""
+    given (no special tokens added); ``line``: where it starts in its file (1-based; None when not from a file),
+    for error messages only."""
 
     text: str | None
     text_pair: str | None = None
     label: int | float | None = None
     input_ids: list[int] | None = None
+    line: int | None = field(default=None, compare=False, repr=False)
 
 
 class ExampleList(list):
@@ -98,6 +104,26 @@ def subset(examples: Sequence[Example], data_subset: int | None) -> Sequence[Exa
     if data_subset is None or data_subset <= 0:
         return examples
     return examples[:data_subset]
+
+
+def read_text(path) -> str:
+    """The whole file as text (UTF-8, a byte-order mark dropped). Bytes that are not UTF-8 raise
+    :class:`DataError` naming the line and column; a missing file raises FileNotFoundError naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(path, None, "is a directory, not a data file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        before = error.object[:error.start]
+        line = before.count(b"\n") + 1
+        column = error.start - (before.rfind(b"\n") + 1) + 1
+        raise DataError(path, line, f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at column {column}); "
+                                    "save the file as UTF-8") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,8 +186,8 @@ def read_glue(data_dir, *, task: str, data_subset: int | None = None) -> Example
     label_ids = None if spec.label_names is None else {label: i for i, label in enumerate(spec.label_names)}
     examples = ExampleList(label_names=None if spec.label_names is None else list(spec.label_names), source=str(path),
                            task=name)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(enumerate(csv.reader(handle, delimiter="\t", quotechar=None), start=1))
+    rows = list(enumerate(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quotechar=None),
+                          start=1))
     if not rows:
         raise DataError(path, 1, "empty file")
     if spec.header:
@@ -185,7 +211,7 @@ def read_glue(data_dir, *, task: str, data_subset: int | None = None) -> Example
                                 f"unknown {name} label {raw_label!r}; expected one of {list(spec.label_names)}")
             label = label_ids[raw_label]
         text_pair = None if spec.pair_col is None else row[spec.pair_col]
-        examples.append(Example(text=row[spec.text_col], text_pair=text_pair, label=label))
+        examples.append(Example(text=row[spec.text_col], text_pair=text_pair, label=label, line=line))
     if not examples:
         raise DataError(path, len(rows) + (1 if spec.header else 0), "no examples in the file")
     return subset(examples, data_subset)
@@ -279,15 +305,14 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
     """
     path = Path(path)
     rows = []  # (first physical line of the record, cells): quoted cells may span lines
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        start = 1
-        try:
-            for row in reader:
-                rows.append((start, row))
-                start = reader.line_num + 1
-        except csv.Error as error:
-            raise DataError(path, reader.line_num, f"unreadable CSV: {error}") from None
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    start = 1
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise DataError(path, reader.line_num, f"unreadable CSV: {error}") from None
     rows = [(line, row) for line, row in rows if row and any(cell.strip() for cell in row)]
     if not rows:
         raise DataError(path, 1, "empty file (expected a header with a 'text' column)")
@@ -319,7 +344,7 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
                 label = cell
             elif require_label:
                 raise DataError(path, line, "missing 'label'")
-        examples.append((line, Example(text=text, text_pair=pair, label=label)))
+        examples.append((line, Example(text=text, text_pair=pair, label=label, line=line)))
     return _attach_labels(path, examples, raw_labels, label_names=label_names, from_text=True,
                           data_subset=data_subset)
 
@@ -352,7 +377,7 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
     """
     path = Path(path)
     examples, raw_labels = [], []
-    with open(path, encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path)) as handle:
         for line, content in enumerate(handle, start=1):
             if not content.strip():
                 continue
@@ -365,8 +390,10 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
             input_ids = row.get("input_ids")
             if input_ids is not None:
                 if (not isinstance(input_ids, list) or not input_ids
-                        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in input_ids)):
-                    raise DataError(path, line, "'input_ids' must be a non-empty list of non-negative integers")
+                        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2 ** 63
+                                   for i in input_ids)):
+                    raise DataError(path, line, "'input_ids' must be a non-empty list of non-negative integers "
+                                                "(token ids below 2**63)")
             text = _check_text(path, line, row.get("text"), "text", required=input_ids is None)
             pair = _check_text(path, line, row.get("text_pair"), "text_pair", required=require_pair)
             label = row.get("label")
@@ -377,11 +404,107 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
                 raise DataError(path, line, f"'label' must be an int, a float or a string, got {label!r}")
             else:
                 raw_labels.append((line, label))
-            examples.append((line, Example(text=text, text_pair=pair, label=label, input_ids=input_ids)))
+            examples.append((line, Example(text=text, text_pair=pair, label=label, input_ids=input_ids, line=line)))
     if not examples:
         raise DataError(path, 1, "empty file (no JSON lines)")
     return _attach_labels(path, examples, raw_labels, label_names=label_names, from_text=False,
                           data_subset=data_subset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels against the model's classes
+# ----------------------------------------------------------------------------------------------------------------
+
+def _where(examples) -> str:
+    return getattr(examples, "source", None) or "the data"
+
+
+def check_class_labels(examples: Sequence[Example], num_classes: int) -> None:
+    """Check that every label is a class id of a classifier with ``num_classes`` classes, in place.
+
+    Floats with no fractional part (``1.0``) become ints; a fractional label (``0.5``: regression data) or an id
+    outside ``0 .. num_classes - 1`` (``-1``, or a class the checkpoint does not have) raises :class:`DataError`
+    naming the file, the first line, the offending labels and the number of classes.
+    """
+    source = _where(examples)
+    fractional = [e for e in examples if isinstance(e.label, float) and not float(e.label).is_integer()]
+    if fractional:
+        first = fractional[0]
+        raise DataError(source, first.line,
+                        f"label {first.label!r} is not a class id ({len(fractional)} of {len(examples)} labels have a "
+                        "fractional part): a classifier needs integer class ids or label names. Regression targets "
+                        "are read for the GLUE STS-B layout (--task sts-b)")
+    for example in examples:
+        if isinstance(example.label, float):
+            example.label = int(example.label)
+    outside = [e for e in examples if e.label is not None and not 0 <= e.label < num_classes]
+    if outside:
+        labels = sorted({e.label for e in outside})
+        raise DataError(source, outside[0].line,
+                        f"label(s) {labels} ({len(outside)} example(s)) are outside the model's {num_classes} classes "
+                        f"(ids 0 to {num_classes - 1}); use a checkpoint trained for these labels, or fix the labels")
+
+
+_DEFAULT_LABEL_NAME = re.compile(r"LABEL_\d+")
+
+
+def align_label_names(examples: Sequence[Example], id2label: dict | None) -> dict | None:
+    """Map label *names* to the checkpoint's class ids, in place, when the checkpoint names its classes.
+
+    Readers number name labels in sorted order (or, for GLUE, in the task's processor order), which need not be
+    the order the checkpoint was trained with (MNLI checkpoints disagree). When ``examples.label_names`` holds
+    names (not integer strings) and ``id2label`` has names other than transformers' ``LABEL_i`` defaults, every
+    name is looked up in ``id2label`` (case-insensitively) and the label ids are rewritten; a name the checkpoint
+    does not have raises :class:`DataError`. Returns the mapping used (name -> id), or None when nothing was done.
+    """
+    names = getattr(examples, "label_names", None)
+    if not names or all(_INT.fullmatch(str(name)) for name in names) or not id2label:
+        return None
+    checkpoint = {int(i): str(name) for i, name in id2label.items()}
+    if all(_DEFAULT_LABEL_NAME.fullmatch(name) for name in checkpoint.values()):
+        return None
+    by_name = {name.lower(): i for i, name in checkpoint.items()}
+    unknown = [name for name in names if str(name).lower() not in by_name]
+    if unknown:
+        raise DataError(_where(examples), None,
+                        f"label name(s) {unknown} are not among the checkpoint's classes "
+                        f"{[checkpoint[i] for i in sorted(checkpoint)]}; use the checkpoint's label names (or their "
+                        "integer ids)")
+    mapping = {str(name): by_name[str(name).lower()] for name in names}
+    for example in examples:
+        if example.label is not None:
+            example.label = mapping[str(names[example.label])]
+    return mapping
+
+
+def check_token_ids(batches: Sequence[dict], examples: Sequence[Example], *, vocab_size: int | None,
+                    type_vocab_size: int | None = None) -> None:
+    """:class:`DataError` naming the example (file and line) whose token ids (``input_ids``, ``pair_input_ids``) are
+    not below the model's vocabulary size ``vocab_size``, or whose token type ids are not below
+    ``type_vocab_size``: the embedding lookup would fail or read the wrong rows. Only non-padding positions
+    count. ``batches`` in data order, as :func:`make_batches` returns them for ``examples``."""
+    start = 0
+    for batch in batches:
+        rows = len(batch["input_ids"])
+        for prefix in ("", "pair_"):
+            if prefix + "input_ids" not in batch:
+                continue
+            real = batch[prefix + "attention_mask"].bool()
+            for key, limit in ((prefix + "input_ids", vocab_size), (prefix + "token_type_ids", type_vocab_size)):
+                if limit is None or key not in batch:
+                    continue
+                values = batch[key]
+                bad = ((values < 0) | (values >= limit)) & real
+                if bool(bad.any()):
+                    row = int(bad.any(dim=1).nonzero()[0])
+                    example = examples[start + row]
+                    value = int(values[row][bad[row]][0])
+                    what = "token id" if key.endswith("input_ids") else "token type id"
+                    size = "vocabulary" if key.endswith("input_ids") else "token type vocabulary"
+                    raise DataError(_where(examples), example.line,
+                                    f"example {start + row} has {what} {value}, but the model's {size} has {limit} "
+                                    f"entries (ids 0 to {limit - 1}); the ids come from another tokenizer or model")
+        start += rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,7 +520,7 @@ def read_text_blocks(path, tokenizer, *, max_seq_length: int, data_subset: int |
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2 for language modelling, got {max_seq_length}")
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if not text.strip():
         raise DataError(path, 1, "empty file")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -468,11 +591,23 @@ def _length_limit(tokenizer, max_seq_length: int, max_positions: int | None) -> 
     return limit
 
 
+def _check_room(tokenizer, limit: int, *, pairs: bool) -> None:
+    """ValueError when ``limit`` leaves no room for text next to the special tokens the tokenizer adds (a
+    tokenizer asked to truncate below that silently returns the whole sequence)."""
+    special = tokenizer.num_special_tokens_to_add(pair=pairs)
+    needed = special + (2 if pairs else 1)
+    if limit < needed:
+        what = "pair of texts" if pairs else "text"
+        raise ValueError(f"max_seq_length {limit} is too small: the tokenizer adds {special} special tokens to each "
+                         f"{what}, so at least {needed} tokens are needed to keep any text; raise --max-seq-length")
+
+
 def _encode(texts: list[str], pairs: list[str] | None, tokenizer, limit: int, wants_types: bool):
     """Tokenize with special tokens; sequences over ``limit`` are re-tokenized with truncation (longest first).
-    Returns ``(ids, type_ids or None, truncated count)``."""
+    Returns ``(ids, type_ids or None, truncated count)``; every sequence then has at most ``limit`` tokens."""
     if not texts:
         return [], [], 0
+    _check_room(tokenizer, limit, pairs=pairs is not None)
     encoded = tokenizer(texts, pairs, add_special_tokens=True, truncation=False, verbose=False)
     ids = [list(x) for x in encoded["input_ids"]]
     types = [list(x) for x in encoded["token_type_ids"]] if wants_types and "token_type_ids" in encoded else None
@@ -484,6 +619,9 @@ def _encode(texts: list[str], pairs: list[str] | None, tokenizer, limit: int, wa
             ids[i] = list(again["input_ids"][j])
             if types is not None:
                 types[i] = list(again["token_type_ids"][j])
+            if len(ids[i]) > limit:  # the tokenizer declined to truncate: never report a truncation that did not happen
+                raise ValueError(f"the tokenizer did not truncate a sequence of {len(ids[i])} tokens to max_seq_length "
+                                 f"{limit}; raise --max-seq-length")
     return ids, types, len(long)
 
 
@@ -559,7 +697,9 @@ def make_batches(examples: Sequence[Example], tokenizer=None, *, max_seq_length:
     padded with ``pad_token_id`` (default: the tokenizer's pad id, else its EOS id, else 0 without a tokenizer).
     Sequences longer than ``max_seq_length`` — or ``max_positions`` (the model's position limit) or the
     tokenizer's ``model_max_length``, whichever is smallest — are truncated (pairs longest-first), and a single
-    ``warnings.warn`` says how many. Returns a list, so the batches can be iterated several times.
+    ``warnings.warn`` says how many; a limit that leaves no room for text next to the tokenizer's special tokens
+    raises ValueError (the tokenizer would silently not truncate). Returns a list, so the batches can be iterated
+    several times.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -2,7 +2,7 @@
 
 Launched as ``torchrun --nproc-per-node N -m fastbertology <command> ...`` (``WORLD_SIZE`` > 1), every process
 loads the model and all the data, checks that it agrees with the others (:func:`check_agreement`: parameter
-count and a checksum, number of examples and a hash of the batches), keeps its shard of the batches
+count and a checksum of every byte, number of examples and a hash of the batches), keeps its shard of the batches
 (:func:`shard`: batch i goes to rank ``i % world_size``), computes sums over its shard, and the sums are combined
 (:func:`all_reduce_sum`, :func:`reduce_metric_state`). Rank 0 writes the outputs.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -322,20 +323,36 @@ def sweep_reducer(task):
 # --------------------------------------------------------------------------------------------------------------
 # Agreement between processes
 # --------------------------------------------------------------------------------------------------------------
-def model_fingerprint(model, *, sample: int = 4096) -> dict:
-    """Parameter count and a checksum: SHA-256 over the parameter names, shapes, dtypes and up to ``sample``
-    evenly spaced values of each parameter (exact bytes, so it is the same on every run and device)."""
+_CONFIG_KEYS_IGNORED = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash",
+                        "_attn_implementation_autoset", "_attn_implementation_internal")
+
+
+def _config_digest(config) -> str:
+    """SHA-256 of the model config's values (everything that shapes the computation; not where it was loaded
+    from or which transformers version saved it)."""
+    if config is None:
+        return ""
+    values = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items()
+              if k not in _CONFIG_KEYS_IGNORED}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model) -> dict:
+    """Parameter count and a checksum: SHA-256 over the config's values and every parameter's and buffer's name,
+    shape, dtype and **every byte** of its values (hashing is cheap next to a forward pass over the data), so
+    that two models that differ in any value never share a fingerprint."""
     digest = hashlib.sha256()
+    digest.update(_config_digest(getattr(model, "config", None)).encode())
     count = 0
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().reshape(-1)
-        step = max(1, flat.numel() // sample)
-        values = flat[::step][:sample].to(device="cpu", dtype=torch.float64)
-        digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype};".encode())
-        digest.update(values.numpy().tobytes())
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        cpu = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(cpu.shape)}:{cpu.dtype};".encode())
+        digest.update(cpu.reshape(-1).view(torch.uint8).numpy().data)
+    for _, parameter in model.named_parameters():
         count += parameter.numel()
-    return {"model_type": getattr(model.config, "model_type", None), "parameters": count,
-            "checksum": digest.hexdigest()[:20]}
+    return {"model_type": getattr(getattr(model, "config", None), "model_type", None), "parameters": count,
+            "checksum": digest.hexdigest()[:32]}
 
 
 def data_fingerprint(batches: Sequence[dict]) -> dict:

@@ -10,7 +10,8 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
 
     Accepted shapes (as transformers 4.x, plus a per-example extension): ``[H]`` (same for every layer, expanded
     as a view so gradients still reach the original), ``[L, H]``, ``[B, L, H]``. Values are floats and multiply
-    each head's post-softmax probabilities. Raises ValueError naming the problem and the fix.
+    each head's post-softmax probabilities and must be finite (a NaN or infinite entry would silently turn every
+    output into NaN). Raises ValueError naming the problem and the fix.
     """
     if not isinstance(head_mask, torch.Tensor):
         raise ValueError(f"head_mask must be a torch.Tensor, got {type(head_mask).__name__}")
@@ -25,6 +26,7 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
     heads = heads_per_layer[0]
     if head_mask.device != device:
         raise ValueError(f"head_mask is on {head_mask.device} but the model is on {device}; pass head_mask.to({str(device)!r})")
+    _check_finite(head_mask)
     shape = tuple(head_mask.shape)
     if shape == (heads,):
         return head_mask.expand(num_layers, heads)
@@ -34,6 +36,19 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
         f"head_mask has shape {shape}; this model takes [heads]=({heads},), [layers, heads]=({num_layers}, {heads}) "
         f"or [batch, layers, heads]=(B, {num_layers}, {heads})"
     )
+
+
+def _check_finite(head_mask: torch.Tensor) -> None:
+    """ValueError naming the first NaN / infinite entry (one device sync per forward pass; skipped while
+    torch.compile traces, where a data-dependent check would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(head_mask.detach())
+    if not bool(finite.all()):
+        bad = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
+        value = float(head_mask.detach()[bad])
+        raise ValueError(f"head_mask contains NaN or infinite values (e.g. {value} at index {bad}); a head mask "
+                         "must be finite (1 = keep a head, 0 = mask it)")
 
 
 def layer_head_mask(head_mask: torch.Tensor | None, layer: int, batch: int) -> torch.Tensor | None:

@@ -16,7 +16,8 @@ class HeadStatistics:
 
     The statistics describe each head's softmax distribution before any head mask is applied. Sums are kept
     in float64 on the model's device; :meth:`entropy` and :meth:`max_prob` return ``[L, H]`` per-token means on
-    the CPU (NaN for heads a pruned layer no longer has).
+    the CPU (NaN for heads a pruned layer no longer has; ValueError when every recorded query was padding).
+    Padded queries never count, whatever values the attention backend left in their rows.
     """
 
     def __init__(self, num_layers: int):
@@ -31,8 +32,9 @@ class HeadStatistics:
             weights = torch.ones(entropy.shape[0], entropy.shape[2], dtype=torch.float64, device=entropy.device)
         else:
             weights = query_mask.to(torch.float64)
-        entropy_sum = torch.einsum("bhn,bn->h", entropy.double(), weights)
-        max_prob_sum = torch.einsum("bhn,bn->h", max_prob.double(), weights)
+        keep = weights[:, None, :] > 0  # padded queries: whatever the backend left there (NaN...) never counts
+        entropy_sum = torch.einsum("bhn,bn->h", torch.where(keep, entropy.double(), 0.0), weights)
+        max_prob_sum = torch.einsum("bhn,bn->h", torch.where(keep, max_prob.double(), 0.0), weights)
         tokens = weights.sum()
         if self.tokens[layer] is None:
             self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = entropy_sum, max_prob_sum, tokens
@@ -42,6 +44,9 @@ class HeadStatistics:
             self.tokens[layer] += tokens
 
     def _per_token(self, sums: list[torch.Tensor | None]) -> torch.Tensor:
+        if any(t is not None for t in self.tokens) and all(t is None or t == 0 for t in self.tokens):
+            raise ValueError("no non-padding query token was recorded (every example was all padding): there is no "
+                             "attention statistic to average; check the batches' attention_mask")
         heads = max((s.numel() for s in sums if s is not None), default=0)
         table = torch.full((self.num_layers, heads), float("nan"), dtype=torch.float64)
         for layer, values in enumerate(sums):

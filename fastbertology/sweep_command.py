@@ -3,9 +3,11 @@
 File IO lives here (the library side is :mod:`fastbertology.sweeps`). The sweep checkpoints its accumulated state
 (``sweep_checkpoint.json``: per-mask metric states and loss sums of every process, written atomically every
 ``--checkpoint-every`` batches) together with a fingerprint of everything that determines the results (options,
-masks, model checksum, data hash, number of processes). ``--resume`` continues from it without recomputing the
-finished batches and ends with exactly the results of an uninterrupted run; a checkpoint from a different setup
-is refused with the differences named.
+masks, a hash of every byte of the model, data hash, number of processes) and a SHA-256 of its own content.
+``--resume`` continues from it without recomputing the finished batches and ends with exactly the results of an
+uninterrupted run; a checkpoint from a different setup is refused with the differences named, and a checkpoint
+that was edited or damaged (checksum, types, ranges and consistency of every field) is refused with the reason.
+``--resume`` never writes into a non-empty directory that holds no checkpoint (without ``--overwrite``).
 
 Outputs (rank 0 only): ``sweep_scores.npy``, ``sweep_delta.npy`` (score - unmasked score), ``sweep_losses.npy``
 — ``[L, H]`` for ``--kind heads``, ``[L]`` for ``--kind layers``, ``[M]`` for ``--masks`` — ``sweep_masks.npy``
@@ -14,6 +16,7 @@ Outputs (rank 0 only): ``sweep_scores.npy``, ``sweep_delta.npy`` (score - unmask
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,11 +27,12 @@ import numpy as np
 import torch
 
 from . import distributed
-from .outputs import OutputDirectoryError, prepare_output_dir, write_bytes_atomic, write_npy
+from .outputs import OutputDirectoryError, check_output_dir, check_writable_dir, write_bytes_atomic, write_npy
 
 CHECKPOINT = "sweep_checkpoint.json"
 CHECKPOINT_FORMAT = "fastbertology-sweep-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a checksum of the content; model fingerprints over every byte
+_RANK_FIELDS = ("steps_done", "batches", "states", "loss_sums", "baseline_state", "baseline_loss_sum")
 # Test hook: exit abruptly (as if killed) right after writing this many checkpoints.
 STOP_AFTER_ENV = "FASTBERTOLOGY_SWEEP_STOP_AFTER_CHECKPOINTS"
 STOPPED_EXIT_CODE = 75
@@ -36,6 +40,14 @@ STOPPED_EXIT_CODE = 75
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in the output directory belongs to a different sweep."""
+
+
+class CheckpointError(CheckpointMismatchError):
+    """The checkpoint cannot be trusted: unreadable, edited, damaged or inconsistent."""
+
+
+class RankZeroError(RuntimeError):
+    """Rank 0 failed in a step that only it runs; the other processes stop with its message."""
 
 
 def add_sweep_arguments(parser) -> None:
@@ -77,18 +89,40 @@ def encode_value(value):
     raise TypeError(f"cannot checkpoint a metric state holding {type(value).__name__}")
 
 
+_TENSOR_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
 def decode_value(value):
+    """The inverse of :func:`encode_value`. Malformed encodings raise ValueError."""
     if isinstance(value, dict):
         if "__tensor__" in value:
-            spec = value["__tensor__"]
-            values = [decode_value(v) for v in spec["values"]]
-            return torch.tensor(values, dtype=getattr(torch, spec["dtype"])).reshape(spec["shape"])
+            return _decode_tensor(value["__tensor__"])
         if "__float__" in value:
-            return float(value["__float__"])
+            text = value["__float__"]
+            if text not in ("inf", "-inf", "nan"):
+                raise ValueError(f"bad non-finite float {text!r}")
+            return float(text)
         return {k: decode_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [decode_value(v) for v in value]
     return value
+
+
+def _decode_tensor(spec) -> torch.Tensor:
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "values"}:
+        raise ValueError("a tensor needs exactly dtype, shape and values")
+    if spec["dtype"] not in _TENSOR_DTYPES:
+        raise ValueError(f"unknown tensor dtype {spec['dtype']!r}")
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"bad tensor shape {shape!r}")
+    values = spec["values"]
+    if not isinstance(values, list) or len(values) != math.prod(shape):
+        raise ValueError(f"a tensor of shape {shape} needs {math.prod(shape)} values")
+    values = [decode_value(v) for v in values]
+    if not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError("tensor values must be numbers")
+    return torch.tensor(values, dtype=getattr(torch, spec["dtype"])).reshape(shape)
 
 
 def encode_state(state) -> dict:
@@ -122,15 +156,45 @@ def _differences(found: dict, expected: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def read_checkpoint(path: Path, fingerprint: dict) -> dict:
-    """The checkpoint at ``path`` if it matches ``fingerprint``; CheckpointMismatchError naming what differs."""
+def _checksum(body: dict) -> str:
+    """SHA-256 of a checkpoint's content (canonical JSON), stored beside it to detect edits and damage."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
+def _load_json(path: Path) -> dict:
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointMismatchError(f"cannot read the sweep checkpoint {path}: {error}") from error
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"the sweep checkpoint {path} is not UTF-8 text (byte {error.start}): it is damaged. "
+                              "Start over with --overwrite (without --resume)") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read the sweep checkpoint {path}: {error}") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"the sweep checkpoint {path} is not valid JSON ({error}): it is damaged. Start over "
+                              "with --overwrite (without --resume)") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"the sweep checkpoint {path} is not a JSON object: it is damaged")
+    return payload
+
+
+def read_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """The checkpoint at ``path`` if it is intact (checksum) and matches ``fingerprint``; CheckpointMismatchError
+    naming what differs, CheckpointError when it cannot be trusted. Check its state with
+    :func:`validate_checkpoint`."""
+    payload = _load_json(path)
     if payload.get("format") != CHECKPOINT_FORMAT or payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointMismatchError(f"{path} is not a version-{CHECKPOINT_VERSION} fastbertology sweep checkpoint")
-    differences = _differences(payload.get("fingerprint", {}), _json_normal(fingerprint))
+        raise CheckpointMismatchError(f"{path} is not a version-{CHECKPOINT_VERSION} fastbertology sweep checkpoint; "
+                                      "start over with --overwrite (without --resume)")
+    body = {k: v for k, v in payload.items() if k != "checksum"}
+    if payload.get("checksum") != _checksum(body):
+        raise CheckpointError(f"the sweep checkpoint {path} was modified or damaged (its checksum does not match its "
+                              "content), so its results cannot be trusted. Start over with --overwrite (without "
+                              "--resume)")
+    fingerprint_found = payload.get("fingerprint")
+    differences = _differences(fingerprint_found if isinstance(fingerprint_found, dict) else {},
+                               _json_normal(fingerprint))
     if differences:
         raise CheckpointMismatchError(
             f"the checkpoint {path} belongs to a different sweep, so it cannot be resumed: " + "; ".join(differences)
@@ -139,10 +203,88 @@ def read_checkpoint(path: Path, fingerprint: dict) -> dict:
     return payload
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_like(value, template, where: str) -> None:
+    """``value`` (decoded) has the structure of the metric state ``template``: the same keys, tensors of the same
+    dtype and rank, numbers where numbers are; counts (integers) are never negative."""
+    if isinstance(template, dict):
+        if not isinstance(value, dict) or set(value) != set(template):
+            raise ValueError(f"{where} must have the entries {sorted(template)}")
+        for key in template:
+            _check_like(value[key], template[key], f"{where}.{key}")
+    elif isinstance(template, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.dtype != template.dtype or value.dim() != template.dim():
+            raise ValueError(f"{where} must be a {template.dim()}-D {template.dtype} tensor")
+        if not value.is_floating_point() and value.dtype != torch.bool and bool((value < 0).any()):
+            raise ValueError(f"{where} holds negative counts")
+    elif _is_int(template):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{where} must be a count (an integer >= 0), got {value!r}")
+    elif isinstance(template, float):
+        if not _is_number(value):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+    elif type(value) is not type(template):
+        raise ValueError(f"{where} must be a {type(template).__name__}")
+
+
+def _check_rank(entry, rank: int, *, steps_done: int, shard_size: int, masks: int, template: dict) -> None:
+    """One process's saved state: every field present, typed, in range and consistent with the others."""
+    where = f"ranks[{rank}]"
+    if not isinstance(entry, dict) or set(entry) != set(_RANK_FIELDS):
+        raise ValueError(f"{where} must have exactly the fields {list(_RANK_FIELDS)}")
+    if entry["steps_done"] != steps_done or not _is_int(entry["steps_done"]):
+        raise ValueError(f"{where}.steps_done is {entry['steps_done']!r} but the checkpoint says {steps_done}")
+    expected_batches = min(steps_done, shard_size)
+    if not _is_int(entry["batches"]) or entry["batches"] != expected_batches:
+        raise ValueError(f"{where}.batches is {entry['batches']!r}; after {steps_done} steps this process has "
+                         f"evaluated {expected_batches} batches")
+    for key in ("states", "loss_sums"):
+        if not isinstance(entry[key], list) or len(entry[key]) != masks:
+            raise ValueError(f"{where}.{key} must be a list of {masks} entries (one per mask)")
+    decoded = decode_state(entry)
+    for index, loss in enumerate(decoded.loss_sums):
+        if not _is_number(loss):
+            raise ValueError(f"{where}.loss_sums[{index}] must be a number, got {loss!r}")
+    if not _is_number(decoded.baseline_loss_sum):
+        raise ValueError(f"{where}.baseline_loss_sum must be a number")
+    _check_like(decoded.baseline_state, template, f"{where}.baseline_state")
+    for index, state in enumerate(decoded.states):
+        _check_like(state, template, f"{where}.states[{index}]")
+
+
+def validate_checkpoint(payload: dict, path: Path, *, steps: int, shard_sizes: list[int], masks: int, task) -> None:
+    """CheckpointError unless every field of ``payload`` has the right type, is in range and agrees with the
+    others and with this sweep: ``steps`` steps, one rank entry per process (``shard_sizes``: batches per
+    process), ``masks`` masks, metric states shaped like ``task.metric_state()``."""
+    try:
+        if payload.get("steps") != steps or not _is_int(payload.get("steps")):
+            raise ValueError(f"steps is {payload.get('steps')!r}, but this sweep has {steps} steps")
+        steps_done = payload.get("steps_done")
+        if not _is_int(steps_done) or not 0 <= steps_done <= steps:
+            raise ValueError(f"steps_done must be an integer from 0 to {steps}, got {steps_done!r}")
+        ranks = payload.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != len(shard_sizes):
+            raise ValueError(f"ranks must be a list of {len(shard_sizes)} process states")
+        template = decode_value(encode_value(task.metric_state()))
+        for rank, (entry, shard_size) in enumerate(zip(ranks, shard_sizes)):
+            _check_rank(entry, rank, steps_done=steps_done, shard_size=shard_size, masks=masks, template=template)
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"the sweep checkpoint {path} is inconsistent ({error}), so it cannot be resumed. Start "
+                              "over with --overwrite (without --resume)") from None
+
+
 def write_checkpoint(path: Path, fingerprint: dict, steps: int, rank_states: list[dict]) -> None:
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-               "steps": steps, "steps_done": min(s["steps_done"] for s in rank_states), "ranks": rank_states}
-    text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+    body = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": _json_normal(fingerprint),
+            "steps": steps, "steps_done": min(s["steps_done"] for s in rank_states), "ranks": rank_states}
+    body = json.loads(json.dumps(body, allow_nan=False))  # the checksum covers what a reader will see
+    text = json.dumps({**body, "checksum": _checksum(body)}, allow_nan=False, separators=(",", ":"))
     write_bytes_atomic(path, (text + "\n").encode())
 
 
@@ -150,49 +292,69 @@ def write_checkpoint(path: Path, fingerprint: dict, steps: int, rank_states: lis
 # The command
 # --------------------------------------------------------------------------------------------------------------
 def _on_main(function):
-    """Run ``function`` on rank 0 only; every process gets its result or raises its error (no process is left
-    waiting in a collective when rank 0 fails)."""
-    outcome = None
+    """Run ``function`` on rank 0 only; every process gets its result or raises an error (no process is left
+    waiting in a collective when rank 0 fails). Rank 0 raises the original exception; the others raise
+    :class:`RankZeroError` with its message (any exception type works, whatever its constructor takes)."""
+    outcome, failure = None, None
     if distributed.is_main():
         try:
             outcome = ("ok", function())
-        except (OutputDirectoryError, ValueError, RuntimeError, OSError) as error:
-            outcome = ("error", type(error), str(error))
+        except Exception as error:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            outcome, failure = ("error", f"{type(error).__name__}: {error}"), error
     outcome = distributed.broadcast_object(outcome)
+    if failure is not None:
+        raise failure
     if outcome[0] == "error":
-        raise outcome[1](outcome[2])
+        raise RankZeroError(f"rank 0 failed: {outcome[1]}")
     return outcome[1]
 
 
-def _prepare_output(args) -> Path:
+def _default_output_dir(args) -> Path:
     from datetime import datetime
 
-    path = Path(args.output_dir or os.path.join("runs", f"sweep-{datetime.now():%Y%m%d-%H%M%S}"))
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
+    return Path(args.output_dir)
+
+
+def check_output(args) -> Path:
+    """The sweep's output directory, checked and not created. Without ``--resume``: a directory holding a
+    checkpoint needs ``--overwrite`` (or ``--resume``), any other non-empty one ``--overwrite``. With
+    ``--resume``: a directory with a checkpoint is resumed; an empty or missing one starts from the beginning; a
+    non-empty one without a checkpoint (other results) is refused unless ``--overwrite``, since the sweep's
+    outputs and summary.json would replace files there."""
+    path = _default_output_dir(args)
+    if path.exists() and not path.is_dir():
+        raise OutputDirectoryError(f"output path {path} exists and is not a directory; choose another --output-dir")
+    check_writable_dir(path)
+    has_checkpoint = (path / CHECKPOINT).is_file()
     if args.resume:
-        if not args.output_dir:
-            raise ValueError("--resume needs --output-dir: the directory of the interrupted sweep")
-        if path.exists() and not path.is_dir():
-            raise OutputDirectoryError(f"output path {path} exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
+        if not has_checkpoint and path.is_dir() and any(path.iterdir()) and not args.overwrite:
+            raise OutputDirectoryError(
+                f"--resume: output directory {path} holds no sweep checkpoint ({CHECKPOINT}) but other files "
+                f"({', '.join(sorted(p.name for p in path.iterdir())[:5])}), which the sweep would overwrite. Give "
+                "the directory of the interrupted sweep, an empty one, or pass --overwrite")
         return path
-    if (path / CHECKPOINT).exists() and not args.overwrite:
+    if has_checkpoint and not args.overwrite:
         raise OutputDirectoryError(f"output directory {path} holds a sweep checkpoint ({CHECKPOINT}): pass --resume to "
                                    "continue that sweep, or --overwrite to start over")
-    return prepare_output_dir(path, overwrite=args.overwrite)
+    return check_output_dir(path, overwrite=args.overwrite)
 
 
-def _load_masks(args, model):
+def _prepare_output(args) -> Path:
+    """:func:`check_output`, then create the directory."""
+    path = check_output(args)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_masks(args, model, masks):
+    """``(kind, masks [M, L, H])``: the built-in masks of ``--kind``, or ``masks`` (read from ``--masks`` by
+    :func:`fastbertology.cli.check_inputs`) checked against the model."""
     from .sweeps import sweep_masks
 
-    if args.masks and args.kind:
-        raise ValueError("--kind and --masks exclude each other: sweep the built-in masks or your own")
-    if not args.masks:
+    if masks is None:
         return sweep_masks(model, args.kind or "heads")
-    masks = np.load(args.masks, allow_pickle=False)
-    if masks.ndim == 2:
-        masks = masks[None]
-    if not np.issubdtype(masks.dtype, np.number) and masks.dtype != np.bool_:
-        raise ValueError(f"--masks {args.masks}: expected numbers, got dtype {masks.dtype}")
     try:
         return sweep_masks(model, torch.from_numpy(np.ascontiguousarray(masks)).to(torch.float32))
     except ValueError as error:
@@ -220,14 +382,12 @@ def run_sweep(args) -> int:
     from .sweeps import ablation_sweep, steps_for
 
     started = time.perf_counter()
-    if args.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
-    if args.masks_per_pass is not None and args.masks_per_pass < 1:
-        raise ValueError(f"--masks-per-pass must be positive, got {args.masks_per_pass}")
+    inputs = cli.check_inputs(args)  # every option and path, before any work
+    _on_main(lambda: check_output(args))
+    run = cli.setup(args, model_path=inputs.model_path)
+    kind, masks = _on_main(lambda: _load_masks(args, run.model, inputs.masks))
     output = _on_main(lambda: _prepare_output(args))
-    run = cli.setup(args)
     agreement = distributed.check_agreement(run.model, run.batches)
-    kind, masks = _on_main(lambda: _load_masks(args, run.model))
     masks_per_pass = args.masks_per_pass or masks.shape[2]
     fingerprint = _fingerprint(args, run, masks, kind, agreement, masks_per_pass)
     total_batches = len(run.batches)
@@ -237,8 +397,15 @@ def run_sweep(args) -> int:
 
     resume = None
     if args.resume:
+        shard_sizes = [len(range(r, total_batches, distributed.world_size())) for r in range(distributed.world_size())]
+
         def load():
-            return read_checkpoint(checkpoint_path, fingerprint) if checkpoint_path.exists() else None
+            if not checkpoint_path.exists():
+                return None
+            payload = read_checkpoint(checkpoint_path, fingerprint)
+            validate_checkpoint(payload, checkpoint_path, steps=steps, shard_sizes=shard_sizes, masks=len(masks),
+                                task=run.task)
+            return payload
         payload = _on_main(load)
         if payload is not None:
             resume = decode_state(payload["ranks"][distributed.rank()])

@@ -82,3 +82,21 @@ def write_glue_mrpc(directory, count: int = 11, *, seed: int = 0):
         lines.append(f"{i % 2}\t{i}\t{i + 100}\t{texts[2 * i]}\t{texts[2 * i + 1]}")
     (directory / "dev.tsv").write_text("\n".join(lines) + "\n")
     return directory
+
+
+def save_tiny_gpt2_classifier(directory, *, num_labels: int = 2, seed: int = 0):
+    """A tiny GPT-2 sequence classifier with its head (``score``) saved, and no ``pad_token_id`` in its config (as
+    GPT-2 checkpoints ship), with the byte-level BPE tokenizer of :func:`save_tiny_gpt2`."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    save_tiny_gpt2(directory, seed=seed)  # the tokenizer (and an LM checkpoint, replaced below)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4,
+                                                     n_positions=64, bos_token_id=0, eos_token_id=0,
+                                                     num_labels=num_labels))
+    assert model.config.pad_token_id is None
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
