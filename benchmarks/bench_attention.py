@@ -4,11 +4,14 @@
     python benchmarks/bench_attention.py --quick      # CPU, tiny shapes, torch backend (smoke test)
 
 Cases (12 heads, head dim 64): B32 N128, B32 N512, B8 N1024 causal, B4 N4096 causal; bf16 and fp32. Padded
-variants use key lengths uniform in [N/4, N] (right padding). Methods, each timed as forward + backward:
+variants use sequence lengths uniform in [(1 - 2p) N, N] (right padding; p = --padding, default 0.2: 20% of the
+batch is padding). Methods, each timed as forward + backward:
 
 * ``fused``      fastbertology (Triton on CUDA; the PyTorch backend with --quick): statistics (lse, entropy,
                  max prob) always, head mask [B, H] requiring grad (so its gradient is computed), no padding;
 * ``fused+pad``  the same with the key padding mask;
+* ``fused+packed`` the same sequences packed without padding ([1, H, T, D] and a Packing: what a patched model
+                 runs on padded batches);
 * ``sdpa``       torch.nn.functional.scaled_dot_product_attention, no mask (no statistics, no head mask);
 * ``sdpa+pad``   SDPA with a boolean attn_mask [B, 1, N, N] for the padding (and the causal triangle);
 * ``eager+pad``  explicit softmax with the padding mask and a head mask requiring grad (transformers 4.x style).
@@ -37,17 +40,21 @@ HEADS, HEAD_DIM = 12, 64
 FULL_CASES = [(32, 128, False), (32, 512, False), (8, 1024, True), (4, 4096, True)]  # (batch, seq, causal)
 QUICK_CASES = [(2, 16, False), (2, 24, True)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-METHODS = ["fused", "fused+pad", "sdpa", "sdpa+pad", "eager+pad"]
+METHODS = ["fused", "fused+pad", "fused+packed", "sdpa", "sdpa+pad", "eager+pad"]
+# Issue 14's targets for the fused kernels (bf16, milliseconds for forward + backward) on an H100/H200
+TARGETS_MS = {(32, 128, False, "bf16", "fused"): 0.27, (32, 512, False, "bf16", "fused+packed"): 0.49,
+              (8, 1024, True, "bf16", "fused"): 0.47, (4, 4096, True, "bf16", "fused"): 3.1}
 
 
-def make_inputs(batch, seq, dtype, device, seed=0):
+def make_inputs(batch, seq, dtype, device, seed=0, padding=0.2):
     """q, k, v, dO ``[B, H, N, D]`` (views of ``[B, N, H, D]``, as transformers hands them over), head mask
-    ``[B, H]`` float32, key padding mask ``[B, N]`` with lengths uniform in ``[N/4, N]``."""
+    ``[B, H]`` float32, key padding mask ``[B, N]`` with lengths uniform in ``[(1 - 2 padding) N, N]``."""
     gen = torch.Generator(device=device).manual_seed(seed)
     q, k, v, grad_out = (torch.randn(batch, seq, HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
                          .transpose(1, 2) for _ in range(4))
     head_mask = torch.rand(batch, HEADS, generator=gen, device=device)
-    lengths = torch.randint(max(1, seq // 4), seq + 1, (batch,), generator=gen, device=device)
+    shortest = max(1, round(seq * (1 - 2 * padding)))
+    lengths = torch.randint(shortest, seq + 1, (batch,), generator=gen, device=device)
     key_padding_mask = torch.arange(seq, device=device)[None, :] < lengths[:, None]
     return q, k, v, grad_out, head_mask, key_padding_mask
 
@@ -64,7 +71,23 @@ def make_step(method, inputs, causal, backend):
         for t in (*leaves, mask_leaf):
             t.grad = None
 
-    if method.startswith("fused"):
+    if method == "fused+packed":
+        from fastbertology.kernels import Packing, attention
+
+        index = key_padding_mask.flatten().nonzero().squeeze(1)
+        packing = Packing.from_lengths(key_padding_mask.sum(1).tolist(), q.device)
+
+        def pack(t):  # [B, H, N, D] -> [1, H, T, D] (a view of [1, T, H, D])
+            return t.transpose(1, 2).reshape(-1, HEADS, HEAD_DIM)[index].transpose(0, 1).unsqueeze(0)
+
+        leaves = [pack(t).detach().requires_grad_(True) for t in (q, k, v)]
+        grad_out = pack(grad_out)
+
+        def forward():
+            out, _stats = attention(*leaves, head_mask=mask_leaf, causal=causal, scale=scale, packing=packing,
+                                    backend=backend)
+            return out
+    elif method.startswith("fused"):
         from fastbertology.kernels import attention
 
         padding = key_padding_mask if method == "fused+pad" else None
@@ -164,7 +187,7 @@ def run(args):
     rows = []
     for batch, seq, causal in cases:
         for dtype_name in dtypes:
-            inputs = make_inputs(batch, seq, DTYPES[dtype_name], device)
+            inputs = make_inputs(batch, seq, DTYPES[dtype_name], device, padding=args.padding)
             for method in METHODS:
                 try:
                     ms, peak = time_step(make_step(method, inputs, causal, backend), device, warmup, reps)
@@ -186,15 +209,17 @@ def run(args):
                     with open(args.out, "a") as file:
                         file.write(json.dumps(row) + "\n")
             del inputs
-    print(table(rows, env, backend))
+    print(table(rows, env, backend, args.padding))
     return rows
 
 
-def table(rows, env, backend):
-    """Markdown table: one row per (case, dtype), one column per method with "ms / peak MiB"."""
+def table(rows, env, backend, padding=0.2):
+    """Markdown table: one row per (case, dtype), one column per method with "ms / peak MiB"; a fused cell with a
+    target (:data:`TARGETS_MS`) also says whether it met it."""
     lines = [f"Attention fwd+bwd, {HEADS} heads, d={HEAD_DIM} — {env['device']}, torch {env['torch']}, "
              f"triton {env['triton']}, {env['date']} (fused = fastbertology {backend} backend: statistics + head-mask "
-             "gradient; pad = key lengths uniform in [N/4, N]); cells: median ms / peak extra MiB", "",
+             f"gradient; pad / packed = lengths uniform in [{1 - 2 * padding:.2g} N, N]); cells: median ms / peak "
+             "extra MiB [target ms]", "",
              "| case | dtype | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     keys = []
     for row in rows:
@@ -212,6 +237,9 @@ def table(rows, env, backend):
                 cells.append(f"{row['ms']:.2f}")
             else:
                 cells.append(f"{row['ms']:.2f} / {row['peak_mib']:.0f}")
+            target = TARGETS_MS.get((batch, seq, causal, dtype, method))
+            if target is not None and not row["error"] and backend == "triton":
+                cells[-1] += f" [{target}: {'met' if row['ms'] <= target else 'MISSED'}]"
         case = f"B{batch} N{seq}" + (" causal" if causal else "")
         lines.append(f"| {case} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -225,6 +253,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--padding", type=float, default=0.2, help="expected fraction of padding (0 to 0.5)")
     run(parser.parse_args(argv))
 
 

@@ -19,7 +19,7 @@ def test_quick_mode_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
     bench.main(["--quick", "--device", "cpu", "--dtypes", "fp32,bf16", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "| case | dtype | fused | fused+pad | sdpa | sdpa+pad | eager+pad |" in printed
+    assert "| case | dtype | fused | fused+pad | fused+packed | sdpa | sdpa+pad | eager+pad |" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(bench.QUICK_CASES) * 2 * len(bench.METHODS)
     assert all(row["ms"] > 0 and row["error"] is None and row["backend"] == "torch" for row in rows)

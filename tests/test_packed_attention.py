@@ -18,7 +18,7 @@ import torch
 
 from fastbertology.kernels import Packing, attention
 
-FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4}
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 OUTPUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
 
 
@@ -33,13 +33,14 @@ class Case:
     grads: str = "all"  # "all", "qkv", "mask", "none"
 
     def __str__(self):
-        name = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16"}[self.dtype]
+        name = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         return "-".join([name, "L" + ",".join(map(str, self.lengths)), f"H{self.heads}D{self.head_dim}",
                          "causal" if self.causal else "full", f"mask-{self.mask}", f"grad-{self.grads}"])
 
 
-def _packed_inputs(case: Case, seed: int = 0):
-    """q, k, v, dO ``[1, H, T, D]`` (strided like transformers' views), head mask, packing."""
+def _packed_inputs(case: Case, seed: int = 0, device: torch.device | str = "cpu"):
+    """q, k, v, dO ``[1, H, T, D]`` (strided like transformers' views), head mask, packing; on ``device`` (float64:
+    each backend casts)."""
     gen = torch.Generator().manual_seed(seed)
     total = sum(case.lengths)
     q, k, v, grad_out = (torch.randn(1, total, case.heads, case.head_dim, generator=gen, dtype=torch.float64)
@@ -52,7 +53,9 @@ def _packed_inputs(case: Case, seed: int = 0):
         head_mask = 0.5 + torch.rand(len(case.lengths), case.heads, generator=gen, dtype=torch.float64)
         head_mask[0, -1] = 0.0
         head_mask[-1, 0] = 1e-3  # below the kernels' "small mask" threshold: exact gradient path
-    return q, k, v, grad_out, head_mask, Packing.from_lengths(case.lengths)
+    q, k, v, grad_out = (t.to(device) for t in (q, k, v, grad_out))
+    head_mask = head_mask.to(device) if head_mask is not None else None
+    return q, k, v, grad_out, head_mask, Packing.from_lengths(case.lengths, device)
 
 
 def _evaluate(backend, case, q, k, v, grad_out, head_mask, packing, dtype):
@@ -74,8 +77,8 @@ def _evaluate(backend, case, q, k, v, grad_out, head_mask, packing, dtype):
     return {name: value.double() for name, value in results.items()}
 
 
-def _check(backend, case, seed=0):
-    inputs = _packed_inputs(case, seed)
+def _check(backend, case, seed=0, device="cpu"):
+    inputs = _packed_inputs(case, seed, device)
     exact = _evaluate("reference", case, *inputs, torch.float64)
     same_dtype = _evaluate("reference", case, *inputs, case.dtype)
     ours = _evaluate(backend, case, *inputs, case.dtype)

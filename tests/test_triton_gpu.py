@@ -13,6 +13,8 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("triton")
 
+from test_packed_attention import Case as PackedCase  # noqa: E402
+from test_packed_attention import _check as _check_packed  # noqa: E402
 from test_triton_kernels import Case, _check_against_reference, _inputs  # noqa: E402
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -42,6 +44,21 @@ def test_against_reference_gpu(case, device):
     from fastbertology.kernels.triton_attention import attention_triton
 
     _check_against_reference(case, *_inputs(case, device=device), attention_triton)
+
+
+# Packed sequences (what patched models run on padded batches): odd and long lengths, an empty and a 1-token one
+PACKED_GPU_CASES = [
+    PackedCase(BF16, (128, 97, 1, 0, 513, 64), heads=12, head_dim=64, mask="SH"),
+    PackedCase(BF16, (1025, 3, 257, 2048), heads=4, head_dim=64, causal=True, mask="SH"),
+    PackedCase(F16, (200, 31, 4096), heads=2, head_dim=128, causal=True, mask="H", grads="qkv"),
+    PackedCase(BF16, (60, 64, 33, 17) * 8, heads=12, head_dim=32, mask="SH", grads="mask"),  # short: 64-row blocks
+    PackedCase(F32, (300, 77), heads=3, head_dim=64, causal=True, mask="SH"),
+]
+
+
+@pytest.mark.parametrize("case", PACKED_GPU_CASES, ids=str)
+def test_packed_against_reference_gpu(case, device):
+    _check_packed("triton", case, device=device)
 
 
 def test_fp32_ieee_dots(device, monkeypatch):
