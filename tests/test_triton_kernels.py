@@ -1,6 +1,6 @@
 """Triton attention kernels against the float64 reference (CPU: under TRITON_INTERPRET=1, set in conftest.py).
 
-Pass rule (DESIGN.md): for every output, statistic and gradient, the kernel's max abs error against
+Pass rule (docs/design.md): for every output, statistic and gradient, the kernel's max abs error against
 ``attention_reference`` in float64 must be at most ``factor`` x the error of the same-dtype PyTorch computation
 (``attention_reference`` run in that dtype) plus a small floor, with factor 2 for outputs/statistics/probabilities
 and 3 for gradients. The floor, ``FLOOR[dtype] * max(1, max |reference|)`` (a few units in the last place), only
