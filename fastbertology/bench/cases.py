@@ -83,7 +83,7 @@ QUICK_CASES = [  # tiny versions of every case above, the batch-1 case last
     _synthetic("quick-bert-16x32-b8-bf16", TINY_BERT, 16, 32, 8, "bf16", reference_dtype="fp32"),
     _synthetic("quick-gpt2-8x32-b4-bf16", TINY_GPT2, 8, 32, 4, "bf16", reference_dtype="fp32"),
     _synthetic("quick-gpt2-lm-16x32-b4-fp32", TINY_GPT2, 16, 32, 4, "fp32"),
-    BenchCase("quick-minilm-retrieval-16-b8-fp32", PairsWorkload(pairs=16, max_seq_length=32, group_size=8), 8,
+    BenchCase("quick-minilm-retrieval-16-b8-fp32", PairsWorkload(pairs=16, max_seq_length=64, group_size=8), 8,
               "fp32"),
     _synthetic("quick-masking-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="masking"),
     _synthetic("quick-sweep-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep"),

@@ -41,12 +41,21 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+def release_memory(device: torch.device) -> None:
+    """Give memory that earlier work freed back (CPU: ``gc.collect()`` and ``malloc_trim``; CUDA: nothing, the
+    allocator's peak statistics do not count cached blocks)."""
+    if torch.device(device).type != "cuda":
+        gc.collect()
+        _trim_heap()
+
+
 class PeakMemory:
     """``with PeakMemory(device) as peak: ...`` then ``peak.mib`` (float or None) and ``peak.kind`` (see the module
-    docstring)."""
+    docstring). ``release=False`` skips :func:`release_memory` on entry (when the caller ran it untimed)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, release: bool = True):
         self.device = torch.device(device)
+        self.release = release
         self.mib: float | None = None
         self.kind: str | None = None
         self._start_kib: int | None = None
@@ -56,8 +65,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        gc.collect()
-        _trim_heap()
+        if self.release:
+            release_memory(self.device)
         try:
             with open(_CLEAR_REFS, "w") as clear_refs:
                 clear_refs.write("5")

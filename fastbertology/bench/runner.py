@@ -94,13 +94,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(prepared: PreparedMode, device: torch.device, *, warmup: bool = True) -> tuple[ModeResult, float,
-                                                                                             PeakMemory]:
-    """``(result, wall seconds, peak)`` of one ``prepared.run()`` after an untimed ``prepared.warmup()``."""
+def measure(prepared: PreparedMode, device: torch.device, *, warmup: bool = True,
+            release: bool = True) -> tuple[ModeResult, float, PeakMemory]:
+    """``(result, wall seconds, peak)`` of one ``prepared.run()``, after an untimed ``prepared.warmup()`` (with
+    ``warmup``); ``release``: see :class:`~fastbertology.bench.memory.PeakMemory`."""
     if warmup:
         prepared.warmup()
     _synchronize(device)
-    with PeakMemory(device) as peak:
+    with PeakMemory(device, release=release) as peak:
         start = time.perf_counter()
         result = prepared.run()
         _synchronize(device)
