@@ -12,8 +12,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import single_thread
+from models import random_batch, reference_head_mask, tiny_model
+
 from fastbertology import bench, cli, patch
 from fastbertology.bench.memory import PeakMemory
 from fastbertology.bench.reference import reference_analysis, reference_model
@@ -21,7 +22,6 @@ from fastbertology.bench.runner import relative_max_diff
 from fastbertology.bench.workloads import TINY_GPT2, synthetic_examples
 from fastbertology.importance import analyze_heads
 from fastbertology.tasks import ClassificationTask, RetrievalTask
-from models import random_batch, reference_head_mask, tiny_model
 
 FP32_TOLERANCE = {"importance_diff": 5e-6, "entropy_diff": 1e-6}
 BF16_TOLERANCE = {"importance_diff": 5e-2, "entropy_diff": 2e-2}
@@ -245,6 +245,5 @@ def test_reference_model_restores_the_model():
     assert model.config._attn_implementation == previous
     assert not model.base_model._forward_hooks and not model.base_model._forward_pre_hooks
     assert not any(hasattr(block.attn, "_fastbertology_bench_reference") for block in model.base_model.h)
-    with pytest.raises(ValueError, match="AttentionInterface"):
-        with reference_model(tiny_model("openai-gpt")[0]):
-            pass
+    with pytest.raises(ValueError, match="AttentionInterface"), reference_model(tiny_model("openai-gpt")[0]):
+        pass

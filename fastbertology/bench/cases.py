@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .workloads import (BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload,
-                        SyntheticWorkload)
+from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
 
 ANALYSIS_MODES = ("reference", "sdpa-forward", "sdpa-frozen", "fastbertology", "fastbertology-padded")
 MASKING_MODES = ("reference", "fastbertology")

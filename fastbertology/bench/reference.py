@@ -195,7 +195,8 @@ def reference_masking(model, batches: Sequence[dict], task, *, masking_amount: f
     """run_bertology's ``mask_heads`` on :func:`reference_analysis`: mask the ``masking_amount`` least important
     remaining heads (normalised importance, the library's selection and quality rules), recompute under the new
     mask, stop when the metric falls below ``masking_threshold`` x the original or when no more than one step's
-    worth of heads is left; no entropy (as the script). Returns ``(kept head mask [L, H] on the CPU, curve of {"heads_remaining", "score"})``."""
+    worth of heads is left; no entropy (as the script). Returns ``(kept head mask [L, H] on the CPU, curve)``, the
+    curve one ``{"heads_remaining", "score"}`` per step."""
     analysis = reference_analysis(model, batches, task, importance=importance, entropy=False)
     original = analysis.metric
     mask = torch.ones(analysis.importance.shape, device=next(model.parameters()).device)
@@ -231,8 +232,9 @@ def reference_sweep(model, batches: Sequence[dict], task, masks: torch.Tensor) -
             outcomes.append((task.compute_metric(state), loss_sum / max(len(batches), 1)))
         capture.head_mask = None
     (baseline_score, baseline_loss), rest = outcomes[0], outcomes[1:]
-    return SweepResult(kind="masks", masks=masks.cpu(), scores=torch.tensor([s for s, _ in rest], dtype=torch.float64),
-                       losses=torch.tensor([loss for _, loss in rest], dtype=torch.float64),
+    scores = torch.tensor([score for score, _ in rest], dtype=torch.float64)
+    losses = torch.tensor([loss for _, loss in rest], dtype=torch.float64)
+    return SweepResult(kind="masks", masks=masks.cpu(), scores=scores, losses=losses,
                        baseline_score=baseline_score, baseline_loss=baseline_loss,
                        higher_is_better=bool(task.higher_is_better), metric_name=str(task.metric_name),
                        batches=len(batches))

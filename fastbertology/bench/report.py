@@ -24,9 +24,9 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of benchmark rows, one line per (case, mode)."""
-    lines = ["| case | mode | dtype | passes | s/pass | ex/s | peak MiB | ×ref | ×fwd | Δimp | ΔH | Δmask | Δsweep "
-             "| metric | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("case", "mode", "dtype", "passes", "s/pass", "ex/s", "peak MiB", "×ref", "×fwd", "Δimp", "ΔH", "Δmask",
+               "Δsweep", "metric", "status")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append(
             f"| {row['case']} | {row['mode']} | {row['dtype']} | {_fmt(row['passes'], 'd')} | "
@@ -63,8 +63,8 @@ def results_snippet(rows: Sequence[dict], command: str) -> str:
     load = f", load average {first['load_average']}" if first["load_average"] is not None else ""
     return "\n".join([
         f"* Machine: {first['device_name']}, {first['threads']} torch threads{load}.",
-        f"* Software: Python {first['python']}, torch {first['torch']}, transformers {first['transformers']}, "
-        f"triton {first['triton']}; {first['date']}.",
+        (f"* Software: Python {first['python']}, torch {first['torch']}, transformers {first['transformers']}, "
+         f"triton {first['triton']}; {first['date']}."),
         f"* Command: `{command}`",
         *case_lines(rows),
         "",

@@ -205,7 +205,7 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
                 for mode in case.modes if modes is None or mode in modes}
     rows = case_rows(case, workload, outcomes, device, importance)
     if keep_results:
-        for row, outcome in zip(rows, outcomes.values()):
+        for row, outcome in zip(rows, outcomes.values(), strict=True):
             row["result"] = outcome.result
     return rows
 

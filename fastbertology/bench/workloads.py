@@ -94,7 +94,8 @@ def token_counts(batches: list[dict]) -> tuple[int, int]:
 def _workload(model, batches: list[dict], task: Task) -> Workload:
     real, padded = token_counts(batches)
     return Workload(model=model, batches=batches, task=task, examples=sum(len(b["input_ids"]) for b in batches),
-                    max_length=max(ids.shape[1] for b in batches for key, ids in b.items() if key.endswith("input_ids")),
+                    max_length=max(ids.shape[1] for batch in batches for key, ids in batch.items()
+                                   if key.endswith("input_ids")),
                     real_tokens=real, padded_tokens=padded)
 
 
