@@ -115,6 +115,8 @@ def test_case_selection():
     assert all(case.device == "cpu" for case in bench.CPU_CASES)
     with pytest.raises(ValueError, match="no case matches"):
         bench.select_cases(["nonexistent"])
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench.run_bench(["quick-bert-16x16-b8-fp32"], group="quick", device="cpu", modes=["sdpa"])
 
 
 def test_synthetic_examples_right_padded():

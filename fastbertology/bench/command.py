@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_cases() -> str:
-    return "\n".join(f"{name:7} {case.name:40} {case.workload.describe()}, batch {case.batch}, {case.dtype}"
-                     for name, cases in GROUPS.items() for case in cases)
+    return "\n".join(f"{group:6} {case.name:36} {case.kind}: {case.workload.describe()}, batch {case.batch}, "
+                     f"{case.dtype}" for group, cases in GROUPS.items() for case in cases)
 
 
 def bench_main(argv: Sequence[str] | None = None) -> list[dict]:

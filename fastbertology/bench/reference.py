@@ -92,15 +92,10 @@ def _eager_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _call_attention_mask(module, args, kwargs) -> torch.Tensor:
-    """The 2-D attention mask ``[B, N]`` of a base-model call (ones when the call has none)."""
+    """The 2-D attention mask ``[B, N]`` of a base-model call (ones like ``input_ids`` when the call has none)."""
     call = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
     mask = call.get("attention_mask")
-    if mask is not None:
-        return mask
-    inputs = call.get("input_ids")
-    shape = inputs.shape if inputs is not None else call["inputs_embeds"].shape[:2]
-    device = (inputs if inputs is not None else call["inputs_embeds"]).device
-    return torch.ones(shape, dtype=torch.long, device=device)
+    return mask if mask is not None else torch.ones_like(call["input_ids"])
 
 
 @contextlib.contextmanager

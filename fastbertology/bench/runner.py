@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patching import heads_per_layer
-from .cases import BenchCase, select_cases
+from .cases import ANALYSIS_MODES, BenchCase, select_cases
 from .memory import PeakMemory
 from .modes import ModeResult, PreparedMode, prepare_mode
 from .workloads import Workload
@@ -223,6 +223,9 @@ def run_bench(cases: Sequence[BenchCase | str] | None = None, *, group: str | No
                  ``status="skipped: time budget ..."``, with no numbers).
     on_row:      called with each row as soon as its case has finished (e.g. to append it to a file).
     """
+    unknown = sorted(set(modes or ()) - set(ANALYSIS_MODES))
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(ANALYSIS_MODES)}")
     if cases is None or all(isinstance(case, str) for case in cases):
         cases = select_cases(cases, group=group, cuda=torch.device(device or default_device()).type == "cuda")
     rows = []
