@@ -34,7 +34,7 @@ table=$(mktemp)
 "$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
 bench_rc=${PIPESTATUS[0]}
 
-echo "== end-to-end benchmark (run_bertology reference loop vs frozen SDPA vs fastbertology)"
+echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology, padding-free and padded)"
 # Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
 # "skipped"), and the step is killed after E2E_TIMEOUT seconds, so the whole script stays under 8 minutes.
 E2E_RESULTS=${E2E_RESULTS:-$(dirname "$RESULTS")/bench_e2e.jsonl}

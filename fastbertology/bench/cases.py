@@ -1,0 +1,111 @@
+"""Benchmark cases: what runs (a workload, batch size, dtypes, analysis kind) and in which modes.
+
+Case groups:
+
+* ``FULL_CASES`` — GPU-sized (BERT-base at seq 128 / 512, GPT-2 small at seq 1024, a GPT-2 LM case at seq 256,
+  iterative masking, a single-head sweep, and run_bertology's batch size 1, last so that a time budget cuts it
+  first). The default on CUDA.
+* ``CPU_CASES`` — run on the CPU whatever the machine: issue 9's real MiniLM retrieval case and a GPT-2 LM case
+  that takes well under a minute per mode on two cores. The default on a machine without CUDA.
+* ``QUICK_CASES`` — tiny versions of all of them (seconds on a CPU, any device); the tests run these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
+
+ANALYSIS_MODES = ("reference", "sdpa-forward", "sdpa-frozen", "fastbertology", "fastbertology-padded")
+MASKING_MODES = ("reference", "fastbertology")
+SWEEP_MODES = ("reference", "fastbertology")
+KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES}
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark case.
+
+    workload:        a :class:`~fastbertology.bench.workloads.SyntheticWorkload` or ``PairsWorkload``.
+    batch:           batch size. dtype: of every mode but the reference, which uses ``reference_dtype``
+                     (default: the same; fp32 where the H200 anchors used an fp32 reference loop).
+    kind:            ``"analysis"`` (one importance + entropy pass), ``"masking"`` (iterative masking to
+                     ``masking_threshold``) or ``"sweep"`` (single-head ablation sweep).
+    device:          ``"cpu"`` pins the case to the CPU; None runs it on the benchmark's device.
+    """
+
+    name: str
+    workload: SyntheticWorkload | PairsWorkload
+    batch: int
+    dtype: str = "fp32"
+    reference_dtype: str | None = None
+    kind: str = "analysis"
+    device: str | None = None
+    masking_threshold: float = 0.9
+    masking_amount: float = 0.1
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return KIND_MODES[self.kind]
+
+    def mode_dtype(self, mode: str) -> str:
+        return (self.reference_dtype or self.dtype) if mode == "reference" else self.dtype
+
+
+def _synthetic(name, size, examples, seq, batch, dtype, **options) -> BenchCase:
+    return BenchCase(name, SyntheticWorkload(size, examples, seq), batch, dtype, **options)
+
+
+FULL_CASES = [
+    _synthetic("bert-408x128-b32-fp32", BERT_BASE, 408, 128, 32, "fp32"),
+    _synthetic("bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16"),
+    _synthetic("bert-1024x128-b128-bf16", BERT_BASE, 1024, 128, 128, "bf16"),
+    _synthetic("bert-256x512-b32-bf16", BERT_BASE, 256, 512, 32, "bf16", reference_dtype="fp32"),
+    _synthetic("gpt2-128x1024-b8-bf16", GPT2_SMALL, 128, 1024, 8, "bf16", reference_dtype="fp32"),
+    _synthetic("gpt2-lm-512x256-b32-fp32", GPT2_SMALL, 512, 256, 32, "fp32"),  # twin of cpu-gpt2-lm-*
+    _synthetic("masking-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="masking"),
+    _synthetic("sweep-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="sweep"),
+    _synthetic("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
+]
+
+CPU_CASES = [
+    BenchCase("cpu-minilm-retrieval-256-b32-fp32", PairsWorkload(pairs=256, max_seq_length=128, group_size=32), 32,
+              "fp32", device="cpu"),
+    _synthetic("cpu-gpt2-lm-32x256-b8-fp32", GPT2_MINI, 32, 256, 8, "fp32", device="cpu"),
+]
+
+QUICK_CASES = [  # tiny versions of every case above, the batch-1 case last
+    _synthetic("quick-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32"),
+    _synthetic("quick-bert-16x16-b8-bf16", TINY_BERT, 16, 16, 8, "bf16"),
+    _synthetic("quick-bert-32x16-b16-bf16", TINY_BERT, 32, 16, 16, "bf16"),
+    _synthetic("quick-bert-16x32-b8-bf16", TINY_BERT, 16, 32, 8, "bf16", reference_dtype="fp32"),
+    _synthetic("quick-gpt2-8x32-b4-bf16", TINY_GPT2, 8, 32, 4, "bf16", reference_dtype="fp32"),
+    _synthetic("quick-gpt2-lm-16x32-b4-fp32", TINY_GPT2, 16, 32, 4, "fp32"),
+    BenchCase("quick-minilm-retrieval-16-b8-fp32", PairsWorkload(pairs=16, max_seq_length=64, group_size=8), 8,
+              "fp32"),
+    _synthetic("quick-masking-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="masking"),
+    _synthetic("quick-sweep-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep"),
+    _synthetic("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
+]
+
+GROUPS = {"full": FULL_CASES, "cpu": CPU_CASES, "quick": QUICK_CASES}
+
+
+def select_cases(names: Sequence[str] | None = None, *, group: str | None = None,
+                 cuda: bool = False) -> list[BenchCase]:
+    """The cases of ``group`` (``"full"``, ``"cpu"``, ``"quick"``; default ``"full"`` with ``cuda``, else ``"cpu"``),
+    or, with ``names``, those named exactly so, or else (per name) those whose name contains it, from ``group``
+    if given, else from every group; in list order."""
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"unknown case group {group!r}; groups: {', '.join(GROUPS)}")
+    if not names:
+        return list(GROUPS[group or ("full" if cuda else "cpu")])
+    pool = GROUPS[group] if group else [case for cases in GROUPS.values() for case in cases]
+    wanted = set()
+    for name in names:
+        exact = [case.name for case in pool if case.name == name]
+        wanted.update(exact or [case.name for case in pool if name in case.name])
+    if not wanted:
+        raise ValueError(f"no case matches {list(names)}; cases: {', '.join(case.name for case in pool)}")
+    return [case for case in pool if case.name in wanted]

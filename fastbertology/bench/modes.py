@@ -1,0 +1,185 @@
+"""The benchmark's modes: each prepares a copy of the workload's model and returns what to time.
+
+``reference``
+    the transformers 4.x / run_bertology loop (:mod:`fastbertology.bench.reference`): eager attention with the head
+    mask, maps captured for the entropy, every parameter requiring grad so that ``loss.backward()`` also computes
+    weight gradients (dropped at the start of each timed pass). Masking cases run ``mask_heads``; sweep cases the
+    naive eager loop, one pass per single-head mask, no gradients.
+``sdpa-forward``
+    the stock model with ``attn_implementation="sdpa"``, frozen, ``task.forward`` of every batch under
+    ``torch.no_grad()``: no analysis, no backward, no loss — the floor an analysis is compared with.
+``sdpa-frozen``
+    the same model, forward + task loss + activation backward per batch (the input-embedding output is made a leaf
+    that requires grad); no head mask, no statistics, no metric.
+``fastbertology``
+    :func:`~fastbertology.importance.analyze_heads` (importance + entropy + max probability + metric in one pass)
+    on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default);
+    masking cases run :func:`~fastbertology.masking.iterative_masking`, sweep cases
+    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse).
+``fastbertology-padded``
+    the same with ``patch(model, padding_free=False)``: every padding token computed, to show what padding-free
+    buys.
+
+Every mode runs on the same batches; ``warmup`` is one untimed pass (masking: one importance pass; sweep: the
+unmasked baseline pass or a layer sweep of one batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from .. import patch
+from ..importance import HeadAnalysis, analyze_heads
+from ..kernels import resolve_backend
+from ..loading import DTYPES
+from ..masking import iterative_masking
+from ..patching import heads_per_layer
+from ..sweeps import SweepResult, ablation_sweep, single_head_masks
+from .cases import BenchCase
+from .reference import reference_analysis, reference_masking, reference_sweep
+from .workloads import Workload
+
+
+@dataclass
+class ModeResult:
+    """What one timed run produced: ``passes`` over the data, and what the mode computes (for comparisons)."""
+
+    passes: int
+    analysis: HeadAnalysis | None = None
+    mask: torch.Tensor | None = None  # masking: the kept head mask [L, H]
+    sweep: SweepResult | None = None
+    metric: float | None = None
+
+
+@dataclass
+class PreparedMode:
+    """One mode of one case, ready to time: ``run()`` is the timed unit, ``warmup()`` an untimed pass, ``close()``
+    undoes patches and hooks and frees the model. ``backend``: the attention that runs."""
+
+    run: Callable[[], ModeResult]
+    warmup: Callable[[], object]
+    backend: str
+    padding_free: bool | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+
+    def close(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+        if self.model is not None:
+            device = next(self.model.parameters()).device
+            self.model.to("meta")  # frees the parameters now, even while a closure still holds the module
+            self.model = None
+            if device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+
+
+def _analysis_result(analysis: HeadAnalysis) -> ModeResult:
+    return ModeResult(passes=1, analysis=analysis, metric=analysis.metric)
+
+
+def _reference(case: BenchCase, model, workload: Workload, *, importance: str, **_) -> PreparedMode:
+    batches, task = workload.batches, workload.task
+    if case.kind == "sweep":
+        model.requires_grad_(False)
+        counts = heads_per_layer(model)
+        masks = single_head_masks(len(counts), counts[0])
+
+        def run():
+            sweep = reference_sweep(model, batches, task, masks)
+            return ModeResult(passes=len(masks) + 1, sweep=sweep, metric=sweep.baseline_score)
+        return PreparedMode(run, lambda: reference_sweep(model, batches, task, masks[:0]), "eager")
+
+    model.requires_grad_(True)
+
+    def analysis_pass(**options):
+        model.zero_grad(set_to_none=True)  # every timed pass allocates its weight gradients, as the script's first
+        return reference_analysis(model, batches, task, importance=importance, **options)
+
+    if case.kind == "masking":
+        def run():
+            model.zero_grad(set_to_none=True)
+            mask, curve = reference_masking(model, batches, task, masking_amount=case.masking_amount,
+                                            masking_threshold=case.masking_threshold, importance=importance)
+            return ModeResult(passes=len(curve), mask=mask, metric=curve[-1]["score"])
+        return PreparedMode(run, partial(analysis_pass, entropy=False), "eager")
+    return PreparedMode(lambda: _analysis_result(analysis_pass()), analysis_pass, "eager")
+
+
+def _sdpa_forward(case: BenchCase, model, workload: Workload, **_) -> PreparedMode:
+    model.set_attn_implementation("sdpa")
+    model.requires_grad_(False)
+
+    def run():
+        with torch.no_grad():
+            for batch in workload.batches:
+                workload.task.forward(model, batch)
+        return ModeResult(passes=1)
+    return PreparedMode(run, run, "sdpa")
+
+
+def _sdpa_frozen(case: BenchCase, model, workload: Workload, **_) -> PreparedMode:
+    model.set_attn_implementation("sdpa")
+    model.requires_grad_(False)
+    # the input embeddings' output [B, N, D] becomes a leaf that requires grad: the activation backward runs
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: output.detach().requires_grad_(True))
+
+    def run():
+        for batch in workload.batches:
+            workload.task.evaluate(model, batch).loss.backward()
+        return ModeResult(passes=1)
+    return PreparedMode(run, run, "sdpa", undo=[hook.remove])
+
+
+def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: str, backend: str,
+                   padding_free: bool) -> PreparedMode:
+    handle = patch(model, backend=backend, padding_free=padding_free)
+    resolved = resolve_backend(backend, next(model.parameters()).device)
+    batches, task = workload.batches, workload.task
+    prepared = partial(PreparedMode, backend=resolved, padding_free=padding_free, undo=[handle.remove])
+    if case.kind == "sweep":
+        def run():
+            sweep = ablation_sweep(model, batches, task, kind="heads")
+            return ModeResult(passes=len(sweep.scores) + 1, sweep=sweep, metric=sweep.baseline_score)
+        return prepared(run, lambda: ablation_sweep(model, batches[:1], task, kind="layers"))
+
+    def analysis_pass():
+        return analyze_heads(model, batches, task, importance=importance)
+
+    if case.kind == "masking":
+        def run():
+            result = iterative_masking(model, batches, task, masking_amount=case.masking_amount,
+                                       masking_threshold=case.masking_threshold, importance=importance)
+            return ModeResult(passes=len(result.curve), mask=result.head_mask, metric=result.curve[-1]["score"])
+        return prepared(run, analysis_pass)
+    return prepared(lambda: _analysis_result(analysis_pass()), analysis_pass)
+
+
+PREPARERS = {
+    "reference": _reference,
+    "sdpa-forward": _sdpa_forward,
+    "sdpa-frozen": _sdpa_frozen,
+    "fastbertology": partial(_fastbertology, padding_free=True),
+    "fastbertology-padded": partial(_fastbertology, padding_free=False),
+}
+
+
+def prepare_mode(case: BenchCase, mode: str, workload: Workload, device, *, backend: str = "auto",
+                 importance: str = "per_batch") -> PreparedMode:
+    """Copy ``workload.model`` to ``device`` in the mode's dtype, configure it for ``mode`` (see the module
+    docstring) and return what to time. ``backend``: fastbertology's attention backend; ``importance``:
+    ``"per_batch"`` (run_bertology) or ``"per_example"``, for the reference and fastbertology alike."""
+    if mode not in case.modes:
+        raise ValueError(f"case {case.name} has modes {', '.join(case.modes)}, not {mode!r}")
+    model = copy.deepcopy(workload.model).to(device=torch.device(device), dtype=DTYPES[case.mode_dtype(mode)]).eval()
+    prepared = PREPARERS[mode](case, model, workload, importance=importance, backend=backend)
+    prepared.model = model
+    return prepared

@@ -1,0 +1,246 @@
+"""Running cases: build the workload once, time every mode on it, and turn the outcomes into rows.
+
+A row is a flat dict (one per case and mode, JSON-serialisable); :data:`ROW_KEYS` lists its keys:
+
+* identification: case, kind, workload, model_type, layers, heads, examples, seq (widest input), batch, dtype,
+  device, backend, padding_free, importance; real_tokens / padded_tokens / real_token_fraction of the batches;
+* timing: passes (over the data; masking: steps, sweep: masks + 1), seconds (the timed run), s_per_pass, ex_per_s
+  (examples per pass per second), peak_mib and peak_kind (see :mod:`fastbertology.bench.memory`),
+  speedup_vs_reference / speedup_vs_sdpa_forward (the other mode's seconds per pass over this one's, same run);
+* correctness against the reference loop: importance_diff / entropy_diff (max relative difference of the raw
+  importance / entropy tables), metric, mask_mismatch (masking: heads whose kept mask differs), sweep_loss_diff
+  (sweep: max absolute difference of the per-mask mean loss);
+* status (``"ok"``, ``"error: ..."``, ``"skipped: ..."``) and the environment (device_name, threads, load_average,
+  torch, transformers, triton, python, date).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..patching import heads_per_layer
+from .cases import ANALYSIS_MODES, BenchCase, select_cases
+from .memory import PeakMemory
+from .modes import ModeResult, PreparedMode, prepare_mode
+from .workloads import Workload
+
+ROW_KEYS = (
+    "case", "kind", "workload", "model_type", "layers", "heads", "examples", "seq", "batch", "mode", "dtype",
+    "device", "backend", "padding_free", "importance", "real_tokens", "padded_tokens", "real_token_fraction",
+    "passes", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "peak_kind", "speedup_vs_reference",
+    "speedup_vs_sdpa_forward", "importance_diff", "entropy_diff", "metric", "mask_mismatch", "sweep_loss_diff",
+    "status", "device_name", "threads", "load_average", "torch", "transformers", "triton", "python", "date",
+)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment(device: torch.device) -> dict:
+    """The machine and library versions, for every row."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                            name)
+        name = f"CPU {name} ({os.cpu_count()} cores)"
+    return {"device_name": name, "threads": torch.get_num_threads(),
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+@dataclass
+class ModeOutcome:
+    """One mode's timed run: ``result`` (None when it failed), seconds, peak memory, status."""
+
+    mode: str
+    status: str = "ok"
+    result: ModeResult | None = None
+    seconds: float | None = None
+    peak_mib: float | None = None
+    peak_kind: str | None = None
+    backend: str | None = None
+    padding_free: bool | None = None
+
+    @property
+    def s_per_pass(self) -> float | None:
+        if self.seconds is None or self.result is None or self.result.passes < 1:
+            return None
+        return self.seconds / self.result.passes
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(prepared: PreparedMode, device: torch.device, *, warmup: bool = True,
+            release: bool = True) -> tuple[ModeResult, float, PeakMemory]:
+    """``(result, wall seconds, peak)`` of one ``prepared.run()``, after an untimed ``prepared.warmup()`` (with
+    ``warmup``); ``release``: see :class:`~fastbertology.bench.memory.PeakMemory`."""
+    if warmup:
+        prepared.warmup()
+    _synchronize(device)
+    with PeakMemory(device, release=release) as peak:
+        start = time.perf_counter()
+        result = prepared.run()
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    return result, seconds, peak
+
+
+def run_mode(case: BenchCase, mode: str, workload: Workload, device: torch.device, *, backend: str = "auto",
+             importance: str = "per_batch", warmup: bool = True) -> ModeOutcome:
+    """Prepare, time and close one mode; a failure becomes the outcome's status (the benchmark goes on)."""
+    prepared = None
+    try:
+        prepared = prepare_mode(case, mode, workload, device, backend=backend, importance=importance)
+        result, seconds, peak = measure(prepared, device, warmup=warmup)
+        return ModeOutcome(mode, result=result, seconds=seconds, peak_mib=peak.mib, peak_kind=peak.kind,
+                           backend=prepared.backend, padding_free=prepared.padding_free)
+    except torch.cuda.OutOfMemoryError:
+        return ModeOutcome(mode, status="error: out of memory")
+    except Exception as error:  # noqa: BLE001 - the row says what failed
+        return ModeOutcome(mode, status=f"error: {type(error).__name__}: {error}"[:300])
+    finally:
+        if prepared is not None:
+            prepared.close()
+
+
+def relative_max_diff(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max |value - reference| / max |reference|`` of two tables (the plain maximum when the reference is 0)."""
+    difference = float((value.double() - reference.double()).abs().max())
+    scale = float(reference.double().abs().max())
+    return difference / scale if scale > 0 else difference
+
+
+def comparison(outcome: ModeOutcome, reference: ModeOutcome | None) -> dict:
+    """The correctness columns of ``outcome`` against the reference loop's outcome (None where not comparable)."""
+    columns = dict.fromkeys(("importance_diff", "entropy_diff", "mask_mismatch", "sweep_loss_diff"))
+    mine, theirs = outcome.result, reference.result if reference is not None else None
+    if outcome.mode == "reference" or mine is None or theirs is None:
+        return columns
+    if mine.analysis is not None and theirs.analysis is not None:
+        columns["importance_diff"] = relative_max_diff(mine.analysis.raw_importance, theirs.analysis.raw_importance)
+        columns["entropy_diff"] = relative_max_diff(mine.analysis.entropy, theirs.analysis.entropy)
+    if mine.mask is not None and theirs.mask is not None:
+        columns["mask_mismatch"] = int((mine.mask.cpu() != theirs.mask.cpu()).sum())
+    if mine.sweep is not None and theirs.sweep is not None:
+        columns["sweep_loss_diff"] = float((mine.sweep.losses - theirs.sweep.losses).abs().max())
+    return columns
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def blank_row(case: BenchCase, mode: str, device: torch.device, importance: str) -> dict:
+    """A row with the case's identification columns and every measurement None."""
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(case=case.name, kind=case.kind, workload=case.workload.describe(), batch=case.batch, mode=mode,
+               dtype=case.mode_dtype(mode), device=device.type, status="ok",
+               importance=importance if mode in ("reference", "fastbertology", "fastbertology-padded") else None)
+    return row
+
+
+def case_rows(case: BenchCase, workload: Workload, outcomes: dict[str, ModeOutcome], device: torch.device,
+              importance: str) -> list[dict]:
+    """One row per outcome (see the module docstring)."""
+    env = environment(device)
+    counts = heads_per_layer(workload.model)
+    reference, forward = outcomes.get("reference"), outcomes.get("sdpa-forward")
+    rows = []
+    for mode, outcome in outcomes.items():
+        row = blank_row(case, mode, device, importance)
+        s_per_pass = outcome.s_per_pass
+        row.update(
+            model_type=workload.model.config.model_type, layers=len(counts), heads=counts[0],
+            examples=workload.examples, seq=workload.max_length, backend=outcome.backend,
+            padding_free=outcome.padding_free, real_tokens=workload.real_tokens,
+            padded_tokens=workload.padded_tokens, real_token_fraction=workload.real_token_fraction,
+            passes=outcome.result.passes if outcome.result is not None else None, seconds=outcome.seconds,
+            s_per_pass=s_per_pass, ex_per_s=_ratio(workload.examples, s_per_pass), peak_mib=outcome.peak_mib,
+            peak_kind=outcome.peak_kind,
+            speedup_vs_reference=_ratio(reference and reference.s_per_pass, s_per_pass),
+            speedup_vs_sdpa_forward=_ratio(forward and forward.s_per_pass, s_per_pass),
+            metric=outcome.result.metric if outcome.result is not None else None, status=outcome.status,
+            **comparison(outcome, reference), **env)
+        rows.append(row)
+    return rows
+
+
+def case_device(case: BenchCase, device=None) -> torch.device:
+    """The device a case runs on: its own pin (CPU cases), else ``device``, else CUDA when available."""
+    return torch.device(case.device or device or default_device())
+
+
+def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequence[str] | None = None,
+             importance: str = "per_batch", warmup: bool = True, keep_results: bool = False) -> list[dict]:
+    """Build the case's workload once, run every requested mode on it (``case.modes`` by default, in that order)
+    and return one row per mode. With ``keep_results`` each row also holds ``"result"``: the mode's
+    :class:`~fastbertology.bench.modes.ModeResult` (not JSON-serialisable; for tests)."""
+    device = case_device(case, device)
+    workload = case.workload.build(case.batch, device)
+    outcomes = {mode: run_mode(case, mode, workload, device, backend=backend, importance=importance, warmup=warmup)
+                for mode in case.modes if modes is None or mode in modes}
+    rows = case_rows(case, workload, outcomes, device, importance)
+    if keep_results:
+        for row, outcome in zip(rows, outcomes.values(), strict=True):
+            row["result"] = outcome.result
+    return rows
+
+
+def run_bench(cases: Sequence[BenchCase | str] | None = None, *, group: str | None = None, device=None,
+              backend: str = "auto", modes: Sequence[str] | None = None, importance: str = "per_batch",
+              warmup: bool = True, time_budget: float | None = None,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run benchmark cases; return one row per (case, mode).
+
+    cases:       :class:`BenchCase` objects, or names for :func:`~fastbertology.bench.cases.select_cases` (with
+                 ``group``); default: the group's cases (``"full"`` on CUDA, else ``"cpu"``).
+    device:      default CUDA when available, else CPU (cases pinned to the CPU stay there).
+    time_budget: seconds; a case that would start later than this is not run (its rows say
+                 ``status="skipped: time budget ..."``, with no numbers).
+    on_row:      called with each row as soon as its case has finished (e.g. to append it to a file).
+    """
+    unknown = sorted(set(modes or ()) - set(ANALYSIS_MODES))
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(ANALYSIS_MODES)}")
+    if cases is None or all(isinstance(case, str) for case in cases):
+        cases = select_cases(cases, group=group, cuda=torch.device(device or default_device()).type == "cuda")
+    rows = []
+    start = time.perf_counter()
+    for case in cases:
+        if time_budget is not None and time.perf_counter() - start > time_budget:
+            device_of_case = case_device(case, device)
+            new_rows = [dict(blank_row(case, mode, device_of_case, importance),
+                               status=f"skipped: time budget {time_budget:g} s", **environment(device_of_case))
+                          for mode in case.modes if modes is None or mode in modes]
+        else:
+            new_rows = run_case(case, device=device, backend=backend, modes=modes, importance=importance,
+                                  warmup=warmup)
+        for row in new_rows:
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
