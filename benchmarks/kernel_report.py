@@ -141,7 +141,7 @@ class KernelSpec(NamedTuple):
     directory on ``sys.path``), ``args`` the positional launch arguments with tensors as :class:`Ptr`,
     ``constexprs`` the keyword ``tl.constexpr`` arguments, ``options`` the compile options (``num_warps``,
     ``num_stages``, ...). ``dtype``, ``head_dim``, ``config`` (a label) and ``role`` (``"forward"``,
-    ``"yardstick"`` or ``""``) only describe it in the report."""
+    ``"yardstick"`` or ``""``) only describe it in the report; ``arch``, when set, limits it to that target."""
 
     kernel: str
     args: tuple
@@ -151,6 +151,7 @@ class KernelSpec(NamedTuple):
     head_dim: int = 0
     config: str = ""
     role: str = ""
+    arch: int | None = None  # the only architecture this launch is for (its launcher picks configs by arch)
 
     @property
     def name(self) -> str:
@@ -652,6 +653,8 @@ def run_specs(specs: list[KernelSpec], archs: list[int], jobs: int = 2, progress
     keys = {}
     for arch in archs:
         for spec in specs:
+            if spec.arch not in (None, arch):
+                continue
             key = _spec_key(spec, arch)
             if key not in _RESULTS:
                 keys.setdefault(key, (spec, arch))
@@ -672,6 +675,8 @@ def run_specs(specs: list[KernelSpec], archs: list[int], jobs: int = 2, progress
     rows = []
     for arch in archs:
         for spec in specs:
+            if spec.arch not in (None, arch):
+                continue
             rows.append({"arch": arch, "kernel": spec.name, "dtype": spec.dtype, "head_dim": spec.head_dim,
                          "config": spec.config, "role": spec.role, "options": spec.options,
                          "constexprs": spec.constexprs, **_RESULTS[_spec_key(spec, arch)]})
@@ -689,14 +694,21 @@ def hottest_instructions(row: dict) -> int | None:
     return None if index is None else row["loops"][index]["instructions"]
 
 
+def _block_key(row: dict) -> tuple:
+    """Arch, dtype, head dim and block configuration of a row: loops compare per iteration only within it."""
+    constexprs, options = row.get("constexprs", {}), row.get("options", {})
+    return (row["arch"], row["dtype"], row["head_dim"], constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"),
+            options.get("num_warps"))
+
+
 def add_yardstick_ratios(rows: list[dict]) -> None:
-    """Set ``vs_yardstick`` on every forward row: its hottest loop over the yardstick's for the same arch, dtype
-    and head dim (None where there is no yardstick, e.g. fp32)."""
-    sticks = {(row["arch"], row["dtype"], row["head_dim"]): hottest_instructions(row)
-              for row in rows if row["role"] == "yardstick"}
+    """Set ``vs_yardstick`` on every forward row: its hottest loop over the yardstick's for the same arch, dtype,
+    head dim and block configuration (None where there is no such yardstick, e.g. fp32 or short-sequence
+    blocks)."""
+    sticks = {_block_key(row): hottest_instructions(row) for row in rows if row["role"] == "yardstick"}
     for row in rows:
         if row["role"] == "forward":
-            stick = sticks.get((row["arch"], row["dtype"], row["head_dim"]))
+            stick = sticks.get(_block_key(row))
             mine = hottest_instructions(row)
             row["vs_yardstick"] = round(mine / stick, 2) if stick and mine else None
 
@@ -713,14 +725,15 @@ def config_flags(row: dict) -> set[str]:
 def add_plain_ratios(rows: list[dict]) -> None:
     """Set ``vs_plain`` on the rows of the forward, dK/dV and dQ kernels: their hottest loop over that of the same
     kernel without any mask (dense layout, not causal, no head mask) for the same arch, dtype and head dim; what
-    causal masking, padding, packing and head masks cost in the loop that runs the most."""
+    causal masking, padding, packing and head masks cost in the loop that runs the most (same block configuration;
+    None without such a row)."""
     plain = {}
     for row in rows:
         if row["kernel"] in PLAIN_FLAGS and "error" not in row and config_flags(row) == PLAIN_FLAGS[row["kernel"]]:
-            plain[(row["arch"], row["kernel"], row["dtype"], row["head_dim"])] = hottest_instructions(row)
+            plain[(row["kernel"], *_block_key(row))] = hottest_instructions(row)
     for row in rows:
         if row["kernel"] in PLAIN_FLAGS and "error" not in row:
-            base = plain.get((row["arch"], row["kernel"], row["dtype"], row["head_dim"]))
+            base = plain.get((row["kernel"], *_block_key(row)))
             mine = hottest_instructions(row)
             row["vs_plain"] = round(mine / base, 2) if base and mine else None
 
@@ -826,9 +839,9 @@ def main(argv=None) -> int:
     head_dims = [int(d) for d in args.head_dim.split(",")] if args.head_dim else None
     kernels = args.kernel.split(",") if args.kernel else None
     specs = kernel_specs.report_specs(dtypes=dtypes, head_dims=head_dims, kernels=kernels, quick=args.quick,
-                                      shape=kernel_specs.Shape(seq=args.seq_len))
-    print(f"kernel report: {len(specs)} kernel configurations x {len(archs)} archs; {_versions()}", file=out,
-          flush=True)
+                                      shape=kernel_specs.Shape(seq=args.seq_len), archs=archs)
+    print(f"kernel report: {len(specs)} kernel launches for {', '.join(f'sm_{arch}' for arch in archs)}; "
+          f"{_versions()}", file=out, flush=True)
 
     def progress(done, total):
         if done == total or done % 25 == 0:

@@ -81,13 +81,15 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(calls: list):
-    """Inside the block the launchers record their kernel launches into ``calls`` and use the GPU configs."""
+def _recording(calls: list, arch: int):
+    """Inside the block the launchers record their kernel launches into ``calls`` and use the GPU configs of
+    ``arch``."""
     saved = {name: getattr(ta, name) for name in (*KERNELS, "configs_for")}
     try:
         for name in KERNELS:
             setattr(ta, name, _Recorder(name, calls))
-        ta.configs_for = lambda device, block_d, dtype, **options: ta.gpu_configs(block_d, dtype, **options)
+        ta.configs_for = lambda device, block_d, dtype, **options: ta.gpu_configs(block_d, dtype, arch=arch,
+                                                                                  **options)
         yield
     finally:
         for name, value in saved.items():
@@ -114,13 +116,14 @@ def _inputs(case: Case, shape: Shape):
     return q, k, v, grad_out, layout, mask
 
 
-def recorded_launches(case: Case, shape: Shape) -> list[tuple[str, tuple, dict]]:
+def recorded_launches(case: Case, shape: Shape, arch: int = 90) -> list[tuple[str, tuple, dict]]:
     """Every kernel launch of one forward (with the probabilities where the layout allows them) and backward of
-    ``case``, and of the backward that only needs the head-mask gradient: ``(kernel name, args, kwargs)``."""
+    ``case`` on ``arch``, and of the backward that only needs the head-mask gradient: ``(kernel name, args,
+    kwargs)``."""
     q, k, v, grad_out, layout, mask = _inputs(case, shape)
     scale = case.head_dim**-0.5
     calls: list = []
-    with _recording(calls):
+    with _recording(calls, arch):
         out, lse, *_ = ta._forward(q, k, v, mask, layout, case.causal, scale, case.layout != "packed")
         need_mask = case.head_mask == "grad"
         ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, True, True, need_mask)
@@ -153,31 +156,32 @@ def all_cases(dtypes, head_dims):
         yield Case(dtype, head_dim, causal, layout, head_mask)
 
 
-def project_kernel_specs(cases, kernels=None, shape: Shape = Shape()) -> list[KernelSpec]:
-    """A :class:`KernelSpec` per distinct recorded launch of the cases (identical launches once); ``kernels`` keeps
-    the names that contain one of them."""
+def project_kernel_specs(cases, kernels=None, shapes=(Shape(),), archs=(90, 80)) -> list[KernelSpec]:
+    """A :class:`KernelSpec` per distinct recorded launch of the cases, per architecture (the launchers pick block
+    sizes by architecture and by the longest sequence: give a shape per length bucket); ``kernels`` keeps the
+    names that contain one of them."""
     specs, seen = [], set()
-    for case in cases:
-        for name, args, kwargs in recorded_launches(case, shape):
+    for arch, shape, case in itertools.product(archs, shapes, cases):
+        for name, args, kwargs in recorded_launches(case, shape, arch):
             if kernels and not any(part in name for part in kernels):
                 continue
             options = {key: kwargs[key] for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
             constexprs = {key: value for key, value in kwargs.items() if key not in options}
             args = tuple(_spec_argument(value) for value in args)
-            key = (name, repr(args), repr(constexprs), repr(options))
+            key = (arch, name, repr(args), repr(constexprs), repr(options))
             if key in seen:
                 continue
             seen.add(key)
             specs.append(KernelSpec(f"{KERNEL_MODULE}:{name}", args, constexprs, options, case.dtype, case.head_dim,
                                     config_label(case.dtype, case.head_dim, constexprs, options),
-                                    "forward" if name == "_attn_fwd" else ""))
+                                    "forward" if name == "_attn_fwd" else "", arch))
     return specs
 
 
-def yardstick_launch(dtype: str, head_dim: int, shape: Shape) -> tuple:
-    """The yardstick with the block configuration of the project's forward for this dtype, head dim and sequence
-    length, on contiguous ``[B * H, N, D]`` tensors."""
-    config = ta.gpu_configs(ta._block_d(head_dim), DTYPES[dtype], max_seqlen=shape.seq).fwd
+def yardstick_launch(dtype: str, head_dim: int, shape: Shape, arch: int = 90) -> tuple:
+    """The yardstick with the block configuration of the project's forward for this dtype, head dim, sequence
+    length and architecture, on contiguous ``[B * H, N, D]`` tensors."""
+    config = ta.gpu_configs(ta._block_d(head_dim), DTYPES[dtype], max_seqlen=shape.seq, arch=arch).fwd
     stat = Ptr("fp32")
     args = (Ptr(dtype), Ptr(dtype), Ptr(dtype), Ptr(dtype), stat, stat, shape.seq * head_dim, head_dim, shape.seq,
             head_dim**-0.5 * math.log2(math.e))
@@ -185,21 +189,27 @@ def yardstick_launch(dtype: str, head_dim: int, shape: Shape) -> tuple:
     return args, constexprs, {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def yardstick_specs(dtypes, head_dims, shape: Shape = Shape()) -> list[KernelSpec]:
-    """The yardstick for the 16-bit dtypes among ``dtypes`` and the power-of-two head dims >= 16."""
+def yardstick_specs(dtypes, head_dims, shape: Shape = Shape(), archs=(90, 80)) -> list[KernelSpec]:
+    """The yardstick for the 16-bit dtypes among ``dtypes`` and the power-of-two head dims >= 16, with the long
+    sequences' forward configuration of each architecture."""
     specs = []
-    for dtype, head_dim in itertools.product(dtypes, head_dims):
+    for arch, dtype, head_dim in itertools.product(archs, dtypes, head_dims):
         if dtype == "fp32" or head_dim < 16 or head_dim & (head_dim - 1):
             continue
-        args, constexprs, options = yardstick_launch(dtype, head_dim, shape)
+        args, constexprs, options = yardstick_launch(dtype, head_dim, shape, arch)
         specs.append(KernelSpec(YARDSTICK, args, constexprs, options, dtype, head_dim,
-                                config_label(dtype, head_dim, constexprs, options), "yardstick"))
+                                config_label(dtype, head_dim, constexprs, options), "yardstick", arch))
     return specs
 
 
-def report_specs(dtypes=None, head_dims=None, kernels=None, quick=False, shape: Shape = Shape()) -> list[KernelSpec]:
-    """The specs of a report: every case of ``dtypes`` x ``head_dims`` (default all: bf16/fp16/fp32, 32/64/128),
-    or with ``quick`` only :data:`QUICK_CASES` among them; plus the yardstick. ``kernels`` filters by name part
+SHORT = Shape(seq=64)  # the short-sequence bucket of the block configurations
+
+
+def report_specs(dtypes=None, head_dims=None, kernels=None, quick=False, shape: Shape = Shape(),
+                 archs=(90, 80)) -> list[KernelSpec]:
+    """The specs of a report for ``archs``: every case of ``dtypes`` x ``head_dims`` (default all: bf16/fp16/fp32,
+    32/64/128) for ``shape`` and, unless ``quick``, for the short-sequence bucket too; or with ``quick`` only
+    :data:`QUICK_CASES` among them for ``shape``; plus the yardstick. ``kernels`` filters by name part
     (``"yardstick"`` selects the yardstick)."""
     dtypes = list(dtypes or DTYPES)
     head_dims = list(head_dims or HEAD_DIMS)
@@ -209,8 +219,9 @@ def report_specs(dtypes=None, head_dims=None, kernels=None, quick=False, shape: 
     else:
         cases = list(all_cases(dtypes, head_dims))
         stick_keys = list(itertools.product(dtypes, head_dims))
-    specs = project_kernel_specs(cases, kernels, shape)
+    shapes = (shape,) if quick or shape.seq <= SHORT.seq else (shape, SHORT)
+    specs = project_kernel_specs(cases, kernels, shapes, archs)
     if not kernels or any(part in YARDSTICK for part in kernels):
         for dtype, head_dim in stick_keys:
-            specs += yardstick_specs([dtype], [head_dim], shape)
+            specs += yardstick_specs([dtype], [head_dim], shape, archs)
     return specs

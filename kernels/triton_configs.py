@@ -1,7 +1,7 @@
 """Launch configurations (block sizes, warps, pipeline stages) of the Triton attention kernels.
 
-One small fixed table, keyed on the device kind, the dtype, the padded head dim, causal or not, and the longest
-sequence (short sequences waste less of a 64-row query block than of a 128-row one). No autotuning at run time:
+One small fixed table, keyed on the GPU architecture, the dtype, the padded head dim and the longest sequence
+(short sequences waste less of a 64-row query block than of a 128-row one). No autotuning at run time:
 results never depend on timing (block sizes change the floating-point summation order). The table was chosen from
 the compiled code (``python benchmarks/kernel_report.py``: no register spills, registers per thread within the
 budget that keeps the listed CTAs per SM); ``benchmarks/gpu_check.sh`` times the alternatives on a GPU.
@@ -48,35 +48,42 @@ INTERPRETER_CONFIGS = AttentionConfigs(
 SHORT_SEQUENCE = 64  # longest sequence up to which 64-row query blocks are used on the GPU
 
 
-def gpu_configs(block_d: int, dtype: torch.dtype, *, max_seqlen: int = 512, causal: bool = False) -> AttentionConfigs:
-    """Configurations for H100/H200 (sm_90; also valid on sm_80) for a padded head dim ``block_d`` and ``dtype``."""
+def gpu_configs(block_d: int, dtype: torch.dtype, *, max_seqlen: int = 512, causal: bool = False,
+                arch: int = 90) -> AttentionConfigs:
+    """Configurations for a padded head dim ``block_d`` and ``dtype`` on an H100/H200 (``arch`` 90) or an A100
+    (80: a few entries differ, where the sm_90 choice spills registers there). ``causal`` is accepted for a
+    table that would tell the two apart; today's entries do not. Every entry compiles without register spills
+    for both architectures (``python benchmarks/kernel_report.py``)."""
     short = max_seqlen <= SHORT_SEQUENCE
     if dtype == torch.float32:  # twice the bytes per element, and tf32x3 dots need three times the operands
         if block_d <= 64:
             return AttentionConfigs(
-                fwd=KernelConfig(64, 32, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
-                dkdv=KernelConfig(16, 32, 4, 2), dq=KernelConfig(32, 32, 4, 2),
+                fwd=KernelConfig(64, 16, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
+                dkdv=KernelConfig(16, 32, 4, 2), dq=KernelConfig(16, 32, 8, 2),
             )
         return AttentionConfigs(
-            fwd=KernelConfig(64, 16, 4, 2), probs=KernelConfig(64, 32, 4, 2), preprocess=KernelConfig(64, 64),
+            fwd=KernelConfig(16, 32, 4, 2), probs=KernelConfig(64, 16, 4, 2), preprocess=KernelConfig(64, 64),
             dkdv=KernelConfig(16, 16, 4, 1), dq=KernelConfig(16, 32, 4, 2),
         )
     if block_d <= 64:
-        fwd = KernelConfig(64, 64, 4, 3) if short else KernelConfig(128, 64, 8, 3)
-        dq = KernelConfig(64, 32, 4, 2) if short else KernelConfig(128, 32, 8, 2)
-        return AttentionConfigs(
-            fwd=fwd, probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(128, 64),
-            dkdv=KernelConfig(32, 64, 4, 2) if short else KernelConfig(32, 128, 8, 2), dq=dq,
-        )
-    return AttentionConfigs(
-        fwd=KernelConfig(64, 64, 4, 2) if short else KernelConfig(128, 64, 8, 2), probs=KernelConfig(64, 64, 4, 2),
-        preprocess=KernelConfig(64, 64), dkdv=KernelConfig(32, 64, 8, 2), dq=KernelConfig(64, 32, 4, 2),
-    )
+        if short:
+            fwd, dq, dkdv = KernelConfig(64, 64, 4, 3), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)
+        else:
+            fwd = KernelConfig(128, 32, 8, 3) if arch < 90 and block_d <= 32 else KernelConfig(128, 64, 8, 3)
+            dq, dkdv = KernelConfig(128, 32, 8, 2), KernelConfig(32, 128, 8, 2)
+        return AttentionConfigs(fwd=fwd, probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(128, 64),
+                                dkdv=dkdv, dq=dq)
+    fwd = KernelConfig(64, 32, 4, 2) if short or arch < 90 else KernelConfig(128, 64, 8, 2)
+    dq = KernelConfig(64, 32, 8, 2) if arch < 90 else KernelConfig(64, 32, 4, 2)
+    return AttentionConfigs(fwd=fwd, probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(64, 64),
+                            dkdv=KernelConfig(32, 64, 8, 2), dq=dq)
 
 
 def configs_for(device: torch.device, block_d: int, dtype: torch.dtype, *, max_seqlen: int,
                 causal: bool) -> AttentionConfigs:
-    """The table entry for CUDA tensors; small blocks for the interpreter (CPU tensors)."""
+    """The table entry for CUDA tensors (by the device's compute capability); small blocks for the interpreter
+    (CPU tensors)."""
     if device.type == "cuda":
-        return gpu_configs(block_d, dtype, max_seqlen=max_seqlen, causal=causal)
+        major, minor = torch.cuda.get_device_capability(device)
+        return gpu_configs(block_d, dtype, max_seqlen=max_seqlen, causal=causal, arch=10 * major + minor)
     return INTERPRETER_CONFIGS

@@ -70,8 +70,9 @@ FULL_CASES = [
 ]
 
 CPU_CASES = [
-    BenchCase("cpu-minilm-retrieval-256-b32-fp32", PairsWorkload(pairs=256, max_seq_length=128, group_size=32), 32,
-              "fp32", device="cpu"),
+    BenchCase("cpu-minilm-retrieval-256-b32-fp32",
+              PairsWorkload(pairs=256, max_seq_length=128, group_size=32, max_query_chars=250, max_positive_chars=300),
+              32, "fp32", device="cpu"),
     _synthetic("cpu-gpt2-lm-32x256-b8-fp32", GPT2_MINI, 32, 256, 8, "fp32", device="cpu"),
 ]
 
