@@ -266,7 +266,7 @@ def analysis_reducer(model, task):
     distributed."""
     if not is_distributed():
         return None
-    from .patching import heads_per_layer
+    from .architectures import heads_per_layer
 
     heads = heads_per_layer(model)
 

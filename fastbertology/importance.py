@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .patching import heads_per_layer, is_patched
+from .architectures import heads_per_layer
+from .patching import is_patched
 from .recording import record
 
 IMPORTANCE_MODES = ("per_batch", "per_example")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .patching import MODEL_SPECS
+from .architectures import architecture, supported_model_types
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -205,9 +205,9 @@ def check_model_dir(directory: str) -> dict:
     """Everything about a model directory that can be checked without building the model: config.json, the
     safetensors files (complete), the tokenizer files. Returns the config as a dict."""
     config = _read_config_json(directory)
-    if config["model_type"] not in MODEL_SPECS:
+    if config["model_type"] not in supported_model_types():
         raise ModelLoadingError(f"model {directory} is a {config['model_type']!r} model; fastbertology supports "
-                                f"{', '.join(sorted(MODEL_SPECS))}")
+                                f"{', '.join(sorted(supported_model_types()))}")
     check_weight_files(_weight_files(directory))
     _check_tokenizer_files(directory)
     return config
@@ -222,8 +222,10 @@ def _model_class(kind: str, model_type: str):
     if kind == "classification":
         return AutoModelForSequenceClassification
     if kind == "causal-lm":
-        if model_type not in ("gpt2", "openai-gpt"):
-            raise ValueError(f"language modelling needs a GPT-2 or OpenAI GPT model, got {model_type!r}")
+        if not architecture(model_type).causal_lm:
+            causal = [entry.name for entry in _causal_lm_families()]
+            raise ValueError(f"language modelling needs a causal language model ({', '.join(causal)}), got "
+                             f"{model_type!r}")
         return AutoModelForCausalLM
     if kind == "encoder":
         return AutoModel
@@ -335,12 +337,15 @@ def _load_tokenizer(path: str, config):
 
 
 def usable_positions(config) -> int | None:
-    """The longest sequence the model's position embeddings take: ``max_position_embeddings`` (``n_positions``
-    for GPT-2 / GPT), less RoBERTa's offset (its positions start after the padding index)."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and config.model_type == "roberta":
-        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
-    return limit
+    """The longest sequence the model's position embeddings take (from the architecture registry: e.g. RoBERTa's
+    positions start after the padding index)."""
+    return architecture(config).usable_positions(config)
+
+
+def _causal_lm_families():
+    from .architectures import ARCHITECTURES
+
+    return [entry for entry in ARCHITECTURES if entry.causal_lm]
 
 
 def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dtype = torch.float32,

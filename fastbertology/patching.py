@@ -32,98 +32,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import kernels
+from .architectures import architecture, attention_modules, heads_per_layer, transformer_layers
 from .head_mask import layer_head_mask, normalize_head_mask
 
 IMPLEMENTATION_NAME = "fastbertology"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Which modules are the attention layers of each supported model type
-# --------------------------------------------------------------------------------------------------------------
-def _bert_layers(base):
-    return base.encoder.layer
-
-
-def _gpt_layers(base):
-    return base.h
-
-
-def _bert_attention_modules(base):
-    return [layer.attention.self for layer in base.encoder.layer]
-
-
-def _gpt_attention_modules(base):
-    return [block.attn for block in base.h]
-
-
-def _decoder_cache(config) -> bool:
-    """BERT-like models build a cache only as decoders."""
-    return bool(getattr(config, "is_decoder", False))
-
-
-def _always_cache(config) -> bool:
-    return True
-
-
-def _never_cache(config) -> bool:
-    return False
-
-
-def _bert_heads(module):
-    return module.num_attention_heads
-
-
-def _gpt2_heads(module):
-    return module.num_heads
-
-
-def _openai_heads(module):
-    return module.n_head
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to find a model type's self-attention modules and read their head counts."""
-
-    layers: Callable[[torch.nn.Module], torch.nn.ModuleList]  # base model -> its transformer layers (blocks)
-    attention_modules: Callable[[torch.nn.Module], list]  # base model -> self-attention module of every layer
-    heads: Callable[[torch.nn.Module], int]  # attention module -> its current number of heads
-    uses_attention_interface: bool
-    builds_cache: Callable[[object], bool]  # config -> whether use_cache (its default) builds a generation cache
-
-
-MODEL_SPECS = {
-    "bert": ModelSpec(_bert_layers, _bert_attention_modules, _bert_heads, True, _decoder_cache),
-    "roberta": ModelSpec(_bert_layers, _bert_attention_modules, _bert_heads, True, _decoder_cache),
-    "gpt2": ModelSpec(_gpt_layers, _gpt_attention_modules, _gpt2_heads, True, _always_cache),
-    "openai-gpt": ModelSpec(_gpt_layers, _gpt_attention_modules, _openai_heads, False, _never_cache),
-}
-
-
-def model_spec(model) -> ModelSpec:
-    """The :class:`ModelSpec` of ``model``; ValueError naming the supported types otherwise."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MODEL_SPECS:
-        raise ValueError(
-            f"fastbertology does not support model type {model_type!r}; supported: {', '.join(sorted(MODEL_SPECS))}"
-        )
-    return MODEL_SPECS[model_type]
-
-
-def attention_modules(model) -> list:
-    """The self-attention module of every layer, in layer order."""
-    return model_spec(model).attention_modules(model.base_model)
-
-
-def transformer_layers(model) -> torch.nn.ModuleList:
-    """The transformer layers (blocks) of ``model``, in order."""
-    return model_spec(model).layers(model.base_model)
-
-
-def heads_per_layer(model) -> list[int]:
-    """Current number of heads of every layer (pruned layers may have fewer)."""
-    spec = model_spec(model)
-    return [spec.heads(module) for module in spec.attention_modules(model.base_model)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -321,7 +233,7 @@ def _packing_for_call(state, call: dict) -> PackedBatch | None:
         return None
     if any(call.get(name) is not None for name in ("past_key_values", "cache")):
         return None
-    if _flag(call, config, "use_cache") and model_spec(state.model).builds_cache(config):
+    if _flag(call, config, "use_cache") and architecture(state.model).builds_cache(config):
         return None
     return plan_packing(mask)
 
@@ -441,14 +353,14 @@ def patch(model, backend: str = "auto", *, padding_free: bool = True) -> PatchHa
     ``"reference"`` (explicit, for testing).
     padding_free: run the layers on the real tokens only for calls with right padding (see the module docstring).
     """
-    spec = model_spec(model)
+    entry = architecture(model)
     if backend not in kernels.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(kernels.BACKENDS)}")
     if is_patched(model):
         raise RuntimeError("this model is already patched by fastbertology; call .remove() on the first handle first")
     if getattr(model.config, "add_cross_attention", False):
         raise ValueError("models with cross-attention are not supported by fastbertology (self-attention only)")
-    modules = spec.attention_modules(model.base_model)
+    modules = attention_modules(model)
     state = PatchState(model=model, backend=backend, num_layers=len(modules), padding_free=padding_free)
     undo = []
 
@@ -457,18 +369,18 @@ def patch(model, backend: str = "auto", *, padding_free: bool = True) -> PatchHa
     for layer, module in enumerate(modules):
         module._fastbertology_layer = (state, layer)
         undo.append(lambda module=module: delattr(module, "_fastbertology_layer"))
-        if not spec.uses_attention_interface and "forward" not in vars(module):
+        if not entry.attention_interface and "forward" not in vars(module):
             # (a layer pruned to zero heads already has its own instance forward: keep that one)
             module.forward = types.MethodType(_openai_attention_forward, module)
             undo.append(lambda module=module: delattr(module, "forward"))
 
-    if spec.uses_attention_interface:
+    if entry.attention_interface:
         _register_implementation()
         previous = model.config._attn_implementation
         model.set_attn_implementation(IMPLEMENTATION_NAME)
         undo.append(lambda: model.set_attn_implementation(previous))
 
-    layers = spec.layers(model.base_model)
+    layers = transformer_layers(model)
     if len(layers):
         first = layers[0].register_forward_pre_hook(_make_pack_hook(state), with_kwargs=True)
         last = layers[-1].register_forward_hook(_make_unpack_hook(state))

@@ -15,7 +15,8 @@ attention probabilities (when the model returns them) are an empty ``[B, 0, N_q,
 
 ``load_pruned`` reads a ``save_pretrained`` checkpoint of a pruned model (safetensors only, no remote code).
 
-Supported ``config.model_type``: ``bert``, ``roberta``, ``gpt2``, ``openai-gpt``.
+Which modules hold a family's heads, and how (separate ``nn.Linear`` projections or a fused ``Conv1D``), comes from
+the architecture registry (:mod:`fastbertology.architectures`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import Architecture, architecture, transformer_layers
+
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
     "count_parameters",
     "heads_to_prune_from_mask",
     "load_pruned",
@@ -175,109 +177,59 @@ def _install_forward(module: nn.Module, forward: Callable) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-architecture adapters
+# Pruning one layer, by projection layout (the registry says which layout a family has)
 # ---------------------------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class _Adapter:
-    """How to find, count and prune the self-attention heads of one architecture.
-
-    ``attention(base_model, layer)`` returns the module handed to ``num_heads`` and ``prune``.
-    """
-
-    attention: Callable[[nn.Module, int], nn.Module]
-    num_layers: Callable[[nn.Module], int]
-    num_heads: Callable[[nn.Module], int]
-    prune: Callable[[nn.Module, list[int]], None]
-    head_parameters: Callable[[nn.Module], int]
+# by what the self-attention module returns (Projections.empty): its context before the output projection, or
+# the projected output as a tuple, or as a list (the legacy modules that take output_attentions themselves)
+_EMPTY_FORWARDS = {"context": _bert_empty_forward, "projected": _gpt2_empty_forward,
+                   "projected-list": _openai_empty_forward}
 
 
-def _bert_attention(base: nn.Module, layer: int) -> nn.Module:
-    return base.encoder.layer[layer].attention
+def _part(module: nn.Module, path: str) -> nn.Module:
+    """``module.<path>`` for a dotted path (``"self.query"``)."""
+    return operator.attrgetter(path)(module)
 
 
-def _bert_prune(attention: nn.Module, heads: list[int]) -> None:
-    """Prune current heads ``heads`` of a ``BertAttention`` (``.self`` q/k/v rows, ``.output.dense`` columns)."""
-    self_attn = attention.self
-    num_heads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
+def _prune_layer(entry: Architecture, layer: nn.Module, heads: list[int]) -> None:
+    """Remove current heads ``heads`` of one layer: q/k/v rows and output-projection columns (by the layout of
+    ``entry.projections``), then the head counts; a layer left without heads gets an empty forward."""
+    projections = entry.projections
+    block, self_attention = entry.attention_block(layer), entry.self_attention(layer)
+    num_heads = entry.heads(self_attention)
     gone = set(heads)
     keep = [h for h in range(num_heads) if h not in gone]
-    index = _head_index(keep, head_dim, self_attn.query.weight.device)
-    for linear in (self_attn.query, self_attn.key, self_attn.value):
-        _select_linear_outputs(linear, index)
-    _select_linear_inputs(attention.output.dense, index)
-    self_attn.num_attention_heads = len(keep)
-    self_attn.all_head_size = len(keep) * head_dim
+    if projections.layout == "separate":
+        query = _part(block, projections.query)
+        head_dim = query.out_features // num_heads
+        index = _head_index(keep, head_dim, query.weight.device)
+        for path in (projections.query, projections.key, projections.value):
+            _select_linear_outputs(_part(block, path), index)
+        _select_linear_inputs(_part(block, projections.output), index)
+    elif projections.layout == "fused-conv1d":
+        qkv = _part(block, projections.qkv)
+        width = qkv.nf // 3
+        head_dim = width // num_heads
+        index = _head_index(keep, head_dim, qkv.weight.device)
+        _select_conv1d_outputs(qkv, _fused_qkv_index(index, width))
+        _select_conv1d_inputs(_part(block, projections.output), index)
+    else:
+        raise ValueError(f"unknown projection layout {projections.layout!r} in the {entry.name} registry entry")
+    setattr(self_attention, projections.heads_attribute, len(keep))
+    for name in projections.width_attributes:
+        setattr(self_attention, name, len(keep) * head_dim)
     if not keep:
-        _install_forward(self_attn, _bert_empty_forward)
+        _install_forward(self_attention, _EMPTY_FORWARDS[projections.empty])
 
 
-def _bert_head_parameters(attention: nn.Module) -> int:
-    """Q, K, V weights and biases plus the output projection's weight (the parts that shrink with heads)."""
-    self_attn = attention.self
-    qkv = sum(p.numel() for m in (self_attn.query, self_attn.key, self_attn.value) for p in m.parameters())
-    return qkv + attention.output.dense.weight.numel()
-
-
-def _conv_prune(attn: nn.Module, heads: list[int], *, heads_attr: str) -> None:
-    """Prune current heads of a GPT-2 / openai-gpt attention (fused ``c_attn`` columns, ``c_proj`` rows)."""
-    num_heads = getattr(attn, heads_attr)
-    head_dim = attn.split_size // num_heads
-    gone = set(heads)
-    keep = [h for h in range(num_heads) if h not in gone]
-    index = _head_index(keep, head_dim, attn.c_attn.weight.device)
-    _select_conv1d_outputs(attn.c_attn, _fused_qkv_index(index, attn.split_size))
-    _select_conv1d_inputs(attn.c_proj, index)
-    setattr(attn, heads_attr, len(keep))
-    attn.split_size = len(keep) * head_dim
-    if not keep:
-        _install_forward(attn, _gpt2_empty_forward if heads_attr == "num_heads" else _openai_empty_forward)
-
-
-def _conv_head_parameters(attn: nn.Module) -> int:
-    """Fused q|k|v weight and bias plus ``c_proj``'s weight."""
-    return attn.c_attn.weight.numel() + attn.c_attn.bias.numel() + attn.c_proj.weight.numel()
-
-
-_BERT = _Adapter(
-    attention=_bert_attention,
-    num_layers=lambda base: len(base.encoder.layer),
-    num_heads=lambda attention: attention.self.num_attention_heads,
-    prune=_bert_prune,
-    head_parameters=_bert_head_parameters,
-)
-_GPT2 = _Adapter(
-    attention=lambda base, layer: base.h[layer].attn,
-    num_layers=lambda base: len(base.h),
-    num_heads=lambda attn: attn.num_heads,
-    prune=functools.partial(_conv_prune, heads_attr="num_heads"),
-    head_parameters=_conv_head_parameters,
-)
-_OPENAI_GPT = _Adapter(
-    attention=lambda base, layer: base.h[layer].attn,
-    num_layers=lambda base: len(base.h),
-    num_heads=lambda attn: attn.n_head,
-    prune=functools.partial(_conv_prune, heads_attr="n_head"),
-    head_parameters=_conv_head_parameters,
-)
-
-_ADAPTERS: dict[str, _Adapter] = {"bert": _BERT, "roberta": _BERT, "gpt2": _GPT2, "openai-gpt": _OPENAI_GPT}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)
-
-
-def _adapter(model: nn.Module) -> _Adapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ADAPTERS:
-        raise ValueError(
-            f"Head pruning supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}."
-        )
-    return _ADAPTERS[model_type]
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The bare transformer inside any head model (``model.base_model`` for HF PreTrainedModels)."""
-    return getattr(model, "base_model", model)
+def _head_parameters(entry: Architecture, layer: nn.Module) -> int:
+    """Q, K, V weights and biases plus the output projection's weight of one layer (what shrinks with heads)."""
+    projections = entry.projections
+    block = entry.attention_block(layer)
+    paths = (projections.query, projections.key, projections.value) if projections.layout == "separate" else (
+        projections.qkv,)
+    qkv = sum(p.numel() for path in paths for p in _part(block, path).parameters())
+    return qkv + _part(block, projections.output).weight.numel()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,20 +330,19 @@ def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | 
     ``{layer: sorted original indices}``, merged with earlier prunes. All inputs are validated before anything
     changes; bad layer or head indices raise ``ValueError``.
     """
-    adapter = _adapter(model)
-    base = _base_model(model)
+    entry = architecture(model)
+    layers = transformer_layers(model)
     config = model.config
-    num_layers = adapter.num_layers(base)
 
     def current_heads(layer: int) -> int:
-        return adapter.num_heads(adapter.attention(base, layer))
+        return entry.heads(entry.self_attention(layers[layer]))
 
-    request = _validated_request(heads_to_prune, num_layers, current_heads)
+    request = _validated_request(heads_to_prune, len(layers), current_heads)
     originals = {layer: _remaining_original_heads(config, layer, current_heads(layer)) for layer in request}
 
     record = pruned_heads(config)
     for layer, heads in request.items():
-        adapter.prune(adapter.attention(base, layer), heads)
+        _prune_layer(entry, layers[layer], heads)
         record[layer] = sorted(set(record.get(layer, [])) | {originals[layer][h] for h in heads})
     config.pruned_heads = dict(sorted(record.items()))
     return model
@@ -405,9 +356,8 @@ def count_parameters(model: nn.Module, *, attention_heads_only: bool = False) ->
     """
     if not attention_heads_only:
         return sum(p.numel() for p in model.parameters())
-    adapter = _adapter(model)
-    base = _base_model(model)
-    return sum(adapter.head_parameters(adapter.attention(base, i)) for i in range(adapter.num_layers(base)))
+    entry = architecture(model)
+    return sum(_head_parameters(entry, layer) for layer in transformer_layers(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------

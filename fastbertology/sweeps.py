@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .importance import examples_in, require_patched
-from .patching import current_packing, heads_per_layer, transformer_layers
+from .architectures import heads_per_layer, transformer_layers
+from .patching import current_packing
 
 __all__ = [
     "SweepResult", "SweepState", "MaskPass", "ablation_sweep", "evaluate_masks", "single_head_masks", "layer_masks",

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .architectures import architecture
+
 __all__ = [
     "TaskResult", "Task", "PredictedLogits", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
     "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
@@ -320,14 +322,16 @@ class PredictedLogits:
 
 def _output_projection(model) -> torch.nn.Linear | None:
     """The vocabulary projection of a causal LM whose logits are exactly ``projection(base model hidden states)``
-    (GPT-2, OpenAI GPT), else None."""
+    (the registry's ``causal_lm`` families), else None."""
     projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", model)
     if not isinstance(projection, torch.nn.Linear) or base is model:
         return None
-    if getattr(model.config, "model_type", None) not in ("gpt2", "openai-gpt"):
+    try:
+        causal_lm = architecture(model).causal_lm
+    except ValueError:
         return None
-    return projection
+    return projection if causal_lm else None
 
 
 class LanguageModelingTask(Task):

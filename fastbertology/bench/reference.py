@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..importance import IMPORTANCE_MODES, HeadAnalysis, examples_in, normalize_importance
 from ..masking import heads_to_mask_next, relative_quality
-from ..patching import attention_modules, heads_per_layer, model_spec
+from ..architectures import architecture, attention_modules, heads_per_layer
 from ..sweeps import SweepResult
 
 IMPLEMENTATION = "fastbertology_bench_reference"
@@ -107,7 +107,7 @@ def reference_model(model, *, entropy: bool = True):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    if not model_spec(model).uses_attention_interface:
+    if not architecture(model).attention_interface:
         raise ValueError(f"the reference loop needs a model whose attention goes through transformers' "
                          f"AttentionInterface (BERT, RoBERTa, GPT-2), not {model.config.model_type!r}")
     AttentionInterface.register(IMPLEMENTATION, _eager_attention)

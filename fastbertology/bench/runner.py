@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patching import heads_per_layer
+from ..architectures import heads_per_layer
 from .cases import ANALYSIS_MODES, BenchCase, select_cases
 from .memory import PeakMemory
 from .modes import ModeResult, PreparedMode, prepare_mode

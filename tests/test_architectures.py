@@ -1,0 +1,55 @@
+"""The architecture registry: every supported family resolves its layers, attention modules and head counts,
+unknown families get an error naming the one entry to add, and no other module dispatches on model types."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from transformers import DistilBertConfig, DistilBertModel
+
+import fastbertology
+from fastbertology import architectures
+from fastbertology.pruning import prune_heads
+from models import LAYERS, MODEL_TYPES, tiny_model
+
+PACKAGE = Path(fastbertology.__file__).resolve().parent
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_family_resolves(model_type):
+    model, layers, heads = tiny_model(model_type)
+    entry = architectures.architecture(model)
+    assert model_type in entry.model_types and architectures.architecture(model.config) is entry
+    assert len(architectures.transformer_layers(model)) == layers == LAYERS
+    modules = architectures.attention_modules(model)
+    assert len(modules) == layers and len(set(map(id, modules))) == layers
+    assert architectures.heads_per_layer(model) == [heads] * layers
+    blocks = architectures.attention_blocks(model)
+    assert all(module is block or any(child is module for child in block.modules())
+               for module, block in zip(modules, blocks))  # the block owns the self-attention module
+    assert entry.causal(model.config) == (model_type in ("gpt2", "openai-gpt"))
+    assert entry.usable_positions(model.config) > 0
+    prune_heads(model, {1: [0, 2]})
+    assert architectures.heads_per_layer(model) == [heads, heads - 2, heads]
+
+
+def test_unknown_family_is_refused_with_the_entry_to_add():
+    model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=48))
+    for call in (architectures.architecture, architectures.heads_per_layer, fastbertology.patch):
+        with pytest.raises(ValueError, match="'distilbert'.*one Architecture entry in fastbertology/architectures.py"):
+            call(model)
+
+
+def test_only_the_registry_dispatches_on_model_types():
+    """No module but architectures.py compares ``model_type`` with a value or keys a table by family names."""
+    dispatch = re.compile(r"model_type\s*(==|!=|\bin\b|\bnot in\b)|[\"'](bert|roberta|gpt2|openai-gpt)[\"']\s*:")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "architectures.py" or "bench" in path.parts:
+            continue  # the benchmark builds models of named families on purpose
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if dispatch.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
