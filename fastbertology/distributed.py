@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
+from .tasks import sum_metric_states
 
 __all__ = [
     "init_from_env", "session", "is_distributed", "rank", "world_size", "is_main", "barrier", "shard",
@@ -166,84 +166,13 @@ def broadcast_object(value, *, src: int = 0):
 # --------------------------------------------------------------------------------------------------------------
 # Metric states
 # --------------------------------------------------------------------------------------------------------------
-def _sum_states(states: list[dict]) -> dict:
-    merged = {}
-    for key in states[0]:
-        values = [state[key] for state in states]
-        if isinstance(values[0], torch.Tensor):
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) > 1:
-                raise ValueError(f"metric state entry {key!r} has different shapes {sorted(shapes)} in different "
-                                 "processes; give the task a merge_metric_states(states) method")
-            total = values[0].clone()
-            for value in values[1:]:
-                total += value.to(total.device)
-            merged[key] = total
-        elif isinstance(values[0], (int, float)):
-            total = values[0]
-            for value in values[1:]:
-                total += value
-            merged[key] = total
-        else:
-            raise ValueError(f"metric state entry {key!r} ({type(values[0]).__name__}) is not a number or tensor; "
-                             "give the task a merge_metric_states(states) method")
-    return merged
-
-
-def _merge_confusion(states: list[dict]) -> dict:
-    """Confusion matrices that may have grown to different sizes: pad to the largest, then add."""
-    size = max(state["confusion"].shape[0] for state in states)
-    total = torch.zeros(size, size, dtype=torch.long)
-    for state in states:
-        old = state["confusion"].shape[0]
-        total[:old, :old] += state["confusion"].cpu()
-    return {**_sum_states([{k: v for k, v in s.items() if k != "confusion"} for s in states]), "confusion": total}
-
-
-def _merge_moments(states: list[dict]) -> dict:
-    """Regression states (count, means, co-moments, SSE) merged with Chan et al.'s pairwise update."""
-    merged = dict(states[0])
-    for other in states[1:]:
-        n_a, n_b = merged["n"], other["n"]
-        if n_b == 0:
-            continue
-        if n_a == 0:
-            merged = dict(other)
-            continue
-        n = n_a + n_b
-        dx, dy = other["mean_x"] - merged["mean_x"], other["mean_y"] - merged["mean_y"]
-        merged = {
-            "n": n,
-            "mean_x": merged["mean_x"] + dx * n_b / n,
-            "mean_y": merged["mean_y"] + dy * n_b / n,
-            "m2_x": merged["m2_x"] + other["m2_x"] + dx * dx * n_a * n_b / n,
-            "m2_y": merged["m2_y"] + other["m2_y"] + dy * dy * n_a * n_b / n,
-            "c_xy": merged["c_xy"] + other["c_xy"] + dx * dy * n_a * n_b / n,
-            "sse": merged["sse"] + other["sse"],
-        }
-    return merged
-
-
-_MERGERS = {
-    ClassificationTask: _merge_confusion,
-    RegressionTask: _merge_moments,
-    LanguageModelingTask: _sum_states,  # nll sum, token count
-    RetrievalTask: _sum_states,  # hits, reciprocal-rank sum, chance sum, examples
-}
-
-
 def merge_metric_states(task, states: list[dict]) -> dict:
     """Combine metric states accumulated on disjoint data (in the given order) into one, as if accumulated on all
-    of it. Uses ``task.merge_metric_states`` when the task defines it; otherwise the known task classes; otherwise
-    entry-wise sums (numbers and equal-shape tensors)."""
+    of it: the task's own ``merge_metric_states`` (entry-wise sums for a task object without one)."""
     if not states:
         raise ValueError("no metric states to merge")
-    if hasattr(task, "merge_metric_states"):
-        return task.merge_metric_states(states)
-    for cls in type(task).__mro__:
-        if cls in _MERGERS:
-            return _MERGERS[cls](states)
-    return _sum_states(states)
+    merge = getattr(task, "merge_metric_states", None)
+    return merge(states) if merge is not None else sum_metric_states(states)
 
 
 def reduce_metric_state(task, state: dict) -> dict:
@@ -271,25 +200,14 @@ def analysis_reducer(model, task):
     heads = heads_per_layer(model)
 
     def reduce(totals: dict) -> dict:
-        stats = totals["statistics"]
-        raw = totals["raw_importance"]
-        seen = all_reduce_sum(torch.tensor([float(t is not None) for t in stats.tokens], dtype=torch.float64))
-        tensors = [raw, torch.tensor([float(totals["loss_sum"]), float(totals["batches"]), float(totals["examples"])],
-                                     dtype=torch.float64)]
-        layers = [layer for layer in range(len(heads)) if seen[layer] > 0]
-        for layer in layers:  # a process that saw no data has None sums: zeros of the right size
-            zeros = raw.new_zeros(heads[layer], dtype=torch.float64)
-            for sums in (stats.entropy_sum, stats.max_prob_sum):
-                tensors.append(sums[layer] if sums[layer] is not None else zeros)
-            tensors.append(stats.tokens[layer] if stats.tokens[layer] is not None else zeros.new_zeros(()))
-        reduced = all_reduce_sums(tensors)
-        totals["raw_importance"] = reduced[0]
-        totals["loss_sum"] = float(reduced[1][0])
-        totals["batches"] = int(round(float(reduced[1][1])))
-        totals["examples"] = int(round(float(reduced[1][2])))
-        for position, layer in enumerate(layers):
-            entropy, max_prob, tokens = reduced[2 + 3 * position: 5 + 3 * position]
-            stats.entropy_sum[layer], stats.max_prob_sum[layer], stats.tokens[layer] = entropy, max_prob, tokens
+        counts = torch.tensor([float(totals["loss_sum"]), float(totals["batches"]), float(totals["examples"])],
+                              dtype=torch.float64)
+        raw, counts = all_reduce_sums([totals["raw_importance"], counts])
+        totals["raw_importance"] = raw
+        totals["loss_sum"] = float(counts[0])
+        totals["batches"] = int(round(float(counts[1])))
+        totals["examples"] = int(round(float(counts[2])))
+        totals["statistics"].reduce(all_reduce_sums, heads)
         totals["metric_state"] = reduce_metric_state(task, totals["metric_state"])
         return totals
 

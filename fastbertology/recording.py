@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -61,6 +62,23 @@ class HeadStatistics:
     def max_prob(self) -> torch.Tensor:
         """``[L, H]`` mean largest attention probability per non-padding query token."""
         return self._per_token(self.max_prob_sum)
+
+    def reduce(self, sum_tensors: Callable[[list[torch.Tensor]], list[torch.Tensor]], heads: list[int]) -> None:
+        """Replace the sums by ``sum_tensors`` of them (e.g. summed over data-parallel processes, each calling
+        this with the same arguments); ``heads[l]`` is layer l's head count, for layers this object never saw."""
+        device = next((t.device for t in self.tokens if t is not None), torch.device("cpu"))
+        (seen,) = sum_tensors([torch.tensor([float(t is not None) for t in self.tokens], dtype=torch.float64,
+                                            device=device)])
+        layers = [layer for layer in range(self.num_layers) if seen[layer] > 0]
+        tensors = []
+        for layer in layers:
+            zeros = torch.zeros(heads[layer], dtype=torch.float64, device=device)
+            for sums in (self.entropy_sum, self.max_prob_sum):
+                tensors.append(sums[layer] if sums[layer] is not None else zeros)
+            tensors.append(self.tokens[layer] if self.tokens[layer] is not None else zeros.new_zeros(()))
+        reduced = sum_tensors(tensors) if tensors else []
+        for position, layer in enumerate(layers):
+            self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = reduced[3 * position:3 * position + 3]
 
     def token_count(self) -> int:
         """Non-padding query tokens seen (by the first layer that saw any)."""

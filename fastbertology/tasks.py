@@ -11,6 +11,9 @@ protocol (see :func:`fastbertology.importance.analyze_heads`)::
     task.compute_metrics(state) -> dict[str, float]        # every metric the task tracks
     task.higher_is_better, task.metric_name
     task.replicate(batch, k) / task.split(output, k)       # k copies of a batch in one pass (batched masks)
+    task.merge_metric_states(states) -> dict               # states accumulated on disjoint data, combined
+
+:class:`TaskProtocol` states it as a type; :class:`Task` is the base class with the shared parts.
 
 ``evaluate`` is ``task.result(task.forward(model, batch, head_mask=...), batch)``: ``forward`` only runs the model,
 ``result`` only computes losses from its output, so losses can be checked on crafted outputs.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from .architectures import architecture
 
 __all__ = [
-    "TaskResult", "Task", "PredictedLogits", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
+    "TaskResult", "Task", "TaskProtocol", "sum_metric_states", "PredictedLogits", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
     "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
     "confusion_metrics", "MODEL_INPUT_KEYS",
 ]
@@ -90,6 +94,59 @@ def _mask_kwargs(head_mask) -> dict:
     return {"use_cache": False} if head_mask is None else {"head_mask": head_mask, "use_cache": False}
 
 
+@runtime_checkable
+class TaskProtocol(Protocol):
+    """What the analyses (importance, masking, sweeps, data-parallel runs) need from a task."""
+
+    metric_name: str
+    higher_is_better: bool
+
+    def forward(self, model: torch.nn.Module, batch: dict, *, head_mask: torch.Tensor | None = None) -> Any: ...
+
+    def result(self, output: Any, batch: dict) -> TaskResult: ...
+
+    def evaluate(self, model: torch.nn.Module, batch: dict, *,
+                 head_mask: torch.Tensor | None = None) -> TaskResult: ...
+
+    def metric_state(self) -> dict: ...
+
+    def update_metric(self, state: dict, result: TaskResult, batch: dict) -> None: ...
+
+    def compute_metric(self, state: dict) -> float: ...
+
+    def merge_metric_states(self, states: list[dict]) -> dict: ...
+
+    def batch_size(self, batch: dict) -> int: ...
+
+    def replicate(self, batch: dict, k: int) -> dict: ...
+
+    def split(self, output: Any, k: int) -> list: ...
+
+
+def sum_metric_states(states: list[dict]) -> dict:
+    """Entry-wise sums of metric states (numbers, or tensors of one shape) accumulated on disjoint data."""
+    if not states:
+        raise ValueError("no metric states to merge")
+    merged = {}
+    for key in states[0]:
+        values = [state[key] for state in states]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"metric state entry {key!r} has different shapes {sorted(shapes)} in different "
+                                 "states; give the task a merge_metric_states(states) method that can combine them")
+            total = values[0].clone()
+            for value in values[1:]:
+                total += value.to(total.device)
+            merged[key] = total
+        elif isinstance(values[0], (int, float)):
+            merged[key] = sum(values[1:], values[0])
+        else:
+            raise ValueError(f"metric state entry {key!r} ({type(values[0]).__name__}) is not a number or tensor; "
+                             "give the task a merge_metric_states(states) method that can combine it")
+    return merged
+
+
 class Task:
     """Base class; see the module docstring for the protocol. Subclasses set ``name``, ``metric_name``,
     ``higher_is_better`` and implement :meth:`forward`, :meth:`result`, :meth:`metric_state`,
@@ -123,6 +180,11 @@ class Task:
     def compute_metric(self, state: dict) -> float:
         """The task's main metric (``metric_name``) over everything accumulated in ``state``."""
         return float(self.compute_metrics(state)[self.metric_name])
+
+    def merge_metric_states(self, states: list[dict]) -> dict:
+        """Metric states accumulated on disjoint data (in order) -> one, as if accumulated on all of it. Default:
+        entry-wise sums (:func:`sum_metric_states`)."""
+        return sum_metric_states(states)
 
     def batch_size(self, batch: dict) -> int:
         """Number of examples in ``batch``."""
@@ -182,6 +244,16 @@ def confusion_metrics(confusion: torch.Tensor, *, positive_label: int = 1) -> di
     return {"accuracy": correct / total, "f1": f1, "mcc": mcc, "examples": total}
 
 
+def _grown_confusion(confusion: torch.Tensor, size: int) -> torch.Tensor:
+    """A ``[C, C]`` confusion matrix padded with zeros to ``[size, size]`` (itself when ``size == C``)."""
+    old = confusion.shape[0]
+    if size == old:
+        return confusion
+    grown = torch.zeros(size, size, dtype=confusion.dtype)
+    grown[:old, :old] = confusion
+    return grown
+
+
 class ClassificationTask(Task):
     """Sequence classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` against
     ``batch["labels"] [B]`` (class ids).
@@ -223,15 +295,34 @@ class ClassificationTask(Task):
         predictions = result.logits.detach().argmax(-1).cpu()
         labels = batch["labels"].detach().long().cpu()
         size = max(state["confusion"].shape[0], result.logits.shape[-1], int(labels.max()) + 1)
-        if size > state["confusion"].shape[0]:
-            grown = torch.zeros(size, size, dtype=torch.long)
-            old = state["confusion"].shape[0]
-            grown[:old, :old] = state["confusion"]
-            state["confusion"] = grown
+        state["confusion"] = _grown_confusion(state["confusion"], size)
         state["confusion"] += torch.bincount(labels * size + predictions, minlength=size * size).view(size, size)
+
+    def merge_metric_states(self, states):
+        """Confusion matrices that may have grown to different sizes: padded to the largest, then added."""
+        size = max(state["confusion"].shape[0] for state in states)
+        padded = [{**state, "confusion": _grown_confusion(state["confusion"].cpu(), size)} for state in states]
+        return sum_metric_states(padded)
 
     def compute_metrics(self, state):
         return confusion_metrics(state["confusion"], positive_label=self.positive_label)
+
+
+def _combined_moments(a: dict, b: dict) -> dict:
+    """Two regression states (count ``n``, means, second moments ``m2_x``, ``m2_y``, co-moment ``c_xy``, ``sse``)
+    of disjoint data -> the state of their union (Chan et al.'s pairwise update; exact up to rounding, stable)."""
+    n_a, n_b = a["n"], b["n"]
+    if n_b == 0:
+        return dict(a)
+    if n_a == 0:
+        return dict(b)
+    n = n_a + n_b
+    dx, dy = b["mean_x"] - a["mean_x"], b["mean_y"] - a["mean_y"]
+    return {
+        "n": n, "mean_x": a["mean_x"] + dx * n_b / n, "mean_y": a["mean_y"] + dy * n_b / n,
+        "m2_x": a["m2_x"] + b["m2_x"] + dx * dx * n_a * n_b / n, "m2_y": a["m2_y"] + b["m2_y"] + dy * dy * n_a * n_b / n,
+        "c_xy": a["c_xy"] + b["c_xy"] + dx * dy * n_a * n_b / n, "sse": a["sse"] + b["sse"],
+    }
 
 
 class RegressionTask(Task):
@@ -272,23 +363,20 @@ class RegressionTask(Task):
     def update_metric(self, state, result, batch):
         x = result.logits.detach().double().cpu()
         y = batch["labels"].detach().double().cpu()
-        n_b = len(x)
-        if n_b == 0:
+        if len(x) == 0:
             return
-        mean_bx, mean_by = float(x.mean()), float(y.mean())
-        m2_bx = float(((x - mean_bx) ** 2).sum())
-        m2_by = float(((y - mean_by) ** 2).sum())
-        c_b = float(((x - mean_bx) * (y - mean_by)).sum())
-        n_a = state["n"]
-        n = n_a + n_b
-        dx, dy = mean_bx - state["mean_x"], mean_by - state["mean_y"]
-        state["mean_x"] += dx * n_b / n
-        state["mean_y"] += dy * n_b / n
-        state["m2_x"] += m2_bx + dx * dx * n_a * n_b / n
-        state["m2_y"] += m2_by + dy * dy * n_a * n_b / n
-        state["c_xy"] += c_b + dx * dy * n_a * n_b / n
-        state["sse"] += float(((x - y) ** 2).sum())
-        state["n"] = n
+        mean_x, mean_y = float(x.mean()), float(y.mean())
+        batch_state = {"n": len(x), "mean_x": mean_x, "mean_y": mean_y, "m2_x": float(((x - mean_x) ** 2).sum()),
+                       "m2_y": float(((y - mean_y) ** 2).sum()), "c_xy": float(((x - mean_x) * (y - mean_y)).sum()),
+                       "sse": float(((x - y) ** 2).sum())}
+        state.update(_combined_moments(state, batch_state))
+
+    def merge_metric_states(self, states):
+        """Counts, means and co-moments combined with Chan et al.'s pairwise update (in order)."""
+        merged = dict(states[0])
+        for other in states[1:]:
+            merged = _combined_moments(merged, other)
+        return merged
 
     def compute_metrics(self, state):
         if state["n"] == 0:

@@ -207,3 +207,24 @@ def test_refuses_commands_without_data_parallel_support(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["prune", "--model", "x", "--data", "y"]) == 2
     assert "run data-parallel" in capsys.readouterr().err
+
+
+def test_head_statistics_reduce_sums_every_layer_and_fills_unseen_ones():
+    """HeadStatistics.reduce hands its sums to the reducer (a stand-in for all_reduce: doubling) and takes the
+    results; a layer this process never saw joins as zeros only if some process saw it."""
+    from fastbertology.recording import HeadStatistics
+
+    stats = HeadStatistics(3)
+    stats.add(0, torch.ones(1, 2, 4), torch.full((1, 2, 4), 0.5), None)
+    calls = []
+
+    def doubled(tensors):
+        calls.append(len(tensors))
+        if len(tensors) == 1:  # the "seen" vector: pretend another process saw layer 1
+            return [tensors[0] + torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)]
+        return [2 * t for t in tensors]
+
+    stats.reduce(doubled, [2, 2, 2])
+    assert calls == [1, 6]  # seen flags, then (entropy, max prob, tokens) of layers 0 and 1
+    torch.testing.assert_close(stats.entropy_sum[0], torch.full((2,), 8.0, dtype=torch.float64))
+    assert float(stats.tokens[0]) == 8.0 and float(stats.tokens[1]) == 0.0 and stats.tokens[2] is None
