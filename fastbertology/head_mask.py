@@ -20,8 +20,8 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
     num_layers = len(heads_per_layer)
     if len(set(heads_per_layer)) > 1:
         raise ValueError(
-            f"this model's layers have different head counts {heads_per_layer} (it was pruned); a head mask needs "
-            "equal counts: mask heads on the unpruned model instead"
+            f"this model's layers have different head counts {heads_per_layer} (it was pruned, or its encoder and "
+            "decoder have different head counts); a head mask needs equal counts: mask heads on the unpruned model"
         )
     heads = heads_per_layer[0]
     if head_mask.device != device:

@@ -54,8 +54,12 @@ def require_patched(model) -> None:
 
 
 def examples_in(task, batch: dict) -> int:
-    """Number of examples in ``batch``: the rows of ``input_ids``, else what ``task.batch_size`` says."""
-    return len(batch["input_ids"]) if "input_ids" in batch else task.batch_size(batch)
+    """Number of examples in ``batch``: the rows of ``input_ids`` (or ``pixel_values``), else what
+    ``task.batch_size`` says."""
+    for key in ("input_ids", "pixel_values"):
+        if key in batch:
+            return len(batch[key])
+    return task.batch_size(batch)
 
 
 def full_head_mask(model, *, dtype=torch.float32) -> torch.Tensor:

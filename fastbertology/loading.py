@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .architectures import architecture, supported_model_types
+from .architectures import architecture
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -205,9 +205,15 @@ def check_model_dir(directory: str) -> dict:
     """Everything about a model directory that can be checked without building the model: config.json, the
     safetensors files (complete), the tokenizer files. Returns the config as a dict."""
     config = _read_config_json(directory)
-    if config["model_type"] not in supported_model_types():
-        raise ModelLoadingError(f"model {directory} is a {config['model_type']!r} model; fastbertology supports "
-                                f"{', '.join(sorted(supported_model_types()))}")
+    try:
+        entry = architecture(config["model_type"])
+    except ValueError as error:
+        raise ModelLoadingError(f"model {directory}: {error}") from None
+    if entry.inputs != "text":
+        raise ModelLoadingError(
+            f"model {directory} is a {entry.name} model, which reads {entry.inputs}s: the command line and "
+            "load_model read text. Analyse it through the Python API (load it with transformers, "
+            "fastbertology.patch(model), batches of pixel_values; see docs/models.md)")
     check_weight_files(_weight_files(directory))
     _check_tokenizer_files(directory)
     return config
@@ -217,19 +223,20 @@ def check_model_dir(directory: str) -> dict:
 # Loading
 # --------------------------------------------------------------------------------------------------------------
 def _model_class(kind: str, model_type: str):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The transformers Auto class that loads ``model_type`` for ``kind`` (the registry's ``model_classes``)."""
+    import transformers
 
-    if kind == "classification":
-        return AutoModelForSequenceClassification
-    if kind == "causal-lm":
-        if not architecture(model_type).causal_lm:
-            causal = [entry.name for entry in _causal_lm_families()]
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+    entry = architecture(model_type)
+    if kind not in entry.model_classes:
+        if kind == "causal-lm":
+            causal = [family.name for family in _causal_lm_families()]
             raise ValueError(f"language modelling needs a causal language model ({', '.join(causal)}), got "
                              f"{model_type!r}")
-        return AutoModelForCausalLM
-    if kind == "encoder":
-        return AutoModel
-    raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+        raise ValueError(f"fastbertology does not load {entry.name} models for {kind} (it does for "
+                         f"{', '.join(sorted(entry.model_classes))}); see docs/models.md")
+    return getattr(transformers, entry.model_classes[kind])
 
 
 def _is_pooler(key: str) -> bool:
@@ -350,16 +357,17 @@ def _causal_lm_families():
 
 def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dtype = torch.float32,
                num_labels: int | None = None, allow_random_head: bool = False, report: LoadingReport | None = None):
-    """Load a supported model (BERT, RoBERTa, GPT-2, OpenAI GPT) for ``kind`` in eval mode, with its tokenizer.
+    """Load a supported text model (the registry's families, docs/models.md) for ``kind`` in eval mode, with its
+    tokenizer.
 
     A local directory, or a hub name already in the local cache (:func:`resolve_model_path`); the network is
     never used. Weights come from safetensors files only and ``trust_remote_code`` is never set. A checkpoint
     saved after pruning (``config.pruned_heads``) is rebuilt with :func:`fastbertology.pruning.load_pruned`.
     ``num_labels``: override the checkpoint's number of classes (only sensible for a head that is random anyway).
     Weights missing from the checkpoint raise :class:`RandomWeightsError` (the task head's only without
-    ``allow_random_head``). ``report``: filled with the directory and any random head keys. GPT-2 / GPT
-    classifiers get ``config.pad_token_id`` from the tokenizer (pad, else EOS), so batches of several sequences
-    work. Returns ``(model, tokenizer)``.
+    ``allow_random_head``). ``report``: filled with the directory and any random head keys. Classifiers without
+    ``config.pad_token_id`` (decoder-only ones: GPT-2, Llama...) get the tokenizer's (pad, else EOS), so batches of
+    several sequences work. Returns ``(model, tokenizer)``.
     """
     from transformers import AutoConfig
 

@@ -1,30 +1,51 @@
 """Drop-in patch that gives transformers 5 models head masks, attention maps and per-head statistics again.
 
-BERT, RoBERTa and GPT-2 route attention through transformers' ``AttentionInterface``: the patch registers an
-attention function and a 2-D mask function under the name ``"fastbertology"`` and selects it on the model.
-OpenAI GPT has a legacy ``Attention`` module with its own ``_attn``: its instances get a replacement forward.
+Every family of the registry (:mod:`fastbertology.architectures`) but OpenAI GPT routes attention through
+transformers' ``AttentionInterface``: the patch registers an attention function and a 2-D mask function under the
+name ``"fastbertology"`` and selects it on the model. OpenAI GPT has a legacy ``Attention`` module with its own
+``_attn``: its instances get a replacement forward.
 
 ``model(..., head_mask=m)`` is intercepted by a forward pre-hook on the model (and on its base model), which
-validates the mask and keeps it for the duration of the call; each attention module knows its layer index and
-reads its slice. Everything is undone by :meth:`PatchHandle.remove`.
+validates the mask and keeps it for the duration of the call; each attention module knows its row (see
+:class:`~fastbertology.architectures.AttentionSite`) and reads its slice. Encoder-decoder models (BART) also take
+transformers 4.x's ``decoder_head_mask`` and ``cross_attn_head_mask``, and a ``head_mask`` over all their rows
+(``[Le + 2 Ld, H]``: encoder | decoder self-attention | cross-attention), which is what the analyses pass.
+Everything is undone by :meth:`PatchHandle.remove`.
+
+**Layer applications.** A pre-hook on every transformer layer records which layer *application* (over all
+stacks, in execution order) runs: a module applied several times in one pass (ALBERT) is the next of its
+applications on every call. A shared attention module reads its row from that cursor.
+
+**Grouped-query attention and sliding windows.** Key/value heads are handed to the kernels as the model computes
+them (``[B, H_kv, N, D]``; query head h reads key/value head ``h // (H / H_kv)``); a layer pruned to unequal groups
+(:mod:`fastbertology.pruning`) gathers, for each query head, its own key/value head first. A sliding window
+(``sliding_window=W``: query i sees keys ``i - W < j <= i``) goes to the kernels' ``window``; where the kernels lack
+one of the two, the call is refused with the reason, except a window no shorter than the sequences, which changes
+nothing.
+
+**Cross-attention** (BART's decoder) has queries and keys of different lengths, which the kernels' contract does
+not take: it runs here, in plain PyTorch (:func:`rectangular_attention`: explicit scores and probabilities, the
+reference math, differentiable through autograd), with the same head-mask semantics and statistics.
 
 **Padding-free execution** (on by default, ``patch(model, padding_free=False)`` turns it off). When a call has a
-right-padded 2-D ``attention_mask`` with padding in it, the layers run on the real tokens only: a pre-hook on the
-first transformer layer gathers the ``T`` real tokens of the ``[B, N, D]`` hidden states into one packed stream
-``[1, T, D]``, every layer (linear layers, layer norms, MLP, attention: forward and backward) works on that stream,
-attention stays within each sequence through :class:`~fastbertology.kernels.Packing`, and a hook on the last
-layer scatters the result back to ``[B, N, D]``. Embeddings (a lookup), the final layer norm and the task head see
-the usual padded shapes; hidden states at padding positions are zero instead of the values stock transformers
-computes there (which no loss reads: they are padding). Calls that ask for ``output_attentions`` or
-``output_hidden_states`` (they return per-position tensors), or that build a cache for generation, run padded,
-exactly as before.
+right-padded 2-D ``attention_mask`` with padding in it, the layers of the stacks that read it (a decoder-only or
+encoder-only model's layers; BART's encoder) run on the real tokens only: a pre-hook on the stack's first layer
+application gathers the ``T`` real tokens of the ``[B, N, D]`` hidden states into one packed stream ``[1, T, D]``
+(and the per-position layer arguments of the registry's ``packed_arguments``, e.g. rotary position embeddings),
+every layer (linear layers, layer norms, MLP, attention: forward and backward) works on that stream, attention stays
+within each sequence through :class:`~fastbertology.kernels.Packing`, and a hook on the last application scatters
+the result back to ``[B, N, D]``. Embeddings (a lookup), the final layer norm and the task head see the usual padded
+shapes; hidden states at padding positions are zero instead of the values stock transformers computes there (which
+no loss reads: they are padding). Calls that ask for ``output_attentions`` or ``output_hidden_states`` (they return
+per-position tensors), or that build a cache for generation, run padded, exactly as before. BART's decoder always
+runs padded (its cross-attention reads the padded encoder output).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,14 +53,15 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import kernels
-from .architectures import architecture, attention_modules, heads_per_layer, transformer_layers
+from .architectures import Architecture, architecture, attention_sites, heads_per_layer, stack_layers
 from .head_mask import layer_head_mask, normalize_head_mask
 
 IMPLEMENTATION_NAME = "fastbertology"
+UNEQUAL_GROUPS = "fastbertology_unequal_groups"  # config attribute set by pruning (see fastbertology.pruning)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Per-model state and the shared attention path
+# Packing
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PackedBatch:
@@ -55,7 +77,9 @@ class PackedBatch:
         return self.packing.total
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, N, ...]`` -> ``[1, T, ...]`` (the real tokens, in order)."""
+        """``[B, N, ...]`` (or ``[1, N, ...]``, the same for every example) -> ``[1, T, ...]`` (the real tokens)."""
+        if hidden.shape[0] == 1 and self.batch != 1:
+            hidden = hidden.expand(self.batch, *hidden.shape[1:])
         flat = hidden.reshape(self.batch * self.seq, *hidden.shape[2:])
         return flat.index_select(0, self.index).unsqueeze(0)
 
@@ -63,6 +87,11 @@ class PackedBatch:
         """``[1, T, ...]`` -> ``[B, N, ...]`` with zeros at the padding positions (differentiable)."""
         flat = packed.new_zeros(self.batch * self.seq, *packed.shape[2:])
         return flat.index_copy(0, self.index, packed[0]).view(self.batch, self.seq, *packed.shape[2:])
+
+    def fits(self, value) -> bool:
+        """Whether ``value`` is a per-position tensor ``[B or 1, N, ...]`` of this batch."""
+        return (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == self.seq
+                and value.shape[0] in (1, self.batch))
 
 
 def plan_packing(attention_mask: torch.Tensor) -> PackedBatch | None:
@@ -81,29 +110,61 @@ def plan_packing(attention_mask: torch.Tensor) -> PackedBatch | None:
     return PackedBatch(index, batch, seq, kernels.Packing.from_lengths(lengths.tolist(), attention_mask.device))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Per-model state
+# --------------------------------------------------------------------------------------------------------------
 @dataclass
 class _CallContext:
-    """What one forward call of the model asked for."""
+    """What one forward call of the model asked for, and where it is."""
 
-    head_mask: torch.Tensor | None = None  # [L, H] or [B, L, H]
+    head_mask: torch.Tensor | None = None  # [R, H] or [B, R, H] over all rows
     output_attentions: bool = False
-    packed: PackedBatch | None = None  # the layers run padding-free on this packing
+    packed: dict[int, PackedBatch] = field(default_factory=dict)  # stack -> packing its layers run on
+    application: int | None = None  # the layer application running now (over all stacks)
+    stack: int = 0  # the stack of that application
+    calls: dict[int, int] = field(default_factory=dict)  # id(layer module) -> its calls so far in this pass
+
+
+@dataclass
+class _Binding:
+    """What an attention module needs to know: the patch state, its row per layer application, its stack."""
+
+    state: PatchState
+    rows: dict[int, int]  # application -> row
+    stack: int
+    cross: bool
+
+    def row(self) -> int:
+        """The row of the running application (a module applied once has one row)."""
+        if len(self.rows) == 1:
+            return next(iter(self.rows.values()))
+        application = self.state.context.application
+        if application not in self.rows:
+            raise RuntimeError(f"a shared attention module ran in layer application {application}, which is not one "
+                               f"of its applications {sorted(self.rows)}; run the model, not its modules")
+        return self.rows[application]
 
 
 @dataclass
 class PatchState:
     model: torch.nn.Module
+    entry: Architecture
     backend: str
-    num_layers: int
+    num_layers: int  # rows
+    parts: list[str] = field(default_factory=list)  # per row: "layers", "encoder", "decoder" or "cross"
+    first_applications: dict[int, int] = field(default_factory=dict)  # stack -> its first application
+    last_applications: dict[int, int] = field(default_factory=dict)  # stack -> its last application
     padding_free: bool = True
     recorders: list = field(default_factory=list)
     context: _CallContext = field(default_factory=_CallContext)
     depth: int = 0
+    calls: int = 0  # model calls so far (a call of the model and the base model inside it counts once)
 
-    def attend(self, layer, module, query, key, value, key_padding_mask, *, causal, scale, dropout,
-               output_attentions):
-        """Run one layer's attention. q, k, v ``[B, H, N, D]`` (packed: ``[1, H, T, D]``) -> ``(out [B, N, H, D],
-        probs [B, H, N, N] or None)``. ``key_padding_mask`` is ignored for packed calls (they have no padding).
+    def attend(self, binding: _Binding, module, query, key, value, key_padding_mask, *, causal, scale, dropout,
+               output_attentions, window=None):
+        """Run one attention application. q ``[B, H, N_q, D]``, k, v ``[B, H_kv, N_k, D]`` (packed: ``[1, H, T, D]``)
+        -> ``(out [B, N_q, H, D], probs [B, H, N_q, N_k] or None)``. ``key_padding_mask`` (bool ``[B, N_k]``) is
+        ignored for packed calls (they have no padding). ``window``: a sliding window (or None).
 
         ``probs`` are the post-softmax probabilities times the head mask, as transformers 4.x returned them.
         """
@@ -112,27 +173,124 @@ class PatchState:
                 "fastbertology does not implement attention dropout: call model.eval() (the analyses run in eval "
                 "mode), or set the config's attention dropout probability to 0 for training"
             )
-        packed = self.context.packed
+        row = binding.row()
+        packed = None if binding.cross else self.context.packed.get(binding.stack)
         heads = query.shape[1]
         batch = packed.batch if packed is not None else query.shape[0]
-        mask = layer_head_mask(self.context.head_mask, layer, batch)
+        mask = layer_head_mask(self.context.head_mask, row, batch)
         if heads == 0:  # every head of this layer was pruned
             return query.new_zeros(query.shape).transpose(1, 2), None
+        key, value = _grouped_key_values(module, query, key, value)
+        if binding.cross:
+            out, stats = rectangular_attention(query, key, value, head_mask=mask, key_padding_mask=key_padding_mask,
+                                               scale=scale, return_probs=output_attentions)
+            self._record(row, stats, None)
+            return out.transpose(1, 2), stats.probs
+        options = _window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2], module)
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
-                                           packing=packed.packing, backend=self.backend)
-            for recorder in self.recorders:
-                recorder.add(layer, stats.entropy, stats.max_prob, None)
+                                           packing=packed.packing, backend=self.backend, **options)
+            self._record(row, stats, None)
             return out.transpose(1, 2), None
         out, stats = kernels.attention(
             query, key, value, head_mask=mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-            return_probs=output_attentions, backend=self.backend,
+            return_probs=output_attentions, backend=self.backend, **options,
         )
-        for recorder in self.recorders:
-            recorder.add(layer, stats.entropy, stats.max_prob, key_padding_mask)
+        self._record(row, stats, key_padding_mask)
         return out.transpose(1, 2), stats.probs
 
+    def _record(self, row, stats, query_mask):
+        for recorder in self.recorders:
+            recorder.add(row, stats.entropy, stats.max_prob, query_mask)
 
+
+# --------------------------------------------------------------------------------------------------------------
+# What the kernels take: grouped-query attention, sliding windows
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def kernels_take_grouped_keys() -> bool:
+    """Whether the attention kernels take fewer key/value heads than query heads (one tiny reference call)."""
+    q = torch.zeros(1, 2, 1, 2)
+    try:
+        kernels.attention(q, q[:, :1], q[:, :1], backend="reference")
+    except ValueError:
+        return False
+    return True
+
+
+def kernels_take_windows() -> bool:
+    """Whether the attention kernels take a sliding ``window``."""
+    return "window" in inspect.signature(kernels.attention).parameters
+
+
+def _model_name(module) -> str:
+    config = getattr(module, "config", None)
+    return repr(getattr(config, "model_type", type(module).__name__))
+
+
+def _grouped_key_values(module, query, key, value):
+    """Key/value heads as the kernels take them: unchanged for multi-head attention and for equal groups (when the
+    kernels take grouped keys); for a layer pruned to unequal groups, each query head's own key/value head
+    gathered (``module._fastbertology_kv_heads``: the key/value head of every query head)."""
+    if key.shape[1] == query.shape[1] and getattr(module, "_fastbertology_kv_heads", None) is None:
+        return key, value
+    kv_heads = getattr(module, "_fastbertology_kv_heads", None)
+    if kv_heads is not None:
+        index = torch.as_tensor(kv_heads, dtype=torch.long, device=key.device)
+        return key.index_select(1, index), value.index_select(1, index)
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads in equal groups")
+    if not kernels_take_grouped_keys():
+        raise NotImplementedError(
+            f"model {_model_name(module)} uses grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} "
+            "key/value heads), which this version of the attention kernels does not take (it comes with the kernels' "
+            "grouped-query support); a model with as many key/value heads as query heads runs")
+    return key, value
+
+
+def _window_options(window, longest: int, module) -> dict:
+    """The kernels' ``window`` option for a sliding window ``window`` over sequences of at most ``longest`` keys."""
+    if window is None or window >= longest:
+        return {}  # a window no shorter than the sequences hides nothing
+    if not kernels_take_windows():
+        raise NotImplementedError(
+            f"model {_model_name(module)} uses a sliding window of {window} tokens over sequences of up to {longest}, "
+            "which this version of the attention kernels does not take (it comes with the kernels' sliding-window "
+            f"support); sequences of at most {window} tokens run")
+    return {"window": int(window)}
+
+
+def rectangular_attention(query, key, value, *, head_mask=None, key_padding_mask=None, scale=None,
+                          return_probs=False):
+    """Attention of ``N_q`` queries over ``N_k`` keys (cross-attention), in plain PyTorch and differentiable.
+
+    q ``[B, H, N_q, D]``, k, v ``[B, H, N_k, D]``; ``head_mask`` ``[H]`` or ``[B, H]`` multiplies each head's
+    probabilities; ``key_padding_mask`` bool ``[B, N_k]`` (True = keep). Computes in float32 or wider. Returns
+    ``(out [B, H, N_q, D], AttentionStats)`` with the statistics of the unmasked softmax, and the probabilities
+    times the head mask with ``return_probs``. Rows that see no key get zeros.
+    """
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale  # [B, H, N_q, N_k]
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, value.to(acc))
+    plogp = torch.where(probs > 0, probs * probs.clamp(min=torch.finfo(acc).tiny).log(), torch.zeros_like(probs))
+    masked_probs = probs
+    if head_mask is not None:
+        mask = (head_mask if head_mask.dim() == 2 else head_mask[None]).to(acc)[:, :, None, None]
+        out, masked_probs = out * mask, probs * mask
+    stats = kernels.AttentionStats(
+        lse=torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).detach(), entropy=-plogp.sum(-1).detach(),
+        max_prob=probs.amax(-1).detach(), probs=masked_probs.detach().to(query.dtype) if return_probs else None)
+    return out.to(query.dtype), stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The functions registered with transformers, and OpenAI GPT's forward
+# --------------------------------------------------------------------------------------------------------------
 def _key_padding_from_2d(attention_mask, n_keys):
     """Our mask function hands a bool ``[B, K]`` mask (or None). Anything else is refused with the reason."""
     if attention_mask is None:
@@ -145,21 +303,54 @@ def _key_padding_from_2d(attention_mask, n_keys):
     return attention_mask[:, -n_keys:].to(torch.bool)
 
 
+# attention-function arguments of features outside the kernels' contract
+_REFUSED_ARGUMENTS = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
+                      "sinks": "attention sinks", "position_bias": "an additive position bias",
+                      "alibi": "ALiBi position biases"}
+
+
+def _refuse_unsupported(module, kwargs) -> None:
+    """A ValueError naming the feature and the model for attention arguments the kernels do not compute."""
+    for name, feature in _REFUSED_ARGUMENTS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"model {_model_name(module)} uses {feature} ({name}=...), which fastbertology's "
+                             "attention kernels do not compute; its heads cannot be masked here")
+
+
 def _interface_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The function registered with ``AttentionInterface`` (BERT, RoBERTa, GPT-2)."""
+    """The function registered with ``AttentionInterface`` (every family but OpenAI GPT)."""
     binding = getattr(module, "_fastbertology_layer", None)
+    if binding is None and getattr(getattr(module, "config", None), UNEQUAL_GROUPS, None):
+        return _unpatched_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     if binding is None:
         raise RuntimeError(
             f"attention implementation {IMPLEMENTATION_NAME!r} reached a module that fastbertology.patch() did not "
-            "prepare (cross-attention is not supported); patch the model with fastbertology.patch(model)"
+            "prepare (for example the cross-attention of a BERT decoder, or a model pruned to unequal key/value groups "
+            "that was not patched); patch the model with fastbertology.patch(model)"
         )
-    state, layer = binding
-    key_padding_mask = None if state.context.packed is not None else _key_padding_from_2d(attention_mask, key.shape[2])
+    _refuse_unsupported(module, kwargs)
+    state = binding.state
+    packed = not binding.cross and binding.stack in state.context.packed
+    key_padding_mask = None if packed else _key_padding_from_2d(attention_mask, key.shape[2])
     return state.attend(
-        layer, module, query, key, value, key_padding_mask,
-        causal=bool(getattr(module, "is_causal", False)), scale=scaling, dropout=dropout,
-        output_attentions=state.context.output_attentions,
+        binding, module, query, key, value, key_padding_mask,
+        causal=bool(getattr(module, "is_causal", False)) and not binding.cross, scale=scaling, dropout=dropout,
+        output_attentions=state.context.output_attentions, window=kwargs.get("sliding_window"),
     )
+
+
+def _unpatched_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """Attention of a model pruned to unequal key/value groups that is not patched (it cannot run stock): the
+    kernels without head masks or statistics, PyTorch backend on the CPU and Triton on CUDA. Returns
+    ``(out [B, N, H, D], None)``."""
+    _refuse_unsupported(module, kwargs)
+    if dropout and module.training:
+        raise RuntimeError("fastbertology does not implement attention dropout: call model.eval()")
+    key, value = _grouped_key_values(module, query, key, value)
+    options = _window_options(kwargs.get("sliding_window"), key.shape[2], module)
+    out, _ = kernels.attention(query, key, value, key_padding_mask=_key_padding_from_2d(attention_mask, key.shape[2]),
+                               causal=bool(getattr(module, "is_causal", False)), scale=scaling, **options)
+    return out.transpose(1, 2), None
 
 
 def _key_padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -171,26 +362,28 @@ def _key_padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_o
     return attention_mask[:, -kv_length:]
 
 
-def _register_implementation():
+def register_implementation() -> None:
+    """Register the attention and mask functions under ``"fastbertology"`` (idempotent)."""
     AttentionInterface.register(IMPLEMENTATION_NAME, _interface_attention)
     AttentionMaskInterface.register(IMPLEMENTATION_NAME, _key_padding_mask_function)
 
 
 def _openai_attention_forward(self, x, attention_mask=None, output_attentions=False):
     """Replacement forward of ``transformers.models.openai.modeling_openai.Attention`` (causal, legacy masks)."""
-    state, layer = self._fastbertology_layer
+    binding = self._fastbertology_layer
+    state = binding.state
     batch, seq = x.shape[:2]
     query, key, value = self.c_attn(x).split(self.split_size, dim=2)
     # [B, N, H*D] -> [B, H, N, D]
     query, key, value = (t.view(batch, seq, self.n_head, -1).transpose(1, 2) for t in (query, key, value))
     key_padding_mask = None
-    if attention_mask is not None and state.context.packed is None:  # additive [B, 1, 1, N]: 0 / dtype-min
+    if attention_mask is not None and binding.stack not in state.context.packed:  # additive [B, 1, 1, N]
         if attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1):
             raise ValueError(f"OpenAI GPT attention mask must come from a 2-D mask; got {tuple(attention_mask.shape)}")
         key_padding_mask = attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2
     scale = value.shape[-1] ** -0.5 if self.scale else 1.0
     out, probs = state.attend(
-        layer, self, query, key, value, key_padding_mask, causal=True, scale=scale,
+        binding, self, query, key, value, key_padding_mask, causal=True, scale=scale,
         dropout=self.attn_dropout.p, output_attentions=output_attentions,
     )
     out = self.c_proj(out.reshape(batch, seq, -1))  # [B, N, H, D] -> [B, N, H*D]
@@ -199,7 +392,7 @@ def _openai_attention_forward(self, x, attention_mask=None, output_attentions=Fa
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Hooks that take head_mask out of the call
+# Hooks that take the head masks out of the call
 # --------------------------------------------------------------------------------------------------------------
 def _model_device(model):
     parameter = next(model.parameters(), None)
@@ -223,36 +416,86 @@ def _flag(call: dict, config, name: str) -> bool:
     return bool(getattr(config, name, False) if value is None else value)
 
 
-def _packing_for_call(state, call: dict) -> PackedBatch | None:
-    """Whether this call runs padding-free, and how (see the module docstring)."""
+def _packing_for_call(state, call: dict) -> dict[int, PackedBatch]:
+    """The stacks whose layers run padding-free in this call, and how (see the module docstring)."""
     config = state.model.config
-    mask = call.get("attention_mask")
-    if not state.padding_free or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return None
+    if not state.padding_free:
+        return {}
     if _flag(call, config, "output_attentions") or _flag(call, config, "output_hidden_states"):
-        return None
+        return {}
     if any(call.get(name) is not None for name in ("past_key_values", "cache")):
-        return None
-    if _flag(call, config, "use_cache") and architecture(state.model).builds_cache(config):
-        return None
-    return plan_packing(mask)
+        return {}
+    if _flag(call, config, "use_cache") and state.entry.builds_cache(config):
+        return {}
+    plans = {}
+    for index, stack in enumerate(state.entry.stacks):
+        mask = call.get(stack.padding_argument) if stack.padding_argument else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            plan = plan_packing(mask)
+            if plan is not None:
+                plans[index] = plan
+    return plans
+
+
+def _rows_of(state, part: str, total_rows: int, mask) -> list[int]:
+    """The rows a mask argument covers: its part's rows, or every row for a ``head_mask`` over all of them."""
+    parts = state.parts
+    rows = [row for row, name in enumerate(parts) if part in ("all", name)]
+    covers_all = isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] == total_rows
+    if part != "all" and covers_all and len(rows) != total_rows:
+        return list(range(total_rows))
+    return rows
+
+
+def compose_head_mask(state, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The call's mask arguments (``head_mask``, and ``decoder_head_mask`` / ``cross_attn_head_mask`` for
+    encoder-decoder models) -> one ``[R, H]`` or ``[B, R, H]`` mask over all rows (ones where none was given).
+    Each argument is checked against its rows (:func:`~fastbertology.head_mask.normalize_head_mask`); gradients
+    reach every given mask."""
+    counts = heads_per_layer(state.model)
+    device = _model_device(state.model)
+    placed: list[tuple[list[int], torch.Tensor]] = []
+    for name, part in state.entry.mask_arguments:
+        if name not in masks:
+            continue
+        rows = _rows_of(state, part, len(counts), masks[name])
+        try:
+            mask = normalize_head_mask(masks[name], heads_per_layer=[counts[r] for r in rows], device=device)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        placed.append((rows, mask))
+    if len(placed) == 1 and len(placed[0][0]) == len(counts):
+        return placed[0][1]
+    batches = {mask.shape[0] for _, mask in placed if mask.dim() == 3}
+    if len(batches) > 1:
+        raise ValueError(f"per-example head masks of different batch sizes {sorted(batches)} were given together")
+    dtype = functools.reduce(torch.promote_types, [mask.dtype for _, mask in placed])
+    shape = ((batches.pop(),) if batches else ()) + (len(counts), max(counts))
+    full = torch.ones(shape, dtype=dtype, device=device)
+    for rows, mask in placed:
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        full = full.index_copy(-2, index, mask.expand(*shape[:-2], len(rows), shape[-1]).to(full.dtype))
+    return full
 
 
 def _make_pre_hook(state):
+    names = [name for name, _ in state.entry.mask_arguments]
+
     def pre_hook(module, args, kwargs):
         # The post hook runs even when this hook raises (always_call), so count the call first.
         state.depth += 1
         if state.depth == 1:
+            state.calls += 1
             call = _call_arguments(module, args, kwargs)
             state.context = _CallContext(output_attentions=_flag(call, state.model.config, "output_attentions"),
                                          packed=_packing_for_call(state, call))
-        head_mask = kwargs.pop("head_mask", None)
-        if head_mask is not None:
+        given = {name: kwargs.pop(name) for name in names if kwargs.get(name) is not None}
+        for name in names:
+            kwargs.pop(name, None)
+        if given:
             if state.context.head_mask is not None:
-                raise ValueError("head_mask was given twice (to the model and to its base model)")
-            state.context.head_mask = normalize_head_mask(
-                head_mask, heads_per_layer=heads_per_layer(state.model), device=_model_device(state.model)
-            )
+                raise ValueError("head masks were given twice (to the model and to its base model)")
+            state.context.head_mask = compose_head_mask(state, given)
         return args, kwargs
 
     return pre_hook
@@ -268,16 +511,29 @@ def _make_post_hook(state):
     return post_hook
 
 
-def _make_pack_hook(state):
-    """Pre-hook of the first layer: its hidden states ``[B, N, D]`` -> the packed stream ``[1, T, D]``."""
+def _make_layer_pre_hook(state, applications: list[int], stack: int, packed_arguments: tuple[str, ...]):
+    """Pre-hook of one layer module (applied at ``applications``): sets the cursor, and packs the hidden states
+    ``[B, N, D]`` -> ``[1, T, D]`` (and the per-position arguments) at the stack's first application."""
     def pre_hook(module, args, kwargs):
-        packed = state.context.packed
-        if packed is None:
+        context = state.context
+        count = context.calls.get(id(module), 0)
+        context.calls[id(module)] = count + 1
+        context.application = applications[min(count, len(applications) - 1)]
+        context.stack = stack
+        packed = context.packed.get(stack)
+        if packed is None or context.application != state.first_applications[stack]:
             return None
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != (packed.batch, packed.seq):
-            state.context.packed = None  # not the batch the plan was made for: run this call padded
+            del context.packed[stack]  # not the batch the plan was made for: run this call padded
             return None
+        kwargs = dict(kwargs)
+        for name in packed_arguments:
+            value = kwargs.get(name)
+            if packed.fits(value):
+                kwargs[name] = packed.pack(value)
+            elif isinstance(value, tuple) and value and all(packed.fits(part) for part in value):
+                kwargs[name] = tuple(packed.pack(part) for part in value)
         if args:
             return (packed.pack(hidden), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": packed.pack(hidden)}
@@ -285,11 +541,11 @@ def _make_pack_hook(state):
     return pre_hook
 
 
-def _make_unpack_hook(state):
-    """Hook of the last layer: its output hidden states ``[1, T, D]`` -> ``[B, N, D]`` (zeros at padding)."""
+def _make_unpack_hook(state, stack: int):
+    """Hook of a stack's last layer: its output hidden states ``[1, T, D]`` -> ``[B, N, D]`` (zeros at padding)."""
     def post_hook(module, args, output):
-        packed = state.context.packed
-        if packed is None:
+        packed = state.context.packed.get(stack)
+        if packed is None or state.context.application != state.last_applications[stack]:
             return None
         if isinstance(output, torch.Tensor):
             return packed.unpack(output)
@@ -333,21 +589,70 @@ class PatchHandle:
 
 
 def current_packing(model) -> PackedBatch | None:
-    """The packing of the model call in progress (None outside a call, or when the call runs padded)."""
+    """The packing of the stack running now in the model call in progress (None outside a call, or when that
+    stack runs padded)."""
     state = getattr(model, "_fastbertology_state", None)
-    return None if state is None else state.context.packed
+    return None if state is None else state.context.packed.get(state.context.stack)
+
+
+def current_application(model) -> int | None:
+    """The layer application (over all stacks, in execution order) running now, or None outside a layer."""
+    state = getattr(model, "_fastbertology_state", None)
+    return None if state is None else state.context.application
+
+
+def calls_so_far(model) -> int:
+    """How many times the patched ``model`` (or its base model) has been called (the call in progress included)."""
+    return model._fastbertology_state.calls
 
 
 def is_patched(model) -> bool:
     return getattr(model, "_fastbertology_state", None) is not None
 
 
+def _bind_sites(state, sites, undo) -> None:
+    """Give every attention module its :class:`_Binding` (rows per application)."""
+    bindings: dict[int, _Binding] = {}
+    for site in sites:
+        binding = bindings.get(id(site.module))
+        if binding is None:
+            binding = bindings[id(site.module)] = _Binding(state, {}, site.stack, site.cross)
+            site.module._fastbertology_layer = binding
+            undo.append(lambda module=site.module: delattr(module, "_fastbertology_layer"))
+        binding.rows[site.application] = site.row
+
+
+def _hook_layers(state, undo) -> None:
+    """The cursor / packing pre-hook and the unpacking hook on every layer module of every stack."""
+    application = 0
+    for index, layers in enumerate(stack_layers(state.model)):
+        if not layers:
+            continue
+        state.first_applications[index] = application
+        state.last_applications[index] = application + len(layers) - 1
+        positions: dict[int, list[int]] = {}
+        modules: dict[int, torch.nn.Module] = {}
+        for layer in layers:
+            positions.setdefault(id(layer), []).append(application)
+            modules[id(layer)] = layer
+            application += 1
+        for key, layer in modules.items():
+            pre = layer.register_forward_pre_hook(
+                _make_layer_pre_hook(state, positions[key], index, state.entry.packed_arguments), with_kwargs=True)
+            undo.append(pre.remove)
+            if state.last_applications[index] in positions[key]:
+                post = layer.register_forward_hook(_make_unpack_hook(state, index))
+                undo.append(post.remove)
+
+
 def patch(model, backend: str = "auto", *, padding_free: bool = True) -> PatchHandle:
-    """Patch a loaded BERT, RoBERTa, GPT-2 or OpenAI GPT model in place; return a :class:`PatchHandle`.
+    """Patch a loaded model of a supported family (:func:`fastbertology.architectures.supported_model_types`) in
+    place; return a :class:`PatchHandle`.
 
     After patching, ``model(..., head_mask=m)`` takes ``m`` of shape ``[H]``, ``[L, H]`` or ``[B, L, H]`` (floats,
-    multiplying each head's post-softmax probabilities, differentiable), ``output_attentions=True`` returns the
-    masked probabilities ``[B, H, N, N]`` per layer, and :func:`fastbertology.record` collects per-head statistics.
+    multiplying each head's post-softmax probabilities, differentiable; BART also ``decoder_head_mask`` and
+    ``cross_attn_head_mask``, see the module docstring), ``output_attentions=True`` returns the masked
+    probabilities ``[B, H, N, N]`` per layer, and :func:`fastbertology.record` collects per-head statistics.
 
     backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch otherwise), ``"torch"``, ``"triton"`` or
     ``"reference"`` (explicit, for testing).
@@ -359,36 +664,38 @@ def patch(model, backend: str = "auto", *, padding_free: bool = True) -> PatchHa
     if is_patched(model):
         raise RuntimeError("this model is already patched by fastbertology; call .remove() on the first handle first")
     if getattr(model.config, "add_cross_attention", False):
-        raise ValueError("models with cross-attention are not supported by fastbertology (self-attention only)")
-    modules = attention_modules(model)
-    state = PatchState(model=model, backend=backend, num_layers=len(modules), padding_free=padding_free)
+        raise ValueError(f"a {entry.name} model with add_cross_attention=True is not supported by fastbertology "
+                         "(its cross-attention modules are not in the registry); BART's cross-attention is")
+    sites = attention_sites(model)
+    state = PatchState(model=model, entry=entry, backend=backend, num_layers=len(sites),
+                       parts=[site.part for site in sites], padding_free=padding_free)
     undo = []
 
     model._fastbertology_state = state
     undo.append(lambda: delattr(model, "_fastbertology_state"))
-    for layer, module in enumerate(modules):
-        module._fastbertology_layer = (state, layer)
-        undo.append(lambda module=module: delattr(module, "_fastbertology_layer"))
-        if not entry.attention_interface and "forward" not in vars(module):
-            # (a layer pruned to zero heads already has its own instance forward: keep that one)
-            module.forward = types.MethodType(_openai_attention_forward, module)
-            undo.append(lambda module=module: delattr(module, "forward"))
+    _bind_sites(state, sites, undo)
+    if not entry.attention_interface:
+        for module in {id(site.module): site.module for site in sites}.values():
+            if "forward" not in vars(module):  # (a layer pruned to zero heads has its own forward: keep that one)
+                module.forward = types.MethodType(_openai_attention_forward, module)
+                undo.append(lambda module=module: delattr(module, "forward"))
 
     if entry.attention_interface:
-        _register_implementation()
+        register_implementation()
         previous = model.config._attn_implementation
         model.set_attn_implementation(IMPLEMENTATION_NAME)
-        undo.append(lambda: model.set_attn_implementation(previous))
+        # (a model pruned to unequal key/value groups meanwhile keeps fastbertology's attention: it needs it)
+        undo.append(lambda: model.set_attn_implementation(
+            IMPLEMENTATION_NAME if getattr(model.config, UNEQUAL_GROUPS, None) else previous))
 
-    layers = transformer_layers(model)
-    if len(layers):
-        first = layers[0].register_forward_pre_hook(_make_pack_hook(state), with_kwargs=True)
-        last = layers[-1].register_forward_hook(_make_unpack_hook(state))
-        undo.extend([first.remove, last.remove])
-
+    _hook_layers(state, undo)
     hooked = [model] if model.base_model is model else [model, model.base_model]
     for module in hooked:
         pre = module.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
         post = module.register_forward_hook(_make_post_hook(state), always_call=True)
         undo.extend([pre.remove, post.remove])
     return PatchHandle(state, undo)
+
+
+# Names other modules import from here (the registry owns them)
+from .architectures import attention_modules, transformer_layers  # noqa: E402,F401

@@ -7,15 +7,17 @@ Evaluating M head masks naively costs M full passes over the data. Two things ma
   copy's losses and metric are computed on the *original* batch (so task-specific structure such as retrieval
   groups is untouched). How a task's batch is replicated and its output split is the task's own business
   (``task.replicate`` and ``task.split``, see :mod:`fastbertology.tasks`).
-* **Prefix reuse**. A mask whose first non-one layer is ``l`` (its *start layer*) leaves layers ``< l`` exactly as
-  in the unmasked model. Per batch, one unmasked pass (which also gives the baseline score) records the hidden
-  states entering every start layer with forward pre-hooks; then each pass of k masks with start layer ``l``
-  runs only layers ``l..L-1``: the layers before ``l`` are temporarily replaced by identities (an instance
-  ``forward``) and a forward pre-hook on layer ``l`` substitutes the cached hidden states, repeated k times.
-  The layer list itself is left alone (the patch validates head masks against it and finds layers through
-  ``module._fastbertology_layer``). Everything is restored in ``finally``. Works for BERT, RoBERTa, GPT-2 and
-  OpenAI GPT, and for tasks that run the model several times per batch (retrieval embeds queries and
-  positives: the cached states are replayed in call order).
+* **Prefix reuse**. A mask whose first non-one row belongs to layer application ``l`` (its *start*; rows and
+  applications as in :mod:`fastbertology.architectures`: for most families row l is layer l, BART's cross-attention
+  rows belong to their decoder layers, ALBERT applies one layer module repeatedly) leaves the applications
+  ``< l`` exactly as in the unmasked model. Per batch, one unmasked pass (which also gives the baseline score)
+  records what every application below the largest start returns (forward hooks; a padding-free stack's packed
+  stream as it is); then each pass of k masks with start ``l`` runs only the applications ``l..``: those before
+  ``l`` return their recorded output, repeated k times (an instance ``forward`` that asks the patch which
+  application runs, so that a shared module replays some applications and runs others). Everything is restored in
+  ``finally``. Works for every family of the registry, for encoder-decoder models (a pass that starts in the
+  decoder replays the whole encoder, whose output the cross-attention reads), and for tasks that run the model
+  several times per batch (retrieval embeds queries and positives: the recorded outputs are replayed in call order).
 
 The work is organised batch-major: for every batch (a *step*) the baseline and all masks are evaluated, so each
 batch's prefix is computed once. After every step the accumulated state (:class:`SweepState`: per-mask metric
@@ -33,7 +35,6 @@ import contextlib
 import copy
 import math
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .importance import examples_in, require_patched
-from .architectures import heads_per_layer, transformer_layers
-from .patching import current_packing
+from .architectures import heads_per_layer, row_applications, transformer_layers
+from .patching import calls_so_far, current_application, current_packing
 
 __all__ = [
     "SweepResult", "SweepState", "MaskPass", "ablation_sweep", "evaluate_masks", "single_head_masks", "layer_masks",
@@ -97,12 +98,16 @@ def layer_masks(num_layers: int, num_heads: int, *, dtype=torch.float32) -> torc
     return masks
 
 
-def first_masked_layer(masks: torch.Tensor) -> torch.Tensor:
-    """``masks [M, L, H]`` -> ``[M]`` long: the first layer with an entry other than 1 (L for an all-ones mask)."""
-    num_layers = masks.shape[1]
-    differs = (masks != 1).any(-1)  # [M, L]
-    first = torch.where(differs, torch.arange(num_layers, device=masks.device), num_layers)
-    return first.min(-1).values.cpu() if num_layers else torch.zeros(len(masks), dtype=torch.long)
+def first_masked_layer(masks: torch.Tensor, applications: Sequence[int] | None = None) -> torch.Tensor:
+    """``masks [M, R, H]`` -> ``[M]`` long: the first layer application with a row other than 1 (the number of
+    applications for an all-ones mask). ``applications[r]``: the layer application of row r
+    (:func:`fastbertology.architectures.row_applications`; default: row r is application r)."""
+    rows = masks.shape[1]
+    order = torch.arange(rows) if applications is None else torch.as_tensor(list(applications), dtype=torch.long)
+    count = int(order.max()) + 1 if rows else 0
+    differs = (masks != 1).any(-1).cpu()  # [M, R]
+    first = torch.where(differs, order, count)
+    return first.min(-1).values if rows else torch.zeros(len(masks), dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -113,76 +118,129 @@ class MaskPass:
     indices: tuple[int, ...]
 
 
-def plan_passes(masks: torch.Tensor, masks_per_pass: int, *, reuse_prefix: bool) -> tuple[list[MaskPass], list[int]]:
-    """Group masks ``[M, L, H]`` into passes. Returns ``(passes, unmasked)``.
+def plan_passes(masks: torch.Tensor, masks_per_pass: int, *, reuse_prefix: bool,
+                applications: Sequence[int] | None = None) -> tuple[list[MaskPass], list[int]]:
+    """Group masks ``[M, R, H]`` into passes. Returns ``(passes, unmasked)``.
 
-    With prefix reuse, masks are grouped by start layer (:func:`first_masked_layer`), in mask order within a
-    layer, and cut into passes of at most ``masks_per_pass``; all-ones masks need no pass (their result is the
-    baseline) and are listed in ``unmasked``. Without it, consecutive masks form passes that start at layer 0.
+    With prefix reuse, masks are grouped by start application (:func:`first_masked_layer`, with ``applications``
+    the layer application of every row), in mask order within one, and cut into passes of at most
+    ``masks_per_pass``; all-ones masks need no pass (their result is the baseline) and are listed in ``unmasked``.
+    Without it, consecutive masks form passes that start at layer 0.
     """
     if masks_per_pass < 1:
         raise ValueError(f"masks_per_pass must be positive, got {masks_per_pass}")
-    count, num_layers = masks.shape[0], masks.shape[1]
+    count = masks.shape[0]
     if not reuse_prefix:
         chunks = range(0, count, masks_per_pass)
         return [MaskPass(0, tuple(range(i, min(i + masks_per_pass, count)))) for i in chunks], []
-    starts = first_masked_layer(masks).tolist()
+    starts = first_masked_layer(masks, applications).tolist()
+    total = max(applications) + 1 if applications is not None and len(applications) else masks.shape[1]
     passes = []
-    for layer in range(num_layers):
+    for layer in range(total):
         members = [m for m in range(count) if starts[m] == layer]
         chunks = range(0, len(members), masks_per_pass)
         passes += [MaskPass(layer, tuple(members[i:i + masks_per_pass])) for i in chunks]
-    return passes, [m for m in range(count) if starts[m] == num_layers]
+    return passes, [m for m in range(count) if starts[m] == total]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prefix reuse: capture the hidden states entering layers, then run suffixes from them
+# Prefix reuse: capture what the layer applications return, then replay it
 # --------------------------------------------------------------------------------------------------------------
-def _hidden_argument(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
+@dataclass
+class _LayerOutput:
+    """What one layer application returned in one model call: its hidden states (``[B, N, D]``, or the packed
+    stream ``[1, T, D]`` of a padding-free stack, taken before the patch unpacks them) and the rest of its output."""
+
+    hidden: torch.Tensor
+    packed: bool
+    kind: type
+    rest: tuple = ()
+
+    def replicated(self, k: int):
+        """The output for k copies of the batch, in the layer's own output format."""
+        hidden = _replicate_hidden(self.hidden, self.packed, k)
+        return hidden if issubclass(self.kind, torch.Tensor) else self.kind([hidden, *self.rest])
 
 
-def _with_hidden(args, kwargs, hidden):
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+def _unique_layers(model) -> dict[int, tuple[torch.nn.Module, list[int]]]:
+    """``id(layer module) -> (module, its applications)`` over all stacks."""
+    layers: dict[int, tuple[torch.nn.Module, list[int]]] = {}
+    for application, layer in enumerate(transformer_layers(model)):
+        layers.setdefault(id(layer), (layer, []))[1].append(application)
+    return layers
 
 
 @contextlib.contextmanager
-def _capture_layer_inputs(model, layer_indices):
-    """Record, per call of the model, the hidden states entering each layer of ``layer_indices`` (``[B, N, D]``, or
-    the packed stream ``[1, T, D]`` of a padding-free call) and the kind of value each layer returns (tensor, list
-    or tuple). Yields ``(captured, output_kinds)``: ``captured[l]`` is a list with one ``(hidden, packed)`` pair per
-    model call, in call order."""
-    layers = transformer_layers(model)
-    captured = {layer: [] for layer in layer_indices}
-    output_kinds: dict[int, type] = {}
+def _capture_layer_outputs(model, applications: set[int]):
+    """Record, per call of the model, what every layer application in ``applications`` returns. Yields
+    ``captured``: one ``{application: _LayerOutput}`` per model call, in call order."""
+    captured: list[dict[int, _LayerOutput]] = []
+    first_call = calls_so_far(model)
     handles = []
-    try:
-        for index, layer in enumerate(layers):
-            if index in captured:
-                def pre_hook(module, args, kwargs, index=index):
-                    packed = current_packing(model) is not None
-                    captured[index].append((_hidden_argument(args, kwargs).detach(), packed))
-                handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
-            def post_hook(module, args, output, index=index):
-                output_kinds.setdefault(index, type(output))
-            handles.append(layer.register_forward_hook(post_hook))
-        yield captured, output_kinds
+    def hook(module, args, output):
+        application = current_application(model)
+        if application not in applications:
+            return
+        call = calls_so_far(model) - first_call - 1
+        while len(captured) <= call:
+            captured.append({})
+        if isinstance(output, torch.Tensor):
+            hidden, kind, rest = output, torch.Tensor, ()
+        else:
+            hidden, kind, rest = output[0], type(output), tuple(output[1:])
+        captured[call][application] = _LayerOutput(hidden.detach(), current_packing(model) is not None, kind, rest)
+
+    try:
+        for layer, layer_applications in _unique_layers(model).values():
+            if applications.intersection(layer_applications):
+                # prepend: before the patch's hook that unpacks a padding-free stack's last output
+                handles.append(layer.register_forward_hook(hook, prepend=True))
+        yield captured
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _identity_forward(kind: type):
-    """A layer forward that returns its input hidden states in the layer's output format."""
-    def forward(self, *args, **kwargs):
-        hidden = _hidden_argument(args, kwargs)
-        if issubclass(kind, torch.Tensor):
-            return hidden
-        return kind([hidden])  # OpenAI GPT's Block returns [hidden, (attentions)]
+def _replaying_forward(model, original, start: int, replay: list[dict[int, object]], first_call: int):
+    """A layer forward that returns the captured output (replicated) for applications ``< start`` and runs
+    ``original`` for the others (a shared module has both)."""
+    def forward(*args, **kwargs):
+        application = current_application(model)
+        if application is None or application >= start:
+            return original(*args, **kwargs)
+        call = calls_so_far(model) - first_call - 1
+        if call >= len(replay):
+            raise RuntimeError("prefix reuse: the model ran more often than during the capture pass")
+        return replay[call][application]
     return forward
+
+
+@contextlib.contextmanager
+def _run_from_layer(model, start: int, captured: list[dict[int, _LayerOutput]], k: int):
+    """Inside the block, calls of ``model`` on k copies of the captured batch skip the layer applications
+    ``< start``: each returns what it returned during the capture pass, replicated k times. Restored in
+    ``finally``."""
+    replay = [{application: output.replicated(k) for application, output in call.items() if application < start}
+              for call in captured]
+    first_call = calls_so_far(model)
+    replaced = []
+    try:
+        for layer, applications in _unique_layers(model).values():
+            if min(applications) >= start:
+                continue
+            previous = vars(layer).get("forward")
+            replaced.append((layer, previous))
+            layer.forward = _replaying_forward(model, previous or layer.forward, start, replay, first_call)
+        yield
+        if calls_so_far(model) - first_call != len(captured):
+            raise RuntimeError("prefix reuse: the model ran less often than during the capture pass")
+    finally:
+        for layer, previous in replaced:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 def _replicate_hidden(hidden: torch.Tensor, packed: bool, k: int) -> torch.Tensor:
@@ -191,42 +249,6 @@ def _replicate_hidden(hidden: torch.Tensor, packed: bool, k: int) -> torch.Tenso
     if packed:
         return hidden.repeat(1, k, 1)
     return hidden.repeat(k, *([1] * (hidden.dim() - 1)))
-
-
-@contextlib.contextmanager
-def _run_from_layer(model, start: int, injections: list[torch.Tensor], output_kinds: dict[int, type]):
-    """Inside the block, calls of ``model`` skip layers ``< start`` (identities) and layer ``start`` receives
-    ``injections[i]`` as its hidden states on the i-th call. Restored in ``finally``."""
-    layers = transformer_layers(model)
-    queue = list(injections)
-    replaced = []
-
-    def inject(module, args, kwargs):
-        if not queue:
-            raise RuntimeError("prefix reuse: the model ran more often than during the capture pass")
-        hidden = queue.pop(0)
-        current = _hidden_argument(args, kwargs)
-        if current.shape != hidden.shape:
-            raise RuntimeError(f"prefix reuse: cached hidden states {tuple(hidden.shape)} do not match the layer "
-                               f"input {tuple(current.shape)}")
-        return _with_hidden(args, kwargs, hidden)
-
-    handle = layers[start].register_forward_pre_hook(inject, with_kwargs=True)
-    try:
-        for index in range(start):
-            layer = layers[index]
-            replaced.append((layer, vars(layer).get("forward")))
-            layer.forward = types.MethodType(_identity_forward(output_kinds.get(index, torch.Tensor)), layer)
-        yield
-        if queue:
-            raise RuntimeError("prefix reuse: the model ran less often than during the capture pass")
-    finally:
-        handle.remove()
-        for layer, previous in replaced:
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -329,18 +351,18 @@ def _accumulate(task, state: SweepState, index, output, batch):
 def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reuse_prefix: bool):
     size = examples_in(task, batch)
     if reuse_prefix:
-        with _capture_layer_inputs(model, {p.start for p in passes}) as (captured, output_kinds):
+        needed = set(range(max((p.start for p in passes), default=0)))
+        with _capture_layer_outputs(model, needed) as captured:
             output = task.forward(model, batch)
         _accumulate(task, state, None, output, batch)
     else:
         _accumulate(task, state, None, task.forward(model, batch), batch)
     for mask_pass in passes:
         k = len(mask_pass.indices)
-        head_mask = _per_example_masks(masks[list(mask_pass.indices)], size)  # [k*B, L, H]
+        head_mask = _per_example_masks(masks[list(mask_pass.indices)], size)  # [k*B, R, H]
         replicated = replicate_batch(task, batch, k) if k > 1 else batch
-        if reuse_prefix:
-            injections = [_replicate_hidden(hidden, packed, k) for hidden, packed in captured[mask_pass.start]]
-            with _run_from_layer(model, mask_pass.start, injections, output_kinds):
+        if reuse_prefix and mask_pass.start > 0:
+            with _run_from_layer(model, mask_pass.start, captured, k):
                 output = task.forward(model, replicated, head_mask=head_mask)
         else:
             output = task.forward(model, replicated, head_mask=head_mask)
@@ -371,7 +393,8 @@ def evaluate_masks(model, batches: Sequence[dict], task, masks: torch.Tensor, *,
     device = next(model.parameters()).device
     masks_device = masks.to(device)
     masks_per_pass = masks_per_pass or masks.shape[2]
-    passes, unmasked = plan_passes(masks, masks_per_pass, reuse_prefix=reuse_prefix)
+    passes, unmasked = plan_passes(masks, masks_per_pass, reuse_prefix=reuse_prefix,
+                                   applications=row_applications(model))
     steps = len(batches) if steps is None else steps
     if steps < len(batches):
         raise ValueError(f"steps ({steps}) must be at least the number of batches ({len(batches)})")

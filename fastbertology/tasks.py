@@ -26,7 +26,7 @@ Tasks:
 * :class:`ClassificationTask` — ``model(...).logits [B, C]``, mean cross-entropy; accuracy, F1 (MRPC), Matthews
   correlation (CoLA).
 * :class:`RegressionTask` — ``logits [B, 1]``, mean squared error; Pearson correlation (STS-B).
-* :class:`LanguageModelingTask` — GPT-2 / GPT next-token NLL over non-padding tokens; perplexity (lower is better).
+* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens; perplexity (lower is better).
 * :class:`RetrievalTask` — sentence-embedding models (MiniLM): symmetric contrastive loss and accuracy@1 / MRR
   within fixed groups of examples, so results do not depend on the batch size.
 """
@@ -48,7 +48,7 @@ __all__ = [
     "confusion_metrics", "MODEL_INPUT_KEYS",
 ]
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 # run_bertology's metric per GLUE task: F1 for MRPC, Matthews correlation for CoLA, Pearson for STS-B.
 GLUE_METRICS = {
@@ -84,7 +84,8 @@ class TaskResult:
 
 
 def _model_inputs(batch: dict, prefix: str = "") -> dict:
-    """``input_ids``, ``attention_mask``, ``token_type_ids`` (those present) of ``batch``, without ``prefix``."""
+    """``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values`` (those present) of ``batch``, without
+    ``prefix``."""
     return {key: batch[prefix + key] for key in MODEL_INPUT_KEYS if prefix + key in batch}
 
 
@@ -187,8 +188,8 @@ class Task:
         return sum_metric_states(states)
 
     def batch_size(self, batch: dict) -> int:
-        """Number of examples in ``batch``."""
-        return len(batch["input_ids"])
+        """Number of examples in ``batch`` (rows of ``input_ids``, or of ``pixel_values`` for image models)."""
+        return len(batch["input_ids"] if "input_ids" in batch else batch["pixel_values"])
 
     def replicate(self, batch: dict, k: int) -> dict:
         """``batch`` of B examples -> k*B rows for :meth:`forward` (copy j = rows ``j*B .. (j+1)*B - 1``): every
@@ -255,8 +256,8 @@ def _grown_confusion(confusion: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ClassificationTask(Task):
-    """Sequence classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` against
-    ``batch["labels"] [B]`` (class ids).
+    """Sequence (or image) classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` (or
+    ``model(pixel_values).logits``) against ``batch["labels"] [B]`` (class ids).
 
     loss:           mean over the batch of the per-example cross-entropy (as transformers' and run_bertology's
                     loss); ``example_losses [B]`` the per-example cross-entropy. Computed in float32 or wider.
@@ -387,7 +388,7 @@ class RegressionTask(Task):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Language modelling (GPT-2, OpenAI GPT)
+# Language modelling (the registry's causal language models)
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -424,9 +425,9 @@ def _output_projection(model) -> torch.nn.Linear | None:
 
 class LanguageModelingTask(Task):
     """Causal language modelling: ``model(input_ids, attention_mask).logits [B, N, V]``; token t+1 is predicted
-    from tokens <= t. For GPT-2 and OpenAI GPT, :meth:`forward` runs the base model and applies the vocabulary
-    projection only at the positions that predict a counted token (:class:`PredictedLogits`): the same numbers,
-    without the projection (the largest layer of a small LM) for padding.
+    from tokens <= t. For the registry's causal LMs (``causal_lm``), :meth:`forward` runs the base model and applies
+    the vocabulary projection only at the positions that predict a counted token (:class:`PredictedLogits`): the
+    same numbers, without the projection (the largest layer of a small LM) for padding.
 
     Targets: ``batch["labels"] [B, N]`` if present (ignored positions -100), else ``input_ids`` with padding
     (``attention_mask == 0``) set to -100. The shift happens here; the model is not given labels.

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from transformers import DistilBertConfig, DistilBertModel
+from transformers import CamembertConfig, CamembertModel
 
 import fastbertology
 from fastbertology import architectures
@@ -29,16 +29,17 @@ def test_every_family_resolves(model_type):
     blocks = architectures.attention_blocks(model)
     assert all(module is block or any(child is module for child in block.modules())
                for module, block in zip(modules, blocks))  # the block owns the self-attention module
-    assert entry.causal(model.config) == (model_type in ("gpt2", "openai-gpt"))
+    assert entry.stacks[0].causal(model.config) == (model_type in ("gpt2", "openai-gpt"))
     assert entry.usable_positions(model.config) > 0
     prune_heads(model, {1: [0, 2]})
     assert architectures.heads_per_layer(model) == [heads, heads - 2, heads]
 
 
 def test_unknown_family_is_refused_with_the_entry_to_add():
-    model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=48))
+    model = CamembertModel(CamembertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           intermediate_size=48))
     for call in (architectures.architecture, architectures.heads_per_layer, fastbertology.patch):
-        with pytest.raises(ValueError, match="'distilbert'.*one Architecture entry in fastbertology/architectures.py"):
+        with pytest.raises(ValueError, match="'camembert'.*one Architecture entry in fastbertology/architectures.py"):
             call(model)
 
 

@@ -160,14 +160,15 @@ def test_unknown_task(classifier, tmp_path, capsys):
 
 
 def test_unsupported_model(tmp_path, capsys):
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import CamembertConfig, CamembertForSequenceClassification
 
-    model_dir = tmp_path / "distil"
-    DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=37)) \
+    model_dir = tmp_path / "camembert"
+    CamembertForSequenceClassification(CamembertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=4, intermediate_size=48)) \
         .save_pretrained(model_dir)
     err = _error(capsys, "importance", "--model", model_dir, "--data", write_csv(tmp_path / "d.csv"),
                  "--output-dir", tmp_path / "o")
-    assert "'distilbert'" in err and "bert, gpt2, openai-gpt, roberta" in err
+    assert "'camembert'" in err and "albert, bart, bert" in err and "one Architecture entry" in err
 
 
 def test_missing_model_directory(tmp_path, capsys):

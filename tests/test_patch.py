@@ -212,10 +212,11 @@ def test_bad_head_mask_raises(patched_bert, mask, message):
 
 
 def test_unsupported_model_names_supported_types():
-    from transformers import DistilBertConfig, DistilBertModel
+    from transformers import CamembertConfig, CamembertModel
 
-    model = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=37, vocab_size=50))
-    with pytest.raises(ValueError, match="supported: bert, gpt2, openai-gpt, roberta"):
+    model = CamembertModel(CamembertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           intermediate_size=48))
+    with pytest.raises(ValueError, match="'camembert'; supported: albert, bart, bert, deit, distilbert"):
         fastbertology.patch(model)
 
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertModel,
+    CamembertConfig,
+    CamembertModel,
     GPT2LMHeadModel,
 )
 
@@ -225,8 +225,9 @@ def test_heads_to_prune_from_mask():
 
 
 def test_unsupported_model_type():
-    model = DistilBertModel(DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=1, n_heads=HEADS, hidden_dim=48))
-    with pytest.raises(ValueError, match="model type 'distilbert'; supported: bert, gpt2, openai-gpt, roberta"):
+    model = CamembertModel(CamembertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
+                                           num_attention_heads=HEADS, intermediate_size=48))
+    with pytest.raises(ValueError, match="model type 'camembert'; supported: albert, bart, bert"):
         prune_heads(model, {0: [0]})
     with pytest.raises(ValueError, match="one Architecture entry in fastbertology/architectures.py"):
         count_parameters(model, attention_heads_only=True)
