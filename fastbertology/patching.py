@@ -123,6 +123,7 @@ class _CallContext:
     application: int | None = None  # the layer application running now (over all stacks)
     stack: int = 0  # the stack of that application
     calls: dict[int, int] = field(default_factory=dict)  # id(layer module) -> its calls so far in this pass
+    packed_values: dict = field(default_factory=dict)  # (argument, id(value)) -> (value, packed value)
 
 
 @dataclass
@@ -341,12 +342,17 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
 
 def _unpatched_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs):
     """Attention of a model pruned to unequal key/value groups that is not patched (it cannot run stock): the
-    kernels without head masks or statistics, PyTorch backend on the CPU and Triton on CUDA. Returns
+    kernels without head masks or statistics, PyTorch backend on the CPU and Triton on CUDA, each query head with
+    its own key/value head gathered (a plain way to run such a model; analyses go through the patch). Returns
     ``(out [B, N, H, D], None)``."""
     _refuse_unsupported(module, kwargs)
     if dropout and module.training:
         raise RuntimeError("fastbertology does not implement attention dropout: call model.eval()")
-    key, value = _grouped_key_values(module, query, key, value)
+    kv_heads = getattr(module, "_fastbertology_kv_heads", None)
+    if kv_heads is None:  # equal groups (or none): query head h reads key/value head h // group
+        kv_heads = [h * key.shape[1] // max(query.shape[1], 1) for h in range(query.shape[1])]
+    index = torch.as_tensor(kv_heads, dtype=torch.long, device=key.device)
+    key, value = key.index_select(1, index), value.index_select(1, index)  # one key/value head per query head
     options = _window_options(kwargs.get("sliding_window"), key.shape[2], module)
     out, _ = kernels.attention(query, key, value, key_padding_mask=_key_padding_from_2d(attention_mask, key.shape[2]),
                                causal=bool(getattr(module, "is_causal", False)), scale=scaling, **options)
@@ -521,24 +527,44 @@ def _make_layer_pre_hook(state, applications: list[int], stack: int, packed_argu
         context.application = applications[min(count, len(applications) - 1)]
         context.stack = stack
         packed = context.packed.get(stack)
-        if packed is None or context.application != state.first_applications[stack]:
+        if packed is None:
             return None
+        first = context.application == state.first_applications[stack]
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != (packed.batch, packed.seq):
+        if first and (not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != (packed.batch, packed.seq)):
             del context.packed[stack]  # not the batch the plan was made for: run this call padded
             return None
-        kwargs = dict(kwargs)
-        for name in packed_arguments:
-            value = kwargs.get(name)
-            if packed.fits(value):
-                kwargs[name] = packed.pack(value)
-            elif isinstance(value, tuple) and value and all(packed.fits(part) for part in value):
-                kwargs[name] = tuple(packed.pack(part) for part in value)
+        kwargs = _packed_arguments(context, packed, packed_arguments, kwargs)
+        if not first:
+            return args, kwargs
         if args:
             return (packed.pack(hidden), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": packed.pack(hidden)}
 
     return pre_hook
+
+
+def _packed_arguments(context: _CallContext, packed: PackedBatch, names: tuple[str, ...], kwargs: dict) -> dict:
+    """``kwargs`` with the per-position layer arguments ``names`` (a tensor ``[B or 1, N, ...]`` or a tuple of them)
+    packed to ``[1, T, ...]``; each value is packed once per call (every layer gets the same one)."""
+    if not names:
+        return kwargs
+    kwargs = dict(kwargs)
+    for name in names:
+        value = kwargs.get(name)
+        key = (name, id(value))
+        if key in context.packed_values:
+            kwargs[name] = context.packed_values[key][1]
+            continue
+        if packed.fits(value):
+            result = packed.pack(value)
+        elif isinstance(value, tuple) and value and all(packed.fits(part) for part in value):
+            result = tuple(packed.pack(part) for part in value)
+        else:
+            continue
+        context.packed_values[key] = (value, result)  # (keeps value alive: its id stays unique in this call)
+        kwargs[name] = result
+    return kwargs
 
 
 def _make_unpack_hook(state, stack: int):

@@ -551,8 +551,31 @@ def _build_model(model_class, config, **kwargs) -> nn.Module:
     raise TypeError(f"{model_class!r} is neither a transformers model class nor an Auto model class.")
 
 
+def _renamed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> the model's parameter names, with the renamings transformers applies when it loads
+    (``save_pretrained`` writes some families' legacy names, e.g. GPT-NeoX's ``embed_out``). Weight conversions
+    beyond renaming (tensors merged or split) are refused: ``load_pruned`` cannot cut them by head."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    expected = model.state_dict()
+    renamed = {}
+    for key, tensor in state.items():
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if converted is not None:
+            raise ValueError(f"the checkpoint's {key} needs a weight conversion ({converted}) that load_pruned does not "
+                             "do; load the unpruned model with from_pretrained and prune it again")
+        renamed[name] = tensor
+    return renamed
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``load_state_dict`` that tolerates only missing keys aliasing a loaded tensor (tied weights)."""
+    """``load_state_dict`` (after transformers' key renamings) that tolerates only missing keys aliasing a loaded
+    tensor (tied weights)."""
+    state = _renamed_state(model, state)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"The checkpoint has weights the pruned model does not: {sorted(result.unexpected_keys)}")

@@ -1,0 +1,236 @@
+"""Tiny random models of the issue-11 families, and the independent oracle for their head masks.
+
+The oracle never uses fastbertology: it runs the stock eager model with a forward pre-hook on every attention
+output projection that multiplies each head's slice of the projection's input (the concatenated head contexts
+``[..., H * d]``) by the head mask. That is 4.x semantics (``O_h = m_h P_h V_h``) by a route that shares no code
+with the patch: the output projections of each family are named here, independently of the registry.
+
+Rows (the first axis of ``[R, H]`` masks) follow the registry's convention, restated here as the specification:
+one row per attention application in execution order; BART: encoder | decoder self-attention | cross-attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import transformers as tf
+
+VOCAB = 101
+HEADS = 4
+HIDDEN = 32
+PAD, BOS, EOS = 1, 0, 2
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's tiny model and what the oracle needs to know about it.
+
+    kind:        ``"classification"`` (``logits [B, C]``), ``"lm"`` (``[B, N, V]``), ``"image"`` (pixel values,
+                 ``[B, C]``) or ``"seq2seq"`` (BART sequence classification).
+    outputs:     model -> the attention output projection of every row, in row order (a shared one repeated).
+    attentions:  output field -> the row of its first map (``attentions`` and, for BART, the three kinds).
+    gqa:         the tiny model has fewer key/value heads than query heads.
+    window:      its sliding window (None: none).
+    """
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    kind: str
+    outputs: Callable[[torch.nn.Module], list]
+    attentions: dict = field(default_factory=lambda: {"attentions": 0})
+    gqa: bool = False
+    window: int | None = None
+
+    def model(self, dtype=torch.float64):
+        """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
+        embedding scale, are what ``from_pretrained`` in that dtype computes)."""
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return self.build().to(dtype).eval()
+        finally:
+            torch.set_default_dtype(previous)
+
+    @property
+    def text(self) -> bool:
+        return self.kind != "image"
+
+
+def _encoder(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+                intermediate_size=48, max_position_embeddings=70, num_labels=3, **extra)
+
+
+def _decoder(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+                intermediate_size=48, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=EOS, **extra)
+
+
+def _vision(**extra):
+    return dict(image_size=8, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=3,
+                num_attention_heads=HEADS, intermediate_size=48, num_labels=3, **extra)
+
+
+def _llama_outputs(model):
+    return [layer.self_attn.o_proj for layer in model.model.layers]
+
+
+FAMILIES = {
+    "xlm-roberta": Family(
+        "xlm-roberta", lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**_encoder(pad_token_id=PAD))),
+        "classification", lambda m: [layer.attention.output.dense for layer in m.roberta.encoder.layer]),
+    "electra": Family(
+        "electra", lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(**_encoder(embedding_size=16))),
+        "classification", lambda m: [layer.attention.output.dense for layer in m.electra.encoder.layer]),
+    "distilbert": Family(
+        "distilbert", lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=VOCAB, dim=HIDDEN, n_layers=3, n_heads=HEADS, hidden_dim=48, max_position_embeddings=64,
+            num_labels=3)),
+        "classification", lambda m: [layer.attention.out_lin for layer in m.distilbert.transformer.layer]),
+    # two layer modules, each applied twice: rows 0 1 2 3 = (group 0 layer 0, layer 1) x 2 applications
+    "albert": Family(
+        "albert", lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(**_encoder(
+            embedding_size=16, num_hidden_groups=1, inner_group_num=2) | {"num_hidden_layers": 2})),
+        "classification",
+        lambda m: [layer.attention.dense for _ in range(2) for layer in m.albert.encoder.albert_layer_groups[0].albert_layers]),
+    "gpt_neox": Family(
+        "gpt_neox", lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**_decoder(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))),
+        "lm", lambda m: [layer.attention.dense for layer in m.gpt_neox.layers]),
+    "opt": Family(
+        "opt", lambda: tf.OPTForCausalLM(tf.OPTConfig(**_decoder(ffn_dim=48, word_embed_proj_dim=16))),
+        "lm", lambda m: [layer.self_attn.out_proj for layer in m.model.decoder.layers]),
+    "llama": Family("llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_decoder(num_key_value_heads=2,
+                                                                                    attention_bias=True))),
+                    "lm", _llama_outputs, gqa=True),
+    "qwen2": Family("qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_decoder(num_key_value_heads=2))),
+                    "lm", _llama_outputs, gqa=True),
+    "qwen3": Family("qwen3", lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_decoder(num_key_value_heads=2,
+                                                                                    head_dim=8))),
+                    "lm", _llama_outputs, gqa=True),
+    "mistral": Family("mistral", lambda: tf.MistralForCausalLM(tf.MistralConfig(**_decoder(num_key_value_heads=2,
+                                                                                            sliding_window=6))),
+                      "lm", _llama_outputs, gqa=True, window=6),
+    "gemma": Family("gemma", lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_decoder(num_key_value_heads=1,
+                                                                                    head_dim=16))),
+                    "lm", _llama_outputs, gqa=True),
+    "phi3": Family("phi3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_decoder(num_key_value_heads=2))),
+                   "lm", _llama_outputs, gqa=True),
+    "vit": Family("vit", lambda: tf.ViTForImageClassification(tf.ViTConfig(**_vision())), "image",
+                  lambda m: [layer.attention.o_proj for layer in m.vit.layers]),
+    "deit": Family("deit", lambda: tf.DeiTForImageClassification(tf.DeiTConfig(**_vision())), "image",
+                   lambda m: [layer.attention.o_proj for layer in m.deit.layers]),
+    "bart": Family(
+        "bart", lambda: tf.BartForSequenceClassification(tf.BartConfig(
+            vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=2, encoder_attention_heads=HEADS,
+            decoder_attention_heads=HEADS, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+            num_labels=3, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, decoder_start_token_id=EOS)),
+        "seq2seq",
+        lambda m: ([layer.self_attn.out_proj for layer in m.model.encoder.layers]
+                   + [layer.self_attn.out_proj for layer in m.model.decoder.layers]
+                   + [layer.encoder_attn.out_proj for layer in m.model.decoder.layers]),
+        attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
+}
+NAMES = list(FAMILIES)
+TEXT_NAMES = [name for name in NAMES if FAMILIES[name].text]
+
+
+def rows(family: Family, model) -> int:
+    return len(family.outputs(model))
+
+
+def inputs(family: Family, lengths, *, seed: int = 1) -> dict:
+    """Model inputs for ``len(lengths)`` examples: right-padded text (``input_ids``, ``attention_mask``; BART's
+    sequences end in EOS, as its classifier needs) or ``pixel_values [B, 3, 8, 8]`` (images have no padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    if not family.text:
+        return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=generator, dtype=torch.float64)}
+    seq = max(lengths)
+    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    attention_mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD)
+    if family.kind == "seq2seq":
+        input_ids[torch.arange(batch), torch.tensor(lengths) - 1] = EOS
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def labels(family: Family, batch: dict) -> torch.Tensor:
+    """Class ids ``[B]``, or LM targets (``input_ids`` with -100 at padding)."""
+    if family.kind == "lm":
+        return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    size = len(next(iter(batch.values())))
+    return torch.arange(size) % 3
+
+
+def _row_mask(head_mask, row):
+    """The mask of one row broadcastable to ``[B, N, H, 1]``."""
+    if head_mask.dim() == 2:
+        return head_mask[row][None, None, :, None]
+    return head_mask[:, row][:, None, :, None]
+
+
+@contextlib.contextmanager
+def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = "sdpa"):
+    """Inside the block, the stock ``model`` applies ``head_mask`` (``[R, H]`` or ``[B, R, H]``) by scaling each
+    head's slice of the output projections' inputs. Independent of fastbertology.
+
+    implementation: ``"sdpa"`` (exact in float64) or ``"eager"`` (returns the attention maps; several families'
+    eager attention takes its softmax in float32, so its numbers are float32-accurate only)."""
+    projections = family.outputs(model)
+    rows_of: dict[int, list[int]] = {}
+    for row, module in enumerate(projections):
+        rows_of.setdefault(id(module), []).append(row)
+    calls: dict[int, int] = {}
+    handles = [model.register_forward_pre_hook(lambda module, args: calls.clear())]
+
+    def scale(module, args):
+        count = calls.get(id(module), 0)
+        calls[id(module)] = count + 1
+        row = rows_of[id(module)][count]
+        context = args[0]
+        heads = context.view(*context.shape[:-1], HEADS, -1)
+        return ((heads * _row_mask(head_mask, row).to(context.dtype)).view(context.shape), *args[1:])
+
+    for key, rows_list in rows_of.items():
+        handles.append(projections[rows_list[0]].register_forward_pre_hook(scale))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+        for handle in handles:
+            handle.remove()
+
+
+def expected_attentions(family: Family, output, head_mask) -> dict[str, list[torch.Tensor]]:
+    """The stock eager maps times the head mask of their rows (4.x's ``attentions``), per output field."""
+    maps = {}
+    for name, first in family.attentions.items():
+        stock = getattr(output, name)
+        masks = [None if head_mask is None else (head_mask[first + i] if head_mask.dim() == 2
+                                                 else head_mask[:, first + i])
+                 for i in range(len(stock))]
+        maps[name] = [probs if mask is None else probs * (mask[None, :, None, None] if mask.dim() == 1
+                                                          else mask[:, :, None, None])
+                      for probs, mask in zip(stock, masks)]
+    return maps
+
+
+def hidden_state_fields(output) -> list[str]:
+    return [name for name in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+            if getattr(output, name, None) is not None]
+
+
+def loss_of(output, batch) -> torch.Tensor:
+    """A scalar depending on every output that is not padding (for gradient checks)."""
+    logits = output.logits
+    if logits.dim() == 2:
+        return (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum()
+    return (torch.tanh(logits) * batch["attention_mask"][..., None].to(logits.dtype)).sum()

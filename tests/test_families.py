@@ -1,0 +1,363 @@
+"""Issue 11's families against the independent oracle of tests/families.py (float64, torch backend), and on the
+Triton interpreter.
+
+Per family: logits, loss, hidden states, attention maps and head-mask gradients for ``[R, H]`` and ``[B, R, H]``
+masks against the stock model with output-projection pre-hooks; per-example masks equal each example alone;
+padding-free equals padded; every analysis (importance per batch and per example, entropy, max probability,
+iterative masking, sweeps with prefix reuse against the naive loop); pruned equals masked, and the save ->
+``load_pruned`` round trip. Odd lengths, right padding, grouped-query attention where the family has it.
+
+Families whose kernels features (grouped-query attention, sliding windows) this version of the kernels lacks must
+refuse with an error naming the feature; the same tests then check them in full once the kernels take them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import fastbertology
+from families import (FAMILIES, HEADS, NAMES, TEXT_NAMES, expected_attentions, hidden_state_fields, inputs, labels,
+                      loss_of, oracle_head_mask, rows)
+from fastbertology import architectures
+from fastbertology.importance import analyze_heads, evaluate_metric
+from fastbertology.masking import iterative_masking
+from fastbertology.patching import kernels_take_grouped_keys, kernels_take_windows
+from fastbertology.pruning import count_parameters, load_pruned, prune_heads, requires_patch
+from fastbertology.sweeps import ablation_sweep, naive_sweep
+from fastbertology.tasks import ClassificationTask, LanguageModelingTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LENGTHS = [9, 5, 7]  # odd lengths, right padding
+ATOL = 1e-10
+MAPS_ATOL = 1e-6  # stock eager attention of several families takes its softmax in float32
+
+
+def kernel_gap(family, longest: int, *, grouped: bool = True) -> str | None:
+    """The kernel feature a patched run of ``family`` over sequences of ``longest`` tokens needs but this version
+    of the kernels lacks (the phrase its refusal names), or None. ``grouped``: the run hands grouped key/value
+    heads to the kernels (False: it gathers them per query head)."""
+    if grouped and FAMILIES[family].gqa and not kernels_take_grouped_keys():
+        return "grouped-query attention"
+    window = FAMILIES[family].window
+    if window is not None and window < longest and not kernels_take_windows():
+        return "sliding window"
+    return None
+
+
+def runs_or_refuses(family, longest, run, *, grouped: bool = True):
+    """``run()``, or (where the kernels lack a feature the family needs) check that it refuses, naming it, and
+    return None."""
+    gap = kernel_gap(family, longest, grouped=grouped)
+    if gap is None:
+        return run()
+    with pytest.raises(NotImplementedError, match=gap):
+        run()
+    return None
+
+
+def _call_options(family) -> dict:
+    return {} if FAMILIES[family].kind == "image" else {"use_cache": False}
+
+
+def _real(tensor, batch):
+    """Token-level outputs at the real positions (all of them for images)."""
+    if tensor.dim() >= 3 and "attention_mask" in batch and tensor.shape[1] == batch["attention_mask"].shape[1]:
+        return tensor[batch["attention_mask"].bool()]
+    return tensor
+
+
+def _mask(kind, family, model, batch_size, *, seed=7):
+    count = rows(FAMILIES[family], model)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, HEADS) if kind == "LH" else (batch_size, count, HEADS)
+    mask = torch.rand(shape, generator=generator, dtype=torch.float64)
+    mask[..., 0, 1] = 0.0
+    mask[..., count - 1, :] = 0.0  # a fully masked row
+    return mask
+
+
+def _key_keep(name, batch, probs):
+    """Which query rows / key columns of a map of output field ``name`` are real (compared)."""
+    b, _, n_q, n_k = probs.shape
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones(b, 1, n_q, n_k, dtype=torch.bool)
+    queries = mask.bool() if name in ("attentions", "encoder_attentions") else torch.ones(b, n_q, dtype=torch.bool)
+    keys = torch.ones(b, n_k, dtype=torch.bool) if name == "decoder_attentions" else mask.bool()
+    return queries[:, None, :, None] & keys[:, None, None, :]
+
+
+# ------------------------------------------------------------------------------------------------ the oracle
+@pytest.mark.parametrize("mask_kind", ["LH", "BLH"])
+@pytest.mark.parametrize("family", NAMES)
+def test_patched_equals_the_oracle(family, mask_kind):
+    spec = FAMILIES[family]
+    model = spec.model()
+    batch = inputs(spec, LENGTHS)
+    target = labels(spec, batch)
+    head_mask = _mask(mask_kind, family, model, len(LENGTHS))
+    options = _call_options(family)
+
+    oracle_mask = head_mask.clone().requires_grad_(True)
+    with oracle_head_mask(spec, model, oracle_mask):
+        reference = model(**batch, labels=target, output_hidden_states=True, **options)
+    loss_of(reference, batch).backward()
+    with torch.no_grad(), oracle_head_mask(spec, model, head_mask, implementation="eager"):
+        maps = expected_attentions(spec, model(**batch, output_attentions=True, **options), head_mask)
+
+    def patched():
+        results = {}
+        with fastbertology.patch(model, backend="torch"):
+            for name, extra in (("padded", dict(output_attentions=True, output_hidden_states=True)),
+                                ("padding-free", {})):
+                mask = head_mask.clone().requires_grad_(True)
+                output = model(**batch, labels=target, head_mask=mask, **extra, **options)
+                loss_of(output, batch).backward()
+                results[name] = (output, mask.grad)
+        return results
+
+    results = runs_or_refuses(family, max(LENGTHS), patched)
+    if results is None:
+        return
+    assert oracle_mask.grad.abs().sum() > 0
+    for name, (output, gradient) in results.items():
+        torch.testing.assert_close(_real(output.logits, batch), _real(reference.logits, batch), atol=ATOL, rtol=0,
+                                   msg=f"{name} logits")
+        torch.testing.assert_close(output.loss, reference.loss, atol=ATOL, rtol=0, msg=f"{name} loss")
+        torch.testing.assert_close(gradient, oracle_mask.grad, atol=1e-9, rtol=1e-9, msg=f"{name} mask gradient")
+    padded = results["padded"][0]
+    for field in hidden_state_fields(reference):
+        ours, theirs = getattr(padded, field), getattr(reference, field)
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            real = batch.get("attention_mask") if field != "decoder_hidden_states" else None
+            keep = real.bool() if real is not None else torch.ones(a.shape[:2], dtype=torch.bool)
+            torch.testing.assert_close(a[keep], b[keep], atol=ATOL, rtol=0, msg=field)
+    for field, expected in maps.items():
+        ours = getattr(padded, field)
+        assert len(ours) == len(expected)
+        for a, b in zip(ours, expected):
+            keep = _key_keep(field, batch, a)
+            torch.testing.assert_close(a * keep, b * keep, atol=MAPS_ATOL, rtol=0, msg=field)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_statistics_equal_those_of_the_stock_maps(family):
+    """Entropy and max probability (of the softmax before the mask) per row, over the real query tokens, against
+    the stock eager maps."""
+    spec = FAMILIES[family]
+    model = spec.model()
+    batch = inputs(spec, LENGTHS)
+    head_mask = _mask("LH", family, model, len(LENGTHS))
+    with torch.no_grad(), oracle_head_mask(spec, model, head_mask, implementation="eager"):
+        stock = model(**batch, output_attentions=True, **_call_options(family))  # maps before the mask
+
+    def recorded():
+        with fastbertology.patch(model, backend="torch"), fastbertology.record(model) as stats, torch.no_grad():
+            model(**batch, head_mask=head_mask, **_call_options(family))
+        return stats
+
+    stats = runs_or_refuses(family, max(LENGTHS), recorded)
+    if stats is None:
+        return
+    for field, first in spec.attentions.items():
+        for index, probs in enumerate(getattr(stock, field)):
+            keep = _key_keep(field, batch, probs)[:, :, :, 0].to(torch.float64)  # [B, 1, N_q]: real queries
+            plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
+            for table, values in ((stats.entropy(), -plogp.sum(-1)), (stats.max_prob(), probs.amax(-1))):
+                expected = (values * keep).sum((0, 2)) / keep.sum()
+                torch.testing.assert_close(table[first + index], expected, atol=MAPS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_per_example_masks_equal_each_example_alone(family):
+    spec = FAMILIES[family]
+    model = spec.model()
+    batch = inputs(spec, LENGTHS)
+    head_mask = _mask("BLH", family, model, len(LENGTHS))
+
+    def compare():
+        with fastbertology.patch(model, backend="torch"), torch.no_grad():
+            together = model(**batch, head_mask=head_mask, **_call_options(family)).logits
+            for row, length in enumerate(LENGTHS):
+                alone_inputs = {key: value[row:row + 1, :length] if key != "pixel_values" else value[row:row + 1]
+                                for key, value in batch.items()}
+                alone = model(**alone_inputs, head_mask=head_mask[row], **_call_options(family)).logits
+                ours = together[row:row + 1, :length] if together.dim() == 3 else together[row:row + 1]
+                torch.testing.assert_close(ours, alone, atol=ATOL, rtol=0)
+        return True
+
+    runs_or_refuses(family, max(LENGTHS), compare)
+
+
+# ------------------------------------------------------------------------------------------------ padding-free
+class RowCounter:
+    """Rows (tokens) entering the attention output projections of the stacks that may run padding-free."""
+
+    def __init__(self, spec, model):
+        self.rows = 0
+        projections = spec.outputs(model)
+        first_stack = projections[:2] if spec.kind == "seq2seq" else projections  # BART: the encoder's
+        self.handles = [module.register_forward_pre_hook(self._count) for module in {id(m): m for m in first_stack}
+                        .values()]
+
+    def _count(self, module, args):
+        self.rows += args[0].shape[0] * args[0].shape[1]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", TEXT_NAMES)
+def test_padding_free_equals_padded(family):
+    spec = FAMILIES[family]
+    model = spec.model()
+    lengths = [9, 5, 7, 1] if spec.kind != "seq2seq" else [9, 5, 7, 2]
+    batch = inputs(spec, lengths)
+    head_mask = _mask("BLH", family, model, len(lengths))
+
+    def run(padding_free):
+        mask = head_mask.clone().requires_grad_(True)
+        with fastbertology.patch(model, backend="torch", padding_free=padding_free):
+            counter = RowCounter(spec, model)
+            with fastbertology.record(model) as stats:
+                output = model(**batch, labels=labels(spec, batch), head_mask=mask, use_cache=False)
+            counter.remove()
+            loss = output.loss + loss_of(output, batch)
+            loss.backward()
+        return _real(output.logits.detach(), batch), loss.detach(), mask.grad, stats.entropy(), counter.rows
+
+    results = runs_or_refuses(family, max(lengths), lambda: (run(False), run(True)))
+    if results is None:
+        return
+    padded, packed = results
+    for name, a, b in zip(["logits", "loss", "mask grad", "entropy"], packed[:4], padded[:4]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
+    applications = padded[4] // batch["attention_mask"].numel()
+    assert packed[4] == applications * int(batch["attention_mask"].sum()) < padded[4]
+
+
+# ------------------------------------------------------------------------------------------------ analyses
+def _task(spec):
+    return LanguageModelingTask() if spec.kind == "lm" else ClassificationTask(num_labels=3)
+
+
+def _batches(spec):
+    batches = []
+    for index, lengths in enumerate(([9, 5, 7], [3, 8, 6, 4])):
+        batch = inputs(spec, lengths, seed=10 + index)
+        batch["labels"] = labels(spec, batch) if spec.kind != "lm" else batch["input_ids"].masked_fill(
+            batch["attention_mask"] == 0, -100)
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_analyses(family):
+    """Importance per batch and per example, entropy, max probability, iterative masking and a heads sweep with
+    prefix reuse (against the naive one-mask-per-pass loop), padded and padding-free alike."""
+    spec = FAMILIES[family]
+    model = spec.model()
+    batches = _batches(spec)
+
+    def analyse(padding_free):
+        with fastbertology.patch(model, backend="torch", padding_free=padding_free):
+            per_batch = analyze_heads(model, batches, _task(spec))
+            per_example = analyze_heads(model, batches, _task(spec), importance="per_example")
+            masked = evaluate_metric(model, batches, _task(spec), head_mask=(per_batch.importance > 0.3).double())
+            masking = iterative_masking(model, batches, _task(spec), masking_amount=0.25, masking_threshold=0.5,
+                                        initial=per_batch)
+            sweep = ablation_sweep(model, batches, _task(spec), kind="heads", masks_per_pass=3)
+            naive, baseline, _ = naive_sweep(model, batches, _task(spec), sweep.masks)
+        return per_batch, per_example, masked, masking, sweep, naive, baseline
+
+    results = runs_or_refuses(family, 9, lambda: (analyse(False), analyse(True)))
+    if results is None:
+        return
+    count = rows(spec, model)
+    for per_batch, per_example, masked, masking, sweep, naive, baseline in results:
+        for analysis in (per_batch, per_example):
+            for table in (analysis.raw_importance, analysis.entropy, analysis.max_prob):
+                assert table.shape == (count, HEADS) and torch.isfinite(table).all()
+            assert analysis.raw_importance.sum() > 0
+        assert masking.curve[0]["score"] == per_batch.metric and masking.head_mask.shape == (count, HEADS)
+        torch.testing.assert_close(sweep.scores, naive, atol=1e-10, rtol=0)  # prefix reuse + batching = naive
+        assert sweep.baseline_score == pytest.approx(baseline, abs=1e-12)
+        assert sweep.scores.shape == (count * HEADS,)
+    padded, packed = results
+    for a, b in zip(packed[:2], padded[:2]):
+        for field in ("raw_importance", "entropy", "max_prob"):  # (summation order; importance sums |gradients|)
+            expected = getattr(b, field)
+            torch.testing.assert_close(getattr(a, field), expected, atol=1e-7 * float(expected.abs().max()),
+                                       rtol=1e-6, msg=field)
+    assert packed[2] == pytest.approx(padded[2], abs=1e-12)
+    torch.testing.assert_close(packed[4].scores, padded[4].scores, atol=1e-10, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+PRUNE = {  # rows -> current heads; ALBERT: the same heads in both applications of each shared layer module
+    "albert": {0: [1], 2: [1], 1: [0, 3], 3: [0, 3]},
+    "bart": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
+}
+DEFAULT_PRUNE = {0: [1], 1: [0, 1, 2, 3], 2: [0, 1]}  # GQA (2 groups of 2): unequal groups, no heads, equal groups
+
+
+def _zero_mask(model, spec, heads):
+    mask = torch.ones(rows(spec, model), HEADS, dtype=torch.float64)
+    for row, row_heads in heads.items():
+        mask[row, row_heads] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_pruned_equals_masked_and_round_trips(family, tmp_path):
+    spec = FAMILIES[family]
+    model = spec.model()
+    heads = PRUNE.get(family, DEFAULT_PRUNE)
+    batch = inputs(spec, LENGTHS)
+    options = _call_options(family)
+    with torch.no_grad(), oracle_head_mask(spec, model, _zero_mask(model, spec, heads)):
+        expected = _real(model(**batch, **options).logits, batch)
+    before = count_parameters(model, attention_heads_only=True)
+
+    pruned = prune_heads(copy.deepcopy(model), heads)
+    assert pruned.config.pruned_heads == {row: sorted(h) for row, h in heads.items()}
+    assert count_parameters(pruned, attention_heads_only=True) < before
+    assert architectures.heads_per_layer(pruned) == [HEADS - len(heads.get(r, [])) for r in range(rows(spec, model))]
+    unequal = requires_patch(pruned.config)
+    if spec.gqa and spec.name != "gemma":
+        assert unequal == [0]  # row 0 keeps one query head of its first group and both of the second
+
+    def run_pruned():
+        with torch.no_grad():
+            return _real(pruned(**batch, **options).logits, batch)
+
+    # unequal groups run through fastbertology's attention, which gathers each query head's key/value head
+    ours = runs_or_refuses(family, max(LENGTHS), run_pruned, grouped=False) if unequal else run_pruned()
+    if ours is None:
+        return
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+    pruned.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["pruned_heads"] == {str(row): sorted(h) for row, h in heads.items()}
+    assert saved.get("fastbertology_unequal_groups", []) == unequal
+    loaded = load_pruned(type(model), tmp_path)
+    assert architectures.heads_per_layer(loaded) == architectures.heads_per_layer(pruned)
+    assert count_parameters(loaded) == count_parameters(pruned)
+    with torch.no_grad():
+        torch.testing.assert_close(_real(loaded(**batch, **options).logits, batch), expected, atol=ATOL, rtol=0)
+
+    def patched():  # the pruned model through the patch (no head mask: its rows have different head counts)
+        with fastbertology.patch(loaded, backend="torch"), torch.no_grad():
+            return _real(loaded(**batch, **options).logits, batch)
+
+    through_patch = runs_or_refuses(family, max(LENGTHS), patched)
+    if through_patch is not None:
+        torch.testing.assert_close(through_patch, expected, atol=ATOL, rtol=0)
