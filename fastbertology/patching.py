@@ -472,6 +472,9 @@ def compose_head_mask(state, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         placed.append((rows, mask))
     if len(placed) == 1 and len(placed[0][0]) == len(counts):
         return placed[0][1]
+    if len(set(counts)) > 1:
+        raise ValueError(f"this model's rows have different head counts {counts} (it was pruned, or its encoder and "
+                         "decoder have different head counts); head masks over all rows need one count")
     batches = {mask.shape[0] for _, mask in placed if mask.dim() == 3}
     if len(batches) > 1:
         raise ValueError(f"per-example head masks of different batch sizes {sorted(batches)} were given together")

@@ -121,6 +121,11 @@ FAMILIES = {
                     "lm", _llama_outputs, gqa=True),
     "phi3": Family("phi3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_decoder(num_key_value_heads=2))),
                    "lm", _llama_outputs, gqa=True),
+    # the same layouts with as many key/value heads as query heads (they run on kernels without GQA support too)
+    "llama-mha": Family("llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_decoder(num_key_value_heads=HEADS))),
+                        "lm", _llama_outputs),
+    "phi3-mha": Family("phi3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_decoder(num_key_value_heads=HEADS))),
+                       "lm", _llama_outputs),
     "vit": Family("vit", lambda: tf.ViTForImageClassification(tf.ViTConfig(**_vision())), "image",
                   lambda m: [layer.attention.o_proj for layer in m.vit.layers]),
     "deit": Family("deit", lambda: tf.DeiTForImageClassification(tf.DeiTConfig(**_vision())), "image",

@@ -12,6 +12,7 @@ from transformers import CamembertConfig, CamembertModel
 import fastbertology
 from fastbertology import architectures
 from fastbertology.pruning import prune_heads
+import families
 from models import LAYERS, MODEL_TYPES, tiny_model
 
 PACKAGE = Path(fastbertology.__file__).resolve().parent
@@ -35,6 +36,33 @@ def test_every_family_resolves(model_type):
     assert architectures.heads_per_layer(model) == [heads, heads - 2, heads]
 
 
+EXPECTED = {  # family -> (rows, key/value heads per row, parts, layer applications of the rows, causal)
+    "albert": (4, 4, ["layers"] * 4, [0, 1, 2, 3], False),
+    "bart": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
+    "gemma": (3, 1, ["layers"] * 3, [0, 1, 2], True),
+    "vit": (3, 4, ["layers"] * 3, [0, 1, 2], False),
+}
+
+
+@pytest.mark.parametrize("family", families.NAMES)
+def test_every_issue_11_family_resolves(family):
+    spec = families.FAMILIES[family]
+    model = spec.model()
+    entry = architectures.architecture(model)
+    rows, kv_heads, parts, applications, causal = EXPECTED.get(
+        family, (3, 2 if spec.gqa else 4, ["layers"] * 3, [0, 1, 2], spec.kind == "lm"))
+    assert architectures.heads_per_layer(model) == [families.HEADS] * rows
+    assert architectures.kv_heads_per_layer(model) == [kv_heads] * rows
+    assert architectures.row_parts(model) == parts
+    assert architectures.row_applications(model) == applications
+    assert entry.stacks[0].causal(model.config) == causal
+    outputs = spec.outputs(model)  # the oracle's output projections: each owned by its row's block
+    for block, output in zip(architectures.attention_blocks(model), outputs):
+        assert any(child is output for child in block.modules())
+    assert len(architectures.transformer_layers(model)) == max(applications) + 1
+    assert entry.model_classes["classification"]
+
+
 def test_unknown_family_is_refused_with_the_entry_to_add():
     model = CamembertModel(CamembertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                            intermediate_size=48))
@@ -45,7 +73,8 @@ def test_unknown_family_is_refused_with_the_entry_to_add():
 
 def test_only_the_registry_dispatches_on_model_types():
     """No module but architectures.py compares ``model_type`` with a value or keys a table by family names."""
-    dispatch = re.compile(r"model_type\s*(==|!=|\bin\b|\bnot in\b)|[\"'](bert|roberta|gpt2|openai-gpt)[\"']\s*:")
+    names = "|".join(re.escape(name) for name in architectures.supported_model_types())
+    dispatch = re.compile(rf"model_type\s*(==|!=|\bin\b|\bnot in\b)|[\"']({names})[\"']\s*:")
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "architectures.py" or "bench" in path.parts:

