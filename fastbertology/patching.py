@@ -57,12 +57,12 @@ class PackedBatch:
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, N, ...]`` -> ``[1, T, ...]`` (the real tokens, in order)."""
         flat = hidden.reshape(self.batch * self.seq, *hidden.shape[2:])
-        return flat.index_select(0, self.index).unsqueeze(0)
+        return flat.index_select(0, self.index.to(flat.device)).unsqueeze(0)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``[1, T, ...]`` -> ``[B, N, ...]`` with zeros at the padding positions (differentiable)."""
         flat = packed.new_zeros(self.batch * self.seq, *packed.shape[2:])
-        return flat.index_copy(0, self.index, packed[0]).view(self.batch, self.seq, *packed.shape[2:])
+        return flat.index_copy(0, self.index.to(flat.device), packed[0]).view(self.batch, self.seq, *packed.shape[2:])
 
 
 def plan_packing(attention_mask: torch.Tensor) -> PackedBatch | None:
