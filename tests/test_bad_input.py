@@ -177,7 +177,8 @@ def test_max_seq_length_below_the_special_tokens_is_refused(bert, data, tmp_path
     wrong (it cannot keep [CLS] and [SEP] in one token). Now it is an error, and real truncation is exact."""
     from transformers import AutoTokenizer
 
-    from fastbertology.data import Example, make_batches
+    from fastbertology.batching import make_batches
+    from fastbertology.data import Example
 
     err = _error(capsys, *_importance(bert, data, tmp_path / "o", "--max-seq-length", 1))
     assert "max_seq_length 1 is too small" in err and "at least 3" in err

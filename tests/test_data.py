@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fastbertology.batching import make_batches, move_batch  # noqa: E402
 from fastbertology.data import (  # noqa: E402
     GLUE_TASKS,
     DataError,
@@ -18,8 +19,6 @@ from fastbertology.data import (  # noqa: E402
     ExampleList,
     demo_pairs,
     load_examples,
-    make_batches,
-    move_batch,
     read_csv,
     read_glue,
     read_jsonl,
