@@ -191,8 +191,8 @@ def _attach_labels(path, examples, raw_labels, *, label_names, from_text: bool, 
         raise DataError(path, line, "missing 'label' (other rows have one)")
     names = None
     if raw_labels:
-        labels, names = labels_from_raw(path, raw_labels, label_names=None if label_names is None else list(label_names),
-                                       from_text=from_text)
+        fixed = None if label_names is None else list(label_names)
+        labels, names = labels_from_raw(path, raw_labels, label_names=fixed, from_text=from_text)
         for example, label in zip(labelled, labels):
             example.label = label
     result = ExampleList((example for _, example in examples), label_names=names, source=str(path))
