@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from transformers.utils import logging as transformers_logging
 
 from . import distributed
+from .report.scales import decimals_for
 
 ANSI_CODE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -86,8 +87,11 @@ class Console:
             print(f"fastbertology: warning: {text}", file=sys.stderr, flush=True)
 
 
-def format_table(table, *, title: str, digits: int = 3) -> str:
-    """An ``[L, H]`` table as text: one row per layer, one column per head (run_bertology's print_2d_tensor)."""
+def format_table(table, *, title: str, digits: int | None = None) -> str:
+    """An ``[L, H]`` table as text: one row per layer, one column per head (run_bertology's print_2d_tensor).
+    ``digits``: decimals (default: at least 3, more where the values differ only further down)."""
+    if digits is None:
+        digits = max(3, decimals_for(table.tolist()))
     values = table.tolist()
     width = max(6, digits + 4)
     lines = [title, "layer " + "".join(f"{h:>{width}d}" for h in range(len(values[0])))]

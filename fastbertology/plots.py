@@ -52,7 +52,10 @@ def heatmap(path, table, *, title: str, colorbar_label: str, subtitle: str | Non
     if values.ndim == 1:
         values = values[:, None]
     rows, columns = values.shape
-    figure, axis = plt.subplots(figsize=(max(5.0, 0.62 * columns + 2.4), max(3.2, 0.5 * rows + 1.9)))
+    decimals = decimals_for(values)
+    longest = max(len(format_value(v, decimals)) for v in values.ravel())
+    column_width = max(0.62, 0.11 * longest + 0.1)  # inches: the longest number fits its cell at 8 pt
+    figure, axis = plt.subplots(figsize=(max(5.0, column_width * columns + 2.4), max(3.2, 0.5 * rows + 1.9)))
     norm = CenteredNorm(vcenter=0.0, halfrange=max(float(np.nanmax(np.abs(values))), 1e-12)) if diverging \
         else Normalize(vmin=float(np.nanmin(values)), vmax=float(np.nanmax(values)))
     colormap = matplotlib.colormaps["RdBu_r" if diverging else cmap]
@@ -62,9 +65,8 @@ def heatmap(path, table, *, title: str, colorbar_label: str, subtitle: str | Non
     axis.set_xticks(range(columns))
     axis.set_yticks(range(rows))
     _title(axis, title, subtitle)
-    decimals = decimals_for(values)
     if rows * columns <= 400:
-        size = 8 if decimals <= 3 else 6.5
+        size = 8 if rows * columns <= 200 else 7
         for row in range(rows):
             for column in range(columns):
                 value = values[row, column]

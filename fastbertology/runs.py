@@ -13,6 +13,11 @@ from pathlib import Path
 import torch
 import transformers
 
+try:  # optional dependency: only its version is recorded
+    import triton
+except ImportError:
+    triton = None
+
 from . import __version__
 from .console import Console
 from .outputs import write_json
@@ -26,15 +31,8 @@ def default_output_dir(command: str) -> str:
 
 def versions() -> dict:
     """Versions of fastbertology, torch, transformers, triton (None when absent) and Python."""
-    info = {"fastbertology": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-    try:
-        import triton  # optional dependency: only its version is wanted
-    except ImportError:
-        info["triton"] = None
-    else:
-        info["triton"] = triton.__version__
-    return info
+    return {"fastbertology": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": None if triton is None else triton.__version__, "python": platform.python_version()}
 
 
 def new_summary(command: str, options: dict, description: dict) -> dict:

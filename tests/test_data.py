@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 import warnings
 from types import SimpleNamespace
 
@@ -425,6 +424,8 @@ def test_demo_pairs_deterministic_and_non_trivial():
 def test_demo_pairs_errors(monkeypatch):
     with pytest.raises(ValueError, match="n must be between 1 and"):
         demo_pairs(100_000)
-    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # as on a Python without pydoc_data
+    import fastbertology.data.demo
+
+    monkeypatch.setattr(fastbertology.data.demo, "topics", None)  # as on a Python without pydoc_data
     with pytest.raises(RuntimeError, match="pydoc_data"):
         demo_pairs(8)

@@ -34,6 +34,7 @@ _BATCHING_NAMES = ("PAIR_MODES", "check_token_ids", "make_batches", "move_batch"
 
 def __getattr__(name: str):
     if name in _BATCHING_NAMES:
+        # On first use, not at the top: batching imports data.examples, so a top-level import would be a cycle.
         from .. import batching
 
         return getattr(batching, name)

@@ -6,6 +6,11 @@ import re
 
 from .examples import Example, ExampleList
 
+try:
+    from pydoc_data.topics import topics
+except ImportError:  # some distributions strip pydoc_data from the standard library: demo_pairs then says so
+    topics = None
+
 __all__ = ["demo_pairs"]
 
 # A sentence ends at . ! ? after a lowercase letter, digit, quote or parenthesis and before a capital, quote or
@@ -17,14 +22,12 @@ _NOT_PROSE = ("* ", "Note:", "Changed in", "New in", "Added in", "Deprecated", "
 
 
 def _documentation_topics() -> dict[str, str]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as error:  # some distributions strip pydoc_data from the standard library
+    if topics is None:
         raise RuntimeError(
             "demo_pairs needs the Python documentation topics (pydoc_data.topics), which this Python installation "
             "lacks (some distributions strip it; e.g. install the full standard library package). Use your own "
             "pairs file instead (read_csv / read_jsonl with text and text_pair)."
-        ) from error
+        )
     if not isinstance(topics, dict) or not topics:
         raise RuntimeError("pydoc_data.topics.topics is not the expected dict of documentation topics")
     return topics
