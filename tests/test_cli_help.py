@@ -139,3 +139,11 @@ def test_cli_layer_imports_at_the_top():
                     above = path.read_text().splitlines()[max(line - 4, 0):line - 1]
                     assert any("#" in text for text in above), f"{path}:{line}: a lazy import with no comment why"
     assert found <= LAZY_IMPORTS, f"function-local imports outside the allowed ones: {sorted(found - LAZY_IMPORTS)}"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    blocks = [block.split("```", 1)[0].strip() for block in readme.split("```bash\n")[1:3]]
+    assert blocks[0].endswith("fastbertology demo") and blocks[1].endswith("python -m pytest -q")
+    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci_lines[-1] == blocks[1]
