@@ -52,7 +52,8 @@ def attention_patterns(model, batch: dict, heads: Sequence[tuple[int, int]], row
                        max_tokens: int = 32) -> list[Pattern]:
     """The attention maps of ``heads`` (``(layer, head)`` pairs) for the examples at ``rows`` of ``batch`` (right-
     padded ``input_ids`` / ``attention_mask`` ``[B, N]``, optional ``token_type_ids``), each over its first
-    ``max_tokens`` tokens (rows of a longer example then do not sum to 1: keys past the window are cut off)."""
+    ``max_tokens`` tokens (for a bidirectional model, rows of a longer example then do not sum to 1: the keys past
+    the window are not shown)."""
     require_patched(model)
     index = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
     inputs = {key: batch[key].index_select(0, index) for key in MODEL_INPUTS if key in batch}

@@ -16,7 +16,8 @@ from . import __version__
 DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning and ablation sweeps for BERT, RoBERTa, "
                "GPT-2 and OpenAI GPT models on transformers 5. Every command writes its results, summary.json and a "
                "one-page report.html into --output-dir (default runs/<command>-<time>).")
-EPILOG = ("Start with: fastbertology demo    (offline; about 1 minute on a 2-core CPU). "
+EPILOG = ("Start with: fastbertology demo    (offline; about 20 s on 2 idle CPU cores, then open the report.html it "
+          "writes). "
           "Bad input of any kind ends with one line on stderr and exit code 2; see docs/bad-input.md.")
 
 GLUE = "mrpc, sst-2, cola, mnli, mnli-mm, qnli, qqp, rte, sts-b, wnli"
@@ -24,8 +25,8 @@ WRITES_TABLES = "head_importance.npy, attn_entropy.npy, attn_max_prob.npy [layer
                 "attention_patterns.json"
 
 COMMANDS = {  # name -> (its line in `fastbertology --help`, what it writes, for `fastbertology <name> --help`)
-    "demo": ("the whole analysis of pretrained MiniLM on Python's documentation, offline (about 1 min on 2 CPU "
-             "cores); writes all of the below",
+    "demo": ("the whole analysis of pretrained MiniLM on Python's documentation, offline (about 20 s on 2 idle "
+             "CPU cores); writes all of the below",
              f"Writes {WRITES_TABLES}, head_mask.npy, masking_curve.png, pruned_model/, summary.json, report.html."),
     "importance": ("head importance, attention entropy and max probability; writes [layers, heads] .npy tables, "
                    "heatmaps, report.html",

@@ -208,10 +208,14 @@ def _check_heads(model, path) -> None:
 
 
 def model_label(model: str | None, model_dir: str) -> str:
-    """A short name for titles: the directory's name, with its parent's when the name alone says little."""
+    """A short name for titles: a hub model's name (``org/name`` from its cache directory), else the directory's
+    name, with its parent's when the name alone says little (``model``, ``pruned_model``)."""
+    for part in Path(model_dir).parts:
+        if part.startswith("models--"):  # the Hugging Face cache: models--org--name/snapshots/<hash>
+            return part[len("models--"):].replace("--", "/")
     path = Path(model or model_dir)
-    if path.name in ("model", "pruned_model", "snapshot", "") or len(path.name) >= 40 and path.parent.name:
-        return f"{path.parent.name}/{path.name}".strip("/")
+    if path.name in ("model", "pruned_model", "") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
     return path.name
 
 

@@ -109,7 +109,7 @@ def _patterns(run: RunFiles) -> str:
              "patched model's <code>output_attentions=True</code>.</p>"]
     for number, example in enumerate(patterns["examples"]):
         cut = "" if example["shown"] == example["length"] else \
-            f" (first {example['shown']} of {example['length']} tokens; rows do not sum to 1)"
+            f" (the first {example['shown']} of its {example['length']} tokens)"
         parts.append(f"<h3>Example {number + 1}: {escape(' '.join(example['tokens'][:24]))}"
                      f"{' …' if len(example['tokens']) > 24 else ''}{escape(cut)}</h3><div class=\"pair\">")
         for index, head in enumerate(heads):
