@@ -223,7 +223,7 @@ def _run_details(summary: dict) -> str:
     environment = [("command", summary.get("command")), ("date", str(summary.get("date", "")).replace("T", " ")),
                    ("device", setup.get("device")), ("dtype", setup.get("dtype")),
                    ("attention", setup.get("attention", setup.get("backend"))), ("platform", summary.get("platform")),
-                   *((name, version) for name, version in versions.items())]
+                   *((name, version or "not installed") for name, version in versions.items())]
     data = [("model", setup.get("model")), ("model directory", setup.get("model_dir")),
             ("model type", setup.get("model_type")), ("task", setup.get("task")), ("data", setup.get("data")),
             ("batches", f"{setup.get('batches')} of up to {setup.get('batch_size')} examples, at most "
