@@ -142,8 +142,11 @@ def test_time_budget_skips_cases_without_numbers():
 def test_cli_hands_the_bench_its_arguments(one_thread, capsys):
     argv = ["--quick", "--device", "cpu", "--case", "quick-bert-16x16-b8-fp32", "--modes", "sdpa-forward"]
     assert cli.main(["bench", "--", *argv]) == 0
-    out = capsys.readouterr().out
-    assert "| quick-bert-16x16-b8-fp32 | sdpa-forward |" in out
+    out, err = capsys.readouterr()
+    assert out.count("| quick-bert-16x16-b8-fp32 | sdpa-forward |") == 1
+    assert "timings are NOT meaningful" in out and "timings are NOT meaningful" in err
+    assert "s/pass" not in err  # each row's numbers once, in the table (stderr only says what finished)
+    assert "finished quick-bert-16x16-b8-fp32 sdpa-forward: ok" in err
     assert "* Command: `fastbertology bench --quick --device cpu --case quick-bert-16x16-b8-fp32" in out
 
 
