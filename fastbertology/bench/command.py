@@ -8,11 +8,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from .cases import ANALYSIS_MODES, GROUPS, select_cases
-from .report import QUICK_NOTE, exit_code, progress_line, results_snippet
-from .runner import run_bench
+from .names import ANALYSIS_MODES
 
 DESCRIPTION = ("End-to-end head analysis benchmark: the run_bertology reference loop, stock SDPA and fastbertology, "
                "side by side in one run, with correctness columns against the reference.")
@@ -44,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_cases() -> str:
+    from .cases import GROUPS  # lazy, as in bench_main
+
     return "\n".join(f"{group:6} {case.name:36} {case.kind}: {case.workload.describe()}, batch {case.batch}, "
                      f"{case.dtype}" for group, cases in GROUPS.items() for case in cases)
 
@@ -55,6 +53,13 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     if argv[:1] == ["--"]:  # ``fastbertology bench -- --quick`` hands the separator through
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    # Lazy: torch and the benchmark's modules load only after the options parsed (``--help`` stays fast).
+    import torch
+
+    from .cases import select_cases
+    from .report import QUICK_NOTE, progress_line, results_snippet
+    from .runner import run_bench
+
     if args.list:
         print(_list_cases())
         return []
@@ -93,4 +98,6 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of ``fastbertology bench`` and ``python -m fastbertology.bench``: :func:`bench_main`'s exit status."""
+    from .report import exit_code  # lazy, as in bench_main
+
     return exit_code(bench_main(argv))

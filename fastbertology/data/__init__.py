@@ -25,17 +25,3 @@ __all__ = [
     "demo_pairs", "describe_labels", "glue_spec", "load_examples", "read_csv", "read_glue", "read_jsonl", "read_text",
     "read_text_blocks", "subset",
 ]
-
-# Batching lives in fastbertology.batching, which imports fastbertology.data.examples: importing it here at the top
-# would be a cycle. These names are still reachable here, resolved on first use, for code written against the old
-# single data module (fastbertology/bench/workloads.py imports make_batches and move_batch from here).
-_BATCHING_NAMES = ("PAIR_MODES", "check_token_ids", "make_batches", "move_batch")
-
-
-def __getattr__(name: str):
-    if name in _BATCHING_NAMES:
-        # On first use, not at the top: batching imports data.examples, so a top-level import would be a cycle.
-        from .. import batching
-
-        return getattr(batching, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
