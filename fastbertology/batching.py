@@ -1,55 +1,257 @@
-"""Batching helpers: fixed-order padded batches and length-bucketed batches trimmed to their longest example.
+"""Batching: examples -> right-padded batches of tensors, and the checks of those batches against the model.
 
-Examples are a dict of tensors whose first dimension is the example index ``n`` and which contains a right-padded
-``attention_mask`` ``[n, S]`` (1 = token, 0 = padding; every row's tokens come first). Every 2-D tensor with
-second dimension ``S`` (``input_ids``, ``attention_mask``, ``token_type_ids``, token-level ``labels``) is a
-per-token tensor; everything else (e.g. sequence ``labels`` ``[n]``) is per example.
+The one batching module of the package:
 
-Length bucketing sorts the examples by length (within windows of ``window`` consecutive examples) and cuts every
-batch at its longest example, so that little attention compute is spent on padding. What stays the same and what
-does not (for :func:`fastbertology.importance.analyze_heads` on models whose outputs at real tokens do not depend
-on padding, e.g. BERT and GPT-2 with right padding):
+* :func:`make_batches` — tokenize :class:`~fastbertology.data.Example` objects and group them, in data order,
+  into batches padded to their longest sequence (what the commands and the analyses use);
+* :func:`padded_batches` / :func:`collate` — batches of already tokenized examples held as one dict of tensors
+  ``[n, S]`` (the benchmark's synthetic workloads);
+* :func:`check_token_ids` — token ids and token type ids within the model's tables;
+* :func:`move_batch` — a batch on a device.
 
-* unchanged up to floating-point summation order: entropy and max-probability tables (per-token sums), the token
-  and example counts, sum-style metrics (accuracy; perplexity from summed token NLL), and ``"per_example"``
-  importance (a sum over examples of each example's own ``|dL(x)/dmask|``);
-* changed: ``"per_batch"`` importance (``|dL_batch/dmask|`` of a batch mean depends on which examples share a
-  batch), the mean batch loss, and anything order-dependent. Use ``importance="per_example"`` with bucketing when
-  results must not depend on the batching.
+Length bucketing (sorting examples by length so that batches carry less padding) was dropped: with
+:func:`fastbertology.patch`'s padding-free execution the layers run on the real tokens only, so padding costs
+nothing to save, and bucketing changed ``per_batch`` importance (a batch's mean gradient depends on which
+examples share it).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
+from .data.examples import DataError, where
 
-def example_lengths(examples: dict) -> torch.Tensor:
-    """``[n]`` int64 number of tokens per example (sum of the right-padded ``attention_mask`` ``[n, S]``)."""
-    mask = examples["attention_mask"]
-    lengths = mask.sum(1)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    if not torch.equal(mask.bool(), positions[None, :] < lengths[:, None]):
-        raise ValueError("attention_mask must be right-padded (1s first, then 0s) for length bucketing")
-    return lengths.long()
+if TYPE_CHECKING:
+    from .data.examples import Example
 
+__all__ = ["PAIR_MODES", "check_token_ids", "collate", "make_batches", "move_batch", "padded_batches"]
 
-def length_bucketed_order(lengths: torch.Tensor, *, window: int | None = None,
-                          descending: bool = True) -> torch.Tensor:
-    """A permutation ``[n]`` of the examples: consecutive windows of ``window`` examples (default: all of them),
-    each sorted by length (stable, so equal lengths keep their order). ``lengths``: ``[n]`` ints."""
-    lengths = lengths.detach().cpu().long()
-    n = lengths.numel()
-    window = n if window is None else int(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    pieces = []
-    for start in range(0, n, window):
-        chunk = lengths[start:start + window]
-        order = torch.sort(-chunk if descending else chunk, stable=True).indices
-        pieces.append(order + start)
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+# A tokenizer's model_max_length above this is transformers' "no limit" sentinel (int(1e30)), not a real limit.
+_NO_LIMIT = 1_000_000
+
+PAIR_MODES = ("joint", "separate")
 
 
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad id; else its EOS id (GPT-2 has no pad token); else 0 (no tokenizer)."""
+    if tokenizer is None:
+        return 0
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _length_limit(tokenizer, max_seq_length: int, max_positions: int | None) -> int:
+    limit = int(max_seq_length)
+    if max_positions is not None:
+        limit = min(limit, int(max_positions))
+    model_max = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    if isinstance(model_max, int) and 0 < model_max < _NO_LIMIT:
+        limit = min(limit, model_max)
+    if limit < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    return limit
+
+
+def _check_room(tokenizer, limit: int, *, pairs: bool) -> None:
+    """ValueError when ``limit`` leaves no room for text next to the special tokens the tokenizer adds (a
+    tokenizer asked to truncate below that silently returns the whole sequence)."""
+    special = tokenizer.num_special_tokens_to_add(pair=pairs)
+    needed = special + (2 if pairs else 1)
+    if limit < needed:
+        what = "pair of texts" if pairs else "text"
+        raise ValueError(f"max_seq_length {limit} is too small: the tokenizer adds {special} special tokens to each "
+                         f"{what}, so at least {needed} tokens are needed to keep any text; raise --max-seq-length")
+
+
+def _encode(texts: list[str], pairs: list[str] | None, tokenizer, limit: int, wants_types: bool):
+    """Tokenize with special tokens; sequences over ``limit`` are re-tokenized with truncation (longest first).
+    Returns ``(ids, type_ids or None, truncated count)``; every sequence then has at most ``limit`` tokens."""
+    if not texts:
+        return [], [], 0
+    _check_room(tokenizer, limit, pairs=pairs is not None)
+    encoded = tokenizer(texts, pairs, add_special_tokens=True, truncation=False, verbose=False)
+    ids = [list(x) for x in encoded["input_ids"]]
+    types = [list(x) for x in encoded["token_type_ids"]] if wants_types and "token_type_ids" in encoded else None
+    long = [i for i, x in enumerate(ids) if len(x) > limit]
+    if long:
+        again = tokenizer([texts[i] for i in long], None if pairs is None else [pairs[i] for i in long],
+                          add_special_tokens=True, truncation=True, max_length=limit, verbose=False)
+        for j, i in enumerate(long):
+            ids[i] = list(again["input_ids"][j])
+            if types is not None:
+                types[i] = list(again["token_type_ids"][j])
+            if len(ids[i]) > limit:  # the tokenizer declined to truncate: never report a truncation that did not happen
+                raise ValueError(f"the tokenizer did not truncate a sequence of {len(ids[i])} tokens to max_seq_length "
+                                 f"{limit}; raise --max-seq-length")
+    return ids, types, len(long)
+
+
+def _encode_examples(examples: Sequence[Example], tokenizer, limit: int, *, pair_mode: str, side: str):
+    """Token ids (and type ids) for every example, in order. ``side``: "both" (joint pairs), "text" or "pair"."""
+    wants_types = tokenizer is not None and "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    ids: list[list[int] | None] = [None] * len(examples)
+    types: list[list[int] | None] = [None] * len(examples)
+    truncated = 0
+    # pre-tokenized rows (text side only)
+    groups: dict[bool, list[int]] = {False: [], True: []}
+    for index, example in enumerate(examples):
+        if side != "pair" and example.input_ids is not None:
+            row = list(example.input_ids)
+            if len(row) > limit:
+                row, truncated = row[:limit], truncated + 1
+            ids[index], types[index] = row, [0] * len(row)
+            continue
+        text = example.text_pair if side == "pair" else example.text
+        if text is None:
+            what = "text_pair" if side == "pair" else "text (or input_ids)"
+            raise ValueError(f"example {index} has no {what}" + (" (pair_mode='separate' needs both texts)"
+                                                                  if pair_mode == "separate" else ""))
+        groups[side == "both" and example.text_pair is not None].append(index)
+    if (groups[False] or groups[True]) and tokenizer is None:
+        raise ValueError("examples with text need a tokenizer (only pre-tokenized input_ids work without one)")
+    for with_pair, indices in groups.items():
+        if not indices:
+            continue
+        texts = [examples[i].text_pair if side == "pair" else examples[i].text for i in indices]
+        pairs = [examples[i].text_pair for i in indices] if with_pair else None
+        got_ids, got_types, count = _encode(texts, pairs, tokenizer, limit, wants_types)
+        truncated += count
+        for j, i in enumerate(indices):
+            ids[i] = got_ids[j]
+            types[i] = got_types[j] if got_types is not None else [0] * len(got_ids[j])
+    return ids, (types if wants_types else None), truncated
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad lists of ints to ``[B, N]`` (N = longest row) with ``value``."""
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _mask(rows: list[list[int]]) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = 1
+    return out
+
+
+def make_batches(examples: Sequence[Example], tokenizer=None, *, max_seq_length: int, batch_size: int,
+                 pair_mode: str = "joint", max_positions: int | None = None,
+                 pad_token_id: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Tokenize ``examples`` and group them, in data order, into right-padded batches.
+
+    Each batch is a dict of ``torch.long`` tensors (``labels`` float32 for regression data):
+
+    * ``input_ids [B, N]``, ``attention_mask [B, N]`` (1 = token, 0 = padding), N = longest sequence in the batch;
+    * ``token_type_ids [B, N]`` when the tokenizer produces them (0 for pre-tokenized rows and for padding);
+    * ``labels [B]`` when the examples have labels (all or none must);
+    * ``pair_mode="separate"`` (retrieval: ``text`` and ``text_pair`` embedded on their own) also gives
+      ``pair_input_ids [B, M]``, ``pair_attention_mask [B, M]`` (and ``pair_token_type_ids``) for the second
+      texts, and ``example_index [B]``, each example's position in ``examples`` (for fixed retrieval groups).
+      ``pair_mode="joint"`` (default) encodes ``text`` + ``text_pair`` as one sequence pair, like GLUE.
+
+    Texts are encoded with the tokenizer's special tokens; pre-tokenized ``input_ids`` are used as given and
+    padded with ``pad_token_id`` (default: the tokenizer's pad id, else its EOS id, else 0 without a tokenizer).
+    Sequences longer than ``max_seq_length`` — or ``max_positions`` (the model's position limit) or the
+    tokenizer's ``model_max_length``, whichever is smallest — are truncated (pairs longest-first), and a single
+    ``warnings.warn`` says how many; a limit that leaves no room for text next to the tokenizer's special tokens
+    raises ValueError (the tokenizer would silently not truncate). Returns a list, so the batches can be iterated
+    several times.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if pair_mode not in PAIR_MODES:
+        raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
+    examples = list(examples)
+    if not examples:
+        return []
+    limit = _length_limit(tokenizer, max_seq_length, max_positions)
+    pad = _pad_id(tokenizer) if pad_token_id is None else int(pad_token_id)
+
+    labelled = [example.label is not None for example in examples]
+    if any(labelled) and not all(labelled):
+        raise ValueError(f"example {labelled.index(False)} has no label but others do: all or none must have labels")
+    label_dtype = torch.float32 if any(isinstance(e.label, float) for e in examples) else torch.long
+
+    sides = {"": "both"} if pair_mode == "joint" else {"": "text", "pair_": "pair"}
+    encoded = {}
+    truncated, sequences = 0, 0
+    for prefix, side in sides.items():
+        ids, types, count = _encode_examples(examples, tokenizer, limit, pair_mode=pair_mode, side=side)
+        encoded[prefix] = (ids, types)
+        truncated += count
+        sequences += len(ids)
+    if truncated:
+        warnings.warn(f"{truncated} of {sequences} sequences were longer than {limit} tokens and were truncated",
+                      stacklevel=2)
+
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        stop = min(start + batch_size, len(examples))
+        batch: dict[str, torch.Tensor] = {}
+        for prefix, (ids, types) in encoded.items():
+            rows = ids[start:stop]
+            batch[prefix + "input_ids"] = _pad(rows, pad)
+            batch[prefix + "attention_mask"] = _mask(rows)
+            if types is not None:
+                batch[prefix + "token_type_ids"] = _pad(types[start:stop], 0)
+        if labelled[0]:
+            batch["labels"] = torch.tensor([e.label for e in examples[start:stop]], dtype=label_dtype)
+        if pair_mode == "separate":
+            batch["example_index"] = torch.arange(start, stop, dtype=torch.long)
+        batches.append(batch)
+    return batches
+
+
+def move_batch(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A copy of ``batch`` with every tensor moved to ``device``."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def check_token_ids(batches: Sequence[dict], examples: Sequence[Example], *, vocab_size: int | None,
+                    type_vocab_size: int | None = None) -> None:
+    """:class:`DataError` naming the example (file and line) whose token ids (``input_ids``, ``pair_input_ids``) are
+    not below the model's vocabulary size ``vocab_size``, or whose token type ids are not below
+    ``type_vocab_size``: the embedding lookup would fail or read the wrong rows. Only non-padding positions
+    count. ``batches`` in data order, as :func:`make_batches` returns them for ``examples``."""
+    start = 0
+    for batch in batches:
+        rows = len(batch["input_ids"])
+        for prefix in ("", "pair_"):
+            if prefix + "input_ids" not in batch:
+                continue
+            real = batch[prefix + "attention_mask"].bool()
+            for key, limit in ((prefix + "input_ids", vocab_size), (prefix + "token_type_ids", type_vocab_size)):
+                if limit is None or key not in batch:
+                    continue
+                values = batch[key]
+                bad = ((values < 0) | (values >= limit)) & real
+                if bool(bad.any()):
+                    row = int(bad.any(dim=1).nonzero()[0])
+                    example = examples[start + row]
+                    value = int(values[row][bad[row]][0])
+                    what = "token id" if key.endswith("input_ids") else "token type id"
+                    size = "vocabulary" if key.endswith("input_ids") else "token type vocabulary"
+                    raise DataError(where(examples), example.line,
+                                    f"example {start + row} has {what} {value}, but the model's {size} has {limit} "
+                                    f"entries (ids 0 to {limit - 1}); the ids come from another tokenizer or model")
+        start += rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-tokenized examples held as one dict of tensors
+# ----------------------------------------------------------------------------------------------------------------
 def collate(examples: dict, indices: torch.Tensor, *, trim: bool = True) -> dict:
     """The batch of ``examples`` at ``indices`` ``[B]``; with ``trim``, per-token tensors ``[B, S]`` are cut to
     ``[B, S_b]`` where ``S_b`` is the longest example in the batch."""
@@ -69,15 +271,9 @@ def collate(examples: dict, indices: torch.Tensor, *, trim: bool = True) -> dict
 
 
 def padded_batches(examples: dict, batch_size: int) -> list[dict]:
-    """Batches in example order, every one padded to the full length ``S`` (what the baselines get)."""
+    """Batches in example order, every one padded to the full length ``S``. ``examples``: a dict of tensors whose
+    first dimension is the example index ``n``, with a right-padded ``attention_mask [n, S]``; every 2-D tensor
+    with second dimension ``S`` is per token (cut with the batch), everything else per example."""
     n = examples["attention_mask"].shape[0]
     return [collate(examples, torch.arange(start, min(start + batch_size, n)), trim=False)
             for start in range(0, n, batch_size)]
-
-
-def bucketed_batches(examples: dict, batch_size: int, *, window: int | None = None,
-                     descending: bool = True) -> list[dict]:
-    """Length-bucketed batches (see the module docstring): order by :func:`length_bucketed_order`, cut into
-    batches of ``batch_size``, each trimmed to its longest example. The union of the batches is the data set."""
-    order = length_bucketed_order(example_lengths(examples), window=window, descending=descending)
-    return [collate(examples, order[start:start + batch_size], trim=True) for start in range(0, len(order), batch_size)]

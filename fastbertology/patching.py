@@ -81,12 +81,12 @@ class PackedBatch:
         if hidden.shape[0] == 1 and self.batch != 1:
             hidden = hidden.expand(self.batch, *hidden.shape[1:])
         flat = hidden.reshape(self.batch * self.seq, *hidden.shape[2:])
-        return flat.index_select(0, self.index).unsqueeze(0)
+        return flat.index_select(0, self.index.to(flat.device)).unsqueeze(0)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``[1, T, ...]`` -> ``[B, N, ...]`` with zeros at the padding positions (differentiable)."""
         flat = packed.new_zeros(self.batch * self.seq, *packed.shape[2:])
-        return flat.index_copy(0, self.index, packed[0]).view(self.batch, self.seq, *packed.shape[2:])
+        return flat.index_copy(0, self.index.to(flat.device), packed[0]).view(self.batch, self.seq, *packed.shape[2:])
 
     def fits(self, value) -> bool:
         """Whether ``value`` is a per-position tensor ``[B or 1, N, ...]`` of this batch."""

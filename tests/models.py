@@ -69,6 +69,17 @@ def random_batch(batch: int, seq: int, lengths=None, *, seed: int = 1):
     return input_ids, attention_mask
 
 
+def retrieval_batches():
+    """Two retrieval batches of 4 (query, positive) pairs with odd lengths, right padding and example indices."""
+    batches = []
+    for index, (queries, positives) in enumerate([([5, 9, 3, 7], [8, 2, 6, 9]), ([4, 4, 1, 6], [7, 3, 9, 2])]):
+        q_ids, q_mask = random_batch(4, max(queries), queries, seed=20 + index)
+        p_ids, p_mask = random_batch(4, max(positives), positives, seed=30 + index)
+        batches.append({"input_ids": q_ids, "attention_mask": q_mask, "pair_input_ids": p_ids,
+                        "pair_attention_mask": p_mask, "example_index": torch.arange(4 * index, 4 * index + 4)})
+    return batches
+
+
 def _reference_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers 4.x eager attention: softmax(QK^T * scale + mask) * head_mask, then @ V."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling

@@ -177,7 +177,8 @@ def test_max_seq_length_below_the_special_tokens_is_refused(bert, data, tmp_path
     wrong (it cannot keep [CLS] and [SEP] in one token). Now it is an error, and real truncation is exact."""
     from transformers import AutoTokenizer
 
-    from fastbertology.data import Example, make_batches
+    from fastbertology.batching import make_batches
+    from fastbertology.data import Example
 
     err = _error(capsys, *_importance(bert, data, tmp_path / "o", "--max-seq-length", 1))
     assert "max_seq_length 1 is too small" in err and "at least 3" in err
@@ -212,7 +213,7 @@ def test_model_fingerprint_sees_every_value(bert):
 def test_resume_refuses_another_model_and_edited_checkpoints(bert, data, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from fastbertology.sweep_command import _checksum
+    from fastbertology.sweep_checkpoint import _checksum
 
     output = tmp_path / "sweep"
     checkpoint = _finished_sweep(bert, data, output)
@@ -469,20 +470,18 @@ def test_gpt2_classifier_batches_of_several_sequences(tmp_path):
 
 def test_label_names_follow_the_checkpoint(tmp_path):
     """A checkpoint whose classes are named (id2label) gets those ids, not the names' sorted order."""
-    from fastbertology.cli import build_parser, setup
+    from fastbertology.run_setup import RunOptions, setup
 
     model = save_tiny_classifier(tmp_path / "named")
     config = json.loads((model / "config.json").read_text())
     config["id2label"], config["label2id"] = {"0": "positive", "1": "negative"}, {"positive": 0, "negative": 1}
     (model / "config.json").write_text(json.dumps(config))
     data = _write(tmp_path / "d.jsonl", '{"text": "good", "label": "positive"}\n{"text": "bad", "label": "negative"}\n')
-    args = build_parser().parse_args(["importance", "--model", str(model), "--data", str(data), "--device", "cpu"])
-    run = setup(args)
+    run = setup(RunOptions(model=str(model), data=str(data), device="cpu"))
     assert run.batches[0]["labels"].tolist() == [0, 1]  # sorted order would have given [1, 0]
     unknown = _write(tmp_path / "u.jsonl", '{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
-    args = build_parser().parse_args(["importance", "--model", str(model), "--data", str(unknown), "--device", "cpu"])
     with pytest.raises(ValueError, match=r"\['neg', 'pos'\] are not among the checkpoint's classes"):
-        setup(args)
+        setup(RunOptions(model=str(model), data=str(unknown), device="cpu"))
 
 
 @pytest.mark.parametrize("options, message", [
@@ -536,12 +535,12 @@ def test_pruned_models_the_analyses_cannot_take(bert, data, tmp_path, capsys):
 
 
 def test_a_run_that_fails_before_writing_leaves_no_directory(bert, data, tmp_path, capsys, monkeypatch):
-    import fastbertology.cli
+    import fastbertology.commands
 
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(fastbertology.cli, "_importance_step", fail)
+    monkeypatch.setattr(fastbertology.commands, "importance_step", fail)
     assert "CUDA out of memory" in _error(capsys, *_importance(bert, data, tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
@@ -584,11 +583,11 @@ def test_no_traceback_for_known_error_types(bert, data, tmp_path, capsys, monkey
     """Whatever a library raises for bad input reaches the user as one line (here: a SafetensorError)."""
     from safetensors import SafetensorError
 
-    import fastbertology.cli
+    import fastbertology.commands
 
     def broken(*args, **kwargs):
         raise SafetensorError("header too large\nsecond line")
 
-    monkeypatch.setattr(fastbertology.cli, "setup", broken)
+    monkeypatch.setattr(fastbertology.commands, "setup", broken)
     err = _error(capsys, *_importance(bert, data, tmp_path / "o"))
     assert err == "fastbertology importance: error: header too large second line"

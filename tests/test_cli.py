@@ -120,7 +120,7 @@ def test_demo_reduced(tmp_path, capsys):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["importance"]["metric"] > 3 / 16  # far above chance (1/16) for pretrained MiniLM
     assert summary["pruning"]["pruned_score"] == pytest.approx(summary["pruning"]["masked_score"])
-    assert (output / "pruned_model" / "model.safetensors").exists()
+    assert (output / "pruned_model" / "model.safetensors").exists() and (output / "report.html").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -192,3 +192,62 @@ def test_python_dash_m_entry_point(classifier, tmp_path):
     result = subprocess.run([sys.executable, "-m", "fastbertology", "--version"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0 and "fastbertology" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- what a user sees
+def test_piped_output_has_no_progress_bars_or_colour_codes(classifier, tmp_path):
+    """With stdout and stderr piped (a log file), no progress bar, carriage return or ANSI code gets through, even
+    without --no-progress; the tables and the outputs line do."""
+    import subprocess
+    import sys
+
+    data = write_csv(tmp_path / "d.csv", 8)
+    result = subprocess.run([sys.executable, "-m", "fastbertology", "importance", "--model", str(classifier), "--data",
+                             str(data), "--device", "cpu", "--output-dir", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stream in (result.stdout, result.stderr):
+        assert "\x1b" not in stream and "\r" not in stream and "Loading weights" not in stream
+    assert "Head importance" in result.stdout and "report.html" in result.stdout
+
+
+def test_one_progress_setting_for_every_bar(monkeypatch):
+    import io
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    from fastbertology.console import library_output, progress_wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_wanted(False, Terminal()) and not progress_wanted(True, Terminal())
+    assert not progress_wanted(False, io.StringIO())  # a pipe or a file: no bars
+    before = transformers_logging.is_progress_bar_enabled()
+    stream = io.StringIO()
+    handler = transformers_logging.get_logger("transformers").handlers[0]
+    monkeypatch.setattr(handler, "stream", stream)
+    with library_output(progress=False):
+        assert not transformers_logging.is_progress_bar_enabled()  # transformers' "Loading weights" bar
+        logging.getLogger("transformers.modeling_utils").error("\x1b[1mBertModel LOAD REPORT\x1b[0m from: x")
+    assert transformers_logging.is_progress_bar_enabled() == before
+    assert "BertModel LOAD REPORT from: x" in stream.getvalue() and "\x1b" not in stream.getvalue()
+
+
+def test_summary_has_the_tables_the_labels_and_how_text_became_examples(classifier, gpt2, tmp_path):
+    output = tmp_path / "labels"
+    assert _run("importance", "--model", classifier, "--data", write_jsonl(tmp_path / "d.jsonl"),
+                "--output-dir", output) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    for name, file in (("importance", "head_importance.npy"), ("entropy", "attn_entropy.npy"),
+                       ("max_prob", "attn_max_prob.npy")):
+        assert summary["importance"][name] == np.load(output / file).tolist()
+    assert summary["setup"]["labels"] == {"ids": {"negative": 0, "positive": 1}, "order": "label names in sorted order"}
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(30)) + "\n")
+    assert _run("importance", "--model", gpt2, "--data", text, "--output-dir", tmp_path / "lm",
+                "--max-seq-length", 16) == 0
+    data = json.loads((tmp_path / "lm" / "summary.json").read_text())["setup"]["data"]
+    assert "tokenized as one stream" in data and "blocks of up to 16 tokens" in data

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 import warnings
 from types import SimpleNamespace
 
@@ -11,6 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fastbertology.batching import make_batches, move_batch  # noqa: E402
 from fastbertology.data import (  # noqa: E402
     GLUE_TASKS,
     DataError,
@@ -18,8 +18,6 @@ from fastbertology.data import (  # noqa: E402
     ExampleList,
     demo_pairs,
     load_examples,
-    make_batches,
-    move_batch,
     read_csv,
     read_glue,
     read_jsonl,
@@ -426,6 +424,8 @@ def test_demo_pairs_deterministic_and_non_trivial():
 def test_demo_pairs_errors(monkeypatch):
     with pytest.raises(ValueError, match="n must be between 1 and"):
         demo_pairs(100_000)
-    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # as on a Python without pydoc_data
+    import fastbertology.data.demo
+
+    monkeypatch.setattr(fastbertology.data.demo, "topics", None)  # as on a Python without pydoc_data
     with pytest.raises(RuntimeError, match="pydoc_data"):
         demo_pairs(8)

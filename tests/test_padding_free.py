@@ -17,7 +17,7 @@ from fastbertology import patching
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.sweeps import ablation_sweep
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
-from models import MODEL_TYPES, model_loss, random_batch, reference_head_mask, tiny_model
+from models import MODEL_TYPES, model_loss, random_batch, reference_head_mask, retrieval_batches, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,23 +138,13 @@ def _classification_batches(lengths_per_batch, *, num_labels=3, regression=False
     return batches
 
 
-def _retrieval_batches():
-    batches = []
-    for index, (queries, positives) in enumerate([([5, 9, 3, 7], [8, 2, 6, 9]), ([4, 4, 1, 6], [7, 3, 9, 2])]):
-        q_ids, q_mask = random_batch(4, max(queries), queries, seed=20 + index)
-        p_ids, p_mask = random_batch(4, max(positives), positives, seed=30 + index)
-        batches.append({"input_ids": q_ids, "attention_mask": q_mask, "pair_input_ids": p_ids,
-                        "pair_attention_mask": p_mask, "example_index": torch.arange(4 * index, 4 * index + 4)})
-    return batches
-
-
 ANALYSES = {
     "classification": ("bert", lambda: ClassificationTask(num_labels=3), lambda: _classification_batches(
         [[9, 5, 7], [3, 8, 1]])),
     "regression": ("roberta", lambda: RegressionTask(), None),
     "lm-gpt2": ("gpt2", lambda: LanguageModelingTask(), lambda: _classification_batches([[9, 5, 7], [3, 8, 2]])),
     "lm-openai": ("openai-gpt", lambda: LanguageModelingTask(), lambda: _classification_batches([[6, 9, 2]])),
-    "retrieval": ("bert", lambda: RetrievalTask(group_size=4), _retrieval_batches),
+    "retrieval": ("bert", lambda: RetrievalTask(group_size=4), retrieval_batches),
 }
 
 

@@ -201,7 +201,7 @@ def test_plan_passes_groups_by_first_masked_layer():
 def test_library_resume_equals_uninterrupted_run():
     model, task = _setup("lm", "gpt2")
     batches = _batches("lm")
-    from fastbertology.sweep_command import decode_state, encode_state
+    from fastbertology.sweep_checkpoint import decode_state, encode_state
 
     saved = []
     with fastbertology.patch(model, backend="torch"):
@@ -214,7 +214,7 @@ def test_library_resume_equals_uninterrupted_run():
 
 
 def test_state_encoding_is_lossless():
-    from fastbertology.sweep_command import decode_value, encode_value
+    from fastbertology.sweep_checkpoint import decode_value, encode_value
 
     value = {"confusion": torch.tensor([[3, 1], [0, 2]]), "nll": 0.1 + 0.2, "n": 7, "inf": float("inf"),
              "x": torch.tensor([1 / 3, float("nan")], dtype=torch.float64)}

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from fastbertology.data import GLUE_TASKS, Example, demo_pairs, make_batches  # noqa: E402
+from fastbertology.batching import make_batches  # noqa: E402
+from fastbertology.data import GLUE_TASKS, Example, demo_pairs  # noqa: E402
 from fastbertology.tasks import (  # noqa: E402
     GLUE_METRICS,
     ClassificationTask,

@@ -14,12 +14,25 @@ One concern per module:
 * :mod:`~fastbertology.bench.command` — the command line (``fastbertology bench``, ``python -m fastbertology.bench``).
 """
 
-from .cases import ANALYSIS_MODES, CPU_CASES, FULL_CASES, QUICK_CASES, BenchCase, select_cases
-from .command import bench_main, main
-from .modes import ModeResult, PreparedMode, prepare_mode
-from .reference import reference_analysis, reference_masking, reference_model, reference_sweep
-from .report import exit_code, format_table, results_snippet
-from .runner import ROW_KEYS, measure, run_bench, run_case
+import importlib
+
+# The names below load their module on first use (PEP 562), so that ``fastbertology bench --help`` stays fast:
+# most modules import torch and transformers.
+_HOMES = {
+    "ANALYSIS_MODES": "names", "CPU_CASES": "cases", "FULL_CASES": "cases", "QUICK_CASES": "cases",
+    "BenchCase": "cases", "select_cases": "cases", "bench_main": "command", "main": "command", "ModeResult": "modes",
+    "PreparedMode": "modes", "prepare_mode": "modes", "reference_analysis": "reference",
+    "reference_masking": "reference", "reference_model": "reference", "reference_sweep": "reference",
+    "exit_code": "report", "format_table": "report", "results_snippet": "report", "ROW_KEYS": "runner",
+    "measure": "runner", "run_bench": "runner", "run_case": "runner",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
 
 __all__ = [
     "ANALYSIS_MODES",

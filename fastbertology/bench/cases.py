@@ -17,9 +17,7 @@ from dataclasses import dataclass
 
 from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
 
-ANALYSIS_MODES = ("reference", "sdpa-forward", "sdpa-frozen", "fastbertology", "fastbertology-padded")
-MASKING_MODES = ("reference", "fastbertology")
-SWEEP_MODES = ("reference", "fastbertology")
+from .names import ANALYSIS_MODES, MASKING_MODES, SWEEP_MODES  # noqa: F401 - re-exported
 KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES}
 
 

@@ -8,11 +8,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from .cases import ANALYSIS_MODES, GROUPS
-from .report import exit_code, progress_line, results_snippet
-from .runner import run_bench
+from .names import ANALYSIS_MODES
 
 DESCRIPTION = ("End-to-end head analysis benchmark: the run_bertology reference loop, stock SDPA and fastbertology, "
                "side by side in one run, with correctness columns against the reference.")
@@ -22,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbertology bench", description=DESCRIPTION)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", dest="group", action="store_const", const="quick",
-                       help="tiny versions of every case (any device; seconds on a CPU)")
+                       help="tiny versions of every case, to check that every mode runs and agrees with the "
+                            "reference (any device; minutes on 2 CPU cores); their timings are not meaningful")
     group.add_argument("--cpu-cases", dest="group", action="store_const", const="cpu",
                        help="the CPU cases (real MiniLM retrieval, small GPT-2 LM); default without CUDA")
     group.add_argument("--full-cases", dest="group", action="store_const", const="full",
@@ -43,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_cases() -> str:
+    from .cases import GROUPS  # lazy, as in bench_main
+
     return "\n".join(f"{group:6} {case.name:36} {case.kind}: {case.workload.describe()}, batch {case.batch}, "
                      f"{case.dtype}" for group, cases in GROUPS.items() for case in cases)
 
@@ -54,14 +53,35 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     if argv[:1] == ["--"]:  # ``fastbertology bench -- --quick`` hands the separator through
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    # Lazy: torch and the benchmark's modules load only after the options parsed (``--help`` stays fast).
+    import torch
+
+    from .cases import select_cases
+    from .report import QUICK_NOTE, progress_line, results_snippet
+    from .runner import run_bench
+
     if args.list:
         print(_list_cases())
         return []
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    quick = args.group == "quick" or bool(args.cases) and all(
+        case.name.startswith("quick-") for case in select_cases(args.cases.split(","), group=args.group))
+    terminal = sys.stderr.isatty()
+    if quick:
+        print(QUICK_NOTE, file=sys.stderr, flush=True)
+    shown = [0]
+
     def on_row(row):
-        print(progress_line(row), file=sys.stderr, flush=True)
+        # The numbers are printed once, in the final table. On a terminal: one status line that the table
+        # replaces; in a log: which case and mode finished (stderr; the table goes to stdout).
+        if terminal:
+            line = progress_line(row)
+            print("\r" + line.ljust(shown[0]), end="", file=sys.stderr, flush=True)
+            shown[0] = len(line)
+        else:
+            print(f"finished {row['case']} {row['mode']}: {row['status']}", file=sys.stderr, flush=True)
         if args.out:
             with open(args.out, "a") as file:
                 file.write(json.dumps(row) + "\n")
@@ -70,10 +90,14 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
                      backend=args.backend, modes=args.modes.split(",") if args.modes else None,
                      importance=args.importance, warmup=not args.no_warmup, time_budget=args.time_budget,
                      on_row=on_row)
-    print(results_snippet(rows, shlex.join(["fastbertology", "bench", *argv])))
+    if terminal and shown[0]:
+        print("\r" + " " * shown[0] + "\r", end="", file=sys.stderr, flush=True)
+    print(results_snippet(rows, shlex.join(["fastbertology", "bench", *argv]), quick=quick))
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of ``fastbertology bench`` and ``python -m fastbertology.bench``: :func:`bench_main`'s exit status."""
+    from .report import exit_code  # lazy, as in bench_main
+
     return exit_code(bench_main(argv))

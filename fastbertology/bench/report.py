@@ -54,14 +54,20 @@ def case_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-def results_snippet(rows: Sequence[dict], command: str) -> str:
-    """The block for ``benchmarks/RESULTS.md``: machine, software, command, cases, legend, table."""
+QUICK_NOTE = ("Quick cases: tiny shapes that check that every mode runs and agrees with the reference loop; their "
+              "timings are NOT meaningful (use --cpu-cases or --full-cases for numbers).")
+
+
+def results_snippet(rows: Sequence[dict], command: str, *, quick: bool = False) -> str:
+    """The block for ``benchmarks/RESULTS.md``: machine, software, command, cases, legend, table. ``quick``: the
+    rows come from quick cases, whose timings mean nothing (said first)."""
     if not rows:
         return "(no rows)"
     first = rows[0]
     peaks = sorted({row["peak_kind"] for row in rows if row["peak_kind"]})
     load = f", load average {first['load_average']}" if first["load_average"] is not None else ""
     return "\n".join([
+        *([f"**{QUICK_NOTE}**", ""] if quick else []),
         f"* Machine: {first['device_name']}, {first['threads']} torch threads{load}.",
         (f"* Software: Python {first['python']}, torch {first['torch']}, transformers {first['transformers']}, "
          f"triton {first['triton']}; {first['date']}."),

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import padded_batches
-from ..data import demo_pairs, make_batches, move_batch
+from ..batching import make_batches, move_batch, padded_batches
+from ..data import demo_pairs
 from ..loading import load_model, minilm_path
 from ..tasks import ClassificationTask, LanguageModelingTask, RetrievalTask, Task
 

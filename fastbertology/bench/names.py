@@ -1,0 +1,5 @@
+"""Names the command line needs without importing torch: the modes of each kind of case."""
+
+ANALYSIS_MODES = ("reference", "sdpa-forward", "sdpa-frozen", "fastbertology", "fastbertology-padded")
+MASKING_MODES = ("reference", "fastbertology")
+SWEEP_MODES = ("reference", "fastbertology")

@@ -1,0 +1,302 @@
+"""The analysis commands — ``importance``, ``mask``, ``prune``, ``demo`` — and ``report``.
+
+Each takes the parsed options (from :mod:`fastbertology.cli`) and a :class:`~fastbertology.console.Console`, sets the
+run up with :mod:`fastbertology.run_setup`, runs its steps and writes the outputs (rank 0 only under torchrun):
+
+* importance step: ``head_importance.npy``, ``attn_entropy.npy``, ``attn_max_prob.npy`` ``[L, H]``, their PNG
+  heatmaps, ``attention_patterns.json`` (the most and least important heads on a few examples);
+* masking step: ``head_mask.npy`` ``[L, H]`` and ``masking_curve.png``;
+* pruning step: ``pruned_model/`` (safetensors; reload with :func:`fastbertology.pruning.load_pruned`);
+* always: ``summary.json`` (options, setup, environment, results, timings) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed, plots
+from .attention_patterns import attention_patterns, choose_rows, extreme_heads
+from .console import Console, format_table
+from .data import demo_pairs
+from .distributed import analysis_reducer, shard_checked
+from .importance import analyze_heads, evaluate_metric
+from .loading import minilm_path
+from .mask_files import check_mask_shape, read_pruning_mask
+from .masking import iterative_masking
+from .outputs import apply_umask, check_output_dir, make_temporary_dir, prepare_output_dir, write_json, write_npy
+from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
+from .report import write_report
+from .run_setup import Run, RunOptions, check_options, resolve_model, setup
+from .runs import default_output_dir, describe_setup, finish, new_summary, subtitle
+
+DEMO_MODEL_LABEL = "all-MiniLM-L6-v2"
+DEMO_DATA_LABEL = "Python documentation pairs"
+
+
+@dataclass
+class Inputs:
+    """What :func:`check_inputs` found: the model's local directory and ``--head-mask``'s array, already read."""
+
+    model_path: str
+    head_mask: np.ndarray | None = None  # prune --head-mask: [L, H] float32 of 0 / 1
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def check_inputs(args, options: RunOptions, *, model_path=None) -> Inputs:
+    """Every option and path of a command before any work (nothing is loaded or written); ``~`` expanded."""
+    for name in ("output_dir", "head_mask"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, os.path.expanduser(str(getattr(args, name))))
+    if hasattr(args, "masking_threshold"):
+        _require(0 < args.masking_threshold <= 1, "--masking-threshold must be in (0, 1] (a fraction of the "
+                                                  f"original score), got {args.masking_threshold}")
+        _require(0 < args.masking_amount < 1, "--masking-amount must be in (0, 1) (the fraction of heads masked "
+                                              f"per step), got {args.masking_amount}")
+    if hasattr(args, "pairs"):
+        _require(args.pairs >= 1, f"--pairs must be at least 1, got {args.pairs}")
+    check_options(options)
+    head_mask = read_pruning_mask(args.head_mask) if getattr(args, "head_mask", None) else None
+    return Inputs(model_path=resolve_model(model_path or options.model), head_mask=head_mask)
+
+
+def _output_dir(args, *, create: bool = True) -> Path | None:
+    """The command's output directory (rank 0 only; None elsewhere). ``create=False`` only checks it, so that a
+    run that fails while loading leaves no empty directory behind."""
+    if not distributed.is_main():
+        return None
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.command)
+    prepare = prepare_output_dir if create else check_output_dir
+    return prepare(args.output_dir, overwrite=args.overwrite)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------
+def _analysis_options(args) -> dict:
+    return dict(importance=args.importance, normalize_by_layer=not args.dont_normalize_importance_by_layer,
+                normalize_global=not args.dont_normalize_global_importance)
+
+
+def _heatmaps(output: Path, analysis, description: dict) -> None:
+    if not plots.available():
+        return
+    line = subtitle(description)
+    plots.heatmap(output / "head_importance.png", analysis.importance, title="Head importance |dL/dmask|",
+                  subtitle=line, colorbar_label="importance (normalised)")
+    plots.heatmap(output / "attn_entropy.png", analysis.entropy, title="Attention entropy (mean per token)",
+                  subtitle=line, colorbar_label="nats", cmap="magma")
+    plots.heatmap(output / "attn_max_prob.png", analysis.max_prob, title="Max attention probability (mean per token)",
+                  subtitle=line, colorbar_label="probability")
+
+
+def importance_step(args, console: Console, run: Run, output: Path | None, summary: dict):
+    """Importance, entropy and max probability in one pass; tables, heatmaps, attention patterns."""
+    started = time.perf_counter()
+    analysis = analyze_heads(run.model, run.batches, run.task, progress=console.progress and output is not None,
+                             reduce=analysis_reducer(run.model, run.task), **_analysis_options(args))
+    seconds = time.perf_counter() - started
+    if output is None:  # not rank 0
+        return analysis
+    write_npy(output / "head_importance.npy", analysis.importance.numpy())
+    write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
+    write_npy(output / "attn_max_prob.npy", analysis.max_prob.numpy())
+    _heatmaps(output, analysis, run.description)
+    summary["importance"] = {
+        "metric": analysis.metric, "loss": analysis.loss, "tokens": analysis.tokens, "examples": analysis.examples,
+        "seconds": seconds, "mode": args.importance, "importance": analysis.importance,
+        "raw_importance": analysis.raw_importance, "entropy": analysis.entropy, "max_prob": analysis.max_prob,
+    }
+    console.say(format_table(analysis.importance, title="Head importance (normalised; rows = layers)"))
+    console.say(format_table(analysis.entropy, title="\nAttention entropy (nats per token)"))
+    console.say(format_table(analysis.max_prob, title="\nMax attention probability (mean per token)"))
+    console.say(f"\n{run.description['metric']} = {analysis.metric:.4f} on {analysis.examples} examples "
+                f"({seconds:.1f} s for importance + entropy + metric)")
+    patterns_step(run, analysis.importance, output, summary)
+    return analysis
+
+
+def patterns_step(run: Run, importance: torch.Tensor, output: Path, summary: dict, *, count: int = 3,
+                  max_tokens: int = 32) -> None:
+    """``attention_patterns.json``: the maps of the most and least important heads on ``count`` examples of the
+    first batch (the model inputs ``input_ids``: for retrieval, the queries)."""
+    started = time.perf_counter()
+    batch = run.batches[0]
+    heads = extreme_heads(importance)
+    rows = choose_rows(batch["attention_mask"], count=count, max_tokens=max_tokens)
+    patterns = attention_patterns(run.model, batch, [(layer, head) for _, layer, head in heads], rows,
+                                  max_tokens=max_tokens)
+    write_json(output / "attention_patterns.json", {
+        "heads": [{"role": role, "layer": layer, "head": head, "importance": float(importance[layer, head])}
+                  for role, layer, head in heads],
+        "examples": [{"row": p.row, "length": p.length, "shown": p.shown,
+                      "tokens": run.tokenizer.convert_ids_to_tokens(p.input_ids),
+                      "maps": [np.round(p.maps[(layer, head)].numpy().astype(np.float64), 6)
+                               for _, layer, head in heads]} for p in patterns],
+        "source": "output_attentions=True of the patched model (probabilities per query row, first batch)",
+    })
+    summary["patterns"] = {"seconds": time.perf_counter() - started, "examples": len(patterns)}
+
+
+def masking_step(args, console: Console, run: Run, output: Path | None, summary: dict, initial=None):
+    """Iterative masking from ``initial`` (the importance step's analysis); the mask and its curve."""
+    started = time.perf_counter()
+    result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
+                               masking_threshold=args.masking_threshold,
+                               progress=console.progress and output is not None, initial=initial,
+                               reduce=analysis_reducer(run.model, run.task), **_analysis_options(args))
+    seconds = time.perf_counter() - started
+    if output is None:  # not rank 0
+        return result
+    metric = run.description["metric"]
+    write_npy(output / "head_mask.npy", result.head_mask.numpy())
+    threshold_score = result.original_score * args.masking_threshold if result.higher_is_better else \
+        result.original_score / args.masking_threshold
+    if plots.available():
+        plots.masking_curve(output / "masking_curve.png", result.curve, metric_name=metric,
+                            threshold_score=threshold_score, subtitle=subtitle(run.description))
+    summary["masking"] = {"original_score": result.original_score, "final_score": result.final_score,
+                          "threshold_score": threshold_score, "higher_is_better": result.higher_is_better,
+                          "heads_remaining": int(result.head_mask.sum()), "heads_total": result.head_mask.numel(),
+                          "curve": result.curve, "seconds": seconds, "threshold": args.masking_threshold,
+                          "amount": args.masking_amount, "head_mask": result.head_mask}
+    console.say("\nIterative masking: heads remaining -> " + metric)
+    for point in result.curve:
+        console.say(f"  {point['heads_remaining']:>4d}  {point['score']:.4f}")
+    console.say(format_table(result.head_mask.double(), title="\nFinal head mask (1 = kept)", digits=0))
+    return result
+
+
+def pruning_step(args, console: Console, run: Run, head_mask, output: Path, summary: dict) -> None:
+    """Score with the mask, prune the masked heads, score the pruned model, save it."""
+    model, task, batches = run.model, run.task, run.batches
+    mask = torch.as_tensor(head_mask, dtype=torch.float32).to(run.device)
+    started = time.perf_counter()
+    masked_score = evaluate_metric(model, batches, task, head_mask=mask, progress=console.progress,
+                                   desc="masked model")
+    masked_seconds = time.perf_counter() - started
+    parameters_before = count_parameters(model)
+    prune_heads(model, heads_to_prune_from_mask(mask.cpu()))
+    parameters_after = count_parameters(model)
+    started = time.perf_counter()
+    pruned_score = evaluate_metric(model, batches, task, progress=console.progress, desc="pruned model")
+    pruned_seconds = time.perf_counter() - started
+    model_dir = output / "pruned_model"
+    _save_model_atomic(model, run.tokenizer, model_dir)
+    pruned = int((mask == 0).sum())
+    summary["pruning"] = {
+        "masked_score": masked_score, "pruned_score": pruned_score, "parameters_before": parameters_before,
+        "parameters_after": parameters_after, "masked_seconds": masked_seconds, "pruned_seconds": pruned_seconds,
+        "heads_pruned": pruned, "heads_total": mask.numel(), "model_dir": str(model_dir),
+    }
+    console.say(f"\nPruning {pruned} heads: parameters {parameters_before:,} -> {parameters_after:,} "
+                f"({100 * (1 - parameters_after / parameters_before):.1f}% fewer)")
+    console.say(f"  score with masked heads: {masked_score:.4f}   pruned model: {pruned_score:.4f}")
+    console.say(f"  evaluation time: masked {masked_seconds:.2f} s, pruned {pruned_seconds:.2f} s")
+
+
+def _save_model_atomic(model, tokenizer, directory: Path) -> None:
+    """save_pretrained into a temporary sibling directory, then rename it into place."""
+    temporary = make_temporary_dir(directory)  # mode 0777 minus the umask, like every other output
+    try:
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
+        apply_umask(temporary)  # safetensors writes its files 0600 whatever the umask
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(temporary, directory)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------
+def _run_command(args, console: Console, steps, *, data_parallel: bool = False, examples=None, model_path=None,
+                 **labels) -> int:
+    """Check every option and path, check the output directory, set up model, data and task, run
+    ``steps(run, inputs, output, summary)``, write the summary and the report. ``data_parallel``: under torchrun,
+    each process takes its shard of the batches. ``labels``: ``model_label`` / ``data_label`` for titles."""
+    started = time.perf_counter()
+    options = RunOptions.pick(vars(args), **labels)
+    inputs = check_inputs(args, options, model_path=model_path)  # fail fast, before the slow setup
+    _output_dir(args, create=False)
+    run = setup(options, examples=examples, model_path=inputs.model_path)
+    if inputs.head_mask is not None:
+        check_mask_shape(inputs.head_mask, run.model, args.head_mask)
+    if data_parallel:
+        run.batches = shard_checked(run.model, run.batches)
+    describe_setup(console, run.description)
+    if not plots.available():
+        console.warn(plots.MISSING)
+    existed = args.output_dir is not None and Path(args.output_dir).exists()
+    output = _output_dir(args)
+    summary = new_summary(args.command, vars(args), run.description)
+    try:
+        steps(run, inputs, output, summary)
+    except BaseException:
+        if output is not None and not existed and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # a run that failed before writing anything leaves no empty directory behind
+        raise
+    finish(console, output, summary, started)
+    return 0
+
+
+def _importance_and_masking(args, console, run, output, summary):
+    analysis = importance_step(args, console, run, output, summary)
+    return masking_step(args, console, run, output, summary, initial=analysis)
+
+
+def run_importance(args, console: Console) -> int:
+    return _run_command(args, console, lambda run, inputs, output, summary:
+                        importance_step(args, console, run, output, summary), data_parallel=True)
+
+
+def run_mask(args, console: Console) -> int:
+    return _run_command(args, console, lambda run, inputs, output, summary:
+                        _importance_and_masking(args, console, run, output, summary), data_parallel=True)
+
+
+def run_prune(args, console: Console) -> int:
+    def steps(run, inputs, output, summary):
+        if inputs.head_mask is not None:
+            head_mask = inputs.head_mask
+            summary["head_mask_file"] = args.head_mask
+        else:
+            head_mask = _importance_and_masking(args, console, run, output, summary).head_mask
+        pruning_step(args, console, run, head_mask, output, summary)
+
+    return _run_command(args, console, steps)
+
+
+def run_demo(args, console: Console) -> int:
+    model_path = args.model or minilm_path()
+    console.say(f"fastbertology demo: pretrained MiniLM ({model_path})\nTask: given the first sentence of a paragraph "
+                f"of Python's own documentation, find the sentences that follow it among {args.group_size} "
+                f"candidates (chance = {1 / args.group_size:.3f})")
+
+    def steps(run, inputs, output, summary):
+        result = _importance_and_masking(args, console, run, output, summary)
+        pruning_step(args, console, run, result.head_mask, output, summary)
+
+    return _run_command(args, console, steps, examples=demo_pairs(args.pairs), model_path=model_path,
+                        model_label=None if args.model else DEMO_MODEL_LABEL, data_label=DEMO_DATA_LABEL)
+
+
+def run_report(args, console: Console) -> int:
+    """Rebuild ``report.html`` in a finished run's directory from its files."""
+    path = write_report(os.path.expanduser(args.directory))
+    console.say(f"Wrote {path}")
+    return 0

@@ -1,0 +1,270 @@
+"""``report.html``: one self-contained page for a run — inline CSS, inline SVG and a few lines of script; nothing is
+fetched from anywhere. Built only from the run's files (:class:`~fastbertology.report.run_files.RunFiles`)."""
+
+from __future__ import annotations
+
+from html import escape
+
+import numpy as np
+
+from . import svg
+from .run_files import RunFiles
+from .scales import format_value
+
+STYLE = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0; color: #222; background: #f4f5f7; }
+main { max-width: 1180px; margin: 0 auto; padding: 20px 28px 60px; }
+header h1 { font-size: 24px; margin: 8px 0 4px; }
+.lede { color: #555; margin: 0 0 12px; }
+nav a { margin-right: 14px; color: #1f5f8b; text-decoration: none; font-size: 14px; }
+section { background: #fff; border-radius: 8px; padding: 14px 20px 18px; margin: 16px 0;
+          box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+h2 { font-size: 19px; margin: 4px 0 6px; }
+h3 { font-size: 15px; margin: 14px 0 4px; }
+p.note { color: #555; font-size: 13.5px; margin: 4px 0 10px; max-width: 900px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { border: 1px solid #e2e4e8; border-radius: 6px; padding: 8px 14px; min-width: 150px; }
+.card b { display: block; font-size: 20px; }
+.card span { color: #666; font-size: 12.5px; }
+table.kv { border-collapse: collapse; font-size: 13.5px; }
+table.kv td, table.kv th { border-bottom: 1px solid #eee; padding: 3px 14px 3px 0; text-align: left;
+                           vertical-align: top; }
+table.kv td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.readout { font-family: ui-monospace, monospace; font-size: 13px; color: #333; min-height: 18px; margin: 2px 0 6px; }
+.figure { overflow-x: auto; }
+.pair { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
+svg .cell:hover { stroke: #000; stroke-width: 1.5; }
+code { background: #f0f1f3; padding: 1px 4px; border-radius: 3px; }
+"""
+
+SCRIPT = """
+document.querySelectorAll('svg[data-table]').forEach(function (figure) {
+  var out = document.getElementById('readout-' + figure.getAttribute('data-table'));
+  if (!out) { return; }
+  figure.addEventListener('mouseover', function (event) {
+    var cell = event.target.closest('.cell');
+    var title = cell && cell.querySelector('title');
+    if (title) { out.textContent = title.textContent; }
+  });
+});
+document.body.setAttribute('data-ready', 'yes');
+"""
+
+TABLES = {  # name -> (heading, what, colour map, explanation)
+    "importance": ("Head importance", "importance", "viridis",
+                   "|dL/dmask| per head, summed over the data and divided by the number of tokens (run_bertology; "
+                   "Michel et al. 2019), normalised as the options say. High: masking the head changes the loss."),
+    "entropy": ("Attention entropy", "entropy (nats)", "magma",
+                "Mean entropy of each head's attention distribution per real query token. Low: the head looks at "
+                "few tokens; log(N) would be uniform attention."),
+    "max_prob": ("Max attention probability", "max probability", "viridis",
+                 "Mean of each head's largest attention probability per real query token. 1: all attention on one "
+                 "token."),
+}
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _kv_table(rows) -> str:
+    cells = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(_fmt(v))}</td></tr>" for k, v in rows)
+    return f'<table class="kv">{cells}</table>'
+
+
+def _readout(table: str) -> str:
+    return f'<div class="readout" id="readout-{escape(table)}">Hover a cell for its exact value.</div>'
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
+
+
+def _subtitle(setup: dict) -> str:
+    return (f"{setup.get('model_label', setup.get('model', '?'))} · {setup.get('task_name', '?')} "
+            f"({setup.get('metric', '?')}) · {setup.get('examples', '?')} examples")
+
+
+def _head_tables(run: RunFiles) -> list[tuple[str, str, str]]:
+    sections = []
+    for name, (title, what, colormap, note) in TABLES.items():
+        if name not in run.tables:
+            continue
+        values = np.asarray(run.tables[name])
+        body = (f'<p class="note">{escape(note)}</p>{_readout(name)}<div class="figure">'
+                f'{svg.head_heatmap(values, table=name, colormap=colormap, what=what)}</div>')
+        sections.append((name, title, body))
+    return sections
+
+
+def _patterns(run: RunFiles) -> str:
+    patterns = run.patterns
+    if not patterns or not patterns.get("examples"):
+        return ""
+    heads = patterns["heads"]
+    parts = ['<p class="note">What the most and the least important head attend to on a few examples of the first '
+             "batch (rows: query tokens; columns: key tokens; darker = more attention). Probabilities from the "
+             "patched model's <code>output_attentions=True</code>.</p>"]
+    for number, example in enumerate(patterns["examples"]):
+        cut = "" if example["shown"] == example["length"] else \
+            f" (the first {example['shown']} of its {example['length']} tokens)"
+        parts.append(f"<h3>Example {number + 1}: {escape(' '.join(example['tokens'][:24]))}"
+                     f"{' …' if len(example['tokens']) > 24 else ''}{escape(cut)}</h3><div class=\"pair\">")
+        for index, head in enumerate(heads):
+            table = f"pattern-{number}-{index}"
+            label = (f"layer {head['layer']}, head {head['head']}: {head['role']} (importance "
+                     f"{head['importance']:.3f})")
+            figure = svg.attention_map(np.asarray(example["maps"][index], dtype=np.float64), example["tokens"],
+                                       table=table, label=label)
+            parts.append(f'<div><b>{escape(label)}</b>{_readout(table)}<div class="figure">{figure}</div></div>')
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def _masking(run: RunFiles) -> str:
+    masking = run.summary.get("masking")
+    if not masking:
+        return ""
+    metric = run.summary.get("setup", {}).get("metric", "score")
+    body = [f'<p class="note">Mask the {100 * masking["amount"]:.0f}% least important remaining heads, recompute '
+            f"importance, repeat while {escape(metric)} stays within {100 * masking['threshold']:.0f}% of the "
+            f"original ({_fmt(masking['original_score'])}). Kept: {masking['heads_remaining']} of "
+            f"{masking['heads_total']} heads, scoring {_fmt(masking['final_score'])}.</p>",
+            _readout("masking_curve")]
+    curve = svg.masking_curve(masking["curve"], metric=metric, threshold=masking.get("threshold_score"))
+    body.append(f'<div class="figure">{curve}</div>')
+    if "head_mask" in run.tables:
+        body.append("<h3>Final head mask (1 = kept, 0 = masked)</h3>" + _readout("head_mask") +
+                    '<div class="figure">' + svg.head_heatmap(np.asarray(run.tables["head_mask"]), table="head_mask",
+                                                              colormap="Blues", what="kept") + "</div>")
+    return "".join(body)
+
+
+def _sweep(run: RunFiles) -> str:
+    sweep = run.summary.get("sweep")
+    if not sweep or "sweep_delta" not in run.tables:
+        return ""
+    delta = np.asarray(run.tables["sweep_delta"])
+    kind = sweep["kind"]
+    row_title = "mask" if kind == "masks" else "layer"
+    figure = svg.head_heatmap(delta, table="sweep_delta", colormap="RdBu_r", centre=0.0, row_title=row_title,
+                              what=f"change of {sweep['metric']}")
+    harmful = ", ".join(f"{' '.join(f'{k} {v}' for k, v in entry.items() if k != 'delta')} "
+                        f"({entry['delta']:+.4g})" for entry in sweep.get("most_harmful", [])[:5])
+    direction = "higher is better" if sweep["higher_is_better"] else "lower is better"
+    return (f'<p class="note">{escape(sweep["metric"])} with each {kind[:-1]} masked minus the unmasked '
+            f"{_fmt(sweep['baseline_score'])} ({direction}; blue: it went down, red: up, white: no change). Most "
+            f"harmful to mask: {escape(harmful)}.</p>{_readout('sweep_delta')}<div class=\"figure\">{figure}</div>")
+
+
+def _pruning(run: RunFiles) -> str:
+    pruning = run.summary.get("pruning")
+    if not pruning:
+        return ""
+    before, after = pruning["parameters_before"], pruning["parameters_after"]
+    rows = [("heads pruned", f"{pruning['heads_pruned']} of {pruning.get('heads_total', '?')}"),
+            ("parameters", f"{before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)"),
+            ("score with the heads masked", _fmt(pruning["masked_score"], 6)),
+            ("score of the pruned model", _fmt(pruning["pruned_score"], 6)),
+            ("evaluation time, masked / pruned",
+             f"{pruning['masked_seconds']:.2f} s / {pruning['pruned_seconds']:.2f} s"),
+            ("saved to", pruning["model_dir"])]
+    return ('<p class="note">The masked heads are removed from the weights (rows of Q, K, V and columns of the '
+            "output projection); the pruned model must score what the masked model did.</p>" + _kv_table(rows))
+
+
+def _timings(summary: dict) -> str:
+    rows, known = [], 0.0
+    for label, section, key in (("importance + entropy + metric", "importance", "seconds"),
+                                ("attention patterns", "patterns", "seconds"),
+                                ("iterative masking", "masking", "seconds"),
+                                ("evaluation with the mask", "pruning", "masked_seconds"),
+                                ("evaluation of the pruned model", "pruning", "pruned_seconds"),
+                                ("sweep", "sweep", "seconds")):
+        value = summary.get(section, {}).get(key)
+        if value is not None:
+            rows.append((label, f"{value:.2f} s"))
+            known += value if section != "sweep" else 0.0
+    total = summary.get("seconds_total")
+    if total is not None:
+        if "sweep" not in summary:
+            rows.append(("loading, data, writing outputs", f"{max(total - known, 0.0):.2f} s"))
+        rows.append(("total", f"{total:.2f} s"))
+    return _kv_table(rows)
+
+
+def _cards(summary: dict) -> str:
+    setup = summary.get("setup", {})
+    cards = []
+    importance = summary.get("importance")
+    if importance:
+        cards.append((format_value(importance["metric"], 4), f"{setup.get('metric', 'metric')}, all heads"))
+    if summary.get("masking"):
+        masking = summary["masking"]
+        cards.append((f"{masking['heads_remaining']} / {masking['heads_total']}", "heads kept by masking"))
+    if summary.get("pruning"):
+        pruning = summary["pruning"]
+        cards.append((format_value(pruning["pruned_score"], 4), "score of the pruned model"))
+    if summary.get("sweep"):
+        sweep = summary["sweep"]
+        cards.append((format_value(sweep["baseline_score"], 4), f"{sweep['metric']}, unmasked"))
+        cards.append((str(sweep["masks"]), f"masks swept ({sweep['kind']})"))
+    if summary.get("seconds_total") is not None:
+        cards.append((f"{summary['seconds_total']:.0f} s", "total time"))
+    return '<div class="cards">' + "".join(f"<div class=\"card\"><b>{escape(v)}</b><span>{escape(k)}</span></div>"
+                                           for v, k in cards) + "</div>"
+
+
+def _run_details(summary: dict) -> str:
+    setup = summary.get("setup", {})
+    versions = summary.get("versions", {})
+    environment = [("command", summary.get("command")), ("date", str(summary.get("date", "")).replace("T", " ")),
+                   ("device", setup.get("device")), ("dtype", setup.get("dtype")),
+                   ("attention", setup.get("attention", setup.get("backend"))), ("platform", summary.get("platform")),
+                   *((name, version or "not installed") for name, version in versions.items())]
+    data = [("model", setup.get("model")), ("model directory", setup.get("model_dir")),
+            ("model type", setup.get("model_type")), ("task", setup.get("task")), ("data", setup.get("data")),
+            ("batches", f"{setup.get('batches')} of up to {setup.get('batch_size')} examples, at most "
+                        f"{setup.get('max_seq_length')} tokens each")]
+    labels = setup.get("labels")
+    if labels:
+        data.append(("labels -> class ids", ", ".join(f"{k} -> {v}" for k, v in labels["ids"].items())
+                     + f" ({labels['order']})"))
+    if setup.get("random_head"):
+        data.append(("random task head", ", ".join(setup["random_head"])))
+    options = sorted(summary.get("options", {}).items())
+    return ("<h3>Setup</h3>" + _kv_table(data) + "<h3>Environment</h3>" + _kv_table(environment)
+            + "<h3>Options</h3>" + _kv_table(options))
+
+
+def build_html(run: RunFiles) -> str:
+    """The whole page for ``run``."""
+    summary = run.summary
+    setup = summary.get("setup", {})
+    command = summary.get("command", "run")
+    sections = [(name, title, body) for name, title, body in _head_tables(run)]
+    for anchor, title, body in (("patterns", "Attention patterns", _patterns(run)),
+                                ("masking", "Iterative masking", _masking(run)),
+                                ("pruning", "Pruning", _pruning(run)),
+                                ("sweep", "Ablation sweep", _sweep(run))):
+        if body:
+            sections.append((anchor, title, body))
+    sections.append(("timings", "Timings", _timings(summary)))
+    sections.append(("run", "Run", _run_details(summary)))
+    nav = "".join(f'<a href="#{anchor}">{escape(title)}</a>' for anchor, title, _ in sections)
+    layers = next((t.shape for t in run.tables.values() if np.asarray(t).ndim == 2), None)
+    shape = f" · {layers[0]} layers × {layers[1]} heads" if layers else ""
+    title = f"fastbertology {command} — {setup.get('model_label', setup.get('model', ''))}"
+    return "".join([
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{escape(title)}</title><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<style>{STYLE}</style></head><body><main>",
+        f"<header><h1>{escape(title)}</h1><p class=\"lede\">{escape(_subtitle(setup))}{escape(shape)} · "
+        f"{escape(str(setup.get('device', '')))} · {escape(str(summary.get('date', '')).replace('T', ' '))}</p>",
+        f"{_cards(summary)}<nav>{nav}</nav></header>",
+        *(_section(anchor, title, body) for anchor, title, body in sections),
+        f"<script>{SCRIPT}</script></main></body></html>\n",
+    ])
+
