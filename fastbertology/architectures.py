@@ -35,7 +35,7 @@ from torch import nn
 
 __all__ = ["Architecture", "Stack", "Projections", "AttentionSite", "ARCHITECTURES", "REFUSED", "architecture",
            "supported_model_types", "transformer_layers", "attention_modules", "attention_sites", "heads_per_layer",
-           "kv_heads_per_layer", "attention_blocks", "row_applications", "row_parts"]
+           "kv_heads_per_layer", "attention_blocks", "row_applications", "row_parts", "row_attentions"]
 
 LAYOUTS = ("separate", "fused-conv1d", "fused-per-head", "fused-qkv")
 
@@ -181,6 +181,8 @@ class Architecture:
                          them, e.g. rotary ``position_embeddings``) that padding-free execution packs like the hidden
                          states.
     head_count:          config -> the original number of query heads of every row.
+    attention_outputs:   the fields of the model's output that hold the attention maps (``output_attentions``), in
+                         row order (see :func:`row_attentions`).
     """
 
     name: str
@@ -196,6 +198,7 @@ class Architecture:
     mask_arguments: tuple[tuple[str, str], ...] = (("head_mask", "all"),)
     packed_arguments: tuple[str, ...] = ()
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
+    attention_outputs: tuple[str, ...] = ("attentions",)
 
     def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
         """The current number of (query) heads of an attention module of this family (``block``: the module that
@@ -397,6 +400,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mask_arguments=(("head_mask", "encoder"), ("decoder_head_mask", "decoder"),
                         ("cross_attn_head_mask", "cross")),
         head_count=lambda config: config.encoder_attention_heads,
+        attention_outputs=("encoder_attentions", "decoder_attentions", "cross_attentions"),
     ),
 )
 
@@ -506,3 +510,15 @@ def row_applications(model: nn.Module) -> list[int]:
 def row_parts(model: nn.Module) -> list[str]:
     """For every row, what it is: ``"layers"``, ``"encoder"``, ``"decoder"`` or ``"cross"``."""
     return [site.part for site in attention_sites(model)]
+
+
+def row_attentions(model: nn.Module, output) -> list:
+    """The attention maps of a model output (``output_attentions=True``), one ``[B, H, N_q, N_k]`` tensor per row,
+    in row order (BART's encoder, decoder and cross-attention maps come in three fields)."""
+    maps = []
+    for name in architecture(model).attention_outputs:
+        field = getattr(output, name, None)
+        if field is None:
+            raise ValueError(f"the model output has no {name!r}: call the model with output_attentions=True")
+        maps.extend(field)
+    return maps

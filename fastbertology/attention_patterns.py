@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .architectures import row_attentions
 from .importance import require_patched
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -59,7 +60,7 @@ def attention_patterns(model, batch: dict, heads: Sequence[tuple[int, int]], row
     inputs = {key: batch[key].index_select(0, index) for key in MODEL_INPUTS if key in batch}
     width = max(int(inputs["attention_mask"].sum(1).max()), 1)
     inputs = {key: value[:, :width] for key, value in inputs.items()}
-    attentions = model(**inputs, output_attentions=True).attentions  # L x [B, H, N, N]
+    attentions = row_attentions(model, model(**inputs, output_attentions=True))  # rows x [B, H, N_q, N_k]
     patterns = []
     for i, row in enumerate(rows):
         length = int(inputs["attention_mask"][i].sum())
