@@ -265,13 +265,16 @@ def rectangular_attention(query, key, value, *, head_mask=None, key_padding_mask
                           return_probs=False):
     """Attention of ``N_q`` queries over ``N_k`` keys (cross-attention), in plain PyTorch and differentiable.
 
-    q ``[B, H, N_q, D]``, k, v ``[B, H, N_k, D]``; ``head_mask`` ``[H]`` or ``[B, H]`` multiplies each head's
+    q ``[B, H, N_q, D]``, k, v ``[B, H or H_kv, N_k, D]``; ``head_mask`` ``[H]`` or ``[B, H]`` multiplies each head's
     probabilities; ``key_padding_mask`` bool ``[B, N_k]`` (True = keep). Computes in float32 or wider. Returns
     ``(out [B, H, N_q, D], AttentionStats)`` with the statistics of the unmasked softmax, and the probabilities
     times the head mask with ``return_probs``. Rows that see no key get zeros.
     """
     acc = torch.promote_types(query.dtype, torch.float32)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if key.shape[1] != query.shape[1]:  # grouped key/value heads: query head h reads h // (H / H_kv)
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale  # [B, H, N_q, N_k]
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
