@@ -438,7 +438,7 @@ def hottest_loop(loops: list[Loop]) -> Loop | None:
 _ROLE_RE = re.compile(r"#\s*loop:\s*([\w-]+)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_roles(path: str) -> dict[int, str]:
     """``{line number: role}`` of the lines of a source file that carry a ``# loop: <role>`` marker."""
     try:

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _yardstick_attn_fwd(Q, K, V, Out, Lse, Ent,
                         stride_bh, stride_n, N, qk_scale,

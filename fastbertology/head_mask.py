@@ -16,7 +16,8 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
     if not isinstance(head_mask, torch.Tensor):
         raise ValueError(f"head_mask must be a torch.Tensor, got {type(head_mask).__name__}")
     if not head_mask.is_floating_point():
-        raise ValueError(f"head_mask must be a floating-point tensor (e.g. torch.ones(...)); got dtype {head_mask.dtype}")
+        raise ValueError(
+            f"head_mask must be a floating-point tensor (e.g. torch.ones(...)); got dtype {head_mask.dtype}")
     num_layers = len(heads_per_layer)
     if len(set(heads_per_layer)) > 1:
         raise ValueError(
@@ -25,7 +26,8 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
         )
     heads = heads_per_layer[0]
     if head_mask.device != device:
-        raise ValueError(f"head_mask is on {head_mask.device} but the model is on {device}; pass head_mask.to({str(device)!r})")
+        raise ValueError(
+            f"head_mask is on {head_mask.device} but the model is on {device}; pass head_mask.to({str(device)!r})")
     _check_finite(head_mask)
     shape = tuple(head_mask.shape)
     if shape == (heads,):

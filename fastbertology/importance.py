@@ -49,7 +49,8 @@ def require_patched(model) -> None:
     """Analyses need the patch: unpatched transformers 5 models silently ignore ``head_mask``."""
     if not is_patched(model):
         raise RuntimeError(
-            "this model is not patched: transformers 5 silently ignores head_mask. Call fastbertology.patch(model) first"
+            "this model is not patched: transformers 5 silently ignores head_mask. "
+            "Call fastbertology.patch(model) first"
         )
 
 

@@ -91,7 +91,7 @@ def apply_umask(directory) -> None:
     """Give every file (0666) and directory (0777) under ``directory``, itself included, the usual permissions
     minus the umask: some writers ignore it (safetensors' ``save_file`` creates its files 0600)."""
     mask = current_umask()
-    for root, directories, files in os.walk(directory):
+    for root, _directories, files in os.walk(directory):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)

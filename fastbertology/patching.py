@@ -208,7 +208,7 @@ class PatchState:
 # --------------------------------------------------------------------------------------------------------------
 # What the kernels take: grouped-query attention, sliding windows
 # --------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels_take_grouped_keys() -> bool:
     """Whether the attention kernels take fewer key/value heads than query heads (one tiny reference call)."""
     q = torch.zeros(1, 2, 1, 2)

@@ -566,8 +566,8 @@ def _renamed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     for key, tensor in state.items():
         name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
         if converted is not None:
-            raise ValueError(f"the checkpoint's {key} needs a weight conversion ({converted}) that load_pruned does not "
-                             "do; load the unpruned model with from_pretrained and prune it again")
+            raise ValueError(f"the checkpoint's {key} needs a weight conversion ({converted}) that load_pruned does "
+                             "not do; load the unpruned model with from_pretrained and prune it again")
         renamed[name] = tensor
     return renamed
 

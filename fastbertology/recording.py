@@ -78,7 +78,8 @@ class HeadStatistics:
             tensors.append(self.tokens[layer] if self.tokens[layer] is not None else zeros.new_zeros(()))
         reduced = sum_tensors(tensors) if tensors else []
         for position, layer in enumerate(layers):
-            self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = reduced[3 * position:3 * position + 3]
+            sums = reduced[3 * position:3 * position + 3]
+            self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = sums
 
     def token_count(self) -> int:
         """Non-padding query tokens seen (by the first layer that saw any)."""

@@ -26,8 +26,15 @@ from . import patch
 from .batching import check_token_ids, make_batches, move_batch
 from .data import align_label_names, check_class_labels, describe_labels, load_examples, read_glue
 from .kernels import resolve_backend, triton_available
-from .loading import (LoadingReport, check_model_dir, load_model, parse_dtype, resolve_device, resolve_model_path,
-                      usable_positions)
+from .loading import (
+    LoadingReport,
+    check_model_dir,
+    load_model,
+    parse_dtype,
+    resolve_device,
+    resolve_model_path,
+    usable_positions,
+)
 from .patching import heads_per_layer
 from .task_selection import MODEL_KINDS, check_task_options, make_task, objective_for
 

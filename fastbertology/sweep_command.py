@@ -27,8 +27,15 @@ from .mask_files import read_sweep_masks
 from .outputs import OutputDirectoryError, check_output_dir, check_writable_dir, write_npy
 from .run_setup import RunOptions, check_options, resolve_model, setup
 from .runs import default_output_dir, describe_setup, finish, new_summary, subtitle
-from .sweep_checkpoint import (CHECKPOINT, decode_state, encode_state, json_normal, read_checkpoint,
-                               validate_checkpoint, write_checkpoint)
+from .sweep_checkpoint import (
+    CHECKPOINT,
+    decode_state,
+    encode_state,
+    json_normal,
+    read_checkpoint,
+    validate_checkpoint,
+    write_checkpoint,
+)
 from .sweeps import ablation_sweep, steps_for, sweep_masks
 
 # Test hook: exit abruptly (as if killed) right after writing this many checkpoints.

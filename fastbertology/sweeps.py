@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .importance import examples_in, require_patched
 from .architectures import heads_per_layer, row_applications, transformer_layers
+from .importance import examples_in, require_patched
 from .patching import calls_so_far, current_application, current_packing
 
 __all__ = [

@@ -26,7 +26,8 @@ Tasks:
 * :class:`ClassificationTask` — ``model(...).logits [B, C]``, mean cross-entropy; accuracy, F1 (MRPC), Matthews
   correlation (CoLA).
 * :class:`RegressionTask` — ``logits [B, 1]``, mean squared error; Pearson correlation (STS-B).
-* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens; perplexity (lower is better).
+* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens;
+  perplexity (lower is better).
 * :class:`RetrievalTask` — sentence-embedding models (MiniLM): symmetric contrastive loss and accuracy@1 / MRR
   within fixed groups of examples, so results do not depend on the batch size.
 """
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 from .architectures import architecture
 
 __all__ = [
-    "TaskResult", "Task", "TaskProtocol", "sum_metric_states", "PredictedLogits", "ClassificationTask", "RegressionTask", "LanguageModelingTask", "RetrievalTask",
+    "TaskResult", "Task", "TaskProtocol", "sum_metric_states", "PredictedLogits", "ClassificationTask",
+    "RegressionTask", "LanguageModelingTask", "RetrievalTask",
     "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
     "confusion_metrics", "MODEL_INPUT_KEYS",
 ]
@@ -321,7 +323,8 @@ def _combined_moments(a: dict, b: dict) -> dict:
     dx, dy = b["mean_x"] - a["mean_x"], b["mean_y"] - a["mean_y"]
     return {
         "n": n, "mean_x": a["mean_x"] + dx * n_b / n, "mean_y": a["mean_y"] + dy * n_b / n,
-        "m2_x": a["m2_x"] + b["m2_x"] + dx * dx * n_a * n_b / n, "m2_y": a["m2_y"] + b["m2_y"] + dy * dy * n_a * n_b / n,
+        "m2_x": a["m2_x"] + b["m2_x"] + dx * dx * n_a * n_b / n,
+        "m2_y": a["m2_y"] + b["m2_y"] + dy * dy * n_a * n_b / n,
         "c_xy": a["c_xy"] + b["c_xy"] + dx * dy * n_a * n_b / n, "sse": a["sse"] + b["sse"],
     }
 

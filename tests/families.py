@@ -82,7 +82,8 @@ def _llama_outputs(model):
 
 FAMILIES = {
     "xlm-roberta": Family(
-        "xlm-roberta", lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**_encoder(pad_token_id=PAD))),
+        "xlm-roberta",
+        lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**_encoder(pad_token_id=PAD))),
         "classification", lambda m: [layer.attention.output.dense for layer in m.roberta.encoder.layer]),
     "electra": Family(
         "electra", lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(**_encoder(embedding_size=16))),
@@ -97,7 +98,8 @@ FAMILIES = {
         "albert", lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(**_encoder(
             embedding_size=16, num_hidden_groups=1, inner_group_num=2) | {"num_hidden_layers": 2})),
         "classification",
-        lambda m: [layer.attention.dense for _ in range(2) for layer in m.albert.encoder.albert_layer_groups[0].albert_layers]),
+        lambda m: [layer.attention.dense for _ in range(2)
+                   for layer in m.albert.encoder.albert_layer_groups[0].albert_layers]),
     "gpt_neox": Family(
         "gpt_neox", lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**_decoder(
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))),
@@ -202,7 +204,7 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
         heads = context.view(*context.shape[:-1], HEADS, -1)
         return ((heads * _row_mask(head_mask, row).to(context.dtype)).view(context.shape), *args[1:])
 
-    for key, rows_list in rows_of.items():
+    for _key, rows_list in rows_of.items():
         handles.append(projections[rows_list[0]].register_forward_pre_hook(scale))
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)

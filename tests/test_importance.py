@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from models import random_batch, reference_head_mask, tiny_model
 
 import fastbertology
 from fastbertology.importance import analyze_heads, evaluate_metric, normalize_importance
 from fastbertology.masking import heads_to_mask_next, iterative_masking, relative_quality
-from models import random_batch, reference_head_mask, tiny_model
 
 
 class ClassificationTask:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import MODEL_TYPES, model_loss, random_batch, reference_head_mask, retrieval_batches, tiny_model
 
 import fastbertology
 from fastbertology import patching
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.sweeps import ablation_sweep
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
-from models import MODEL_TYPES, model_loss, random_batch, reference_head_mask, retrieval_batches, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,7 +175,8 @@ def test_analyses_equal_padded(name):
     (a_batch, a_example, a_masked, a_sweep), (b_batch, b_example, b_masked, b_sweep) = results[True], results[False]
     for a, b in ((a_batch, b_batch), (a_example, b_example)):
         for field in ("raw_importance", "entropy", "max_prob"):
-            torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-10, rtol=1e-8, msg=field)  # float64 summation order
+            # float64 summation order
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-10, rtol=1e-8, msg=field)
         assert a.metric == pytest.approx(b.metric, abs=1e-12) and a.loss == pytest.approx(b.loss, abs=1e-12)
         assert a.tokens == b.tokens
     assert a_masked == pytest.approx(b_masked, abs=1e-12)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from models import MODEL_TYPES, model_loss, random_batch, reference_head_mask, tiny_model
 
 import fastbertology
-from models import MODEL_TYPES, model_loss, random_batch, reference_head_mask, tiny_model
 
 LENGTHS = [9, 5, 7]  # odd lengths, right padding
 

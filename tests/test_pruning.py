@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
+import models
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,6 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-import models
 from fastbertology.pruning import count_parameters, heads_to_prune_from_mask, load_pruned, prune_heads
 
 LAYERS, HEADS, HIDDEN, VOCAB = models.LAYERS, models.HEADS, models.HIDDEN, models.VOCAB

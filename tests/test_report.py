@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-
 from cli_models import save_tiny_classifier, write_csv
+
 from fastbertology.cli import main
 from fastbertology.report import build_html
 from fastbertology.report.run_files import RunFiles

@@ -11,6 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from cli_models import save_tiny_classifier, write_csv  # noqa: E402
+from models import MODEL_TYPES, random_batch, tiny_model  # noqa: E402
+
 import fastbertology  # noqa: E402
 from fastbertology.sweeps import (  # noqa: E402
     ablation_sweep,
@@ -25,9 +28,6 @@ from fastbertology.sweeps import (  # noqa: E402
     split_output,
 )
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask  # noqa: E402
-from cli_models import save_tiny_classifier, write_csv  # noqa: E402
-from models import MODEL_TYPES, random_batch, tiny_model  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -286,7 +286,7 @@ def test_retrieval_results_do_not_depend_on_batch_size(tokenizer):
         runs[batch_size] = (torch.cat([r.example_losses for r, _ in results]), accumulate(task, results))
     losses8, metrics8 = runs[8]
     assert metrics8["examples"] == 20 and metrics8["chance@1"] == pytest.approx((16 / 8 + 4 / 4) / 20)
-    for batch_size, (losses, metrics) in runs.items():
+    for _batch_size, (losses, metrics) in runs.items():
         torch.testing.assert_close(losses, losses8, rtol=1e-9, atol=1e-9)
         assert metrics == pytest.approx(metrics8)
     with pytest.raises(ValueError, match="multiple of group_size"):

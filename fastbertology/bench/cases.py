@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .names import ANALYSIS_MODES, MASKING_MODES, SWEEP_MODES  # noqa: F401 - re-exported
 from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
 
-from .names import ANALYSIS_MODES, MASKING_MODES, SWEEP_MODES  # noqa: F401 - re-exported
 KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES}
 
 

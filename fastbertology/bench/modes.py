@@ -35,11 +35,11 @@ from functools import partial
 import torch
 
 from .. import patch
+from ..architectures import heads_per_layer
 from ..importance import HeadAnalysis, analyze_heads
 from ..kernels import resolve_backend
 from ..loading import DTYPES
 from ..masking import iterative_masking
-from ..architectures import heads_per_layer
 from ..sweeps import SweepResult, ablation_sweep, single_head_masks
 from .cases import BenchCase
 from .reference import reference_analysis, reference_masking, reference_sweep

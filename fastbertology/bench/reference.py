@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..architectures import architecture, attention_modules, heads_per_layer
 from ..importance import IMPORTANCE_MODES, HeadAnalysis, examples_in, normalize_importance
 from ..masking import heads_to_mask_next, relative_quality
-from ..architectures import architecture, attention_modules, heads_per_layer
 from ..sweeps import SweepResult
 
 IMPLEMENTATION = "fastbertology_bench_reference"

@@ -17,8 +17,16 @@ from __future__ import annotations
 from .demo import demo_pairs
 from .examples import DataError, Example, ExampleList, read_text, subset
 from .labels import align_label_names, check_class_labels, describe_labels
-from .readers import (GLUE_TASKS, GlueTaskSpec, glue_spec, load_examples, read_csv, read_glue, read_jsonl,
-                      read_text_blocks)
+from .readers import (
+                      GLUE_TASKS,
+                      GlueTaskSpec,
+                      glue_spec,
+                      load_examples,
+                      read_csv,
+                      read_glue,
+                      read_jsonl,
+                      read_text_blocks,
+)
 
 __all__ = [
     "GLUE_TASKS", "DataError", "Example", "ExampleList", "GlueTaskSpec", "align_label_names", "check_class_labels",
