@@ -18,15 +18,17 @@ No weight gradients are computed: parameters are frozen for the duration of the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import heads_per_layer
 from .patching import is_patched
 from .recording import record
+from .tasks import TaskProtocol
 
 IMPORTANCE_MODES = ("per_batch", "per_example")
 
@@ -45,7 +47,7 @@ class HeadAnalysis:
     examples: int
 
 
-def require_patched(model) -> None:
+def require_patched(model: nn.Module) -> None:
     """Analyses need the patch: unpatched transformers 5 models silently ignore ``head_mask``."""
     if not is_patched(model):
         raise RuntimeError(
@@ -54,7 +56,7 @@ def require_patched(model) -> None:
         )
 
 
-def examples_in(task, batch: dict) -> int:
+def examples_in(task: TaskProtocol, batch: dict) -> int:
     """Number of examples in ``batch``: the rows of ``input_ids`` (or ``pixel_values``), else what
     ``task.batch_size`` says."""
     for key in ("input_ids", "pixel_values"):
@@ -63,7 +65,7 @@ def examples_in(task, batch: dict) -> int:
     return task.batch_size(batch)
 
 
-def full_head_mask(model, *, dtype=torch.float32) -> torch.Tensor:
+def full_head_mask(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A ``[L, H]`` mask of ones on the model's device (every layer must have the same number of heads)."""
     counts = heads_per_layer(model)
     if len(set(counts)) != 1:
@@ -73,7 +75,7 @@ def full_head_mask(model, *, dtype=torch.float32) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def frozen_parameters(model):
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     """Turn off ``requires_grad`` on every parameter inside the block (only mask gradients are needed)."""
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     try:
@@ -97,8 +99,8 @@ def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_min
     return importance
 
 
-def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tensor | None = None,
-                  importance: str = "per_batch", normalize_by_layer: bool = True, normalize_global: bool = True,
+def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
+                  head_mask: torch.Tensor | None = None, importance: str = "per_batch", normalize_by_layer: bool = True, normalize_global: bool = True,
                   progress: bool = False, reduce=None) -> HeadAnalysis:
     """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
 
@@ -156,8 +158,8 @@ def analyze_heads(model, batches: Iterable[dict], task, *, head_mask: torch.Tens
     )
 
 
-def evaluate_metric(model, batches: Iterable[dict], task, *, head_mask: torch.Tensor | None = None,
-                    progress: bool = False, desc: str = "evaluate") -> float:
+def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
+                    head_mask: torch.Tensor | None = None, progress: bool = False, desc: str = "evaluate") -> float:
     """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients."""
     require_patched(model)
     state = task.metric_state()

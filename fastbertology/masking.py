@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .importance import HeadAnalysis, analyze_heads, full_head_mask
+from .tasks import TaskProtocol
 
 
 @dataclass
@@ -39,7 +41,7 @@ def heads_to_mask_next(importance: torch.Tensor, mask: torch.Tensor, count: int)
     return order[:count]
 
 
-def iterative_masking(model, batches: Sequence[dict], task, *, masking_amount: float = 0.1,
+def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *, masking_amount: float = 0.1,
                       masking_threshold: float = 0.9, importance: str = "per_batch",
                       normalize_by_layer: bool = True, normalize_global: bool = True,
                       initial: HeadAnalysis | None = None, reduce=None, progress: bool = False) -> MaskingResult:

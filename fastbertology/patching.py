@@ -620,25 +620,25 @@ class PatchHandle:
         return False
 
 
-def current_packing(model) -> PackedBatch | None:
+def current_packing(model: torch.nn.Module) -> PackedBatch | None:
     """The packing of the stack running now in the model call in progress (None outside a call, or when that
     stack runs padded)."""
     state = getattr(model, "_fastbertology_state", None)
     return None if state is None else state.context.packed.get(state.context.stack)
 
 
-def current_application(model) -> int | None:
+def current_application(model: torch.nn.Module) -> int | None:
     """The layer application (over all stacks, in execution order) running now, or None outside a layer."""
     state = getattr(model, "_fastbertology_state", None)
     return None if state is None else state.context.application
 
 
-def calls_so_far(model) -> int:
+def calls_so_far(model: torch.nn.Module) -> int:
     """How many times the patched ``model`` (or its base model) has been called (the call in progress included)."""
     return model._fastbertology_state.calls
 
 
-def is_patched(model) -> bool:
+def is_patched(model: torch.nn.Module) -> bool:
     return getattr(model, "_fastbertology_state", None) is not None
 
 
@@ -677,7 +677,7 @@ def _hook_layers(state, undo) -> None:
                 undo.append(post.remove)
 
 
-def patch(model, backend: str = "auto", *, padding_free: bool = True) -> PatchHandle:
+def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool = True) -> PatchHandle:
     """Patch a loaded model of a supported family (:func:`fastbertology.architectures.supported_model_types`) in
     place; return a :class:`PatchHandle`.
 

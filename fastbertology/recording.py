@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,7 +88,7 @@ class HeadStatistics:
 
 
 @contextlib.contextmanager
-def record(model):
+def record(model: torch.nn.Module) -> Iterator[HeadStatistics]:
     """Accumulate per-head statistics over every forward pass of a patched ``model`` inside the block.
 
     >>> with fastbertology.record(model) as stats:

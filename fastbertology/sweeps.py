@@ -37,13 +37,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import heads_per_layer, row_applications, transformer_layers
 from .importance import examples_in, require_patched
 from .patching import calls_so_far, current_application, current_packing
+from .tasks import TaskProtocol
 
 __all__ = [
     "SweepResult", "SweepState", "MaskPass", "ablation_sweep", "evaluate_masks", "single_head_masks", "layer_masks",
@@ -57,7 +60,7 @@ SWEEP_KINDS = ("heads", "layers")
 # --------------------------------------------------------------------------------------------------------------
 # Replicating a batch k times and splitting the output: the task's own replicate / split
 # --------------------------------------------------------------------------------------------------------------
-def replicate_batch(task, batch: dict, k: int) -> dict:
+def replicate_batch(task: TaskProtocol, batch: dict, k: int) -> dict:
     """``batch`` of B examples -> a batch of k*B rows for ``task.forward`` (copy j = rows ``j*B .. (j+1)*B-1``).
 
     Give it a per-example head mask ``[k*B, L, H]`` whose rows ``j*B ..`` hold mask j, split the output with
@@ -67,7 +70,7 @@ def replicate_batch(task, batch: dict, k: int) -> dict:
     return _task_method(task, "replicate")(batch, k)
 
 
-def split_output(task, output, k: int) -> list:
+def split_output(task: TaskProtocol, output: Any, k: int) -> list:
     """Output of ``task.forward`` on :func:`replicate_batch`'s batch -> k outputs, one per copy."""
     return _task_method(task, "split")(output, k)
 
@@ -371,8 +374,8 @@ def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reu
             _accumulate(task, state, index, copy_output, batch)
 
 
-def evaluate_masks(model, batches: Sequence[dict], task, masks: torch.Tensor, *, masks_per_pass: int | None = None,
-                   reuse_prefix: bool = True, progress: bool = False, resume: SweepState | None = None,
+def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, masks: torch.Tensor, *,
+                   masks_per_pass: int | None = None, reuse_prefix: bool = True, progress: bool = False, resume: SweepState | None = None,
                    on_step: Callable[[SweepState], None] | None = None, steps: int | None = None,
                    reduce: Callable[[SweepState], SweepState] | None = None, kind: str = "masks") -> SweepResult:
     """The task metric of a patched ``model`` over ``batches`` under each of the head masks ``masks [M, L, H]``.
@@ -439,7 +442,7 @@ def evaluate_masks(model, batches: Sequence[dict], task, masks: torch.Tensor, *,
     )
 
 
-def sweep_masks(model, kind) -> tuple[str, torch.Tensor]:
+def sweep_masks(model: nn.Module, kind: str | torch.Tensor) -> tuple[str, torch.Tensor]:
     """``kind`` ``"heads"`` / ``"layers"`` / a ``[M, L, H]`` tensor -> ``(kind name, masks)``."""
     if isinstance(kind, str):
         counts = heads_per_layer(model)
@@ -452,7 +455,8 @@ def sweep_masks(model, kind) -> tuple[str, torch.Tensor]:
     return "masks", _check_masks(model, kind)
 
 
-def ablation_sweep(model, batches: Sequence[dict], task, *, kind="heads", masks_per_pass: int | None = None,
+def ablation_sweep(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *,
+                   kind: str | torch.Tensor = "heads", masks_per_pass: int | None = None,
                    reuse_prefix: bool = True, progress: bool = False, **options) -> SweepResult:
     """Score change when masking every single head (``kind="heads"``: L*H masks, result ``.table()`` ``[L, H]``),
     every layer (``"layers"``: L masks, ``[L]``) or each of the given masks (a ``[M, L, H]`` tensor, ``[M]``).
@@ -467,7 +471,8 @@ def ablation_sweep(model, batches: Sequence[dict], task, *, kind="heads", masks_
 # --------------------------------------------------------------------------------------------------------------
 # Reference loop and benchmark
 # --------------------------------------------------------------------------------------------------------------
-def naive_sweep(model, batches: Sequence[dict], task, masks: torch.Tensor) -> tuple[torch.Tensor, float, list[dict]]:
+def naive_sweep(model: nn.Module, batches: Sequence[dict], task: TaskProtocol,
+                masks: torch.Tensor) -> tuple[torch.Tensor, float, list[dict]]:
     """The reference: one full pass over the data per mask with an ``[L, H]`` mask. Returns ``(scores [M],
     baseline score, metric states)``."""
     require_patched(model)
@@ -486,7 +491,8 @@ def naive_sweep(model, batches: Sequence[dict], task, masks: torch.Tensor) -> tu
     return scores, float(task.compute_metric(baseline)), states
 
 
-def benchmark_sweep(model, batches: Sequence[dict], task, *, kind="heads", masks_per_pass: int | None = None,
+def benchmark_sweep(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *,
+                    kind: str | torch.Tensor = "heads", masks_per_pass: int | None = None,
                     repeats: int = 1) -> dict:
     """Time the naive loop (one full pass per mask, plus the baseline) against the batched sweep with and without
     prefix reuse, on the same model and data. Returns seconds (best of ``repeats``), ratios and the largest score
