@@ -18,7 +18,7 @@ No weight gradients are computed: parameters are frozen for the duration of the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +100,9 @@ def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_min
 
 
 def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
-                  head_mask: torch.Tensor | None = None, importance: str = "per_batch", normalize_by_layer: bool = True, normalize_global: bool = True,
-                  progress: bool = False, reduce=None) -> HeadAnalysis:
+                  head_mask: torch.Tensor | None = None, importance: str = "per_batch",
+                  normalize_by_layer: bool = True, normalize_global: bool = True, progress: bool = False,
+                  reduce: Callable[[dict], dict] | None = None) -> HeadAnalysis:
     """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
 
     model:     a patched model (:func:`fastbertology.patch`), in eval mode.

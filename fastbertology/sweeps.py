@@ -375,7 +375,8 @@ def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reu
 
 
 def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, masks: torch.Tensor, *,
-                   masks_per_pass: int | None = None, reuse_prefix: bool = True, progress: bool = False, resume: SweepState | None = None,
+                   masks_per_pass: int | None = None, reuse_prefix: bool = True, progress: bool = False,
+                   resume: SweepState | None = None,
                    on_step: Callable[[SweepState], None] | None = None, steps: int | None = None,
                    reduce: Callable[[SweepState], SweepState] | None = None, kind: str = "masks") -> SweepResult:
     """The task metric of a patched ``model`` over ``batches`` under each of the head masks ``masks [M, L, H]``.
