@@ -423,17 +423,22 @@ def _attn_probs(Q, K, HeadMask, KeyPad, KvEnd, Lse, P,
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Delta, MaskGrad,
+def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, MaskGrad,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_dob, stride_doh, stride_don, stride_dod,
                          H, N, blocks_per_row, small_mask,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         VARLEN: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, MASK_GRAD: tl.constexpr):
-    """``Delta = rowsum(dO * O)`` ``[B * H * N]`` float32 per query row; grid ``(cdiv(longest, BLOCK_M), S * H)``.
+                         VARLEN: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
+                         WRITE_LSE2: tl.constexpr):
+    """Per query row (all ``[B * H * N]`` float32), grid ``(cdiv(longest, BLOCK_M), S * H)``:
+    ``Delta = rowsum(dO * O) / mask`` (0 where the mask is 0; ``O = mask * P V``, so this is ``rowsum(dO * P V)``),
+    and with WRITE_LSE2 ``Lse2 = lse * log2(e) - log2 |mask|``, with which the dK/dV kernel recomputes
+    ``|mask| P`` at no cost (``lse * log2(e)`` where the mask is 0).
 
-    With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i / mask`` (``O = mask * P V``),
-    into ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
+    With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i``, into
+    ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
     """
+    LOG2E: tl.constexpr = 1.4426950408889634
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     seq = off_bh // H
@@ -449,38 +454,47 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Delta, MaskGrad,
                     offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
-    tl.store(Delta + row, delta, mask=offs_m < q_len)
-    if MASK_GRAD:
+    m_ok = offs_m < q_len
+    hm = 1.0
+    if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
+        delta = tl.where(hm != 0.0, delta / hm, 0.0)
+    tl.store(Delta + row, delta, mask=m_ok)
+    if WRITE_LSE2:
+        lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
+        if HAS_HEAD_MASK:
+            lse2 = lse2 - tl.log2(tl.where(hm != 0.0, tl.abs(hm), 1.0))
+        tl.store(Lse2 + row, lse2, mask=m_ok)
+    if MASK_GRAD:
         if tl.abs(hm) >= small_mask:
-            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0) / hm)
+            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0))
 
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                stride_qn, stride_qd, stride_don, stride_dod,
-               offs_n, offs_d, lo, hi, q_len, window, qk_scale, lse_shift, delta_scale,
+               offs_n, offs_d, lo, hi, q_len, window, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate ``dV += |mask| P^T dO`` and ``dK += |mask| dS^T Q`` (unscaled) over the query blocks ``[lo, hi)``
     of one query head for one key block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds, (causal) the
     diagonal and the window.
 
-    ``|mask| P^T = exp2(K Q^T * qk_scale - lse2 + lse_shift)`` (``lse_shift = log2 |mask|``: the head mask costs
-    nothing here); ``dS^T = P^T (V dO^T - Delta / mask)`` (``delta_scale`` = 1 / mask). Query rows past the
-    sequence read as zeros (dO = Delta = 0), so they add nothing.
+    ``|mask| P^T = exp2(K Q^T * qk_scale - Lse2)`` with ``Lse2 = lse * log2(e) - log2 |mask|`` and
+    ``dS^T = P^T (V dO^T - Delta)`` with ``Delta = rowsum(dO * O) / mask``, both per query row from
+    ``_attn_bwd_preprocess``: the head mask costs nothing here. Query rows past the sequence read as zeros
+    (dO = Delta = 0), so they add nothing.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, offs_m, stride_qn, offs_d, stride_qd, q_len, HEAD_DIM, BLOCK_D, EDGE)
         do = _load_rows(do_base, offs_m, stride_don, offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, EDGE)
         if EDGE:
-            lse2 = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E - lse_shift
-            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0) * delta_scale
+            lse2 = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         else:
-            lse2 = tl.load(lse_base + offs_m) * LOG2E - lse_shift
-            delta = tl.load(delta_base + offs_m) * delta_scale
+            lse2 = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
         # recompute |mask| P^T [BLOCK_N, BLOCK_M]
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
@@ -495,7 +509,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta, DK, DV,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -514,8 +528,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
     strides ``stride_g*``: the key/value tensors' shape when a program covers a whole group, per-program partial
     sums otherwise (added by the launcher).
 
-    The head mask enters through ``log2 |mask|`` in the exponent of ``P`` (free); the accumulators hold the sum
-    times the sign of the last head's mask, negated when a head of the other sign follows (outside the loops).
+    Lse2 and Delta ``[B * H * N]`` come from ``_attn_bwd_preprocess``: the head mask enters through
+    ``log2 |mask|`` in the exponent of ``P`` and ``Delta / mask`` (free); the accumulators hold the sum times the
+    sign of the last head's mask, negated when a head of the other sign follows (outside the loops).
     """
     # -- stage 0: the (sequence, query heads, key block) of this program; load the K, V block of their kv head
     start_n = tl.program_id(0) * BLOCK_N
@@ -550,10 +565,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
         if HAS_HEAD_MASK:
             hm = tl.load(HeadMask + off_bh)
         if (start_n < k_len) & (hm != 0.0):
-            delta_scale = 1.0 / hm
-            lse_shift = 0.0
             if HAS_HEAD_MASK:
-                lse_shift = tl.log2(tl.abs(hm))
                 sign = tl.where(hm > 0.0, 1.0, -1.0)
                 if sign * acc_sign < 0.0:  # a head whose mask has the other sign: flip what was summed
                     dk = -dk
@@ -563,17 +575,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
             do_base = _base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don)
             stats = (batch_row.to(tl.int64) * H + off_h) * N + row0
             if CAUSAL or WINDOW:
-                dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: edge
+                dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
                                     stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                    lo, interior_lo, q_len, window, qk_scale, lse_shift, delta_scale,
+                                    lo, interior_lo, q_len, window, qk_scale,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PRECISION)
-            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: interior
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: interior
                                 stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                interior_lo, interior_hi, q_len, window, qk_scale, lse_shift, delta_scale,
+                                interior_lo, interior_hi, q_len, window, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PRECISION)
-            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: edge
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
                                 stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                interior_hi, hi, q_len, window, qk_scale, lse_shift, delta_scale,
+                                interior_hi, hi, q_len, window, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, DOT_PRECISION)
 
     # -- stage 2: scale, zero the keys nobody sees, store
@@ -677,7 +689,7 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     # -- stage 1: key blocks, (WINDOW: the window's lower edge,) interior then edge; dS = P (dO V^T - Delta / mask)
     if COMPUTE_DQ:
         if hm != 0.0:
-            delta = tl.load(Delta + row, mask=m_ok, other=0.0) / hm
+            delta = tl.load(Delta + row, mask=m_ok, other=0.0)  # rowsum(dO * O) / mask
             if WINDOW:
                 dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: edge
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
@@ -864,16 +876,18 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     key_pad, kv_end, cu_seqlens = layout.pointers()
     rows = layout.sequences * heads
     mask_arg = mask_sh if has_mask else lse
-    # -- stage 1: Delta, and the head-mask gradient of heads whose mask is not small
+    # -- stage 1: Delta / mask, lse * log2(e) - log2 |mask| (for dK, dV), and the head-mask gradient of heads whose
+    #    mask is not small
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta) if need_dkdv else delta
     pre_blocks = triton.cdiv(layout.longest, cfg.preprocess.block_m)
     pre_grad = torch.zeros((rows, pre_blocks), dtype=torch.float32, device=q.device) if need_mask else delta
     _attn_bwd_preprocess[(pre_blocks, rows)](
-        out, grad_out, mask_arg, kv_end, cu_seqlens, delta, pre_grad,
+        out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, pre_grad,
         *out.stride(), *grad_out.stride(),
         heads, seq, pre_blocks, _SMALL_MASK,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess.block_m, VARLEN=layout.varlen,
-        HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask,
+        HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask, WRITE_LSE2=need_dkdv,
     )
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=layout.varlen,
                   HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, WINDOW=layout.has_window,
@@ -891,7 +905,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
                                   device=k.device) for _ in range(2))
         grid = (key_blocks, layout.sequences * (heads // per_program))
         _attn_bwd_dkdv[grid](
-            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta, dk, dv,
+            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
             heads, seq, group, per_program, layout.window_arg, scale * _LOG2E, scale,
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
