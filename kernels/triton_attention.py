@@ -567,9 +567,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
         if (start_n < k_len) & (hm != 0.0):
             if HAS_HEAD_MASK:
                 sign = tl.where(hm > 0.0, 1.0, -1.0)
-                if sign * acc_sign < 0.0:  # a head whose mask has the other sign: flip what was summed
-                    dk = -dk
-                    dv = -dv
+                flip = tl.where(sign * acc_sign < 0.0, -1.0, 1.0)  # a head of the other sign: flip the sums
+                dk = dk * flip
+                dv = dv * flip
                 acc_sign = sign
             q_base = _base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn)
             do_base = _base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don)
