@@ -96,18 +96,15 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(calls: list, arch: int, dkdv_heads=None):
+def _recording(calls: list, arch: int):
     """Inside the block the launchers record their kernel launches into ``calls`` and use the GPU configs of
-    ``arch``; ``dkdv_heads(group)`` (if given) stands in for the launcher's choice of query heads per dK/dV
-    program, which depends on the batch and the GPU's SM count."""
-    saved = {name: getattr(ta, name) for name in (*KERNELS, "configs_for", "_dkdv_heads_per_program")}
+    ``arch``."""
+    saved = {name: getattr(ta, name) for name in (*KERNELS, "configs_for")}
     try:
         for name in KERNELS:
             setattr(ta, name, _Recorder(name, calls))
         ta.configs_for = lambda device, block_d, dtype, **options: ta.gpu_configs(block_d, dtype, arch=arch,
                                                                                   **options)
-        if dkdv_heads is not None:
-            ta._dkdv_heads_per_program = lambda group, programs, device: dkdv_heads(group)
         yield
     finally:
         for name, value in saved.items():
@@ -136,29 +133,18 @@ def _inputs(case: Case, shape: Shape):
     return q, k, v, grad_out, layout, mask
 
 
-def dkdv_choices(group: int) -> tuple[int, ...]:
-    """The query heads per dK/dV program the launcher can pick for a group: the whole group (sums straight into
-    dK, dV), a divisor in between (a head loop and float32 partial sums), one (partial sums only); see
-    ``_dkdv_heads_per_program`` in ``kernels/triton_attention.py``."""
-    between = [d for d in range(group - 1, 1, -1) if group % d == 0]
-    return tuple(dict.fromkeys((group, *between[:1], 1)))
-
-
 def recorded_launches(case: Case, shape: Shape, arch: int = 90) -> list[tuple[str, tuple, dict]]:
     """Every kernel launch of one forward (with the probabilities where the layout allows them) and backward of
     ``case`` on ``arch``, and of the backward that only needs the head-mask gradient: ``(kernel name, args,
-    kwargs)``. With grouped-query attention, the backward once per choice of :func:`dkdv_choices`."""
+    kwargs)``."""
     q, k, v, grad_out, layout, mask = _inputs(case, shape)
     scale = case.head_dim**-0.5
     calls: list = []
-    need_mask = case.head_mask == "grad"
     with _recording(calls, arch):
         out, lse, *_ = ta._forward(q, k, v, mask, layout, case.causal, scale, case.layout != "packed")
-    for heads in dkdv_choices(case.group):
-        with _recording(calls, arch, dkdv_heads=lambda group, heads=heads: heads):
-            ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, True, True, need_mask)
-    if need_mask:
-        with _recording(calls, arch):
+        need_mask = case.head_mask == "grad"
+        ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, True, True, need_mask)
+        if need_mask:
             ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, False, False, True)
     return calls
 
@@ -168,17 +154,10 @@ _ARG_NAMES = {}
 
 def launch_flags(name: str, args: tuple) -> list[str]:
     """Flags of a launch that its constexprs do not show: ``gqa`` (key/value heads shared by ``group > 1`` query
-    heads), and for dK/dV ``heads`` (a program sums several query heads) and ``partials`` (float32 partial sums
-    added after the kernel)."""
+    heads: a runtime argument, specialised by the JIT only when it is 1)."""
     if name not in _ARG_NAMES:
         _ARG_NAMES[name] = list(inspect.signature(getattr(ta, name).fn).parameters)
-    values = dict(zip(_ARG_NAMES[name], args))
-    group = values.get("group", 1)
-    flags = ["gqa"] * (group > 1)
-    if "heads_per_program" in values:
-        per_program = values["heads_per_program"]
-        flags += ["heads"] * (per_program > 1) + ["partials"] * (per_program < group)
-    return flags
+    return ["gqa"] * (dict(zip(_ARG_NAMES[name], args)).get("group", 1) > 1)
 
 
 def _spec_argument(value):

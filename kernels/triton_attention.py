@@ -432,8 +432,7 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
                          WRITE_LSE2: tl.constexpr):
     """Per query row (all ``[B * H * N]`` float32), grid ``(cdiv(longest, BLOCK_M), S * H)``:
     ``Delta = rowsum(dO * O) / mask`` (0 where the mask is 0; ``O = mask * P V``, so this is ``rowsum(dO * P V)``),
-    and with WRITE_LSE2 ``Lse2 = lse * log2(e) - log2 |mask|``, with which the dK/dV kernel recomputes
-    ``|mask| P`` at no cost (``lse * log2(e)`` where the mask is 0).
+    and with WRITE_LSE2 ``Lse2 = lse * log2(e)``: what the dK/dV loop reads, as it is, per query block.
 
     With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i``, into
     ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
@@ -461,10 +460,7 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
         delta = tl.where(hm != 0.0, delta / hm, 0.0)
     tl.store(Delta + row, delta, mask=m_ok)
     if WRITE_LSE2:
-        lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
-        if HAS_HEAD_MASK:
-            lse2 = lse2 - tl.log2(tl.where(hm != 0.0, tl.abs(hm), 1.0))
-        tl.store(Lse2 + row, lse2, mask=m_ok)
+        tl.store(Lse2 + row, tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E, mask=m_ok)
     if MASK_GRAD:
         if tl.abs(hm) >= small_mask:
             tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0))
@@ -476,14 +472,12 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                offs_n, offs_d, lo, hi, q_len, window, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate ``dV += |mask| P^T dO`` and ``dK += |mask| dS^T Q`` (unscaled) over the query blocks ``[lo, hi)``
-    of one query head for one key block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds, (causal) the
-    diagonal and the window.
+    """Accumulate ``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over the query blocks ``[lo, hi)`` of one key
+    block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds, (causal) the diagonal and the window.
 
-    ``|mask| P^T = exp2(K Q^T * qk_scale - Lse2)`` with ``Lse2 = lse * log2(e) - log2 |mask|`` and
-    ``dS^T = P^T (V dO^T - Delta)`` with ``Delta = rowsum(dO * O) / mask``, both per query row from
-    ``_attn_bwd_preprocess``: the head mask costs nothing here. Query rows past the sequence read as zeros
-    (dO = Delta = 0), so they add nothing.
+    ``P^T = exp2(K Q^T * qk_scale - Lse2)`` and ``dS^T = P^T (V dO^T - Delta)``, with ``Lse2 = lse * log2(e)`` and
+    ``Delta = rowsum(dO * O) / mask`` per query row from ``_attn_bwd_preprocess``. Query rows past the sequence
+    read as zeros (dO = Delta = 0), so they add nothing.
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -495,7 +489,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         else:
             lse2 = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        # recompute |mask| P^T [BLOCK_N, BLOCK_M]
+        # recompute P^T [BLOCK_N, BLOCK_M]
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         if EDGE:
@@ -516,29 +510,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_gb, stride_gh, stride_gn, stride_gd,
                    stride_pb, stride_pn,
-                   H, N, group, heads_per_program, window, qk_scale, sm_scale,
+                   H, N, group, window, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
                    HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK, dV of one key block of one key/value head of one sequence, summed over ``heads_per_program`` query
-    heads of its group (``group`` query heads per key/value head), looping over the heads and their query blocks;
-    grid ``(cdiv(longest, BLOCK_N), S * H / heads_per_program)``. ``dV = sum_h mask_h P_h^T dO_h``,
-    ``dK = scale * sum_h mask_h dS_h^T Q_h``, in the order of the heads (deterministic); keys that are padding (or
-    past a padded row's last key) get zeros. DK and DV ``[B, H / heads_per_program, N, HEAD_DIM]`` share the
-    strides ``stride_g*``: the key/value tensors' shape when a program covers a whole group, per-program partial
-    sums otherwise (added by the launcher).
+    """dK, dV of one key block for one (sequence, query head), looping over query blocks; grid
+    ``(cdiv(longest, BLOCK_N), S * H)``. ``dV = mask * P^T dO``, ``dK = scale * mask * dS^T Q`` with K, V from
+    key/value head ``head // group``; keys that are padding (or past a padded row's last key) get zeros. DK and DV
+    ``[B, H, N, HEAD_DIM]`` share the strides ``stride_g*``: dK and dV themselves (``group = 1``), or the float32
+    per-query-head terms that the launcher sums over each group (grouped-query attention).
 
-    Lse2 and Delta ``[B * H * N]`` come from ``_attn_bwd_preprocess``: the head mask enters through
-    ``log2 |mask|`` in the exponent of ``P`` and ``Delta / mask`` (free); the accumulators hold the sum times the
-    sign of the last head's mask, negated when a head of the other sign follows (outside the loops).
+    Lse2 and Delta ``[B * H * N]`` come from ``_attn_bwd_preprocess`` (``lse * log2(e)`` and ``rowsum(dO * O) /
+    mask``), so that the loops spend nothing on the head mask.
     """
-    # -- stage 0: the (sequence, query heads, key block) of this program; load the K, V block of their kv head
+    # -- stage 0: the (sequence, query head, key block) of this program; load the K, V block of its kv head
     start_n = tl.program_id(0) * BLOCK_N
-    programs = H // heads_per_program  # programs of one sequence along the grid's second axis
-    seq = tl.program_id(1) // programs
-    off_p = tl.program_id(1) % programs
-    head0 = off_p * heads_per_program
-    off_kvh = _kv_head(head0, group)
+    off_bh = tl.program_id(1)
+    seq = off_bh // H
+    off_h = off_bh % H
+    off_kvh = _kv_head(off_h, group)
     batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
     n_rows = N  # rows to store: a padded row stores zeros for its padding keys, a packed sequence only its own
     if VARLEN:
@@ -551,57 +541,44 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
                    stride_kd, k_len, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(_base(V, batch_row, off_kvh, row0, stride_vb, stride_vh, stride_vn), offs_n, stride_vn, offs_d,
                    stride_vd, k_len, HEAD_DIM, BLOCK_D, True)
+    hm = 1.0
+    if HAS_HEAD_MASK:
+        hm = tl.load(HeadMask + off_bh)
+    q_base = _base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn)
+    do_base = _base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don)
+    stats = (batch_row.to(tl.int64) * H + off_h) * N + row0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    acc_sign = tl.full([], 0.0, tl.float32)  # sign of the mask of the heads summed so far (0: none yet)
-    lo, interior_lo, interior_hi, hi = _query_blocks(start_n, q_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
 
-    # -- stage 1: per query head of the program, its query blocks: (causal or WINDOW) the diagonal / the window's
-    #    lower edge (edge), the blocks that see the whole key block (interior), the rest (edge)
-    for g in range(0, heads_per_program):
-        off_h = head0 + g
-        off_bh = seq * H + off_h
-        hm = 1.0
-        if HAS_HEAD_MASK:
-            hm = tl.load(HeadMask + off_bh)
-        if (start_n < k_len) & (hm != 0.0):
-            if HAS_HEAD_MASK:
-                sign = tl.where(hm > 0.0, 1.0, -1.0)
-                flip = tl.where(sign * acc_sign < 0.0, -1.0, 1.0)  # a head of the other sign: flip the sums
-                dk = dk * flip
-                dv = dv * flip
-                acc_sign = sign
-            q_base = _base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn)
-            do_base = _base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don)
-            stats = (batch_row.to(tl.int64) * H + off_h) * N + row0
-            if CAUSAL or WINDOW:
-                dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
-                                    stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                    lo, interior_lo, q_len, window, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PRECISION)
-            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: interior
-                                stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                interior_lo, interior_hi, q_len, window, qk_scale,
-                                HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PRECISION)
+    # -- stage 1: query blocks: (causal or WINDOW) the diagonal / the window's lower edge (edge), the blocks that see
+    #    the whole key block (interior), the rest (edge: the window's upper edge, the last partial block). Query
+    #    blocks that see none of the keys are not visited.
+    if (start_n < k_len) & (hm != 0.0):
+        lo, interior_lo, interior_hi, hi = _query_blocks(start_n, q_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        if CAUSAL or WINDOW:
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
                                 stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                interior_hi, hi, q_len, window, qk_scale,
-                                HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, DOT_PRECISION)
+                                lo, interior_lo, q_len, window, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PRECISION)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: interior
+                            stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
+                            interior_lo, interior_hi, q_len, window, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PRECISION)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
+                            stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
+                            interior_hi, hi, q_len, window, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, DOT_PRECISION)
 
     # -- stage 2: scale, zero the keys nobody sees, store
     keep_n = offs_n < k_len
     if HAS_KEY_PAD:
         kp = tl.load(KeyPad + batch_row.to(tl.int64) * stride_pb + offs_n * stride_pn, mask=keep_n, other=0)
         keep_n = keep_n & (kp != 0)
-    if HAS_HEAD_MASK:
-        dk = tl.where(keep_n[:, None], dk * (sm_scale * acc_sign), 0.0)
-        dv = tl.where(keep_n[:, None], dv * acc_sign, 0.0)
-    else:
-        dk = tl.where(keep_n[:, None], dk * sm_scale, 0.0)
-        dv = tl.where(keep_n[:, None], dv, 0.0)
-    g_base = _base(DK, batch_row, off_p, row0, stride_gb, stride_gh, stride_gn)
+    dk = tl.where(keep_n[:, None], dk * (sm_scale * hm), 0.0)
+    dv = tl.where(keep_n[:, None], dv * hm, 0.0)
+    g_base = _base(DK, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn)
     _store_rows(g_base, offs_n, stride_gn, offs_d, stride_gd, n_rows, dk.to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D)
-    g_base = _base(DV, batch_row, off_p, row0, stride_gb, stride_gh, stride_gn)
+    g_base = _base(DV, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn)
     _store_rows(g_base, offs_n, stride_gn, offs_d, stride_gd, n_rows, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
 
 
@@ -804,26 +781,6 @@ def _configs(q: torch.Tensor, layout: _Layout, causal: bool) -> AttentionConfigs
     return configs_for(q.device, _block_d(q.shape[3]), q.dtype, max_seqlen=layout.longest, causal=causal)
 
 
-def _dkdv_min_programs(device: torch.device) -> int:
-    """dK/dV programs a launch should have at least: one per SM of the GPU (1 on the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _dkdv_heads_per_program(group: int, kv_programs: int, device: torch.device) -> int:
-    """Query heads one dK/dV program sums over: the whole group (``group``; K, V read once, the sums written
-    straight into dK, dV), or, when the ``kv_programs`` programs of one per (key block, kv head, sequence) cannot
-    fill the GPU (MQA and few sequences), the largest divisor of the group that gives at least
-    :func:`_dkdv_min_programs` programs (float32 partial sums per program, added by torch). Depends on shapes and
-    the device only, never on timing: results are reproducible."""
-    wanted = _dkdv_min_programs(device)
-    for per_program in sorted((d for d in range(1, group + 1) if group % d == 0), reverse=True):
-        if kv_programs * (group // per_program) >= wanted:
-            return per_program
-    return 1
-
-
 def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     """Launch ``_attn_fwd`` (and ``_attn_probs``). Returns ``(out, lse, entropy, max_prob, probs or None)``;
     ``mask_sh`` is None or float32 contiguous ``[S, H]``; ``k, v`` have ``H / group`` heads."""
@@ -876,8 +833,8 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     key_pad, kv_end, cu_seqlens = layout.pointers()
     rows = layout.sequences * heads
     mask_arg = mask_sh if has_mask else lse
-    # -- stage 1: Delta / mask, lse * log2(e) - log2 |mask| (for dK, dV), and the head-mask gradient of heads whose
-    #    mask is not small
+    # -- stage 1: Delta / mask, lse * log2(e) (for dK, dV), and the head-mask gradient of heads whose mask is not
+    #    small
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta) if need_dkdv else delta
     pre_blocks = triton.cdiv(layout.longest, cfg.preprocess.block_m)
@@ -893,27 +850,23 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
                   HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, WINDOW=layout.has_window,
                   DOT_PRECISION=precision)
     dq = dk = dv = None
-    # -- stage 2: dK, dV: one program per (key block, kv head, heads_per_program query heads of its group)
+    # -- stage 2: dK, dV; grouped-query attention: per query head, summed over each group by torch (fixed order)
     if need_dkdv:
-        key_blocks = triton.cdiv(layout.longest, cfg.dkdv.block_n)
-        per_program = _dkdv_heads_per_program(group, key_blocks * layout.sequences * kv_heads, q.device)
-        if per_program == group:  # the group's sums straight into dK, dV
+        if group == 1:
             dk = torch.empty_like(k)
             dv = torch.empty_like(dk)  # dK and dV share strides in the kernel
-        else:  # float32 partial sums [B, H / per_program, N, D], added below in a fixed order
-            dk, dv = (torch.empty((k.shape[0], heads // per_program, seq, head_dim), dtype=torch.float32,
-                                  device=k.device) for _ in range(2))
-        grid = (key_blocks, layout.sequences * (heads // per_program))
+        else:  # float32 [B, H, N, D] terms of every query head
+            dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        grid = (triton.cdiv(layout.longest, cfg.dkdv.block_n), rows)
         _attn_bwd_dkdv[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
-            heads, seq, group, per_program, layout.window_arg, scale * _LOG2E, scale,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale,
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
             **cfg.dkdv.launch_options(),
         )
-        if per_program != group:
-            splits = group // per_program
-            dk, dv = (t.view(t.shape[0], kv_heads, splits, seq, head_dim).sum(2).to(k.dtype) for t in (dk, dv))
+        if group > 1:
+            dk, dv = (t.view(batch, kv_heads, group, seq, head_dim).sum(2).to(k.dtype) for t in (dk, dv))
     # -- stage 3: dQ, and the head-mask gradient of heads whose mask is (near) 0
     dq_grad = None
     if need_dq or need_mask:
