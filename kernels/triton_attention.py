@@ -457,7 +457,7 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
-        delta = tl.where(hm != 0.0, delta / hm, 0.0)
+        delta = delta / tl.where(hm != 0.0, hm, 1.0)  # O = 0 where the mask is 0
     tl.store(Delta + row, delta, mask=m_ok)
     if WRITE_LSE2:
         tl.store(Lse2 + row, tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E, mask=m_ok)
