@@ -3,25 +3,36 @@
 :func:`attention_triton` implements the contract of :func:`fastbertology.kernels.attention` (see
 ``kernels/__init__.py``), for padded batches ``[B, H, N, D]`` and for packed sequences ``[1, H, T, D]``
 (:class:`~fastbertology.kernels.Packing`, one program per query block of a sequence, as FlashAttention's variable
-length kernels). Every program works on one *sequence* (a batch row, or a packed sequence) and one head.
+length kernels). Every program works on one *sequence* (a batch row, or a packed sequence) and one query head.
+Grouped-query attention (``k, v`` with ``H_kv`` heads, ``group = H / H_kv``): query head ``h`` reads key/value
+head ``h // group`` in place (only the K/V base pointers change; ``group`` is a runtime argument that the JIT
+specialises away when it is 1).
 
 * forward (``_attn_fwd``): online softmax over the key blocks that keeps the running max ``m``,
   ``l = sum_j exp(s_j - m)`` and ``u = sum_j exp(s_j - m) (s_j - m)``, so that ``lse = m + log l``,
   ``entropy = log l - u / l`` and ``max_prob = 1 / l`` come out of the same pass as ``out = mask * P V``;
   ``u`` costs one multiply-add per score, on the ``exp2`` argument itself. No ``N x N`` tensor is stored. The
   probabilities, times the head mask and in the output dtype, are written by ``_attn_probs`` only on request.
-* backward: ``_attn_bwd_preprocess`` computes ``Delta = rowsum(dO * O)``; ``_attn_bwd_dkdv`` (one program per
-  key block, looping over query blocks) and ``_attn_bwd_dq`` (one program per query block, looping over key
-  blocks) recompute ``P`` from the saved log-sum-exp.
+* backward: ``_attn_bwd_preprocess`` computes ``Delta = rowsum(dO * O) / mask`` and ``lse * log2(e)`` per query
+  row; ``_attn_bwd_dkdv`` (one program per key block and query head, looping over query blocks) and
+  ``_attn_bwd_dq`` (one program per query block, looping over key blocks) recompute ``P`` from them. With
+  grouped-query attention dK/dV programs write float32 per-query-head terms that torch sums over each group (in
+  a fixed order: deterministic, no atomics). One program summing its whole group would read K, V once and need no
+  partial buffer, but the kernel report shows its nested loops cost 50-70 more registers per thread (240-255 at
+  head dim 64/128 on sm_90, spills at bf16/fp16 D128 on sm_90 and fp32 on sm_80), where per-head programs keep
+  the multi-head kernel's registers (+13 at most) and interior loop.
 * head-mask gradient ``dL/dmask = sum_i sum_d dO (P V)``, reduced inside the kernels into per-program partial sums
   (then summed by torch; deterministic, no atomics). Where the mask is not 0, ``P V = O / mask`` and the gradient
   is ``sum_i Delta_i / mask`` (the preprocess kernel sums it); where it is 0 (or tiny), ``_attn_bwd_dq`` computes
   ``sum_j P_ij (dO_i . V_j)`` in its key loop. No extra output tensor is stored for it.
 
 Masks only where they matter: the key loops are split into *interior* blocks, where every query of the block sees
-every key (no bounds checks, no causal compare, no ``where``), and *edge* blocks: the causal diagonal and the last,
-partial block of a sequence. A key padding mask with holes (padded batches only; packing removes padding) puts
-every block on the edge path. A masked score is a large finite negative number, so that no second ``where`` is
+every key (no bounds checks, no causal compare, no window, no ``where``), and *edge* blocks: the causal diagonal,
+the last, partial block of a sequence, and with a sliding window the blocks crossed by the window's edges. A
+sliding window (query i sees keys ``i - window < j``, and ``j < i + window`` when not causal) moves the loop bounds:
+key blocks entirely outside every query's window are never visited (the key loop starts at the block of the first
+query's first key), and the query loops of dK/dV likewise. A key padding mask with holes (padded batches only;
+packing removes padding) puts every block on the edge path. A masked score is a large finite negative number, so that no second ``where`` is
 needed for ``u``; rows that saw no key at all are recognised by their running max and get zeros.
 
 Scores are handled in base 2 inside the kernels (``s2 = s * scale * log2(e)``, ``exp2``); statistics are returned
@@ -138,26 +149,32 @@ def _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL: tl.cons
     if HAS_KEY_PAD:
         kp = tl.load(kp_base + offs_n * stride_pn, mask=offs_n < k_len, other=0)
         keep = keep & (kp != 0)[None, :]
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None])
     if WINDOW:
-        keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
-        if not CAUSAL:
-            keep = keep & (offs_n[None, :] < offs_m[:, None] + window)
+        keep = keep & _in_window(offs_m[:, None] - offs_n[None, :], window, CAUSAL)
+    elif CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
     return keep
+
+
+@triton.jit
+def _in_window(distance, window, CAUSAL: tl.constexpr):
+    """``distance = i - j`` (query minus key position) lies in the window: ``0 <= distance < window`` (CAUSAL) or
+    ``|distance| < window``; one unsigned compare each (negative values wrap to large ones)."""
+    if CAUSAL:
+        inside = distance.to(tl.uint32, bitcast=True) < window
+    else:
+        inside = (distance + (window - 1)).to(tl.uint32, bitcast=True) < 2 * window - 1
+    return inside
 
 
 @triton.jit
 def _query_keep(offs_n, offs_m, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """bool ``[BLOCK_N, BLOCK_M]`` (transposed): query ``offs_m`` may see key ``offs_n`` by position (causal, window);
     bounds and key padding are the caller's."""
-    keep = offs_m[None, :] >= 0
-    if CAUSAL:
-        keep = offs_m[None, :] >= offs_n[:, None]
     if WINDOW:
-        keep = keep & (offs_m[None, :] < offs_n[:, None] + window)
-        if not CAUSAL:
-            keep = keep & (offs_m[None, :] > offs_n[:, None] - window)
+        keep = _in_window(offs_m[None, :] - offs_n[:, None], window, CAUSAL)
+    else:
+        keep = offs_m[None, :] >= offs_n[:, None]
     return keep
 
 
@@ -192,7 +209,37 @@ def _key_blocks(start_m, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
         interior_hi = interior_hi * 0
     if WINDOW:
         interior_hi = tl.maximum(interior_hi, interior_lo)
+        # whole blocks: tell the compiler (alignment of the loops' offsets, as with a start at 0)
+        lo = tl.multiple_of(lo, BLOCK_N)
+        interior_lo = tl.multiple_of(interior_lo, BLOCK_N)
     return lo, interior_lo, interior_hi, hi
+
+
+@triton.jit
+def _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW: tl.constexpr):
+    """``(lo, hi, skip_from, skip)`` of the one loop over the edge blocks of :func:`_key_blocks`: without WINDOW
+    ``[interior_hi, hi)``; with it ``[lo, interior_lo)`` and ``[interior_hi, hi)`` as one range, from ``lo`` to
+    ``hi - (interior_hi - interior_lo)``, whose blocks from ``skip_from = interior_lo`` on move ``skip =
+    interior_hi - interior_lo`` keys up. (One edge loop after the interior loop, as without a window: a second edge
+    loop before it costs the compiled forward 60-70 registers per thread, and spills, at head dim 128.)"""
+    edge_lo = interior_hi
+    edge_hi = hi
+    skip_from = 0
+    skip = 0
+    if WINDOW:
+        skip = interior_hi - interior_lo
+        edge_lo = lo
+        edge_hi = hi - skip
+        skip_from = interior_lo
+    return edge_lo, edge_hi, skip_from, skip
+
+
+@triton.jit
+def _block_start(start, skip_from, skip, SKIP: tl.constexpr):
+    """The first key of an edge block: ``start``, or with SKIP ``start + skip`` from ``skip_from`` on."""
+    if SKIP:
+        start = start + tl.where(start >= skip_from, skip, 0)
+    return start
 
 
 @triton.jit
@@ -239,19 +286,20 @@ def _kv_head(off_h, group):
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-              offs_m, offs_d, lo, hi, k_len, window, qk_scale,
+              offs_m, offs_d, lo, hi, skip_from, skip, k_len, window, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WINDOW: tl.constexpr, WITH_PV: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
-    """Online softmax over the key blocks ``[lo, hi)`` for the query block ``q [BLOCK_M, BLOCK_D]``.
+    """Online softmax over the key blocks ``[lo, hi)`` for the query block ``q [BLOCK_M, BLOCK_D]``; with WINDOW (edge
+    blocks) the blocks from ``skip_from`` on are taken ``skip`` keys further (see :func:`_edge_blocks`).
 
     Carries ``acc [BLOCK_M, BLOCK_D]`` (unnormalised ``P V``, only WITH_PV) and ``l_i, m_i, u_i [BLOCK_M]`` (base 2:
     ``m`` is the running max of ``s2``, ``u = sum p (s2 - m)``). EDGE blocks check bounds, key padding, causality
     and the window.
     """
     MASKED_SCORE: tl.constexpr = -1.0e30
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = _block_start(start, skip_from, skip, EDGE and WINDOW) + tl.arange(0, BLOCK_N)
         # -- stage 1: raw scores; keys the query may not see get MASKED_SCORE (edge blocks only)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -325,34 +373,25 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
         hm = tl.load(HeadMask + off_bh)
     lo, interior_lo, interior_hi, hi = _key_blocks(start_m, k_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD,
                                                    WINDOW)
+    edge_lo, edge_hi, skip_from, skip = _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW)
     if hm != 0.0:
-        if WINDOW:
-            acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
-                                           stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                           lo, interior_lo, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                           True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: interior
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       interior_lo, interior_hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
+                                       interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       interior_hi, hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
+                                       edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
     else:
-        if WINDOW:
-            acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
-                                           stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                           lo, interior_lo, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                           True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: interior
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       interior_lo, interior_hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
+                                       interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       interior_hi, hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
+                                       edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
 
     # -- stage 2: normalise; rows that saw no key (the max never left MASKED_SCORE) get zeros
     has_keys = m_i > 0.5 * MASKED_SCORE * qk_scale
@@ -585,16 +624,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
 @triton.jit
 def _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
              stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-             offs_m, offs_d, lo, hi, k_len, window,
+             offs_m, offs_d, lo, hi, skip_from, skip, k_len, window,
              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WINDOW: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
-    """Over the key blocks ``[lo, hi)`` of one query block: ``dQ += dS K`` (unscaled), with
+    """Over the key blocks ``[lo, hi)`` (WINDOW edge blocks: from ``skip_from`` on ``skip`` keys further, see
+    :func:`_edge_blocks`) of one query block: ``dQ += dS K`` (unscaled), with
     ``dS = P (dO V^T - Delta / mask)``; or, ROW_DOT_ONLY (a head whose mask is 0), only the head-mask gradient rows
     ``row_dot += sum_j P (dO V^T)``. Keys past the sequence read as zeros (K = V = 0) and add nothing; EDGE blocks
     zero ``P`` above the causal diagonal, outside the window and at padding keys."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = _block_start(start, skip_from, skip, EDGE and WINDOW) + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -663,39 +703,30 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # -- stage 1: key blocks, (WINDOW: the window's lower edge,) interior then edge; dS = P (dO V^T - Delta / mask)
+    # -- stage 1: key blocks, interior then edge (WINDOW: both edges of the window); dS = P (dO V^T - Delta / mask)
+    edge_lo, edge_hi, skip_from, skip = _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW)
     if COMPUTE_DQ:
         if hm != 0.0:
             delta = tl.load(Delta + row, mask=m_ok, other=0.0)  # rowsum(dO * O) / mask
-            if WINDOW:
-                dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: edge
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       lo, interior_lo, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: interior
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior_lo, interior_hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
+                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: edge
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior_hi, hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
+                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
     # -- stage 2: the head-mask gradient rows sum_j P (dO V^T) of a head whose mask is (near) 0
     if MASK_GRAD:
         if tl.abs(hm) < small_mask:
-            if WINDOW:
-                dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: edge
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       lo, interior_lo, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: interior
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior_lo, interior_hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
+                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: edge
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior_hi, hi, k_len, window, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
+                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
             tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(row_dot, 0))
     # -- stage 3: store
     if COMPUTE_DQ:
