@@ -186,7 +186,7 @@ def _key_blocks(start_m, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     ``[interior_lo, interior_hi)`` are the interior blocks, whose every key every query of the block sees (no
     bounds, no causal compare, no window, no padding); ``[lo, interior_lo)`` (only WINDOW: the blocks crossed by the
     window's lower edge) and ``[interior_hi, hi)`` (the causal diagonal or the window's upper edge, the last partial
-    block) are edge blocks. ``hi`` is one past the last key any query of the block may see; blocks before ``lo``
+    block) are edge blocks (one loop over both: :func:`_edge_blocks`). ``hi`` is one past the last key any query of the block may see; blocks before ``lo``
     are entirely outside every query's window and are not visited. A key padding mask with holes makes every block
     an edge block. Without WINDOW, ``lo = interior_lo = 0``.
     """
@@ -360,9 +360,9 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     v_base = _base(V, batch_row, off_kvh, row0, stride_vb, stride_vh, stride_vn)
     kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
 
-    # -- stage 1: the key loops: (WINDOW: edge blocks at the window's lower edge,) interior blocks (no masks), then
-    #    edge blocks; key blocks outside every query's window are not visited. P V is skipped for a head whose mask
-    #    is 0. (The loops are called from the kernel itself, so that the compiled code's line information names
+    # -- stage 1: the key loops: interior blocks (no masks), then edge blocks (WINDOW: those of both of the window's
+    #    edges, in one loop); key blocks outside every query's window are not visited. P V is skipped for a head
+    #    whose mask is 0. (The loops are called from the kernel itself, so that the compiled code's line information names
     #    these lines and benchmarks/kernel_report.py can tell the loops apart by their "# loop:" marks.)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -1,6 +1,7 @@
 """benchmarks/kernel_report.py: SASS parsing, occupancy and specialisation rules (pure Python), then the kernels
 compiled ahead of time for sm_90 (the BERT case, the GPT-2 case, the Mistral case with grouped-query attention and
-a sliding window, and the yardstick; needs triton with its NVIDIA tools, no GPU) and the yardstick's results against a reference (interpreter on CPU, or CUDA).
+a sliding window, and the yardstick; needs triton with its NVIDIA tools, no GPU) and the yardstick's results against
+a reference (interpreter on CPU, or CUDA).
 
 The parser samples in ``tests/data`` are the real ``nvdisasm -c`` and ``cuobjdump -sass`` listings of this kernel,
 compiled by Triton 3.9 for sm_90 with ``num_warps=1`` and arguments ``(*fp32, *fp32, 7, 5)``::

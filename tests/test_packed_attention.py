@@ -39,7 +39,8 @@ class Case:
         name = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         parts = [name, "L" + ",".join(map(str, self.lengths)), f"H{self.heads}D{self.head_dim}",
                  "causal" if self.causal else "full", f"mask-{self.mask}", f"grad-{self.grads}"]
-        parts += [f"kv{self.kv_heads}"] * (self.kv_heads is not None) + [f"win{self.window}"] * (self.window is not None)
+        parts += [f"kv{self.kv_heads}"] * (self.kv_heads is not None)
+        parts += [f"win{self.window}"] * (self.window is not None)
         return "-".join(parts)
 
 

@@ -61,7 +61,8 @@ class Case:
                  f"pad-{self.padding}", f"mask-{self.mask}", f"grad-{self.grads}"]
         parts += ["strided"] * self.strided + ["gpublocks"] * self.gpu_blocks
         parts += [f"scale{self.scale}"] * (self.scale is not None)
-        parts += [f"kv{self.kv_heads}"] * (self.kv_heads is not None) + [f"win{self.window}"] * (self.window is not None)
+        parts += [f"kv{self.kv_heads}"] * (self.kv_heads is not None)
+        parts += [f"win{self.window}"] * (self.window is not None)
         parts += ["tiny"] * self.tiny
         return "-".join(parts)
 
