@@ -15,6 +15,7 @@ v`` and ``dO`` ``[B, H, N, D]`` views of ``[B, N, H, D]`` (packed: ``[1, H, T, D
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import sys
@@ -46,13 +47,16 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 
 class Case(NamedTuple):
     """One choice of the launchers: input dtype, head dim, causal, layout (:data:`LAYOUTS`), head mask
-    (:data:`HEAD_MASKS`)."""
+    (:data:`HEAD_MASKS`), grouped-query attention (``group`` query heads per key/value head; 1: multi-head) and a
+    sliding ``window`` (None: none; a window as long as the sequence or longer is dropped by the launchers)."""
 
     dtype: str
     head_dim: int
     causal: bool
     layout: str
     head_mask: str
+    group: int = 1
+    window: int | None = None
 
 
 class Shape(NamedTuple):
@@ -67,7 +71,18 @@ class Shape(NamedTuple):
 BERT = Case("bf16", 64, causal=False, layout="packed", head_mask="grad")  # head importance, padding-free
 GPT2 = Case("bf16", 64, causal=True, layout="packed", head_mask="grad")  # causal, head importance
 PLAIN = Case("bf16", 64, causal=False, layout="dense", head_mask="none")  # no mask of any kind: the baseline
-QUICK_CASES = (BERT, GPT2, PLAIN)
+# Mistral-like: grouped-query (4 query heads per key/value head), causal, a sliding window shorter than the sequence
+MISTRAL = Case("bf16", 64, causal=True, layout="packed", head_mask="grad", group=4, window=160)
+QUICK_CASES = (BERT, GPT2, PLAIN, MISTRAL)
+
+
+def feature_cases(dtype: str, head_dim: int) -> tuple[Case, ...]:
+    """The grouped-query and sliding-window launches of one dtype and head dim: a GQA decoder (Llama), GQA with a
+    causal window (Mistral, Qwen2, Gemma2), and a bidirectional window over a padded batch with the probabilities
+    (ModernBERT-like encoders)."""
+    return (Case(dtype, head_dim, True, "packed", "grad", group=4),
+            Case(dtype, head_dim, True, "packed", "grad", group=4, window=160),
+            Case(dtype, head_dim, False, "padded", "grad", window=129))
 
 
 class _Recorder:
@@ -97,21 +112,23 @@ def _recording(calls: list, arch: int):
 
 
 def _inputs(case: Case, shape: Shape):
-    """``(q, k, v, dO, layout, head mask [S, H] or None)`` on the CPU, laid out as the patch hands them over."""
+    """``(q, k, v, dO, layout, head mask [S, H] or None)`` on the CPU, laid out as the patch hands them over (``k, v``
+    with ``heads / group`` heads)."""
     dtype = DTYPES[case.dtype]
+    kv_heads = shape.heads // case.group
     if case.layout == "packed":
         packing = Packing.from_lengths([shape.seq] * shape.batch)
-        q, k, v, grad_out = (torch.zeros(1, packing.total, shape.heads, case.head_dim, dtype=dtype).transpose(1, 2)
-                             for _ in range(4))
-        layout = ta._Layout(q, None, packing)
+        q, k, v, grad_out = (torch.zeros(1, packing.total, heads, case.head_dim, dtype=dtype).transpose(1, 2)
+                             for heads in (shape.heads, kv_heads, kv_heads, shape.heads))
+        layout = ta._Layout(q, None, packing, case.window)
     else:
-        q, k, v, grad_out = (torch.zeros(shape.batch, shape.seq, shape.heads, case.head_dim, dtype=dtype)
-                             .transpose(1, 2) for _ in range(4))
+        q, k, v, grad_out = (torch.zeros(shape.batch, shape.seq, heads, case.head_dim, dtype=dtype).transpose(1, 2)
+                             for heads in (shape.heads, kv_heads, kv_heads, shape.heads))
         keep = None
         if case.layout == "padded":
             keep = torch.arange(shape.seq)[None, :] < torch.tensor([shape.seq, shape.seq // 2] * (shape.batch // 2)
                                                                   + [shape.seq] * (shape.batch % 2))[:, None]
-        layout = ta._Layout(q, keep, None)
+        layout = ta._Layout(q, keep, None, case.window)
     mask = torch.ones(layout.sequences, shape.heads) if case.head_mask != "none" else None
     return q, k, v, grad_out, layout, mask
 
@@ -132,28 +149,43 @@ def recorded_launches(case: Case, shape: Shape, arch: int = 90) -> list[tuple[st
     return calls
 
 
+_ARG_NAMES = {}
+
+
+def launch_flags(name: str, args: tuple) -> list[str]:
+    """Flags of a launch that its constexprs do not show: ``gqa`` (key/value heads shared by ``group > 1`` query
+    heads: a runtime argument, specialised by the JIT only when it is 1)."""
+    if name not in _ARG_NAMES:
+        _ARG_NAMES[name] = list(inspect.signature(getattr(ta, name).fn).parameters)
+    return ["gqa"] * (dict(zip(_ARG_NAMES[name], args)).get("group", 1) > 1)
+
+
 def _spec_argument(value):
     if isinstance(value, torch.Tensor):
         return Ptr(TRITON_TYPES[value.dtype])
     return value
 
 
-def config_label(dtype: str, head_dim: int, constexprs: dict, options: dict) -> str:
+def config_label(dtype: str, head_dim: int, constexprs: dict, options: dict, extra_flags=()) -> str:
     """``"bf16 D64 | causal varlen head_mask | 128x64 w8 s3"``: dtype, head dim (``D48/64`` when padded to BLOCK_D),
-    the boolean constexprs that are on (``HAS_`` dropped), the block sizes and warps / stages."""
+    the boolean constexprs that are on (``HAS_`` dropped) and ``extra_flags`` (:func:`launch_flags`), the block
+    sizes and warps / stages."""
     block_d = constexprs.get("BLOCK_D", head_dim)
     dims = f"D{head_dim}" if block_d == head_dim else f"D{head_dim}/{block_d}"
     flags = [name.lower().removeprefix("has_") for name, value in constexprs.items() if value is True]
+    flags += list(extra_flags)
     blocks = "x".join(str(constexprs[name]) for name in ("BLOCK_M", "BLOCK_N") if name in constexprs)
     launch = f"w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
     return f"{dtype} {dims} | {' '.join(flags) or 'plain'} | {blocks} {launch}"
 
 
 def all_cases(dtypes, head_dims):
-    """Every :class:`Case` for these dtypes and head dims."""
+    """Every multi-head :class:`Case` for these dtypes and head dims, then their :func:`feature_cases`."""
     for dtype, head_dim, causal, layout, head_mask in itertools.product(dtypes, head_dims, (False, True), LAYOUTS,
                                                                        HEAD_MASKS):
         yield Case(dtype, head_dim, causal, layout, head_mask)
+    for dtype, head_dim in itertools.product(dtypes, head_dims):
+        yield from feature_cases(dtype, head_dim)
 
 
 def project_kernel_specs(cases, kernels=None, shapes=(Shape(),), archs=(90, 80)) -> list[KernelSpec]:
@@ -167,13 +199,14 @@ def project_kernel_specs(cases, kernels=None, shapes=(Shape(),), archs=(90, 80))
                 continue
             options = {key: kwargs[key] for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
             constexprs = {key: value for key, value in kwargs.items() if key not in options}
+            flags = launch_flags(name, args)
             args = tuple(_spec_argument(value) for value in args)
             key = (arch, name, repr(args), repr(constexprs), repr(options))
             if key in seen:
                 continue
             seen.add(key)
             specs.append(KernelSpec(f"{KERNEL_MODULE}:{name}", args, constexprs, options, case.dtype, case.head_dim,
-                                    config_label(case.dtype, case.head_dim, constexprs, options),
+                                    config_label(case.dtype, case.head_dim, constexprs, options, flags),
                                     "forward" if name == "_attn_fwd" else "", arch))
     return specs
 

@@ -3,14 +3,23 @@
 torch and triton only, never transformers. One contract, several backends:
 
     out, stats = attention(q, k, v, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                           return_probs=False, packing=None, backend="auto")
+                           return_probs=False, packing=None, window=None, backend="auto")
 
-* ``q, k, v``: ``[B, H, N, D]``, any strides, one floating dtype. With ``packing`` (:class:`Packing`), ``[1, H, T, D]``:
-  S sequences stored one after another without padding; attention stays within each sequence.
-* ``head_mask``: ``[H]`` or ``[B, H]`` (packed: ``[S, H]``) floats; multiplies each head's post-softmax
-  probabilities (so its output). Differentiable: the gradient is ``sum_i sum_d dO * (P V)``.
+* ``q``: ``[B, H, N, D]``; ``k, v``: ``[B, H_kv, N, D]`` with ``H_kv`` dividing ``H`` (``H_kv = H``: multi-head
+  attention; fewer: grouped-query attention, ``H_kv = 1``: multi-query), query head ``h`` reading key/value head
+  ``h // (H // H_kv)``; any strides, one floating dtype. No backend but the reference repeats K/V in memory; the
+  gradients of ``k, v`` have their shape (summed over the query heads of the group). With ``packing``
+  (:class:`Packing`), ``[1, H, T, D]`` / ``[1, H_kv, T, D]``: S sequences stored one after another without padding;
+  attention stays within each sequence.
+* ``head_mask``: ``[H]`` or ``[B, H]`` (packed: ``[S, H]``) floats, one value per *query* head; multiplies each
+  head's post-softmax probabilities (so its output). Differentiable: the gradient is ``sum_i sum_d dO * (P V)``.
 * ``key_padding_mask``: bool ``[B, N]``, True = keep the key (not with ``packing``).
 * ``causal``: query i sees keys j <= i (of its own sequence).
+* ``window``: None, or sliding-window (local) attention: query i sees keys j with ``i - window < j`` and ``j <= i``
+  (causal; transformers' ``sliding_window`` of Mistral, Qwen2, Gemma2: ``window`` keys including itself) or
+  ``j < i + window`` (not causal: ``|i - j| < window``, what transformers' bidirectional models such as ModernBERT
+  hand the attention function as ``sliding_window``, their mask being ``|i - j| <= config.sliding_window``).
+  Positions are those of the sequence (packed: from its first token).
 * ``scale``: softmax scale, default ``D ** -0.5``.
 * ``out``: ``[B, H, N, D]`` in the input dtype; ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob``
   ``[B, H, N]`` float32, of the softmax before the head mask; ``probs`` ``[B, H, N, N]``, the probabilities times the
@@ -50,7 +59,7 @@ def triton_available() -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_mask: torch.Tensor | None = None,
               key_padding_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-              return_probs: bool = False, packing: Packing | None = None,
+              return_probs: bool = False, packing: Packing | None = None, window: int | None = None,
               backend: str = "auto") -> tuple[torch.Tensor, AttentionStats]:
     """Masked multi-head attention with per-head statistics; see the module docstring for the contract."""
     backend = resolve_backend(backend, q.device)
@@ -63,7 +72,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_mask: t
     else:
         function = attention_torch
     return function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                    return_probs=return_probs, packing=packing)
+                    return_probs=return_probs, packing=packing, window=window)
 
 
 __all__ = ["AttentionStats", "Packing", "attention", "attention_reference", "attention_torch", "resolve_backend",

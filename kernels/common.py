@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -75,19 +76,31 @@ class Packing(NamedTuple):
         return starts
 
 
-def check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing=None, return_probs=False):
-    """Validate shapes, dtypes and devices; return ``(B, H, N, D)`` (with ``packing``: ``(S, H, T, D)``).
-    Raises ValueError naming the problem and the fix."""
+def check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing=None, return_probs=False, window=None):
+    """Validate shapes, dtypes and devices; return ``(B, H, N, D)`` (with ``packing``: ``(S, H, T, D)``), ``H`` the
+    number of query heads. ``k, v`` may have fewer heads than ``q`` (grouped-query attention: ``H_kv`` dividing
+    ``H``; query head ``h`` reads key/value head ``h // (H // H_kv)``). Raises ValueError naming the problem and the
+    fix."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, seq, head_dim]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
-    if q.shape != k.shape or k.shape != v.shape:
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [batch, kv_heads, seq, head_dim]; got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
         raise ValueError(
-            "q, k, v must have the same shape [batch, heads, seq, head_dim] (self-attention over whole sequences; "
-            f"incremental decoding with a cache is not supported); got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            "q and k, v must have the same shape [batch, heads, seq, head_dim] except for the heads (self-attention "
+            "over whole sequences; incremental decoding with a cache is not supported); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads == 0 and heads != 0 or kv_heads and heads % kv_heads:
+        raise ValueError(
+            f"q has {heads} heads and k, v have {kv_heads}: grouped-query attention needs the query heads to be a "
+            f"multiple of the key/value heads (query head h reads key/value head h // (heads // kv_heads)); pass k, v "
+            "with a number of heads that divides q's (repeat them if the model groups heads differently)"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -102,8 +115,8 @@ def check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing=None, ret
         rows = "sequences" if packing is not None else "batch"
         if tuple(head_mask.shape) not in ((heads,), (batch, heads)):
             raise ValueError(
-                f"head_mask must have shape [heads]=({heads},) or [{rows}, heads]=({batch}, {heads}); "
-                f"got {tuple(head_mask.shape)}"
+                f"head_mask must have shape [heads]=({heads},) or [{rows}, heads]=({batch}, {heads}) (one value per "
+                f"query head); got {tuple(head_mask.shape)}"
             )
         if head_mask.device != q.device:
             raise ValueError(f"head_mask is on {head_mask.device} but q is on {q.device}; move it with .to(q.device)")
@@ -117,6 +130,11 @@ def check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing=None, ret
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(
+            f"window must be None (no sliding window) or an int >= 1 (query i sees keys j with i - window < j, and "
+            f"j <= i when causal, j < i + window otherwise); got {window!r}"
+        )
     return batch, heads, seq, head_dim
 
 

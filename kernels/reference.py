@@ -2,7 +2,9 @@
 
 :func:`attention_reference` materialises the ``[B, H, N, N]`` probabilities and is differentiable through plain
 autograd; run it in float64 for a ground truth. Packed sequences are handled one sequence at a time through the
-same padded code. Never imports transformers.
+same padded code. Grouped-query attention (``k, v`` with ``H_kv`` heads) repeats each key/value head for the
+``H // H_kv`` query heads of its group (the only backend that does), so autograd sums their gradients. Never imports
+transformers.
 """
 
 from __future__ import annotations
@@ -17,33 +19,49 @@ def expand_head_mask(head_mask, batch, heads):
     return head_mask.expand(batch, heads) if head_mask.dim() == 1 else head_mask
 
 
-def score_mask(key_padding_mask, causal, q_start, q_len, n_keys, device):
-    """Boolean "may attend" mask broadcastable to scores ``[B, H, q_len, n_keys]``, or None if all keys are kept."""
+def score_mask(key_padding_mask, causal, q_start, q_len, n_keys, device, window=None):
+    """Boolean "may attend" mask broadcastable to scores ``[B, H, q_len, n_keys]``, or None if all keys are kept.
+
+    Query ``i`` (rows ``q_start ..``) sees key ``j`` if the key is kept, ``j <= i`` when ``causal``, and with a
+    ``window``: ``i - window < j`` and (not causal) ``j < i + window``."""
     keep = None
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]  # [B, 1, 1, N]
-    if causal:
+    if causal or window is not None:
         rows = torch.arange(q_start, q_start + q_len, device=device)[:, None]
         cols = torch.arange(n_keys, device=device)[None, :]
-        causal_keep = (cols <= rows)[None, None]  # [1, 1, q_len, N]
-        keep = causal_keep if keep is None else keep & causal_keep
+        position_keep = (cols <= rows) if causal else None
+        if window is not None:
+            band = (cols > rows - window) & (cols < rows + (1 if causal else window))
+            position_keep = band if position_keep is None else position_keep & band
+        position_keep = position_keep[None, None]  # [1, 1, q_len, N]
+        keep = position_keep if keep is None else keep & position_keep
     return keep
 
 
+def repeat_kv_heads(t, heads):
+    """``[B, H_kv, N, D]`` -> ``[B, heads, N, D]``: key/value head ``g`` for query heads ``g * group ..`` (a copy;
+    ``t`` itself when ``H_kv = heads``)."""
+    kv_heads = t.shape[1]
+    return t if kv_heads == heads else t.repeat_interleave(heads // kv_heads, dim=1)
+
+
 def attention_reference(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                        return_probs=False, packing: Packing | None = None):
+                        return_probs=False, packing: Packing | None = None, window: int | None = None):
     """Explicit attention, the ground truth. Same contract as :func:`fastbertology.kernels.attention`.
 
     Computes in the dtype of ``q`` (use float64 inputs for a reference), materialises all probabilities, and is
     differentiable through autograd in ``q``, ``k``, ``v`` and ``head_mask``.
     """
-    check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs)
+    check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs, window)
+    window = None if window is None else int(window)
     if packing is not None:
-        return _packed_reference(q, k, v, head_mask, causal, scale, packing)
+        return _packed_reference(q, k, v, head_mask, causal, scale, packing, window)
     batch, heads, n_queries, head_dim = q.shape
+    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
     scale = head_dim**-0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    keep = score_mask(key_padding_mask, causal, 0, n_queries, k.shape[2], q.device)
+    keep = score_mask(key_padding_mask, causal, 0, n_queries, k.shape[2], q.device, window)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
@@ -66,7 +84,7 @@ def attention_reference(q, k, v, *, head_mask=None, key_padding_mask=None, causa
     return out, stats
 
 
-def _packed_reference(q, k, v, head_mask, causal, scale, packing):
+def _packed_reference(q, k, v, head_mask, causal, scale, packing, window):
     """Packed ``[1, H, T, D]`` inputs: every sequence through the padded reference on its own, concatenated."""
     outs, stats = [], []
     for index, (start, length) in enumerate(zip(packing.starts(), packing.lengths)):
@@ -75,7 +93,7 @@ def _packed_reference(q, k, v, head_mask, causal, scale, packing):
         rows = slice(start, start + length)
         mask = head_mask if head_mask is None or head_mask.dim() == 1 else head_mask[index:index + 1]
         out, stat = attention_reference(q[:, :, rows], k[:, :, rows], v[:, :, rows], head_mask=mask,
-                                        causal=causal, scale=scale)
+                                        causal=causal, scale=scale, window=window)
         outs.append(out)
         stats.append(stat)
     if not outs:

@@ -9,6 +9,15 @@ The work is cut into *pieces* that one batched matrix product each can do:
   length into padded groups makes fewer, larger products, but the gathers and scatters cost more than they save
   on a CPU: measured 2x slower for MiniLM-sized heads.)
 
+Grouped-query attention (``k, v`` ``[B, H_kv, N, D]``, ``G = H / H_kv`` query heads per key/value head) never
+repeats K or V: the queries of a group are stacked along the rows, ``[B, H_kv, G * n, D]``, so that one product
+with the group's keys gives the scores of all its heads, ``[B, H_kv, G * n, N]``, which is the very memory of
+``[B, H, n, N]`` (query head ``h = g_kv * G + g``); ``P^T dO`` and ``dS^T Q`` over the stacked rows are already the
+sums over the group that ``dV`` and ``dK`` need. With ``G = 1`` every regrouping is a free view.
+
+A sliding ``window`` masks keys outside ``i - window < j`` (and ``j <= i`` causal, ``j < i + window`` otherwise)
+like the causal mask: in the scores, per piece.
+
 One autograd Function with a hand-written backward runs either. On the CPU recomputing the probabilities is not
 free (the ``exp`` alone costs about as much as a score product), so they are kept for the backward whenever they
 fit in ``KEEP_PROBS_ELEMENTS``; larger inputs keep only the log-sum-exp and recompute them piece by piece, like
@@ -73,15 +82,40 @@ def _statistics(row_max: torch.Tensor, total: torch.Tensor, weighted_shift: torc
     return lse, entropy, max_prob
 
 
+def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, H, n, X]`` -> ``[B, H_kv, G * n, X]``: the rows of the ``G = H / H_kv`` query heads of a group one after
+    another (a view where the layout allows, else a copy of this query-sized tensor)."""
+    batch, heads, n, x = t.shape
+    return t.reshape(batch, kv_heads, (heads // kv_heads) * n, x)
+
+
+def _ungrouped(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, H_kv, G * n, X]`` (contiguous, as products make them) -> ``[B, H, n, X]``, a view."""
+    batch, kv_heads, rows, x = t.shape
+    return t.view(batch, heads, rows // (heads // kv_heads), x)
+
+
+def _visible_keys(key_padding_mask, causal: bool, window: int | None) -> torch.Tensor:
+    """bool ``[B, N]``: query ``i`` sees at least one kept key (within the causal / sliding-window bounds)."""
+    n = key_padding_mask.shape[-1]
+    if not causal and window is None:
+        return key_padding_mask.any(-1, keepdim=True).expand(-1, n)
+    before = torch.nn.functional.pad(key_padding_mask.to(torch.int32).cumsum(-1), (1, 0))  # [B, N + 1]: kept < j
+    rows = torch.arange(n, device=key_padding_mask.device)
+    stop = rows + 1 if causal else (rows + window).clamp(max=n)
+    start = (rows - window + 1).clamp(min=0) if window is not None else torch.zeros_like(rows)
+    return before[:, stop] > before[:, start]
+
+
 class PaddedPieces:
     """Query chunks of a padded batch ``[B, H, N, D]``; a piece is ``(start, stop)`` of query rows (all keys).
     Piece tensors are ``[B, H, n, ...]``; row quantities ``[B, H, n]``."""
 
     may_have_empty_rows: bool
 
-    def __init__(self, q, causal: bool, key_padding_mask):
+    def __init__(self, q, causal: bool, key_padding_mask, window: int | None = None):
         batch, heads, n = q.shape[:3]
-        self.causal, self.key_padding_mask = causal, key_padding_mask
+        self.causal, self.key_padding_mask, self.window = causal, key_padding_mask, window
         self.may_have_empty_rows = key_padding_mask is not None
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, batch * heads * n)))
         self.pieces = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
@@ -98,7 +132,7 @@ class PaddedPieces:
 
     def mask_scores(self, piece, scores: torch.Tensor) -> None:
         keep = score_mask(self.key_padding_mask, self.causal, piece[0], piece[1] - piece[0], scores.shape[-1],
-                          scores.device)
+                          scores.device, self.window)
         if keep is not None:
             scores.masked_fill_(~keep, MASKED_SCORE)
 
@@ -117,9 +151,7 @@ class PaddedPieces:
         """bool ``[B, 1, N]``: the query row sees at least one key (None: every row does)."""
         if self.key_padding_mask is None:
             return None
-        if self.causal:  # query i sees a key iff a kept key j <= i exists
-            return (self.key_padding_mask.cumsum(-1) > 0)[:, None, :]
-        return self.key_padding_mask.any(-1)[:, None, None].expand(q.shape[0], 1, q.shape[2])
+        return _visible_keys(self.key_padding_mask, self.causal, self.window)[:, None, :]
 
 
 class PackedPieces:
@@ -128,11 +160,11 @@ class PackedPieces:
 
     may_have_empty_rows = False  # every query of a sequence sees at least itself
 
-    def __init__(self, q, causal: bool, packing: Packing):
-        self.causal = causal
+    def __init__(self, q, causal: bool, packing: Packing, window: int | None = None):
+        self.causal, self.window = causal, window
         self.pieces = [(start, start + n) for start, n in zip(packing.starts(), packing.lengths) if n]
         self.score_elements = q.shape[1] * sum(n * n for n in packing.lengths)
-        self._causal: dict[int, torch.Tensor] = {}
+        self._hidden: dict[int, torch.Tensor] = {}
 
     def queries(self, piece, t: torch.Tensor) -> torch.Tensor:
         return t[:, :, piece[0]:piece[1]]
@@ -142,11 +174,12 @@ class PackedPieces:
     lse_rows = queries
 
     def mask_scores(self, piece, scores: torch.Tensor) -> None:
-        if self.causal:
+        if self.causal or self.window is not None:
             length = piece[1] - piece[0]
-            if length not in self._causal:
-                self._causal[length] = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu_(1)
-            scores.masked_fill_(self._causal[length], MASKED_SCORE)
+            if length not in self._hidden:  # the keys a query may not see, [length, length]
+                self._hidden[length] = ~score_mask(None, self.causal, 0, length, length, scores.device,
+                                                   self.window)[0, 0]
+            scores.masked_fill_(self._hidden[length], MASKED_SCORE)
 
     def assemble(self, like: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         """Per-sequence rows ``[1, H, n, ...]`` -> ``[1, H, T, ...]`` (the sequences tile the stream in order)."""
@@ -158,27 +191,33 @@ class PackedPieces:
         return None
 
 
-def _pieces(q, causal, key_padding_mask, packing):
-    return PackedPieces(q, causal, packing) if packing is not None else PaddedPieces(q, causal, key_padding_mask)
+def _pieces(q, causal, key_padding_mask, packing, window):
+    if packing is not None:
+        return PackedPieces(q, causal, packing, window)
+    return PaddedPieces(q, causal, key_padding_mask, window)
 
 
 class _TorchAttention(torch.autograd.Function):
     """Unmasked attention ``P @ V`` over the pieces of :class:`PaddedPieces` / :class:`PackedPieces`; keeps the
     probabilities for the backward when they are small, else the log-sum-exp. Per piece only the score products,
-    the softmax and ``P V`` run; the row statistics and the output are assembled once for all pieces."""
+    the softmax and ``P V`` run; the row statistics and the output are assembled once for all pieces. ``k, v`` may
+    have fewer heads than ``q`` (grouped-query attention: the products run on the stacked rows of each group, see
+    :func:`_grouped`); probabilities and scores are ``[B, H, n, N]`` either way."""
 
     @staticmethod
     def forward(ctx, q, k, v, pieces, scale, return_probs):
         acc = accumulation_dtype(q.dtype)
         probs_all = q.new_zeros((*q.shape[:3], k.shape[2]), dtype=acc) if return_probs else None
         keep_probs = any(ctx.needs_input_grad[:3]) and pieces.score_elements <= KEEP_PROBS_ELEMENTS
+        heads, kv_heads = q.shape[1], k.shape[1]
         kept, outs, maxes, totals, shifts = [], [], [], [], []
         for piece in pieces.pieces:
             keys = pieces.keys(piece, k).to(acc)
-            scores = torch.matmul(pieces.queries(piece, q).to(acc), keys.transpose(-1, -2)).mul_(scale)
+            queries = _grouped(pieces.queries(piece, q).to(acc), kv_heads)
+            scores = _ungrouped(torch.matmul(queries, keys.transpose(-1, -2)), heads).mul_(scale)
             pieces.mask_scores(piece, scores)
             probs, row_max, total, weighted_shift = _softmax_parts(scores, pieces.may_have_empty_rows)
-            outs.append(torch.matmul(probs, pieces.keys(piece, v).to(acc)))
+            outs.append(_ungrouped(torch.matmul(_grouped(probs, kv_heads), pieces.keys(piece, v).to(acc)), heads))
             maxes.append(row_max)
             totals.append(total)
             shifts.append(weighted_shift)
@@ -201,24 +240,29 @@ class _TorchAttention(torch.autograd.Function):
         pieces, scale = ctx.pieces, ctx.scale
         acc = lse.dtype
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        heads, kv_heads = q.shape[1], k.shape[1]
         grads_q, grads_k, grads_v = [], [], []
         for index, piece in enumerate(pieces.pieces):
-            q_piece, k_piece = pieces.queries(piece, q).to(acc), pieces.keys(piece, k).to(acc)
+            # [B, H_kv, G * n, D] (grouped) query-side rows against [B, H_kv, N, D] keys: products over the stacked
+            # rows sum dK and dV over the group
+            q_piece = _grouped(pieces.queries(piece, q).to(acc), kv_heads)
+            k_piece = pieces.keys(piece, k).to(acc)
             if ctx.kept is not None:
                 probs = ctx.kept[index]
             else:
-                scores = torch.matmul(q_piece, k_piece.transpose(-1, -2)).mul_(scale)
+                scores = _ungrouped(torch.matmul(q_piece, k_piece.transpose(-1, -2)), heads).mul_(scale)
                 pieces.mask_scores(piece, scores)
                 probs = scores.sub_(pieces.lse_rows(piece, lse).unsqueeze(-1)).exp_()
             d_out = pieces.query_gradient_rows(piece, grad_out).to(acc)
+            d_out_rows = _grouped(d_out, kv_heads)
             if need_v:
-                grads_v.append(torch.matmul(probs.transpose(-1, -2), d_out))
+                grads_v.append(torch.matmul(_grouped(probs, kv_heads).transpose(-1, -2), d_out_rows))
             if need_q or need_k:
-                d_scores = torch.matmul(d_out, pieces.keys(piece, v).to(acc).transpose(-1, -2))
+                d_scores = _ungrouped(torch.matmul(d_out_rows, pieces.keys(piece, v).to(acc).transpose(-1, -2)), heads)
                 delta = torch.linalg.vecdot(d_out, pieces.queries(piece, out).to(acc)).unsqueeze(-1)  # rowsum(dO*O)
-                d_scores.sub_(delta).mul_(probs).mul_(scale)
+                d_scores = _grouped(d_scores.sub_(delta).mul_(probs).mul_(scale), kv_heads)
                 if need_q:
-                    grads_q.append(torch.matmul(d_scores, k_piece))
+                    grads_q.append(_ungrouped(torch.matmul(d_scores, k_piece), heads))
                 if need_k:
                     grads_k.append(torch.matmul(d_scores.transpose(-1, -2), q_piece))
         ctx.kept = None
@@ -241,18 +285,20 @@ def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int)
 
 
 def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None, return_probs=False,
-                    packing: Packing | None = None):
+                    packing: Packing | None = None, window: int | None = None):
     """PyTorch attention (the CPU backend). Same contract as :func:`fastbertology.kernels.attention`.
 
     Scores and softmax are computed in float32 (float64 for float64 inputs); the output has the dtype of ``v``.
     """
-    batch, heads, _, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs)
+    batch, heads, _, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs,
+                                             window)
+    window = None if window is None else int(window)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.numel() == 0:
         empty = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
         probs = q.new_zeros((*q.shape[:3], k.shape[2])) if return_probs else None
         return q.new_zeros(q.shape), AttentionStats(empty, empty.clone(), empty.clone(), probs)
-    pieces = _pieces(q, causal, key_padding_mask, packing)
+    pieces = _pieces(q, causal, key_padding_mask, packing, window)
     out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)

@@ -3,25 +3,36 @@
 :func:`attention_triton` implements the contract of :func:`fastbertology.kernels.attention` (see
 ``kernels/__init__.py``), for padded batches ``[B, H, N, D]`` and for packed sequences ``[1, H, T, D]``
 (:class:`~fastbertology.kernels.Packing`, one program per query block of a sequence, as FlashAttention's variable
-length kernels). Every program works on one *sequence* (a batch row, or a packed sequence) and one head.
+length kernels). Every program works on one *sequence* (a batch row, or a packed sequence) and one query head.
+Grouped-query attention (``k, v`` with ``H_kv`` heads, ``group = H / H_kv``): query head ``h`` reads key/value
+head ``h // group`` in place (only the K/V base pointers change; ``group`` is a runtime argument that the JIT
+specialises away when it is 1).
 
 * forward (``_attn_fwd``): online softmax over the key blocks that keeps the running max ``m``,
   ``l = sum_j exp(s_j - m)`` and ``u = sum_j exp(s_j - m) (s_j - m)``, so that ``lse = m + log l``,
   ``entropy = log l - u / l`` and ``max_prob = 1 / l`` come out of the same pass as ``out = mask * P V``;
   ``u`` costs one multiply-add per score, on the ``exp2`` argument itself. No ``N x N`` tensor is stored. The
   probabilities, times the head mask and in the output dtype, are written by ``_attn_probs`` only on request.
-* backward: ``_attn_bwd_preprocess`` computes ``Delta = rowsum(dO * O)``; ``_attn_bwd_dkdv`` (one program per
-  key block, looping over query blocks) and ``_attn_bwd_dq`` (one program per query block, looping over key
-  blocks) recompute ``P`` from the saved log-sum-exp.
+* backward: ``_attn_bwd_preprocess`` computes ``Delta = rowsum(dO * O) / mask`` and ``lse * log2(e)`` per query
+  row; ``_attn_bwd_dkdv`` (one program per key block and query head, looping over query blocks) and
+  ``_attn_bwd_dq`` (one program per query block, looping over key blocks) recompute ``P`` from them. With
+  grouped-query attention dK/dV programs write float32 per-query-head terms that torch sums over each group (in
+  a fixed order: deterministic, no atomics). One program summing its whole group would read K, V once and need no
+  partial buffer, but the kernel report shows its nested loops cost 50-70 more registers per thread (240-255 at
+  head dim 64/128 on sm_90, spills at bf16/fp16 D128 on sm_90 and fp32 on sm_80), where per-head programs keep
+  the multi-head kernel's registers (+13 at most) and interior loop.
 * head-mask gradient ``dL/dmask = sum_i sum_d dO (P V)``, reduced inside the kernels into per-program partial sums
   (then summed by torch; deterministic, no atomics). Where the mask is not 0, ``P V = O / mask`` and the gradient
   is ``sum_i Delta_i / mask`` (the preprocess kernel sums it); where it is 0 (or tiny), ``_attn_bwd_dq`` computes
   ``sum_j P_ij (dO_i . V_j)`` in its key loop. No extra output tensor is stored for it.
 
 Masks only where they matter: the key loops are split into *interior* blocks, where every query of the block sees
-every key (no bounds checks, no causal compare, no ``where``), and *edge* blocks: the causal diagonal and the last,
-partial block of a sequence. A key padding mask with holes (padded batches only; packing removes padding) puts
-every block on the edge path. A masked score is a large finite negative number, so that no second ``where`` is
+every key (no bounds checks, no causal compare, no window, no ``where``), and *edge* blocks: the causal diagonal,
+the last, partial block of a sequence, and with a sliding window the blocks crossed by the window's edges. A
+sliding window (query i sees keys ``i - window < j``, and ``j < i + window`` when not causal) moves the loop bounds:
+key blocks entirely outside every query's window are never visited (the key loop starts at the block of the first
+query's first key), and the query loops of dK/dV likewise. A key padding mask with holes (padded batches only;
+packing removes padding) puts every block on the edge path. A masked score is a large finite negative number, so that no second ``where`` is
 needed for ``u``; rows that saw no key at all are recognised by their running max and get zeros.
 
 Scores are handled in base 2 inside the kernels (``s2 = s * scale * log2(e)``, ``exp2``); statistics are returned
@@ -130,36 +141,141 @@ def _store_rows(base, offs, stride_n, offs_d, stride_d, bound, value, HEAD_DIM: 
 
 
 @triton.jit
-def _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr):
-    """bool ``[BLOCK_M, BLOCK_N]``: key ``offs_n`` exists, is not padding, and (causal) is not after query ``offs_m``."""
+def _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+              WINDOW: tl.constexpr):
+    """bool ``[BLOCK_M, BLOCK_N]``: key ``offs_n`` exists, is not padding, (causal) is not after query ``offs_m``,
+    and (WINDOW) lies in the query's window: ``i - window < j``, and ``j < i + window`` when not causal."""
     keep = (offs_n < k_len)[None, :]
     if HAS_KEY_PAD:
         kp = tl.load(kp_base + offs_n * stride_pn, mask=offs_n < k_len, other=0)
         keep = keep & (kp != 0)[None, :]
-    if CAUSAL:
+    if WINDOW:
+        keep = keep & _in_window(offs_m[:, None] - offs_n[None, :], window, CAUSAL)
+    elif CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None])
     return keep
 
 
 @triton.jit
-def _interior_end(start_m, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_KEY_PAD: tl.constexpr):
-    """End of the key blocks that every query of the block ``[start_m, start_m + BLOCK_M)`` sees in full."""
-    end = (k_len // BLOCK_N) * BLOCK_N
-    if CAUSAL:  # block [n, n + BLOCK_N) is interior iff n + BLOCK_N - 1 <= start_m
-        end = tl.minimum(end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-    if HAS_KEY_PAD:  # holes anywhere: every block is an edge block
-        end = end * 0
-    return end
+def _in_window(distance, window, CAUSAL: tl.constexpr):
+    """``distance = i - j`` (query minus key position) lies in the window: ``0 <= distance < window`` (CAUSAL) or
+    ``|distance| < window``; one unsigned compare each (negative values wrap to large ones)."""
+    if CAUSAL:
+        inside = distance.to(tl.uint32, bitcast=True) < window
+    else:
+        inside = (distance + (window - 1)).to(tl.uint32, bitcast=True) < 2 * window - 1
+    return inside
 
 
 @triton.jit
-def _key_end(start_m, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key any query of the block may see."""
-    end = k_len
-    if CAUSAL:
-        end = tl.minimum(end, start_m + BLOCK_M)
-    return end
+def _query_keep(offs_n, offs_m, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """bool ``[BLOCK_N, BLOCK_M]`` (transposed): query ``offs_m`` may see key ``offs_n`` by position (causal, window);
+    bounds and key padding are the caller's."""
+    if WINDOW:
+        keep = _in_window(offs_m[None, :] - offs_n[:, None], window, CAUSAL)
+    else:
+        keep = offs_m[None, :] >= offs_n[:, None]
+    return keep
+
+
+@triton.jit
+def _key_blocks(start_m, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KEY_PAD: tl.constexpr, WINDOW: tl.constexpr):
+    """The key blocks of the query block ``[start_m, start_m + BLOCK_M)``: ``(lo, interior_lo, interior_hi, hi)``.
+
+    ``[interior_lo, interior_hi)`` are the interior blocks, whose every key every query of the block sees (no
+    bounds, no causal compare, no window, no padding); ``[lo, interior_lo)`` (only WINDOW: the blocks crossed by the
+    window's lower edge) and ``[interior_hi, hi)`` (the causal diagonal or the window's upper edge, the last partial
+    block) are edge blocks (one loop over both: :func:`_edge_blocks`). ``hi`` is one past the last key any query of the block may see; blocks before ``lo``
+    are entirely outside every query's window and are not visited. A key padding mask with holes makes every block
+    an edge block. Without WINDOW, ``lo = interior_lo = 0``.
+    """
+    hi = k_len
+    interior_hi = (k_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:  # block [n, n + BLOCK_N) is interior iff n + BLOCK_N - 1 <= start_m
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+        interior_hi = tl.minimum(interior_hi, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    lo = 0
+    interior_lo = 0
+    if WINDOW:  # query i sees keys i - window < j (< i + window without CAUSAL)
+        if not CAUSAL:  # ... and n + BLOCK_N <= start_m + window for an interior block
+            hi = tl.minimum(hi, start_m + BLOCK_M + window - 1)
+            interior_hi = tl.minimum(interior_hi, ((start_m + window) // BLOCK_N) * BLOCK_N)
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # block n is interior iff n > (start_m + BLOCK_M - 1) - window; keep lo <= interior_lo <= max(hi, lo)
+        interior_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
+        interior_lo = tl.minimum(tl.maximum(interior_lo, lo), tl.maximum(hi, lo))
+    if HAS_KEY_PAD:  # holes anywhere: every block is an edge block
+        interior_hi = interior_hi * 0
+    if WINDOW:
+        interior_hi = tl.maximum(interior_hi, interior_lo)
+        # whole blocks: tell the compiler (alignment of the loops' offsets, as with a start at 0)
+        lo = tl.multiple_of(lo, BLOCK_N)
+        interior_lo = tl.multiple_of(interior_lo, BLOCK_N)
+    return lo, interior_lo, interior_hi, hi
+
+
+@triton.jit
+def _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW: tl.constexpr):
+    """``(lo, hi, skip_from, skip)`` of the one loop over the edge blocks of :func:`_key_blocks`: without WINDOW
+    ``[interior_hi, hi)``; with it ``[lo, interior_lo)`` and ``[interior_hi, hi)`` as one range, from ``lo`` to
+    ``hi - (interior_hi - interior_lo)``, whose blocks from ``skip_from = interior_lo`` on move ``skip =
+    interior_hi - interior_lo`` keys up. (One edge loop after the interior loop, as without a window: a second edge
+    loop before it costs the compiled forward 60-70 registers per thread, and spills, at head dim 128.)"""
+    edge_lo = interior_hi
+    edge_hi = hi
+    skip_from = 0
+    skip = 0
+    if WINDOW:
+        skip = interior_hi - interior_lo
+        edge_lo = lo
+        edge_hi = hi - skip
+        skip_from = interior_lo
+    return edge_lo, edge_hi, skip_from, skip
+
+
+@triton.jit
+def _block_start(start, skip_from, skip, SKIP: tl.constexpr):
+    """The first key of an edge block: ``start``, or with SKIP ``start + skip`` from ``skip_from`` on."""
+    if SKIP:
+        start = start + tl.where(start >= skip_from, skip, 0)
+    return start
+
+
+@triton.jit
+def _query_blocks(start_n, q_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr):
+    """The query blocks that see keys of the key block ``[start_n, start_n + BLOCK_N)``:
+    ``(lo, interior_lo, interior_hi, hi)``, as :func:`_key_blocks` with queries and keys swapped.
+
+    ``[interior_lo, interior_hi)``: every query of the block sees every key of the key block and is a real row;
+    ``[lo, interior_lo)``: the causal diagonal (or the window's lower edge without CAUSAL); ``[interior_hi, hi)``:
+    the window's upper edge and the last partial block. Query blocks before ``lo`` or from ``hi`` on see none of
+    the keys. (``start_n < q_len``.)
+    """
+    lo = 0
+    interior_lo = 0
+    hi = q_len
+    if CAUSAL:  # query i sees key j iff j <= i
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        interior_lo = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
+    interior_hi = tl.maximum((q_len // BLOCK_M) * BLOCK_M, interior_lo)
+    if WINDOW:  # ... and i < j + window (and j - window < i without CAUSAL)
+        hi = tl.minimum(q_len, start_n + BLOCK_N + window - 1)
+        if not CAUSAL:
+            lo = (tl.maximum(start_n - window + 1, 0) // BLOCK_M) * BLOCK_M
+            interior_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - window, 0), BLOCK_M) * BLOCK_M
+        interior_lo = tl.minimum(tl.maximum(interior_lo, lo), hi)
+        interior_hi = tl.minimum((q_len // BLOCK_M) * BLOCK_M, ((start_n + window) // BLOCK_M) * BLOCK_M)
+        interior_hi = tl.maximum(interior_hi, interior_lo)
+    return lo, interior_lo, interior_hi, hi
+
+
+@triton.jit
+def _kv_head(off_h, group):
+    """The key/value head read by query head ``off_h`` (``group`` query heads per key/value head; the JIT folds
+    ``group = 1``)."""
+    return off_h // group
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,22 +286,25 @@ def _key_end(start_m, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-              offs_m, offs_d, lo, hi, k_len, qk_scale,
+              offs_m, offs_d, lo, hi, skip_from, skip, k_len, window, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WITH_PV: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over the key blocks ``[lo, hi)`` for the query block ``q [BLOCK_M, BLOCK_D]``.
+              CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WINDOW: tl.constexpr, WITH_PV: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks ``[lo, hi)`` for the query block ``q [BLOCK_M, BLOCK_D]``; with WINDOW (edge
+    blocks) the blocks from ``skip_from`` on are taken ``skip`` keys further (see :func:`_edge_blocks`).
 
     Carries ``acc [BLOCK_M, BLOCK_D]`` (unnormalised ``P V``, only WITH_PV) and ``l_i, m_i, u_i [BLOCK_M]`` (base 2:
-    ``m`` is the running max of ``s2``, ``u = sum p (s2 - m)``). EDGE blocks check bounds, key padding and causality.
+    ``m`` is the running max of ``s2``, ``u = sum p (s2 - m)``). EDGE blocks check bounds, key padding, causality
+    and the window.
     """
     MASKED_SCORE: tl.constexpr = -1.0e30
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = _block_start(start, skip_from, skip, EDGE and WINDOW) + tl.arange(0, BLOCK_N)
         # -- stage 1: raw scores; keys the query may not see get MASKED_SCORE (edge blocks only)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if EDGE:
-            keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, CAUSAL, HAS_KEY_PAD)
+            keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL, HAS_KEY_PAD, WINDOW)
             qk = tl.where(keep, qk, MASKED_SCORE)
         # -- stage 2: online softmax; x = s2 - m_new is the exp2 argument and the entropy term
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -210,16 +329,17 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_on, stride_od,
               stride_pb, stride_pn,
-              H, N, qk_scale,
+              H, N, group, window, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """Forward for one query block of one (sequence, head); grid ``(cdiv(longest sequence, BLOCK_M), S * H)``.
+              WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Forward for one query block of one (sequence, query head); grid ``(cdiv(longest sequence, BLOCK_M), S * H)``.
 
-    Q, K, V, Out ``[B, H, N, HEAD_DIM]`` (any strides; packed: B = 1, N = T); HeadMask ``[S * H]`` float32;
-    KeyPad ``[B, N]`` uint8 (1 = keep) and KvEnd ``[B]`` int32 (one past the last kept key), padded batches only;
-    CuSeqlens ``[S + 1]`` int32 (VARLEN only); Lse, Ent, MaxP ``[B * H * N]`` float32.
-    ``qk_scale`` = softmax scale * log2(e) > 0.
+    Q, Out ``[B, H, N, HEAD_DIM]``, K, V ``[B, H / group, N, HEAD_DIM]`` (any strides; packed: B = 1, N = T): query
+    head h reads key/value head ``h // group``; HeadMask ``[S * H]`` float32; KeyPad ``[B, N]`` uint8 (1 = keep) and
+    KvEnd ``[B]`` int32 (one past the last kept key), padded batches only; CuSeqlens ``[S + 1]`` int32 (VARLEN only);
+    Lse, Ent, MaxP ``[B * H * N]`` float32. ``qk_scale`` = softmax scale * log2(e) > 0. WINDOW: query i sees keys
+    ``i - window < j`` (and ``j < i + window`` without CAUSAL).
     """
     LN2: tl.constexpr = 0.6931471805599453
     MASKED_SCORE: tl.constexpr = -1.0e30
@@ -228,6 +348,7 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     off_bh = tl.program_id(1)
     seq = off_bh // H
     off_h = off_bh % H
+    off_kvh = _kv_head(off_h, group)
     batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
     if start_m >= q_len:  # past the end of a shorter packed sequence
         return
@@ -235,12 +356,13 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(_base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
                    stride_qd, q_len, HEAD_DIM, BLOCK_D, True)
-    k_base = _base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn)
-    v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
+    k_base = _base(K, batch_row, off_kvh, row0, stride_kb, stride_kh, stride_kn)
+    v_base = _base(V, batch_row, off_kvh, row0, stride_vb, stride_vh, stride_vn)
     kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
 
-    # -- stage 1: the key loops: interior blocks (no masks), then edge blocks. P V is skipped for a head whose mask
-    #    is 0. (The loops are called from the kernel itself, so that the compiled code's line information names
+    # -- stage 1: the key loops: interior blocks (no masks), then edge blocks (WINDOW: those of both of the window's
+    #    edges, in one loop); key blocks outside every query's window are not visited. P V is skipped for a head
+    #    whose mask is 0. (The loops are called from the kernel itself, so that the compiled code's line information names
     #    these lines and benchmarks/kernel_report.py can tell the loops apart by their "# loop:" marks.)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -249,26 +371,27 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
-    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
-    key_end = _key_end(start_m, k_len, BLOCK_M, CAUSAL)
+    lo, interior_lo, interior_hi, hi = _key_blocks(start_m, k_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD,
+                                                   WINDOW)
+    edge_lo, edge_hi, skip_from, skip = _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW)
     if hm != 0.0:
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: interior
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       False, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+                                       interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       True, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+                                       edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
     else:
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: interior
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       False, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+                                       interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
         acc, l_i, m_i, u_i = _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,  # loop: edge
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                       interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       True, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+                                       edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
 
     # -- stage 2: normalise; rows that saw no key (the max never left MASKED_SCORE) get zeros
     has_keys = m_i > 0.5 * MASKED_SCORE * qk_scale
@@ -296,13 +419,14 @@ def _attn_probs(Q, K, HeadMask, KeyPad, KvEnd, Lse, P,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_pb, stride_pn,
                 stride_probs_bh, stride_probs_m,
-                H, N, qk_scale,
+                H, N, group, window, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """``P * mask`` ``[B, H, N, N]`` (contiguous, in P's dtype) from the saved log-sum-exp; padded batches only.
 
-    Grid ``(cdiv(N, BLOCK_M), cdiv(N, BLOCK_N), B * H)``. Keys a query may not see and rows without keys get 0.
+    Grid ``(cdiv(N, BLOCK_M), cdiv(N, BLOCK_N), B * H)``; K ``[B, H / group, N, HEAD_DIM]``. Keys a query may not
+    see and rows without keys get 0.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     start_m = tl.program_id(0) * BLOCK_M
@@ -319,10 +443,11 @@ def _attn_probs(Q, K, HeadMask, KeyPad, KvEnd, Lse, P,
     zero = off_b * 0
     q = _load_rows(_base(Q, off_b, off_h, zero, stride_qb, stride_qh, stride_qn), offs_m, stride_qn, offs_d,
                    stride_qd, N, HEAD_DIM, BLOCK_D, True)
-    k = _load_rows(_base(K, off_b, off_h, zero, stride_kb, stride_kh, stride_kn), offs_n, stride_kn, offs_d,
-                   stride_kd, k_len, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(_base(K, off_b, _kv_head(off_h, group), zero, stride_kb, stride_kh, stride_kn), offs_n, stride_kn,
+                   offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, True)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    keep = _key_keep(KeyPad + off_b.to(tl.int64) * stride_pb, stride_pn, offs_m, offs_n, k_len, CAUSAL, HAS_KEY_PAD)
+    keep = _key_keep(KeyPad + off_b.to(tl.int64) * stride_pb, stride_pn, offs_m, offs_n, k_len, window, CAUSAL,
+                     HAS_KEY_PAD, WINDOW)
     lse2 = tl.load(Lse + off_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0) * LOG2E
     p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
     if HAS_HEAD_MASK:
@@ -337,17 +462,21 @@ def _attn_probs(Q, K, HeadMask, KeyPad, KvEnd, Lse, P,
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Delta, MaskGrad,
+def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, MaskGrad,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_dob, stride_doh, stride_don, stride_dod,
                          H, N, blocks_per_row, small_mask,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         VARLEN: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, MASK_GRAD: tl.constexpr):
-    """``Delta = rowsum(dO * O)`` ``[B * H * N]`` float32 per query row; grid ``(cdiv(longest, BLOCK_M), S * H)``.
+                         VARLEN: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
+                         WRITE_LSE2: tl.constexpr):
+    """Per query row (all ``[B * H * N]`` float32), grid ``(cdiv(longest, BLOCK_M), S * H)``:
+    ``Delta = rowsum(dO * O) / mask`` (0 where the mask is 0; ``O = mask * P V``, so this is ``rowsum(dO * P V)``),
+    and with WRITE_LSE2 ``Lse2 = lse * log2(e)``: what the dK/dV loop reads, as it is, per query block.
 
-    With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i / mask`` (``O = mask * P V``),
-    into ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
+    With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i``, into
+    ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
     """
+    LOG2E: tl.constexpr = 1.4426950408889634
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     seq = off_bh // H
@@ -363,42 +492,48 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Delta, MaskGrad,
                     offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
-    tl.store(Delta + row, delta, mask=offs_m < q_len)
-    if MASK_GRAD:
+    m_ok = offs_m < q_len
+    hm = 1.0
+    if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
+        delta = delta / tl.where(hm != 0.0, hm, 1.0)  # O = 0 where the mask is 0
+    tl.store(Delta + row, delta, mask=m_ok)
+    if WRITE_LSE2:
+        tl.store(Lse2 + row, tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E, mask=m_ok)
+    if MASK_GRAD:
         if tl.abs(hm) >= small_mask:
-            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0) / hm)
+            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0))
 
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                stride_qn, stride_qd, stride_don, stride_dod,
-               offs_n, offs_d, lo, hi, q_len, qk_scale, delta_scale,
+               offs_n, offs_d, lo, hi, q_len, window, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
-               CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate ``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over the query blocks ``[lo, hi)`` of one key
-    block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds and (causal) the diagonal.
+    block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds, (causal) the diagonal and the window.
 
-    ``P^T = exp2(K Q^T * qk_scale - lse2)``; ``dS^T = P^T (V dO^T - Delta / mask)`` (``delta_scale`` = 1 / mask).
-    Query rows past the sequence read as zeros (dO = Delta = 0), so they add nothing.
+    ``P^T = exp2(K Q^T * qk_scale - Lse2)`` and ``dS^T = P^T (V dO^T - Delta)``, with ``Lse2 = lse * log2(e)`` and
+    ``Delta = rowsum(dO * O) / mask`` per query row from ``_attn_bwd_preprocess``. Query rows past the sequence
+    read as zeros (dO = Delta = 0), so they add nothing.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, offs_m, stride_qn, offs_d, stride_qd, q_len, HEAD_DIM, BLOCK_D, EDGE)
         do = _load_rows(do_base, offs_m, stride_don, offs_d, stride_dod, q_len, HEAD_DIM, BLOCK_D, EDGE)
         if EDGE:
-            lse2 = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
-            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0) * delta_scale
+            lse2 = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         else:
-            lse2 = tl.load(lse_base + offs_m) * LOG2E
-            delta = tl.load(delta_base + offs_m) * delta_scale
+            lse2 = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
         # recompute P^T [BLOCK_N, BLOCK_M]
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         if EDGE:
-            if CAUSAL:
-                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            if CAUSAL or WINDOW:
+                p_t = tl.where(_query_keep(offs_n, offs_m, window, CAUSAL, WINDOW), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -407,26 +542,32 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta, DK, DV,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_gb, stride_gh, stride_gn, stride_gd,
                    stride_pb, stride_pn,
-                   H, N, qk_scale, sm_scale,
+                   H, N, group, window, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
-                   HAS_HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK, dV of one key block of one (sequence, head), looping over query blocks; grid
-    ``(cdiv(longest, BLOCK_N), S * H)``. ``dV = mask * P^T dO``, ``dK = scale * mask * dS^T Q``; keys that are
-    padding (or past a padded row's last key) get zeros. DK and DV share the strides ``stride_g*``.
+                   HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key block for one (sequence, query head), looping over query blocks; grid
+    ``(cdiv(longest, BLOCK_N), S * H)``. ``dV = mask * P^T dO``, ``dK = scale * mask * dS^T Q`` with K, V from
+    key/value head ``head // group``; keys that are padding (or past a padded row's last key) get zeros. DK and DV
+    ``[B, H, N, HEAD_DIM]`` share the strides ``stride_g*``: dK and dV themselves (``group = 1``), or the float32
+    per-query-head terms that the launcher sums over each group (grouped-query attention).
+
+    Lse2 and Delta ``[B * H * N]`` come from ``_attn_bwd_preprocess`` (``lse * log2(e)`` and ``rowsum(dO * O) /
+    mask``), so that the loops spend nothing on the head mask.
     """
-    # -- stage 0: the (sequence, head, key block) of this program; load its K, V
+    # -- stage 0: the (sequence, query head, key block) of this program; load the K, V block of its kv head
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
     seq = off_bh // H
     off_h = off_bh % H
+    off_kvh = _kv_head(off_h, group)
     batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
     n_rows = N  # rows to store: a padded row stores zeros for its padding keys, a packed sequence only its own
     if VARLEN:
@@ -435,9 +576,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(_base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn), offs_n, stride_kn, offs_d,
+    k = _load_rows(_base(K, batch_row, off_kvh, row0, stride_kb, stride_kh, stride_kn), offs_n, stride_kn, offs_d,
                    stride_kd, k_len, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(_base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn), offs_n, stride_vn, offs_d,
+    v = _load_rows(_base(V, batch_row, off_kvh, row0, stride_vb, stride_vh, stride_vn), offs_n, stride_vn, offs_d,
                    stride_vd, k_len, HEAD_DIM, BLOCK_D, True)
     hm = 1.0
     if HAS_HEAD_MASK:
@@ -448,27 +589,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # -- stage 1: query blocks; causal: the diagonal blocks (edge), then the blocks that see the whole key block
+    # -- stage 1: query blocks: (causal or WINDOW) the diagonal / the window's lower edge (edge), the blocks that see
+    #    the whole key block (interior), the rest (edge: the window's upper edge, the last partial block). Query
+    #    blocks that see none of the keys are not visited.
     if (start_n < k_len) & (hm != 0.0):
-        delta_scale = 1.0 / hm
-        lo = 0
-        diagonal_end = 0
-        if CAUSAL:
-            lo = (start_n // BLOCK_M) * BLOCK_M
-            diagonal_end = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
-            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: edge
-                                stride_qn, stride_qd, stride_don, stride_dod,
-                                offs_n, offs_d, lo, diagonal_end, q_len, qk_scale, delta_scale,
-                                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION)
-        full_end = tl.maximum((q_len // BLOCK_M) * BLOCK_M, diagonal_end)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: interior
-                            stride_qn, stride_qd, stride_don, stride_dod,
-                            offs_n, offs_d, diagonal_end, full_end, q_len, qk_scale, delta_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse + stats, Delta + stats,  # loop: edge
-                            stride_qn, stride_qd, stride_don, stride_dod,
-                            offs_n, offs_d, full_end, q_len, q_len, qk_scale, delta_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, True, False, DOT_PRECISION)
+        lo, interior_lo, interior_hi, hi = _query_blocks(start_n, q_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        if CAUSAL or WINDOW:
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
+                                stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
+                                lo, interior_lo, q_len, window, qk_scale,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PRECISION)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: interior
+                            stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
+                            interior_lo, interior_hi, q_len, window, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PRECISION)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
+                            stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
+                            interior_hi, hi, q_len, window, qk_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, DOT_PRECISION)
 
     # -- stage 2: scale, zero the keys nobody sees, store
     keep_n = offs_n < k_len
@@ -486,22 +624,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, 
 @triton.jit
 def _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
              stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-             offs_m, offs_d, lo, hi, k_len,
+             offs_m, offs_d, lo, hi, skip_from, skip, k_len, window,
              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WINDOW: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
-    """Over the key blocks ``[lo, hi)`` of one query block: ``dQ += dS K`` (unscaled), with
+    """Over the key blocks ``[lo, hi)`` (WINDOW edge blocks: from ``skip_from`` on ``skip`` keys further, see
+    :func:`_edge_blocks`) of one query block: ``dQ += dS K`` (unscaled), with
     ``dS = P (dO V^T - Delta / mask)``; or, ROW_DOT_ONLY (a head whose mask is 0), only the head-mask gradient rows
     ``row_dot += sum_j P (dO V^T)``. Keys past the sequence read as zeros (K = V = 0) and add nothing; EDGE blocks
-    zero ``P`` above the causal diagonal and at padding keys."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    zero ``P`` above the causal diagonal, outside the window and at padding keys."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = _block_start(start, skip_from, skip, EDGE and WINDOW) + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s * qk_scale - lse2[:, None])
         if EDGE:
-            p = tl.where(_key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, CAUSAL, HAS_KEY_PAD), p, 0.0)
+            keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL, HAS_KEY_PAD, WINDOW)
+            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if ROW_DOT_ONLY:
             row_dot += tl.sum(p * dp, 1)
@@ -519,16 +659,16 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
                  stride_dob, stride_doh, stride_don, stride_dod,
                  stride_gb, stride_gh, stride_gn, stride_gd,
                  stride_pb, stride_pn,
-                 H, N, qk_scale, sm_scale, blocks_per_row, small_mask,
+                 H, N, group, window, qk_scale, sm_scale, blocks_per_row, small_mask,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
-                 HAS_HEAD_MASK: tl.constexpr, COMPUTE_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """dQ of one query block of one (sequence, head), looping over key blocks; grid ``(cdiv(longest, BLOCK_M),
-    S * H)``. ``dQ = scale * mask * dS K`` (COMPUTE_DQ; 0 for a head whose mask is 0). With MASK_GRAD, heads with
-    ``|mask| < small_mask`` get the head-mask gradient of the block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in
-    ``MaskGrad[(seq * H + head) * blocks_per_row + block]``. Without COMPUTE_DQ (launched for that gradient alone)
-    the other heads' programs return at once.
+                 HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+                 MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ of one query block of one (sequence, query head), looping over key blocks (of key/value head
+    ``head // group``); grid ``(cdiv(longest, BLOCK_M), S * H)``. ``dQ = scale * mask * dS K`` (COMPUTE_DQ; 0 for a
+    head whose mask is 0). With MASK_GRAD, heads with ``|mask| < small_mask`` get the head-mask gradient of the
+    block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in ``MaskGrad[(seq * H + head) * blocks_per_row + block]``.
+    Without COMPUTE_DQ (launched for that gradient alone) the other heads' programs return at once.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     # -- stage 0: the (sequence, head, query block) of this program; load Q, dO, lse of the block
@@ -536,6 +676,7 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     off_bh = tl.program_id(1)
     seq = off_bh // H
     off_h = off_bh % H
+    off_kvh = _kv_head(off_h, group)
     batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
     if start_m >= q_len:
         return
@@ -554,37 +695,38 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     row = (batch_row.to(tl.int64) * H + off_h) * N + row0 + offs_m
     m_ok = offs_m < q_len
     lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E
-    k_base = _base(K, batch_row, off_h, row0, stride_kb, stride_kh, stride_kn)
-    v_base = _base(V, batch_row, off_h, row0, stride_vb, stride_vh, stride_vn)
+    k_base = _base(K, batch_row, off_kvh, row0, stride_kb, stride_kh, stride_kn)
+    v_base = _base(V, batch_row, off_kvh, row0, stride_vb, stride_vh, stride_vn)
     kp_base = KeyPad + batch_row.to(tl.int64) * stride_pb
-    interior = _interior_end(start_m, k_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD)
-    key_end = _key_end(start_m, k_len, BLOCK_M, CAUSAL)
+    lo, interior_lo, interior_hi, hi = _key_blocks(start_m, k_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_PAD,
+                                                   WINDOW)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # -- stage 1: key blocks, interior then edge; dS = P (dO V^T - Delta / mask)
+    # -- stage 1: key blocks, interior then edge (WINDOW: both edges of the window); dS = P (dO V^T - Delta / mask)
+    edge_lo, edge_hi, skip_from, skip = _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW)
     if COMPUTE_DQ:
         if hm != 0.0:
-            delta = tl.load(Delta + row, mask=m_ok, other=0.0) / hm
+            delta = tl.load(Delta + row, mask=m_ok, other=0.0)  # rowsum(dO * O) / mask
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: interior
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   False, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: edge
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   True, CAUSAL, HAS_KEY_PAD, False, DOT_PRECISION)
+                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
     # -- stage 2: the head-mask gradient rows sum_j P (dO V^T) of a head whose mask is (near) 0
     if MASK_GRAD:
         if tl.abs(hm) < small_mask:
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: interior
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   0, interior, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   False, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: edge
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior, key_end, k_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   True, CAUSAL, HAS_KEY_PAD, True, DOT_PRECISION)
+                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
             tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(row_dot, 0))
     # -- stage 3: store
     if COMPUTE_DQ:
@@ -620,10 +762,12 @@ class _Layout:
     """What the kernels need to know about the sequences of one call (computed once, kept for the backward).
 
     ``sequences`` S and ``longest`` (grid sizes); ``cu_seqlens`` int32 ``[S + 1]`` (packed); ``keep`` uint8 ``[B, N]``
-    and ``kv_end`` int32 ``[B]`` (padded with a key padding mask); ``dummy`` for the pointers a variant never reads.
+    and ``kv_end`` int32 ``[B]`` (padded with a key padding mask); ``dummy`` for the pointers a variant never reads;
+    ``window``: the sliding window, None where there is none or where it spans every sequence (``>= longest``:
+    then it hides no key and the kernels need no window bounds).
     """
 
-    def __init__(self, q, key_padding_mask, packing: Packing | None):
+    def __init__(self, q, key_padding_mask, packing: Packing | None, window: int | None = None):
         self.packing = packing
         self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)
         self.keep = self.kv_end = None
@@ -639,6 +783,7 @@ class _Layout:
                 positions = torch.arange(1, q.shape[2] + 1, dtype=torch.int32, device=q.device)
                 self.kv_end = (self.keep.to(torch.int32) * positions).amax(dim=-1).to(torch.int32)  # 0: no keys
                 self.pad_strides = (self.keep.stride(0), self.keep.stride(1))
+        self.window = window if window is not None and window < self.longest else None
 
     @property
     def varlen(self) -> bool:
@@ -647,6 +792,15 @@ class _Layout:
     @property
     def has_key_pad(self) -> bool:
         return self.keep is not None
+
+    @property
+    def has_window(self) -> bool:
+        return self.window is not None
+
+    @property
+    def window_arg(self) -> int:
+        """The kernels' ``window`` argument (unused without WINDOW)."""
+        return self.window if self.window is not None else 0
 
     def pointers(self):
         """``(KeyPad, KvEnd, CuSeqlens)`` kernel arguments."""
@@ -660,8 +814,9 @@ def _configs(q: torch.Tensor, layout: _Layout, causal: bool) -> AttentionConfigs
 
 def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     """Launch ``_attn_fwd`` (and ``_attn_probs``). Returns ``(out, lse, entropy, max_prob, probs or None)``;
-    ``mask_sh`` is None or float32 contiguous ``[S, H]``."""
+    ``mask_sh`` is None or float32 contiguous ``[S, H]``; ``k, v`` have ``H / group`` heads."""
     batch, heads, seq, head_dim = q.shape
+    group = heads // k.shape[1]
     block_d = _block_d(head_dim)
     cfg = _configs(q, layout, causal)
     precision = _dot_precision(q.dtype)
@@ -675,10 +830,10 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     _attn_fwd[grid](
         q, k, v, mask_sh if has_mask else lse, key_pad, kv_end, cu_seqlens, out, lse, entropy, max_prob,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *layout.pad_strides,
-        heads, seq, qk_scale,
+        heads, seq, group, layout.window_arg, qk_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n,
         CAUSAL=causal, VARLEN=layout.varlen, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask,
-        DOT_PRECISION=precision, **cfg.fwd.launch_options(),
+        WINDOW=layout.has_window, DOT_PRECISION=precision, **cfg.fwd.launch_options(),
     )
     probs = None
     if return_probs:  # padded batches only (checked by check_inputs)
@@ -687,17 +842,20 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
         _attn_probs[grid](
             q, k, mask_sh if has_mask else lse, key_pad, kv_end, lse, probs,
             *q.stride(), *k.stride(), *layout.pad_strides, probs.stride(1), probs.stride(2),
-            heads, seq, qk_scale,
+            heads, seq, group, layout.window_arg, qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.probs.block_m, BLOCK_N=cfg.probs.block_n,
-            CAUSAL=causal, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, DOT_PRECISION=precision,
-            **cfg.probs.launch_options(),
+            CAUSAL=causal, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, WINDOW=layout.has_window,
+            DOT_PRECISION=precision, **cfg.probs.launch_options(),
         )
     return out, lse, entropy, max_prob, probs
 
 
 def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, scale, need_dq, need_dkdv, need_mask):
-    """Launch the backward kernels. Returns ``(dq, dk, dv, mask_grad)``; ``mask_grad [S, H]`` float32 or None."""
+    """Launch the backward kernels. Returns ``(dq, dk, dv, mask_grad)``; ``mask_grad [S, H]`` float32 or None;
+    ``dk, dv`` have the shape of ``k, v`` (``H / group`` heads)."""
     batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
     block_d = _block_d(head_dim)
     cfg = _configs(q, layout, causal)
     precision = _dot_precision(q.dtype)
@@ -706,32 +864,40 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     key_pad, kv_end, cu_seqlens = layout.pointers()
     rows = layout.sequences * heads
     mask_arg = mask_sh if has_mask else lse
-    # -- stage 1: Delta, and the head-mask gradient of heads whose mask is not small
+    # -- stage 1: Delta / mask, lse * log2(e) (for dK, dV), and the head-mask gradient of heads whose mask is not
+    #    small
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta) if need_dkdv else delta
     pre_blocks = triton.cdiv(layout.longest, cfg.preprocess.block_m)
     pre_grad = torch.zeros((rows, pre_blocks), dtype=torch.float32, device=q.device) if need_mask else delta
     _attn_bwd_preprocess[(pre_blocks, rows)](
-        out, grad_out, mask_arg, kv_end, cu_seqlens, delta, pre_grad,
+        out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, pre_grad,
         *out.stride(), *grad_out.stride(),
         heads, seq, pre_blocks, _SMALL_MASK,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess.block_m, VARLEN=layout.varlen,
-        HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask,
+        HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask, WRITE_LSE2=need_dkdv,
     )
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=layout.varlen,
-                  HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, DOT_PRECISION=precision)
+                  HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, WINDOW=layout.has_window,
+                  DOT_PRECISION=precision)
     dq = dk = dv = None
-    # -- stage 2: dK, dV
+    # -- stage 2: dK, dV; grouped-query attention: per query head, summed over each group by torch (fixed order)
     if need_dkdv:
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(dk)  # dK and dV share strides in the kernel
+        if group == 1:
+            dk = torch.empty_like(k)
+            dv = torch.empty_like(dk)  # dK and dV share strides in the kernel
+        else:  # float32 [B, H, N, D] terms of every query head
+            dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         grid = (triton.cdiv(layout.longest, cfg.dkdv.block_n), rows)
         _attn_bwd_dkdv[grid](
-            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta, dk, dv,
+            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
-            heads, seq, scale * _LOG2E, scale,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale,
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
             **cfg.dkdv.launch_options(),
         )
+        if group > 1:
+            dk, dv = (t.view(batch, kv_heads, group, seq, head_dim).sum(2).to(k.dtype) for t in (dk, dv))
     # -- stage 3: dQ, and the head-mask gradient of heads whose mask is (near) 0
     dq_grad = None
     if need_dq or need_mask:
@@ -744,7 +910,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
             dq if dq is not None else q, dq_grad if dq_grad is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
             *layout.pad_strides,
-            heads, seq, scale * _LOG2E, scale, dq_blocks, _SMALL_MASK,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, dq_blocks, _SMALL_MASK,
             BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
             **cfg.dq.launch_options(),
         )
@@ -760,12 +926,13 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
 
 
 def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                     return_probs=False, packing: Packing | None = None):
+                     return_probs=False, packing: Packing | None = None, window: int | None = None):
     """Fused Triton attention; same contract as :func:`fastbertology.kernels.attention`.
 
     Args:
         q, k, v: ``[B, H, N, D]`` (packed: ``[1, H, T, D]``), float32/float16/bfloat16, ``D <= 128`` (otherwise
-            :func:`attention_torch`), CUDA (or CPU under ``TRITON_INTERPRET=1``), any strides (read in place).
+            :func:`attention_torch`), CUDA (or CPU under ``TRITON_INTERPRET=1``), any strides (read in place);
+            ``k, v`` may have ``H_kv`` heads, ``H_kv`` dividing ``H`` (grouped-query attention, read in place).
         head_mask: ``[H]`` or ``[B, H]`` (packed: ``[S, H]``) floats, or None; multiplies each head's output.
             Differentiable.
         key_padding_mask: bool ``[B, N]`` (True = keep the key), any pattern, or None (padded batches only).
@@ -773,6 +940,8 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
         scale: softmax scale, default ``D ** -0.5``.
         return_probs: also return ``stats.probs`` ``[B, H, N, N]`` (probabilities times the head mask, input dtype).
         packing: :class:`~fastbertology.kernels.Packing` of packed sequences, or None.
+        window: sliding window, or None: query i sees keys ``i - window < j`` (and ``j < i + window`` when not
+            causal).
 
     Returns:
         ``out`` (input dtype, with the memory layout of ``q`` where ``q`` is dense) and :class:`AttentionStats`
@@ -780,7 +949,9 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
 
     Tensors are saved for backward only when one of q, k, v, head_mask requires grad (and grad mode is on).
     """
-    batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs)
+    batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs,
+                                               window)
+    window = None if window is None else int(window)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM or q.numel() == 0 \
             or not scale > 0:
@@ -788,11 +959,11 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
             warnings.warn(f"head dim {head_dim} > {MAX_HEAD_DIM}: the Triton kernels are not built for it; "
                           "using the PyTorch backend", stacklevel=2)
         return attention_torch(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal,
-                               scale=scale, return_probs=return_probs, packing=packing)
+                               scale=scale, return_probs=return_probs, packing=packing, window=window)
     _check_device(q)
     if batch * heads > _MAX_GRID_Y:
         raise ValueError(f"sequences * heads = {batch * heads} exceeds {_MAX_GRID_Y}; split the batch")
-    layout = _Layout(q, key_padding_mask, packing)
+    layout = _Layout(q, key_padding_mask, packing, window)
     grad_on = torch.is_grad_enabled()
     needs_grad = grad_on and (q.requires_grad or k.requires_grad or v.requires_grad
                               or (head_mask is not None and head_mask.requires_grad))

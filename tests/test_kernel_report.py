@@ -1,6 +1,7 @@
 """benchmarks/kernel_report.py: SASS parsing, occupancy and specialisation rules (pure Python), then the kernels
-compiled ahead of time for sm_90 (the BERT case, the GPT-2 case and the yardstick; needs triton with its NVIDIA
-tools, no GPU) and the yardstick's results against a reference (interpreter on CPU, or CUDA).
+compiled ahead of time for sm_90 (the BERT case, the GPT-2 case, the Mistral case with grouped-query attention and
+a sliding window, and the yardstick; needs triton with its NVIDIA tools, no GPU) and the yardstick's results against
+a reference (interpreter on CPU, or CUDA).
 
 The parser samples in ``tests/data`` are the real ``nvdisasm -c`` and ``cuobjdump -sass`` listings of this kernel,
 compiled by Triton 3.9 for sm_90 with ``num_warps=1`` and arguments ``(*fp32, *fp32, 7, 5)``::
@@ -105,7 +106,8 @@ needs_toolchain = pytest.mark.skipif(_PROBLEM is not None, reason=f"cannot compi
 
 @pytest.fixture(scope="module")
 def quick_rows():
-    """The report's quick specs (BERT and GPT-2 cases, bf16 D=64, every kernel; the yardstick) for sm_90."""
+    """The report's quick specs (BERT, GPT-2 and Mistral cases, bf16 D=64, every kernel; the yardstick) for
+    sm_90."""
     import kernel_specs
 
     rows = kr.run_specs(kernel_specs.report_specs(quick=True, archs=(90,)), [90], jobs=2)
@@ -136,19 +138,25 @@ def test_bert_and_gpt2_kernels_compile_without_spills(quick_rows):
 @needs_toolchain
 def test_loop_bodies_are_found_and_labelled(quick_rows):
     bert = _row(quick_rows, "_attn_fwd", "varlen", "head_mask", absent=["causal"])
-    gpt2 = _row(quick_rows, "_attn_fwd", "causal", "varlen")
+    gpt2 = _row(quick_rows, "_attn_fwd", "causal", "varlen", absent=["window"])
+    mistral = _row(quick_rows, "_attn_fwd", "causal", "varlen", "window", "gqa")
     stick = _row(quick_rows, "_yardstick_attn_fwd")
-    for row in (bert, gpt2, stick, _row(quick_rows, "_attn_bwd_dq", "causal", "compute_dq"),
-                _row(quick_rows, "_attn_bwd_dkdv", "varlen", absent=["causal"])):
+    for row in (bert, gpt2, mistral, stick, _row(quick_rows, "_attn_bwd_dq", "causal", "compute_dq", absent=["window"]),
+                _row(quick_rows, "_attn_bwd_dkdv", "varlen", absent=["causal"]),
+                _row(quick_rows, "_attn_bwd_dkdv", "window", "gqa")):
         hottest = row["loops"][row["hottest_loop"]]
         assert hottest["innermost"] and 50 < hottest["instructions"] < 3000, (row["kernel"], row["loops"])
         assert hottest["classes"].get("tensor", 0) >= 2 and hottest["classes"].get("control", 0) >= 1
         assert sum(hottest["classes"].values()) == hottest["instructions"]
     assert stick["loops"][stick["hottest_loop"]]["classes"].get("mufu", 0) >= 32  # one exp2 per score (+ alpha)
-    for row in (bert, gpt2):  # interior (P V and no-P V variants) and edge loops, told apart by the line marks
+    # interior (P V and no-P V variants) and edge loops, told apart by the line marks; with a sliding window one edge
+    # loop covers both of the window's edges
+    for row in (bert, gpt2, mistral):
         roles = sorted(loop["role"] for loop in row["loops"])
         assert roles == ["edge", "edge", "interior", "interior"], row["loops"]
         assert row["loops"][row["hottest_loop"]]["role"] == "interior"
+    dkdv = _row(quick_rows, "_attn_bwd_dkdv", "window", "gqa")  # the diagonal, the interior, the window's upper edge
+    assert sorted(loop["role"] for loop in dkdv["loops"]) == ["edge", "edge", "interior"], dkdv["loops"]
     assert not _row(quick_rows, "_attn_probs")["loops"]  # one block per program: no loop
 
 
@@ -157,7 +165,8 @@ def test_hot_loops_meet_the_targets(quick_rows):
     """Issue 14's targets, from the compiled code: the forward's hottest loop within 1.25x the yardstick (BERT
     packed with the head-mask gradient, GPT-2 causal), dQ and dK/dV within 1.15x their versions without masks."""
     for row in (_row(quick_rows, "_attn_fwd", "varlen", "head_mask", absent=["causal"]),
-                _row(quick_rows, "_attn_fwd", "causal", "varlen")):
+                _row(quick_rows, "_attn_fwd", "causal", "varlen", absent=["window"]),
+                _row(quick_rows, "_attn_fwd", "causal", "varlen", "window", "gqa")):
         assert row["vs_yardstick"] is not None and row["vs_yardstick"] <= 1.25, row["vs_yardstick"]
     for kernel in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
         for row in (r for r in quick_rows if r["kernel"] == kernel):
@@ -165,11 +174,26 @@ def test_hot_loops_meet_the_targets(quick_rows):
 
 
 @needs_toolchain
+def test_grouped_query_and_window_cost_nothing_in_the_interior_loops(quick_rows):
+    """The Mistral case (GQA, causal sliding window) against the GPT-2 case (MHA, causal), kernel by kernel: the
+    interior loops, where the work is, are as long (the kv head only moves base pointers; the window only moves the
+    loop bounds and adds edge blocks)."""
+    pairs = [("_attn_fwd", ["causal", "varlen"]), ("_attn_bwd_dkdv", ["causal", "varlen"]),
+             ("_attn_bwd_dq", ["causal", "compute_dq"]), ("_attn_bwd_dq", ["causal", "mask_grad"])]
+    for kernel, flags in pairs:
+        absent = [] if "compute_dq" in flags or kernel != "_attn_bwd_dq" else ["compute_dq"]
+        mha = _row(quick_rows, kernel, *flags, absent=["window", *absent])
+        gqa = _row(quick_rows, kernel, *flags, "window", "gqa", absent=absent)
+        assert kr.hottest_instructions(gqa) <= 1.02 * kr.hottest_instructions(mha), (kernel, gqa["loops"], mha["loops"])
+        assert gqa["spill_store_bytes"] == 0 and gqa["ctas_per_sm"] >= 1
+
+
+@needs_toolchain
 def test_report_table_lists_every_row(quick_rows):
     table = kr.format_table(quick_rows, breakdown=True)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["kernel", "config", "regs"] and lines[0].rstrip().endswith("vs plain")
-    assert sum(line.startswith("_attn_fwd ") for line in lines) == 3  # BERT, GPT-2, plain
+    assert sum(line.startswith("_attn_fwd ") for line in lines) == 4  # BERT, GPT-2, plain, Mistral
     assert sum(line.startswith("_yardstick_attn_fwd ") for line in lines) == 1
     hot_rows = [row for row in quick_rows if row["hottest_loop"] is not None]
     assert sum("hottest: " in line for line in lines) == len(hot_rows)

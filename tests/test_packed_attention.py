@@ -1,4 +1,5 @@
-"""Packed (padding-free) attention: every backend against the float64 reference, and packed == padded.
+"""Packed (padding-free) attention: every backend against the float64 reference, and packed == padded; with
+multi-head, grouped-query and multi-query attention and sliding windows (positions within each sequence).
 
 Packed sequences ``[1, H, T, D]`` with :class:`Packing` must give, at every real token, exactly what padded
 attention over ``[S, H, max_len, D]`` with a key padding mask gives (outputs, statistics, every gradient including
@@ -31,11 +32,16 @@ class Case:
     causal: bool = False
     mask: str | None = None  # None, "H", "SH" (per sequence, with a 0 and a tiny value)
     grads: str = "all"  # "all", "qkv", "mask", "none"
+    kv_heads: int | None = None  # key/value heads (None: heads)
+    window: int | None = None  # sliding window
 
     def __str__(self):
         name = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
-        return "-".join([name, "L" + ",".join(map(str, self.lengths)), f"H{self.heads}D{self.head_dim}",
-                         "causal" if self.causal else "full", f"mask-{self.mask}", f"grad-{self.grads}"])
+        parts = [name, "L" + ",".join(map(str, self.lengths)), f"H{self.heads}D{self.head_dim}",
+                 "causal" if self.causal else "full", f"mask-{self.mask}", f"grad-{self.grads}"]
+        parts += [f"kv{self.kv_heads}"] * (self.kv_heads is not None)
+        parts += [f"win{self.window}"] * (self.window is not None)
+        return "-".join(parts)
 
 
 def _packed_inputs(case: Case, seed: int = 0, device: torch.device | str = "cpu"):
@@ -43,8 +49,9 @@ def _packed_inputs(case: Case, seed: int = 0, device: torch.device | str = "cpu"
     each backend casts)."""
     gen = torch.Generator().manual_seed(seed)
     total = sum(case.lengths)
-    q, k, v, grad_out = (torch.randn(1, total, case.heads, case.head_dim, generator=gen, dtype=torch.float64)
-                         .transpose(1, 2) for _ in range(4))
+    kv_heads = case.heads if case.kv_heads is None else case.kv_heads
+    q, k, v, grad_out = (torch.randn(1, total, heads, case.head_dim, generator=gen, dtype=torch.float64)
+                         .transpose(1, 2) for heads in (case.heads, kv_heads, kv_heads, case.heads))
     head_mask = None
     if case.mask == "H":
         head_mask = 0.5 + torch.rand(case.heads, generator=gen, dtype=torch.float64)
@@ -69,7 +76,8 @@ def _evaluate(backend, case, q, k, v, grad_out, head_mask, packing, dtype):
     for name in wanted:
         inputs[name].requires_grad_(True)
     with torch.set_grad_enabled(bool(wanted)):
-        out, stats = attention(q, k, v, head_mask=head_mask, causal=case.causal, packing=packing, backend=backend)
+        out, stats = attention(q, k, v, head_mask=head_mask, causal=case.causal, packing=packing, backend=backend,
+                               window=case.window)
     results = {"out": out.detach(), "lse": stats.lse, "entropy": stats.entropy, "max_prob": stats.max_prob}
     if wanted:
         out.backward(grad_out.to(out.dtype))
@@ -106,6 +114,9 @@ TORCH_CASES = [
     Case(F32, (97, 33, 1), causal=True, mask="SH", grads="qkv"),
     Case(F32, (1, 1, 1), mask="SH", grads="mask"),
     Case(F32, (40, 7), grads="none"),
+    Case(F64, (5, 1, 0, 9, 4), heads=4, kv_heads=2, causal=True, mask="SH", window=3),
+    Case(F32, (97, 33, 1), heads=6, kv_heads=3, mask="SH", window=17),
+    Case(F32, (30, 12), heads=3, kv_heads=1, causal=True, mask="H", grads="qkv", window=40),
 ]
 
 
@@ -132,6 +143,10 @@ TRITON_CASES = [
     Case(F16, (31, 64, 2), head_dim=16, mask="SH", grads="qkv"),
     Case(F32, (20, 21), head_dim=48, causal=True, grads="none"),
     Case(F32, (1, 1, 1, 1), mask="SH"),
+    # grouped-query (2 heads per kv head) with a causal window crossing the interpreter's 16- and 32-row blocks
+    Case(F32, (97, 1, 0, 33), heads=4, kv_heads=2, causal=True, mask="SH", window=20),
+    # multi-query, bidirectional window smaller than every block, fp16
+    Case(F16, (50, 17, 3), heads=3, kv_heads=1, mask="SH", window=6),
 ]
 
 
@@ -152,28 +167,31 @@ def test_triton_backend_packed_gpu_blocks(monkeypatch):
                         lambda device, block_d, dtype, **options: triton_attention.gpu_configs(block_d, dtype,
                                                                                                **options))
     _check("triton", Case(F32, (130, 5, 70), causal=True, mask="SH"))
+    _check("triton", Case(F32, (150, 5, 70), heads=4, kv_heads=1, causal=True, mask="SH", window=80))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_needed)])
-def test_packed_equals_padded(backend):
+@pytest.mark.parametrize("kv_heads, window", [(2, None), (1, 5)])
+def test_packed_equals_padded(backend, kv_heads, window):
     """The same sequences padded (key padding mask) and packed give the same values at every real token."""
     if backend == "triton":
         pytest.importorskip("triton")
     lengths = [9, 1, 17, 4]
     batch, seq, heads, dim = len(lengths), max(lengths), 2, 32
     gen = torch.Generator().manual_seed(3)
-    padded = [torch.randn(batch, seq, heads, dim, generator=gen).transpose(1, 2) for _ in range(3)]
+    padded = [torch.randn(batch, seq, h, dim, generator=gen).transpose(1, 2) for h in (heads, kv_heads, kv_heads)]
     keep = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
     index = keep.flatten().nonzero().squeeze(1)
 
     def pack(t):  # [B, H, N, D] -> [1, H, T, D]
-        return t.transpose(1, 2).reshape(batch * seq, heads, dim)[index].transpose(0, 1)[None]
+        return t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)[index].transpose(0, 1)[None]
 
     head_mask = torch.rand(batch, heads, generator=gen) + 0.5
     for causal in (False, True):
-        out_p, stats_p = attention(*padded, head_mask=head_mask, key_padding_mask=keep, causal=causal, backend=backend)
+        out_p, stats_p = attention(*padded, head_mask=head_mask, key_padding_mask=keep, causal=causal, backend=backend,
+                                   window=window)
         out_k, stats_k = attention(*(pack(t) for t in padded), head_mask=head_mask, causal=causal,
-                                   packing=Packing.from_lengths(lengths), backend=backend)
+                                   packing=Packing.from_lengths(lengths), backend=backend, window=window)
         torch.testing.assert_close(out_k, pack(out_p), atol=2e-6, rtol=0)
         for a, b in zip(stats_k[:3], stats_p[:3]):
             torch.testing.assert_close(a[0].t(), b.transpose(1, 2).reshape(batch * seq, heads)[index],

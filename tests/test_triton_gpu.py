@@ -1,4 +1,5 @@
-"""Triton attention kernels on the GPU: bf16/fp16/fp32, head dims up to 128, N up to 4096, and peak memory.
+"""Triton attention kernels on the GPU: bf16/fp16/fp32, head dims up to 128, N up to 4096, grouped-query attention
+and sliding windows, and peak memory.
 
 Skipped without CUDA. Same pass rule as tests/test_triton_kernels.py (whose helpers are reused): kernel error
 against the float64 reference <= 2x (outputs, statistics) / 3x (gradients) the same-dtype PyTorch error, plus a
@@ -31,6 +32,14 @@ GPU_CASES = [
     Case(F32, 2, 2, 200, 32, padding="prefix", mask="BH"),
     Case(F32, 1, 2, 1025, 128, causal=True, padding="general", mask="H", strided=True),
     Case(F32, 1, 1, 4096, 64, causal=True, mask="H", probs=False),
+    # grouped-query attention and sliding windows (Llama, Mistral, Gemma2, ModernBERT-like), long sequences
+    Case(BF16, 2, 8, 2048, 128, causal=True, padding="prefix", mask="BH", kv_heads=2, strided=True, probs=False,
+         tiny=True),
+    Case(BF16, 1, 8, 4096, 64, causal=True, mask="H", kv_heads=1, window=1024, strided=True, probs=False),
+    Case(BF16, 2, 4, 1025, 128, causal=True, padding="general", mask="BH", kv_heads=2, window=100, strided=True),
+    Case(BF16, 2, 6, 1500, 64, padding="prefix", mask="BH", window=129, strided=True, tiny=True),
+    Case(F16, 2, 6, 777, 32, causal=True, mask="H", kv_heads=3, window=64, grads="mask"),
+    Case(F32, 1, 4, 1025, 128, causal=True, padding="general", mask="BH", kv_heads=1, window=300, strided=True),
 ]
 
 
@@ -53,6 +62,8 @@ PACKED_GPU_CASES = [
     PackedCase(F16, (200, 31, 4096), heads=2, head_dim=128, causal=True, mask="H", grads="qkv"),
     PackedCase(BF16, (60, 64, 33, 17) * 8, heads=12, head_dim=32, mask="SH", grads="mask"),  # short: 64-row blocks
     PackedCase(F32, (300, 77), heads=3, head_dim=64, causal=True, mask="SH"),
+    PackedCase(BF16, (1025, 3, 257, 2048), heads=8, kv_heads=2, head_dim=128, causal=True, mask="SH", window=512),
+    PackedCase(BF16, (128, 97, 1, 0, 513, 64) * 4, heads=12, kv_heads=1, head_dim=64, mask="SH", window=65),
 ]
 
 

@@ -8,8 +8,10 @@ matters where the same-dtype PyTorch error is (near) zero, e.g. exactly represen
 
 The interpreter is slow, so the cases below are chosen to cover the options (dtype, head dim 32/64 and a padded
 48, N in 1/7/97/130, custom scale, causal, prefix/general/empty key padding, [H]/[B, H] head masks with zeros and
-fractions, which inputs need gradients, non-contiguous inputs, the GPU block sizes) without taking their cartesian
-product.
+fractions, which inputs need gradients, non-contiguous inputs, the GPU block sizes; grouped-query attention with
+groups of 1, 2, 3 and all heads (multi-query); sliding windows smaller than, between and larger than the
+interpreter's 16- and 32-row blocks, causal and bidirectional; head-mask values below 1/64) without taking their
+cartesian product.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Case:
     gpu_blocks: bool = False  # use the GPU block sizes (on the interpreter)
     probs: bool = True
     scale: float | None = None  # softmax scale, default D ** -0.5
+    kv_heads: int | None = None  # key/value heads, dividing heads (None: heads)
+    window: int | None = None  # sliding window
+    tiny: bool = False  # one head-mask value below the kernels' 1/64 threshold (exact mask-gradient path)
 
     def __str__(self):
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
@@ -56,6 +61,9 @@ class Case:
                  f"pad-{self.padding}", f"mask-{self.mask}", f"grad-{self.grads}"]
         parts += ["strided"] * self.strided + ["gpublocks"] * self.gpu_blocks
         parts += [f"scale{self.scale}"] * (self.scale is not None)
+        parts += [f"kv{self.kv_heads}"] * (self.kv_heads is not None)
+        parts += [f"win{self.window}"] * (self.window is not None)
+        parts += ["tiny"] * self.tiny
         return "-".join(parts)
 
 
@@ -73,6 +81,15 @@ CASES = [
     Case(F16, 1, 2, 130, 32, padding="general", mask="H", strided=True, gpu_blocks=True),
     Case(F32, 1, 2, 33, 48, causal=True, padding="general", mask="BH", scale=0.3),  # head dim padded to 64
     Case(F16, 2, 1, 1, 64, padding="prefix_empty", mask="BH"),
+    # grouped-query attention and sliding windows (interpreter blocks: forward and dQ 32 x 16, dK/dV 16 x 32)
+    Case(F32, 2, 4, 37, 32, causal=True, padding="general", mask="BH", kv_heads=2, window=5, tiny=True),
+    Case(F16, 2, 4, 45, 32, padding="prefix_empty", mask="H", kv_heads=1, window=20, strided=True),
+    Case(F32, 1, 3, 97, 32, causal=True, mask="BH", kv_heads=3, window=45, strided=True, probs=False),
+    Case(F16, 2, 4, 97, 64, causal=True, padding="prefix", mask="BH", kv_heads=2, tiny=True, strided=True),
+    Case(F32, 2, 6, 33, 32, mask="BH", kv_heads=2, window=9, grads="mask", tiny=True),
+    Case(F16, 1, 4, 40, 32, padding="general", kv_heads=4, window=17, grads="qkv"),
+    Case(F32, 1, 4, 150, 64, causal=True, mask="H", kv_heads=1, window=70, gpu_blocks=True, probs=False),
+    Case(F16, 1, 2, 130, 32, padding="general", mask="BH", kv_heads=1, window=40, gpu_blocks=True, tiny=True),
 ]
 
 
@@ -80,13 +97,14 @@ def _inputs(case: Case, seed: int = 0, device: torch.device = DEVICE):
     """Fresh random q, k, v, dO (``[B, H, N, D]``), head mask and key padding mask for a case, on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     b, h, n, d = case.batch, case.heads, case.seq, case.head_dim
+    kv_heads = h if case.kv_heads is None else case.kv_heads
 
-    def tensor():
+    def tensor(h):
         if case.strided:  # [B, N, H, D] -> [B, H, N, D] view, as transformers hands them over
             return torch.randn(b, n, h, d, generator=gen).to(device, case.dtype).transpose(1, 2)
         return torch.randn(b, h, n, d, generator=gen).to(device, case.dtype)
 
-    q, k, v, grad_out = tensor(), tensor(), tensor(), tensor()
+    q, k, v, grad_out = tensor(h), tensor(kv_heads), tensor(kv_heads), tensor(h)
     head_mask = None
     if case.mask == "H":
         head_mask = 0.2 + 0.8 * torch.rand(h, generator=gen, dtype=torch.float64)
@@ -95,6 +113,8 @@ def _inputs(case: Case, seed: int = 0, device: torch.device = DEVICE):
         head_mask = 0.2 + 0.8 * torch.rand(b, h, generator=gen)
         head_mask[0, min(1, h - 1)] = 0.0
         head_mask[-1, 0] = 1.0
+    if head_mask is not None and case.tiny:
+        head_mask.view(-1)[-1] = 1e-3
     if head_mask is not None:
         head_mask = head_mask.to(device)
     key_padding_mask = None
@@ -126,7 +146,7 @@ def _evaluate(function, case, q, k, v, grad_out, head_mask, key_padding_mask, dt
         inputs[name].requires_grad_(True)
     with torch.set_grad_enabled(case.grads != "none"):
         out, stats = function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=case.causal,
-                              scale=case.scale, return_probs=case.probs)
+                              scale=case.scale, return_probs=case.probs, window=case.window)
     results = {"out": out.detach(), "lse": stats.lse, "entropy": stats.entropy, "max_prob": stats.max_prob}
     if case.probs:
         results["probs"] = stats.probs
@@ -195,8 +215,11 @@ def test_dispatch_zero_mask_rows_and_mask_grad_shape():
     assert torch.count_nonzero(out[:, case.heads // 2]) == 0  # the head whose mask is 0
 
 
-def test_backward_is_deterministic():
-    case = Case(F32, 2, 2, 40, 32, causal=True, padding="general", mask="BH")
+@pytest.mark.parametrize("kv_heads, window", [(None, None), (1, 7)])
+def test_backward_is_deterministic(kv_heads, window):
+    """Bitwise equal gradients on a second run (grouped-query: the per-head dK, dV terms are summed in a fixed
+    order, no atomics)."""
+    case = Case(F32, 2, 2, 40, 32, causal=True, padding="general", mask="BH", kv_heads=kv_heads, window=window)
     from fastbertology.kernels.triton_attention import attention_triton
 
     grads = []
@@ -204,7 +227,8 @@ def test_backward_is_deterministic():
         q, k, v, grad_out, head_mask, key_padding_mask = _inputs(case, seed=3)
         for t in (q, k, v, head_mask):
             t.requires_grad_(True)
-        out, _ = attention_triton(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=True)
+        out, _ = attention_triton(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=True,
+                                  window=window)
         out.backward(grad_out)
         grads.append([t.grad.clone() for t in (q, k, v, head_mask)])
     for first, second in zip(*grads):
