@@ -26,13 +26,21 @@ fi
 echo "== kernel tests on the GPU"
 # GPU_CHECK_ALL=1 also runs the small interpreter-sized cases of tests/test_triton_kernels.py on the GPU (more
 # kernel variants to compile: a few more minutes)
-"$PYTHON" -m pytest tests/test_triton_gpu.py ${GPU_CHECK_ALL:+tests/test_triton_kernels.py} -q
+# pytest-xdist (when installed) compiles the kernel variants in parallel worker processes; each phase has its own
+# time limit so that a slow phase cannot starve the benchmarks
+workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n ${GPU_CHECK_WORKERS:-8}")
+start=$SECONDS
+timeout "${TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest tests/test_triton_gpu.py ${GPU_CHECK_ALL:+tests/test_triton_kernels.py} \
+  -q $workers -p no:cacheprovider
 tests_rc=$?
+echo "   kernel tests: rc=$tests_rc in $((SECONDS - start)) s"
 
 echo "== attention benchmark (fwd+bwd)"
 table=$(mktemp)
-"$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
+start=$SECONDS
+timeout "${ATTENTION_TIMEOUT:-150}" "$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
 bench_rc=${PIPESTATUS[0]}
+echo "   attention benchmark: rc=$bench_rc in $((SECONDS - start)) s"
 
 echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology, padding-free and padded)"
 # Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
@@ -42,6 +50,7 @@ e2e_table=$(mktemp)
 timeout "${E2E_TIMEOUT:-300}" "$PYTHON" -m fastbertology.bench --time-budget "${E2E_BUDGET:-180}" \
   --out "$E2E_RESULTS" | tee "$e2e_table"
 e2e_rc=${PIPESTATUS[0]}
+echo "   end-to-end benchmark: rc=$e2e_rc"
 { echo; echo "end-to-end benchmark rc=$e2e_rc, JSON lines in $E2E_RESULTS"; cat "$e2e_table"; } >> "$table"
 bench_rc=$(( bench_rc != 0 || e2e_rc != 0 ))
 
