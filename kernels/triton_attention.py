@@ -300,15 +300,21 @@ def _fwd_loop(acc, l_i, m_i, u_i, q, k_base, v_base, kp_base,
     MASKED_SCORE: tl.constexpr = -1.0e30
     for start in range(lo, hi, BLOCK_N):
         offs_n = _block_start(start, skip_from, skip, EDGE and WINDOW) + tl.arange(0, BLOCK_N)
-        # -- stage 1: raw scores; keys the query may not see get MASKED_SCORE (edge blocks only)
+        # -- stage 1: raw scores
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if EDGE:
-            keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL, HAS_KEY_PAD, WINDOW)
-            qk = tl.where(keep, qk, MASKED_SCORE)
         # -- stage 2: online softmax; x = s2 - m_new is the exp2 argument and the entropy term
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        x = qk * qk_scale - m_new[:, None]
+        if EDGE:
+            # masked keys get MASKED_SCORE after the scaling: for a row that has seen no key yet, m_new and the
+            # masked scores are then the same constant and x is exactly 0 (a fused multiply-add of the scaled
+            # sentinel, qk * qk_scale - m_new, leaves its rounding error, up to 1e22, in x: 2^x overflows)
+            keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL, HAS_KEY_PAD, WINDOW)
+            s2 = tl.where(keep, qk * qk_scale, MASKED_SCORE)
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            x = s2 - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            x = qk * qk_scale - m_new[:, None]
         p = tl.exp2(x)
         alpha = tl.exp2(m_i - m_new)
         u_i = alpha * (u_i + (m_i - m_new) * l_i) + tl.sum(p * x, 1)
@@ -367,7 +373,7 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + MASKED_SCORE * qk_scale
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + MASKED_SCORE
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
@@ -394,7 +400,7 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
                                        BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
 
     # -- stage 2: normalise; rows that saw no key (the max never left MASKED_SCORE) get zeros
-    has_keys = m_i > 0.5 * MASKED_SCORE * qk_scale
+    has_keys = m_i > 0.5 * MASKED_SCORE
     l_safe = tl.where(has_keys, l_i, 1.0)
     inv_l = 1.0 / l_safe
     log_l = tl.log2(l_safe)
