@@ -31,6 +31,7 @@ for _path in (str(REPO), str(BENCHMARKS)):  # `kernels` as a plain package (torc
         sys.path.insert(0, _path)
 
 from kernel_report import KernelSpec, Ptr  # noqa: E402
+
 from kernels import triton_attention as ta  # noqa: E402
 from kernels.common import Packing  # noqa: E402
 
@@ -67,6 +68,8 @@ class Shape(NamedTuple):
     heads: int = 12
     seq: int = 512
 
+
+DEFAULT_SHAPE = Shape()
 
 BERT = Case("bf16", 64, causal=False, layout="packed", head_mask="grad")  # head importance, padding-free
 GPT2 = Case("bf16", 64, causal=True, layout="packed", head_mask="grad")  # causal, head importance
@@ -188,7 +191,7 @@ def all_cases(dtypes, head_dims):
         yield from feature_cases(dtype, head_dim)
 
 
-def project_kernel_specs(cases, kernels=None, shapes=(Shape(),), archs=(90, 80)) -> list[KernelSpec]:
+def project_kernel_specs(cases, kernels=None, shapes=(DEFAULT_SHAPE,), archs=(90, 80)) -> list[KernelSpec]:
     """A :class:`KernelSpec` per distinct recorded launch of the cases, per architecture (the launchers pick block
     sizes by architecture and by the longest sequence: give a shape per length bucket); ``kernels`` keeps the
     names that contain one of them."""
@@ -222,7 +225,7 @@ def yardstick_launch(dtype: str, head_dim: int, shape: Shape, arch: int = 90) ->
     return args, constexprs, {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def yardstick_specs(dtypes, head_dims, shape: Shape = Shape(), archs=(90, 80)) -> list[KernelSpec]:
+def yardstick_specs(dtypes, head_dims, shape: Shape = DEFAULT_SHAPE, archs=(90, 80)) -> list[KernelSpec]:
     """The yardstick for the 16-bit dtypes among ``dtypes`` and the power-of-two head dims >= 16, with the long
     sequences' forward configuration of each architecture."""
     specs = []
@@ -238,7 +241,7 @@ def yardstick_specs(dtypes, head_dims, shape: Shape = Shape(), archs=(90, 80)) -
 SHORT = Shape(seq=64)  # the short-sequence bucket of the block configurations
 
 
-def report_specs(dtypes=None, head_dims=None, kernels=None, quick=False, shape: Shape = Shape(),
+def report_specs(dtypes=None, head_dims=None, kernels=None, quick=False, shape: Shape = DEFAULT_SHAPE,
                  archs=(90, 80)) -> list[KernelSpec]:
     """The specs of a report for ``archs``: every case of ``dtypes`` x ``head_dims`` (default all: bf16/fp16/fp32,
     32/64/128) for ``shape`` and, unless ``quick``, for the short-sequence bucket too; or with ``quick`` only

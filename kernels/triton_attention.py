@@ -32,8 +32,10 @@ the last, partial block of a sequence, and with a sliding window the blocks cros
 sliding window (query i sees keys ``i - window < j``, and ``j < i + window`` when not causal) moves the loop bounds:
 key blocks entirely outside every query's window are never visited (the key loop starts at the block of the first
 query's first key), and the query loops of dK/dV likewise. A key padding mask with holes (padded batches only;
-packing removes padding) puts every block on the edge path. A masked score is a large finite negative number, so that no second ``where`` is
-needed for ``u``; rows that saw no key at all are recognised by their running max and get zeros.
+packing removes padding) puts every block on the edge path. A masked score is a large finite negative number, so that
+no second ``where`` is needed for ``u``; rows that saw no key at all are recognised by their running max and get zeros.
+It is set after the scaling (``where(keep, qk * scale, MASKED)``): a row's exp2 argument is then exactly 0 while it
+has seen no key, where a fused multiply-add of the scaled sentinel would leave its rounding error (up to 1e22).
 
 Scores are handled in base 2 inside the kernels (``s2 = s * scale * log2(e)``, ``exp2``); statistics are returned
 in natural units. float32 inputs use ``tl.dot(..., input_precision=FP32_DOT_PRECISION)``: ``"tf32x3"`` (three TF32
@@ -68,6 +70,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .common import AttentionStats, Packing, check_inputs
+from .launch import launch
 from .reference import expand_head_mask
 from .torch_attention import attention_torch
 from .triton_configs import AttentionConfigs, KernelConfig, configs_for, gpu_configs
@@ -186,9 +189,9 @@ def _key_blocks(start_m, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     ``[interior_lo, interior_hi)`` are the interior blocks, whose every key every query of the block sees (no
     bounds, no causal compare, no window, no padding); ``[lo, interior_lo)`` (only WINDOW: the blocks crossed by the
     window's lower edge) and ``[interior_hi, hi)`` (the causal diagonal or the window's upper edge, the last partial
-    block) are edge blocks (one loop over both: :func:`_edge_blocks`). ``hi`` is one past the last key any query of the block may see; blocks before ``lo``
-    are entirely outside every query's window and are not visited. A key padding mask with holes makes every block
-    an edge block. Without WINDOW, ``lo = interior_lo = 0``.
+    block) are edge blocks (one loop over both: :func:`_edge_blocks`). ``hi`` is one past the last key any query of
+    the block may see; blocks before ``lo`` are entirely outside every query's window and are not visited. A key
+    padding mask with holes makes every block an edge block. Without WINDOW, ``lo = interior_lo = 0``.
     """
     hi = k_len
     interior_hi = (k_len // BLOCK_N) * BLOCK_N
@@ -368,8 +371,8 @@ def _attn_fwd(Q, K, V, HeadMask, KeyPad, KvEnd, CuSeqlens, Out, Lse, Ent, MaxP,
 
     # -- stage 1: the key loops: interior blocks (no masks), then edge blocks (WINDOW: those of both of the window's
     #    edges, in one loop); key blocks outside every query's window are not visited. P V is skipped for a head
-    #    whose mask is 0. (The loops are called from the kernel itself, so that the compiled code's line information names
-    #    these lines and benchmarks/kernel_report.py can tell the loops apart by their "# loop:" marks.)
+    #    whose mask is 0. (The loops are called from the kernel itself, so that the compiled code's line information
+    #    names these lines and benchmarks/kernel_report.py can tell the loops apart by their "# loop:" marks.)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -745,6 +748,22 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceiling division (``triton.cdiv`` is a JIT function: slow to call from Python)."""
+    return -(-a // b)
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """One int32 element per device: the pointer argument of a tensor a kernel variant never reads."""
+    tensor = _DUMMIES.get(device)
+    if tensor is None:
+        tensor = _DUMMIES[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return tensor
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
 
@@ -775,7 +794,7 @@ class _Layout:
 
     def __init__(self, q, key_padding_mask, packing: Packing | None, window: int | None = None):
         self.packing = packing
-        self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+        self.dummy = _dummy(q.device)
         self.keep = self.kv_end = None
         self.pad_strides = (0, 0)
         if packing is not None:
@@ -832,8 +851,8 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     # three separate tensors (not views of one): callers may modify the statistics in place
     lse, entropy, max_prob = (torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) for _ in range(3))
     key_pad, kv_end, cu_seqlens = layout.pointers()
-    grid = (triton.cdiv(layout.longest, cfg.fwd.block_m), layout.sequences * heads)
-    _attn_fwd[grid](
+    grid = (_cdiv(layout.longest, cfg.fwd.block_m), layout.sequences * heads)
+    launch(_attn_fwd, grid,
         q, k, v, mask_sh if has_mask else lse, key_pad, kv_end, cu_seqlens, out, lse, entropy, max_prob,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *layout.pad_strides,
         heads, seq, group, layout.window_arg, qk_scale,
@@ -844,8 +863,8 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     probs = None
     if return_probs:  # padded batches only (checked by check_inputs)
         probs = torch.empty((batch, heads, seq, seq), dtype=q.dtype, device=q.device)
-        grid = (triton.cdiv(seq, cfg.probs.block_m), triton.cdiv(seq, cfg.probs.block_n), batch * heads)
-        _attn_probs[grid](
+        grid = (_cdiv(seq, cfg.probs.block_m), _cdiv(seq, cfg.probs.block_n), batch * heads)
+        launch(_attn_probs, grid,
             q, k, mask_sh if has_mask else lse, key_pad, kv_end, lse, probs,
             *q.stride(), *k.stride(), *layout.pad_strides, probs.stride(1), probs.stride(2),
             heads, seq, group, layout.window_arg, qk_scale,
@@ -874,9 +893,9 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     #    small
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta) if need_dkdv else delta
-    pre_blocks = triton.cdiv(layout.longest, cfg.preprocess.block_m)
+    pre_blocks = _cdiv(layout.longest, cfg.preprocess.block_m)
     pre_grad = torch.zeros((rows, pre_blocks), dtype=torch.float32, device=q.device) if need_mask else delta
-    _attn_bwd_preprocess[(pre_blocks, rows)](
+    launch(_attn_bwd_preprocess, (pre_blocks, rows),
         out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, pre_grad,
         *out.stride(), *grad_out.stride(),
         heads, seq, pre_blocks, _SMALL_MASK,
@@ -894,8 +913,8 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
             dv = torch.empty_like(dk)  # dK and dV share strides in the kernel
         else:  # float32 [B, H, N, D] terms of every query head
             dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-        grid = (triton.cdiv(layout.longest, cfg.dkdv.block_n), rows)
-        _attn_bwd_dkdv[grid](
+        grid = (_cdiv(layout.longest, cfg.dkdv.block_n), rows)
+        launch(_attn_bwd_dkdv, grid,
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
             heads, seq, group, layout.window_arg, scale * _LOG2E, scale,
@@ -908,10 +927,10 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     dq_grad = None
     if need_dq or need_mask:
         dq = torch.empty_like(q) if need_dq else None
-        dq_blocks = triton.cdiv(layout.longest, cfg.dq.block_m)
+        dq_blocks = _cdiv(layout.longest, cfg.dq.block_m)
         dq_grad = torch.zeros((rows, dq_blocks), dtype=torch.float32, device=q.device) if need_mask else None
         grid = (dq_blocks, rows)
-        _attn_bwd_dq[grid](
+        launch(_attn_bwd_dq, grid,
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta,
             dq if dq is not None else q, dq_grad if dq_grad is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),

@@ -3,9 +3,9 @@ grouped-query and multi-query attention and sliding windows; the window's semant
 
 import pytest
 import torch
+from fastbertology.kernels import reference, torch_attention
 
 from fastbertology import kernels
-from fastbertology.kernels import reference, torch_attention
 
 
 def _inputs(batch, heads, seq, head_dim, dtype, *, seed=0, padding=True, mask_kind="BH", kv_heads=None):
@@ -34,7 +34,8 @@ def _inputs(batch, heads, seq, head_dim, dtype, *, seed=0, padding=True, mask_ki
 
 def _run(function, tensors, head_mask, key_padding_mask, grad_out, dtype, causal, window=None):
     leaves = [t.detach().to(dtype).clone().requires_grad_(True) for t in tensors]
-    mask = None if head_mask is None else head_mask.detach().to(dtype if dtype == torch.float64 else torch.float32).clone()
+    mask_dtype = dtype if dtype == torch.float64 else torch.float32
+    mask = None if head_mask is None else head_mask.detach().to(mask_dtype).clone()
     if mask is not None:
         mask.requires_grad_(True)
     out, stats = function(*leaves, head_mask=mask, key_padding_mask=key_padding_mask, causal=causal,
@@ -75,7 +76,8 @@ def _check_against_reference(dtype, tensors, head_mask, key_padding_mask, grad_o
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("seq, causal, mask_kind", [(1, False, "BH"), (7, True, "H"), (97, False, "BH"), (33, True, None)])
+@pytest.mark.parametrize("seq, causal, mask_kind",
+                         [(1, False, "BH"), (7, True, "H"), (97, False, "BH"), (33, True, None)])
 def test_torch_backend_matches_reference(dtype, seq, causal, mask_kind):
     tensors, head_mask, key_padding_mask, grad_out = _inputs(3, 2, seq, 16, dtype, mask_kind=mask_kind)
     _check_against_reference(dtype, tensors, head_mask, key_padding_mask, grad_out, causal)

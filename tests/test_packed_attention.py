@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from fastbertology.kernels import Packing, attention
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -139,6 +138,10 @@ triton_needed = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)",
 )
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
+interpreter_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter test on CPU tensors; on CUDA test_triton_gpu.py's packed cases "
+    "and test_triton_backend_packed cover the same")
 TRITON_CASES = [
     Case(F32, (97, 1, 0, 33), mask="SH"),
     Case(F32, (97, 1, 0, 33), causal=True, mask="SH"),
@@ -157,7 +160,7 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
 def test_triton_backend_packed(case):
     pytest.importorskip("triton")
-    _check("triton", case)
+    _check("triton", case, device=TRITON_DEVICE)
 
 
 @triton_needed
@@ -169,11 +172,12 @@ def test_triton_backend_packed_gpu_blocks(monkeypatch):
     monkeypatch.setattr(triton_attention, "configs_for",
                         lambda device, block_d, dtype, **options: triton_attention.gpu_configs(block_d, dtype,
                                                                                                **options))
-    _check("triton", Case(F32, (130, 5, 70), causal=True, mask="SH"))
-    _check("triton", Case(F32, (150, 5, 70), heads=4, kv_heads=1, causal=True, mask="SH", window=80))
+    _check("triton", Case(F32, (130, 5, 70), causal=True, mask="SH"), device=TRITON_DEVICE)
+    _check("triton", Case(F32, (150, 5, 70), heads=4, kv_heads=1, causal=True, mask="SH", window=80),
+           device=TRITON_DEVICE)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_needed)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[triton_needed, interpreter_only])])
 @pytest.mark.parametrize("kv_heads, window", [(2, None), (1, 5)])
 def test_packed_equals_padded(backend, kv_heads, window):
     """The same sequences padded (key padding mask) and packed give the same values at every real token."""
