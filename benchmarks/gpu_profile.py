@@ -2,11 +2,10 @@
 
     python benchmarks/gpu_profile.py [--out DIR]        (CUDA only)
 
-Part 1, attention alone (bf16, 12 heads, D 64, the cases of bench_attention.py), with Triton's own launch path and
-with the cached launches of fastbertology.kernels.launch: per forward + backward, the host time of the Python call
-sequence (many calls queued without synchronising, divided by the count), the wall time with a synchronisation
-after each call, and the sum of the GPU kernel times from torch.profiler; a call whose wall time is near its host
-time and far above its kernel time is bound by host overhead, not by the kernels.
+Part 1, attention alone (bf16, 12 heads, D 64, the cases of bench_attention.py): per forward + backward, the host
+time of the Python call sequence (many calls queued without synchronising, divided by the count), the wall time
+with a synchronisation after each call, and the sum of the GPU kernel times from torch.profiler; a call whose wall
+time is near its host time and far above its kernel time is bound by host overhead, not by the kernels.
 
 Part 2, one case of the end-to-end benchmark (``--case``, default BERT-base seq 128 batch 32 bf16) in the
 fastbertology mode under torch.profiler: the top CUDA kernels by total time and the CPU total.
@@ -20,7 +19,6 @@ import argparse
 import os
 import sys
 import time
-from itertools import product
 
 import torch
 
@@ -66,15 +64,13 @@ def _inputs(batch, seq, device):
 
 
 def attention_profile(device, out_dir=None, cases=CASES):
-    from fastbertology.kernels import launch as launch_module
     from torch.profiler import ProfilerActivity, profile
 
-    print("| case | method | launch | host µs/call | wall µs/call (sync each) | kernel µs/call | kernels/call |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | method | host µs/call | wall µs/call (sync each) | kernel µs/call | kernels/call |")
+    print("|---|---|---|---|---|---|")
     for batch, seq, causal in cases:
         inputs = _inputs(batch, seq, device)
-        for method, fast in product(("fused", "fused+pad", "fused+packed"), (False, True)):
-            launch_module.FAST_LAUNCH = fast
+        for method in ("fused", "fused+pad", "fused+packed"):
             for _ in range(3):
                 _call(method, inputs, causal)
             _sync(device)
@@ -97,12 +93,10 @@ def attention_profile(device, out_dir=None, cases=CASES):
             kernel_us = sum(e.device_time_total for e in events) / calls
             count = sum(e.count for e in events) / calls
             name = f"B{batch} N{seq}{' causal' if causal else ''}"
-            launch = "cached" if fast else "triton"
-            print(f"| {name} | {method} | {launch} | {host * 1e6:.0f} | {wall * 1e6:.0f} | {kernel_us:.0f} | "
-                  f"{count:.0f} |")
+            print(f"| {name} | {method} | {host * 1e6:.0f} | {wall * 1e6:.0f} | {kernel_us:.0f} | {count:.0f} |")
             if out_dir:
                 with open(os.path.join(out_dir, "profile_attention.txt"), "a") as f:
-                    f.write(f"\n== {name} {method} {launch}\n")
+                    f.write(f"\n== {name} {method}\n")
                     f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
 
 

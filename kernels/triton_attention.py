@@ -70,7 +70,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .common import AttentionStats, Packing, check_inputs
-from .launch import launch
 from .reference import expand_head_mask
 from .torch_attention import attention_torch
 from .triton_configs import AttentionConfigs, KernelConfig, configs_for, gpu_configs
@@ -852,7 +851,7 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     lse, entropy, max_prob = (torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) for _ in range(3))
     key_pad, kv_end, cu_seqlens = layout.pointers()
     grid = (_cdiv(layout.longest, cfg.fwd.block_m), layout.sequences * heads)
-    launch(_attn_fwd, grid,
+    _attn_fwd[grid](
         q, k, v, mask_sh if has_mask else lse, key_pad, kv_end, cu_seqlens, out, lse, entropy, max_prob,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *layout.pad_strides,
         heads, seq, group, layout.window_arg, qk_scale,
@@ -864,7 +863,7 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     if return_probs:  # padded batches only (checked by check_inputs)
         probs = torch.empty((batch, heads, seq, seq), dtype=q.dtype, device=q.device)
         grid = (_cdiv(seq, cfg.probs.block_m), _cdiv(seq, cfg.probs.block_n), batch * heads)
-        launch(_attn_probs, grid,
+        _attn_probs[grid](
             q, k, mask_sh if has_mask else lse, key_pad, kv_end, lse, probs,
             *q.stride(), *k.stride(), *layout.pad_strides, probs.stride(1), probs.stride(2),
             heads, seq, group, layout.window_arg, qk_scale,
@@ -895,7 +894,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     lse2 = torch.empty_like(delta) if need_dkdv else delta
     pre_blocks = _cdiv(layout.longest, cfg.preprocess.block_m)
     pre_grad = torch.zeros((rows, pre_blocks), dtype=torch.float32, device=q.device) if need_mask else delta
-    launch(_attn_bwd_preprocess, (pre_blocks, rows),
+    _attn_bwd_preprocess[(pre_blocks, rows)](
         out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, pre_grad,
         *out.stride(), *grad_out.stride(),
         heads, seq, pre_blocks, _SMALL_MASK,
@@ -914,7 +913,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
         else:  # float32 [B, H, N, D] terms of every query head
             dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         grid = (_cdiv(layout.longest, cfg.dkdv.block_n), rows)
-        launch(_attn_bwd_dkdv, grid,
+        _attn_bwd_dkdv[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
             heads, seq, group, layout.window_arg, scale * _LOG2E, scale,
@@ -930,7 +929,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
         dq_blocks = _cdiv(layout.longest, cfg.dq.block_m)
         dq_grad = torch.zeros((rows, dq_blocks), dtype=torch.float32, device=q.device) if need_mask else None
         grid = (dq_blocks, rows)
-        launch(_attn_bwd_dq, grid,
+        _attn_bwd_dq[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta,
             dq if dq is not None else q, dq_grad if dq_grad is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
