@@ -18,7 +18,7 @@ from models import random_batch, reference_head_mask, retrieval_batches, tiny_mo
 from fastbertology import bench, cli, patch
 from fastbertology.bench.memory import PeakMemory
 from fastbertology.bench.reference import reference_analysis, reference_model
-from fastbertology.bench.runner import relative_max_diff
+from fastbertology.bench.runner import measure, relative_max_diff
 from fastbertology.bench.workloads import TINY_GPT2, synthetic_examples
 from fastbertology.importance import analyze_heads
 from fastbertology.tasks import ClassificationTask, RetrievalTask
@@ -148,6 +148,31 @@ def test_cli_hands_the_bench_its_arguments(one_thread, capsys):
     assert "s/pass" not in err  # each row's numbers once, in the table (stderr only says what finished)
     assert "finished quick-bert-16x16-b8-fp32 sdpa-forward: ok" in err
     assert "* Command: `fastbertology bench --quick --device cpu --case quick-bert-16x16-b8-fp32" in out
+
+
+def test_repeated_runs_report_the_median(monkeypatch):
+    """--repeat N: N timed runs after one untimed warmup; the median of their times, the last run's result."""
+    durations = iter([0.3, 0.1, 0.2])
+    clock = [0.0]
+
+    class Prepared:
+        runs = warmups = 0
+
+        def warmup(self):
+            self.warmups += 1
+
+        def run(self):
+            self.runs += 1
+            clock[0] += next(durations)
+            return self.runs
+
+    monkeypatch.setattr("fastbertology.bench.runner.time.perf_counter", lambda: clock[0])
+    prepared = Prepared()
+    result, seconds, _ = measure(prepared, torch.device("cpu"), repeats=3)
+    assert (prepared.warmups, prepared.runs, result) == (1, 3, 3)
+    assert seconds == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="repeats"):
+        measure(Prepared(), torch.device("cpu"), repeats=0)
 
 
 def test_peak_memory_sees_cpu_allocations():

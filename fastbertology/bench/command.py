@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", help="fastbertology attention backend (default auto)")
     parser.add_argument("--importance", default="per_batch", choices=("per_batch", "per_example"))
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warmup pass of every mode")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="timed runs per mode; the table reports the median (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no case after this many seconds (its rows say skipped)")
@@ -52,7 +54,10 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # ``fastbertology bench -- --quick`` hands the separator through
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     # Lazy: torch and the benchmark's modules load only after the options parsed (``--help`` stays fast).
     import torch
 
@@ -89,6 +94,7 @@ def bench_main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = run_bench(args.cases.split(",") if args.cases else None, group=args.group, device=args.device,
                      backend=args.backend, modes=args.modes.split(",") if args.modes else None,
                      importance=args.importance, warmup=not args.no_warmup, time_budget=args.time_budget,
+                     repeats=args.repeat,
                      on_row=on_row)
     if terminal and shown[0]:
         print("\r" + " " * shown[0] + "\r", end="", file=sys.stderr, flush=True)

@@ -73,6 +73,8 @@ def results_snippet(rows: Sequence[dict], command: str, *, quick: bool = False) 
          f"triton {first['triton']}; {first['date']}."),
         f"* Command: `{command}`",
         *case_lines(rows),
+        *([f"* Timing: the median of {first['repeats']} timed runs per mode, after an untimed warmup run."]
+          if (first.get("repeats") or 1) > 1 else []),
         "",
         LEGEND.format(peak="; ".join(PEAK_KINDS[kind] for kind in peaks) or "not measured"),
         "",

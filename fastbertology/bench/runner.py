@@ -4,7 +4,8 @@ A row is a flat dict (one per case and mode, JSON-serialisable); :data:`ROW_KEYS
 
 * identification: case, kind, workload, model_type, layers, heads, examples, seq (widest input), batch, dtype,
   device, backend, padding_free, importance; real_tokens / padded_tokens / real_token_fraction of the batches;
-* timing: passes (over the data; masking: steps, sweep: masks + 1), seconds (the timed run), s_per_pass, ex_per_s
+* timing: passes (over the data; masking: steps, sweep: masks + 1), seconds (the timed run; with ``repeats`` > 1
+  the median of that many timed runs, ``repeats`` in the row), s_per_pass, ex_per_s
   (examples per pass per second), peak_mib and peak_kind (see :mod:`fastbertology.bench.memory`),
   speedup_vs_reference / speedup_vs_sdpa_forward (the other mode's seconds per pass over this one's, same run);
 * correctness against the reference loop: importance_diff / entropy_diff (max relative difference of the raw
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from .workloads import Workload
 ROW_KEYS = (
     "case", "kind", "workload", "model_type", "layers", "heads", "examples", "seq", "batch", "mode", "dtype",
     "device", "backend", "padding_free", "importance", "real_tokens", "padded_tokens", "real_token_fraction",
-    "passes", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "peak_kind", "speedup_vs_reference",
+    "passes", "repeats", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "peak_kind", "speedup_vs_reference",
     "speedup_vs_sdpa_forward", "importance_diff", "entropy_diff", "metric", "mask_mismatch", "sweep_loss_diff",
     "status", "device_name", "threads", "load_average", "torch", "transformers", "triton", "python", "date",
 )
@@ -77,6 +79,7 @@ class ModeOutcome:
     status: str = "ok"
     result: ModeResult | None = None
     seconds: float | None = None
+    repeats: int | None = None
     peak_mib: float | None = None
     peak_kind: str | None = None
     backend: str | None = None
@@ -94,29 +97,36 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(prepared: PreparedMode, device: torch.device, *, warmup: bool = True,
-            release: bool = True) -> tuple[ModeResult, float, PeakMemory]:
-    """``(result, wall seconds, peak)`` of one ``prepared.run()``, after an untimed ``prepared.warmup()`` (with
-    ``warmup``); ``release``: see :class:`~fastbertology.bench.memory.PeakMemory`."""
+def measure(prepared: PreparedMode, device: torch.device, *, warmup: bool = True, release: bool = True,
+            repeats: int = 1) -> tuple[ModeResult, float, PeakMemory]:
+    """``(result, wall seconds, peak)`` of ``prepared.run()``, after an untimed ``prepared.warmup()`` (with
+    ``warmup``): the median seconds of ``repeats`` timed runs (the result of the last; the peak over all);
+    ``release``: see :class:`~fastbertology.bench.memory.PeakMemory`."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup:
         prepared.warmup()
     _synchronize(device)
+    times = []
     with PeakMemory(device, release=release) as peak:
-        start = time.perf_counter()
-        result = prepared.run()
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-    return result, seconds, peak
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = prepared.run()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return result, statistics.median(times), peak
 
 
 def run_mode(case: BenchCase, mode: str, workload: Workload, device: torch.device, *, backend: str = "auto",
-             importance: str = "per_batch", warmup: bool = True) -> ModeOutcome:
-    """Prepare, time and close one mode; a failure becomes the outcome's status (the benchmark goes on)."""
+             importance: str = "per_batch", warmup: bool = True, repeats: int = 1) -> ModeOutcome:
+    """Prepare, time (median of ``repeats`` runs) and close one mode; a failure becomes the outcome's status (the
+    benchmark goes on)."""
     prepared = None
     try:
         prepared = prepare_mode(case, mode, workload, device, backend=backend, importance=importance)
-        result, seconds, peak = measure(prepared, device, warmup=warmup)
-        return ModeOutcome(mode, result=result, seconds=seconds, peak_mib=peak.mib, peak_kind=peak.kind,
+        result, seconds, peak = measure(prepared, device, warmup=warmup, repeats=repeats)
+        return ModeOutcome(mode, result=result, seconds=seconds, repeats=repeats, peak_mib=peak.mib,
+                           peak_kind=peak.kind,
                            backend=prepared.backend, padding_free=prepared.padding_free)
     except torch.cuda.OutOfMemoryError:
         return ModeOutcome(mode, status="error: out of memory")
@@ -178,7 +188,8 @@ def case_rows(case: BenchCase, workload: Workload, outcomes: dict[str, ModeOutco
             examples=workload.examples, seq=workload.max_length, backend=outcome.backend,
             padding_free=outcome.padding_free, real_tokens=workload.real_tokens,
             padded_tokens=workload.padded_tokens, real_token_fraction=workload.real_token_fraction,
-            passes=outcome.result.passes if outcome.result is not None else None, seconds=outcome.seconds,
+            passes=outcome.result.passes if outcome.result is not None else None, repeats=outcome.repeats,
+            seconds=outcome.seconds,
             s_per_pass=s_per_pass, ex_per_s=_ratio(workload.examples, s_per_pass), peak_mib=outcome.peak_mib,
             peak_kind=outcome.peak_kind,
             speedup_vs_reference=_ratio(reference and reference.s_per_pass, s_per_pass),
@@ -195,13 +206,15 @@ def case_device(case: BenchCase, device=None) -> torch.device:
 
 
 def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequence[str] | None = None,
-             importance: str = "per_batch", warmup: bool = True, keep_results: bool = False) -> list[dict]:
+             importance: str = "per_batch", warmup: bool = True, keep_results: bool = False,
+             repeats: int = 1) -> list[dict]:
     """Build the case's workload once, run every requested mode on it (``case.modes`` by default, in that order)
     and return one row per mode. With ``keep_results`` each row also holds ``"result"``: the mode's
     :class:`~fastbertology.bench.modes.ModeResult` (not JSON-serialisable; for tests)."""
     device = case_device(case, device)
     workload = case.workload.build(case.batch, device)
-    outcomes = {mode: run_mode(case, mode, workload, device, backend=backend, importance=importance, warmup=warmup)
+    outcomes = {mode: run_mode(case, mode, workload, device, backend=backend, importance=importance, warmup=warmup,
+                               repeats=repeats)
                 for mode in case.modes if modes is None or mode in modes}
     rows = case_rows(case, workload, outcomes, device, importance)
     if keep_results:
@@ -212,13 +225,14 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
 
 def run_bench(cases: Sequence[BenchCase | str] | None = None, *, group: str | None = None, device=None,
               backend: str = "auto", modes: Sequence[str] | None = None, importance: str = "per_batch",
-              warmup: bool = True, time_budget: float | None = None,
+              warmup: bool = True, time_budget: float | None = None, repeats: int = 1,
               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Run benchmark cases; return one row per (case, mode).
 
     cases:       :class:`BenchCase` objects, or names for :func:`~fastbertology.bench.cases.select_cases` (with
                  ``group``); default: the group's cases (``"full"`` on CUDA, else ``"cpu"``).
     device:      default CUDA when available, else CPU (cases pinned to the CPU stay there).
+    repeats:     timed runs per mode (after the warmup); rows report the median.
     time_budget: seconds; a case that would start later than this is not run (its rows say
                  ``status="skipped: time budget ..."``, with no numbers).
     on_row:      called with each row as soon as its case has finished (e.g. to append it to a file).
@@ -238,7 +252,7 @@ def run_bench(cases: Sequence[BenchCase | str] | None = None, *, group: str | No
                           for mode in case.modes if modes is None or mode in modes]
         else:
             new_rows = run_case(case, device=device, backend=backend, modes=modes, importance=importance,
-                                  warmup=warmup)
+                                  warmup=warmup, repeats=repeats)
         for row in new_rows:
             rows.append(row)
             if on_row is not None:
