@@ -187,7 +187,7 @@ class PatchState:
                                                scale=scale, return_probs=output_attentions)
             self._record(row, stats, None)
             return out.transpose(1, 2), stats.probs
-        options = _window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2], module)
+        options = _window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2])
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
                                            packing=packed.packing, backend=self.backend, **options)
@@ -203,25 +203,6 @@ class PatchState:
     def _record(self, row, stats, query_mask):
         for recorder in self.recorders:
             recorder.add(row, stats.entropy, stats.max_prob, query_mask)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What the kernels take: grouped-query attention, sliding windows
-# --------------------------------------------------------------------------------------------------------------
-@functools.cache
-def kernels_take_grouped_keys() -> bool:
-    """Whether the attention kernels take fewer key/value heads than query heads (one tiny reference call)."""
-    q = torch.zeros(1, 2, 1, 2)
-    try:
-        kernels.attention(q, q[:, :1], q[:, :1], backend="reference")
-    except ValueError:
-        return False
-    return True
-
-
-def kernels_take_windows() -> bool:
-    """Whether the attention kernels take a sliding ``window``."""
-    return "window" in inspect.signature(kernels.attention).parameters
 
 
 def _model_name(module) -> str:
@@ -241,23 +222,13 @@ def _grouped_key_values(module, query, key, value):
         return key.index_select(1, index), value.index_select(1, index)
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads in equal groups")
-    if not kernels_take_grouped_keys():
-        raise NotImplementedError(
-            f"model {_model_name(module)} uses grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} "
-            "key/value heads), which this version of the attention kernels does not take (it comes with the kernels' "
-            "grouped-query support); a model with as many key/value heads as query heads runs")
     return key, value
 
 
-def _window_options(window, longest: int, module) -> dict:
+def _window_options(window, longest: int) -> dict:
     """The kernels' ``window`` option for a sliding window ``window`` over sequences of at most ``longest`` keys."""
     if window is None or window >= longest:
         return {}  # a window no shorter than the sequences hides nothing
-    if not kernels_take_windows():
-        raise NotImplementedError(
-            f"model {_model_name(module)} uses a sliding window of {window} tokens over sequences of up to {longest}, "
-            "which this version of the attention kernels does not take (it comes with the kernels' sliding-window "
-            f"support); sequences of at most {window} tokens run")
     return {"window": int(window)}
 
 
@@ -356,7 +327,7 @@ def _unpatched_attention(module, query, key, value, attention_mask, scaling, dro
         kv_heads = [h * key.shape[1] // max(query.shape[1], 1) for h in range(query.shape[1])]
     index = torch.as_tensor(kv_heads, dtype=torch.long, device=key.device)
     key, value = key.index_select(1, index), value.index_select(1, index)  # one key/value head per query head
-    options = _window_options(kwargs.get("sliding_window"), key.shape[2], module)
+    options = _window_options(kwargs.get("sliding_window"), key.shape[2])
     out, _ = kernels.attention(query, key, value, key_padding_mask=_key_padding_from_2d(attention_mask, key.shape[2]),
                                causal=bool(getattr(module, "is_causal", False)), scale=scaling, **options)
     return out.transpose(1, 2), None

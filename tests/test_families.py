@@ -37,7 +37,6 @@ import fastbertology
 from fastbertology import architectures
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.masking import iterative_masking
-from fastbertology.patching import kernels_take_grouped_keys, kernels_take_windows
 from fastbertology.pruning import count_parameters, load_pruned, prune_heads, requires_patch
 from fastbertology.sweeps import ablation_sweep, naive_sweep
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask
@@ -47,29 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTHS = [9, 5, 7]  # odd lengths, right padding
 ATOL = 1e-10
 MAPS_ATOL = 1e-6  # stock eager attention of several families takes its softmax in float32
-
-
-def kernel_gap(family, longest: int, *, grouped: bool = True) -> str | None:
-    """The kernel feature a patched run of ``family`` over sequences of ``longest`` tokens needs but this version
-    of the kernels lacks (the phrase its refusal names), or None. ``grouped``: the run hands grouped key/value
-    heads to the kernels (False: it gathers them per query head)."""
-    if grouped and FAMILIES[family].gqa and not kernels_take_grouped_keys():
-        return "grouped-query attention"
-    window = FAMILIES[family].window
-    if window is not None and window < longest and not kernels_take_windows():
-        return "sliding window"
-    return None
-
-
-def runs_or_refuses(family, longest, run, *, grouped: bool = True):
-    """``run()``, or (where the kernels lack a feature the family needs) check that it refuses, naming it, and
-    return None."""
-    gap = kernel_gap(family, longest, grouped=grouped)
-    if gap is None:
-        return run()
-    with pytest.raises(NotImplementedError, match=gap):
-        run()
-    return None
 
 
 def _call_options(family) -> dict:
@@ -133,9 +109,7 @@ def test_patched_equals_the_oracle(family, mask_kind):
                 results[name] = (output, mask.grad)
         return results
 
-    results = runs_or_refuses(family, max(LENGTHS), patched)
-    if results is None:
-        return
+    results = patched()
     assert oracle_mask.grad.abs().sum() > 0
     for name, (output, gradient) in results.items():
         torch.testing.assert_close(_real(output.logits, batch), _real(reference.logits, batch), atol=ATOL, rtol=0,
@@ -174,9 +148,7 @@ def test_statistics_equal_those_of_the_stock_maps(family):
             model(**batch, head_mask=head_mask, **_call_options(family))
         return stats
 
-    stats = runs_or_refuses(family, max(LENGTHS), recorded)
-    if stats is None:
-        return
+    stats = recorded()
     for field, first in spec.attentions.items():
         for index, probs in enumerate(getattr(stock, field)):
             keep = _key_keep(field, batch, probs)[:, :, :, 0].to(torch.float64)  # [B, 1, N_q]: real queries
@@ -204,7 +176,7 @@ def test_per_example_masks_equal_each_example_alone(family):
                 torch.testing.assert_close(ours, alone, atol=ATOL, rtol=0)
         return True
 
-    runs_or_refuses(family, max(LENGTHS), compare)
+    compare()
 
 
 # ------------------------------------------------------------------------------------------------ padding-free
@@ -247,10 +219,7 @@ def test_padding_free_equals_padded(family):
             loss.backward()
         return _real(output.logits.detach(), batch), loss.detach(), mask.grad, stats.entropy(), counter.rows
 
-    results = runs_or_refuses(family, max(lengths), lambda: (run(False), run(True)))
-    if results is None:
-        return
-    padded, packed = results
+    padded, packed = run(False), run(True)
     for name, a, b in zip(["logits", "loss", "mask grad", "entropy"], packed[:4], padded[:4]):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
     applications = padded[4] // batch["attention_mask"].numel()
@@ -291,9 +260,7 @@ def test_analyses(family):
             naive, baseline, _ = naive_sweep(model, batches, _task(spec), sweep.masks)
         return per_batch, per_example, masked, masking, sweep, naive, baseline
 
-    results = runs_or_refuses(family, 9, lambda: (analyse(False), analyse(True)))
-    if results is None:
-        return
+    results = analyse(False), analyse(True)
     count = rows(spec, model)
     for per_batch, per_example, _masked, masking, sweep, naive, baseline in results:
         for analysis in (per_batch, per_example):
@@ -353,9 +320,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
             return _real(pruned(**batch, **options).logits, batch)
 
     # unequal groups run through fastbertology's attention, which gathers each query head's key/value head
-    ours = runs_or_refuses(family, max(LENGTHS), run_pruned, grouped=False) if unequal else run_pruned()
-    if ours is None:
-        return
+    ours = run_pruned()
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
     pruned.save_pretrained(tmp_path)
@@ -372,9 +337,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
         with fastbertology.patch(loaded, backend="torch"), torch.no_grad():
             return _real(loaded(**batch, **options).logits, batch)
 
-    through_patch = runs_or_refuses(family, max(LENGTHS), patched)
-    if through_patch is not None:
-        torch.testing.assert_close(through_patch, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(patched(), expected, atol=ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ Triton
@@ -394,9 +357,7 @@ def test_triton_backend_equals_torch_backend(family):
             loss_of(output, batch).backward()
         return _real(output.logits.detach(), batch), mask.grad, stats.entropy(), stats.max_prob()
 
-    results = runs_or_refuses(family, 7, lambda: (run("torch"), run("triton")))
-    if results is None:
-        return
+    results = run("torch"), run("triton")
     for name, ours, theirs in zip(["logits", "mask grad", "entropy", "max prob"], results[1], results[0]):
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4, msg=name)
 
@@ -476,10 +437,10 @@ def test_attention_features_outside_the_contract_are_refused_at_run_time():
             _interface_attention(module, q, q, q, None, scaling=1.0, s_aux=torch.zeros(HEADS))
 
 
-def test_a_window_no_shorter_than_the_sequences_changes_nothing():
-    """Mistral with a sliding window of 9 over sequences of at most 9 tokens runs on any kernels and equals the
-    oracle; a window of 4 needs the kernels' windows (refused, naming it, until they have them)."""
-    for window, expect_refusal in ((9, False), (4, not kernels_take_windows())):
+def test_sliding_windows_equal_the_oracle():
+    """Mistral with a sliding window of 9 (no shorter than the sequences: it hides nothing) and of 4 (handed to the
+    kernels' ``window``) equals the oracle's windowed attention."""
+    for window in (9, 4):
         torch.manual_seed(0)
         model = tf.MistralForCausalLM(tf.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=48,
                                                        num_hidden_layers=2, num_attention_heads=4,
@@ -490,10 +451,6 @@ def test_a_window_no_shorter_than_the_sequences_changes_nothing():
         with torch.no_grad(), oracle_head_mask(spec, model, mask):
             expected = _real(model(**batch, use_cache=False).logits, batch)
         with fastbertology.patch(model, backend="torch"), torch.no_grad():
-            if expect_refusal:
-                with pytest.raises(NotImplementedError, match="sliding window of 4 tokens"):
-                    model(**batch, head_mask=mask, use_cache=False)
-                continue
             ours = _real(model(**batch, head_mask=mask, use_cache=False).logits, batch)
         torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
