@@ -30,24 +30,33 @@ echo "== kernel tests on the GPU"
 # time limit so that a slow phase cannot starve the benchmarks
 workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n ${GPU_CHECK_WORKERS:-8}")
 start=$SECONDS
-timeout "${TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest tests/test_triton_gpu.py ${GPU_CHECK_ALL:+tests/test_triton_kernels.py} \
-  -q $workers -p no:cacheprovider
+timeout "${TESTS_TIMEOUT:-100}" "$PYTHON" -m pytest tests/test_triton_gpu.py tests/test_packed_attention.py \
+  ${GPU_CHECK_ALL:+tests/test_triton_kernels.py} -q $workers -p no:cacheprovider
 tests_rc=$?
 echo "   kernel tests: rc=$tests_rc in $((SECONDS - start)) s"
 
 echo "== attention benchmark (fwd+bwd)"
 table=$(mktemp)
 start=$SECONDS
-timeout "${ATTENTION_TIMEOUT:-150}" "$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
+timeout "${ATTENTION_TIMEOUT:-100}" "$PYTHON" benchmarks/bench_attention.py --out "$RESULTS" | tee "$table"
 bench_rc=${PIPESTATUS[0]}
 echo "   attention benchmark: rc=$bench_rc in $((SECONDS - start)) s"
 
+echo "== kernel time vs host time per attention call, and a profiled model pass"
+start=$SECONDS
+timeout "${PROFILE_TIMEOUT:-90}" "$PYTHON" benchmarks/gpu_profile.py --out "$(dirname "$RESULTS")" \
+  > "$(dirname "$RESULTS")/gpu_profile.log" 2>&1
+profile_rc=$?
+grep "^|" "$(dirname "$RESULTS")/gpu_profile.log" >> "$table"
+echo "   profile: rc=$profile_rc in $((SECONDS - start)) s (log: $(dirname "$RESULTS")/gpu_profile.log)"
+
 echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology, padding-free and padded)"
 # Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
-# "skipped"), and the step is killed after E2E_TIMEOUT seconds, so the whole script stays under 8 minutes.
+# "skipped"), and the step is killed after E2E_TIMEOUT seconds: with the default limits (100 + 100 + 90 + 180 s)
+# the whole script stays under 8 minutes (run 1 on an H200, before the profile step: 305 s).
 E2E_RESULTS=${E2E_RESULTS:-$(dirname "$RESULTS")/bench_e2e.jsonl}
 e2e_table=$(mktemp)
-timeout "${E2E_TIMEOUT:-300}" "$PYTHON" -m fastbertology.bench --time-budget "${E2E_BUDGET:-180}" \
+timeout "${E2E_TIMEOUT:-180}" "$PYTHON" -m fastbertology.bench --time-budget "${E2E_BUDGET:-120}" \
   --out "$E2E_RESULTS" | tee "$e2e_table"
 e2e_rc=${PIPESTATUS[0]}
 echo "   end-to-end benchmark: rc=$e2e_rc"
