@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_profile.py [--out DIR]        (CUDA only)
 
-Part 1, attention alone (bf16, 12 heads, D 64, the cases of bench_attention.py): per forward + backward, the host
+Part 1, attention alone (bf16, 12 heads, D 64; the cases and the steps of bench_attention.py, whose gradients are
+reset before each call): per forward + backward, the host
 time of the Python call sequence (many calls queued without synchronising, divided by the count), the wall time
 with a synchronisation after each call, and the sum of the GPU kernel times from torch.profiler; a call whose wall
 time is near its host time and far above its kernel time is bound by host overhead, not by the kernels.
@@ -23,8 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import make_inputs  # noqa: E402
-from fastbertology.kernels import Packing, attention  # noqa: E402
+from bench_attention import make_inputs, make_step  # noqa: E402
 
 CASES = [(32, 128, False), (32, 512, False), (8, 1024, True), (4, 4096, True)]
 
@@ -34,60 +34,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _call(method, inputs, causal):
-    """One forward + backward; ``method`` is ``fused`` (no padding), ``fused+pad`` or ``fused+packed``."""
-    q, k, v, grad_out, head_mask, key_padding_mask, packed = inputs
-    if method == "fused+packed":
-        pq, pk, pv, pdo, packing, mask = packed
-        out, _ = attention(pq, pk, pv, head_mask=mask, causal=causal, packing=packing, backend="triton")
-        out.backward(pdo)
-        return
-    out, _ = attention(q, k, v, head_mask=head_mask, causal=causal, backend="triton",
-                       key_padding_mask=key_padding_mask if method == "fused+pad" else None)
-    out.backward(grad_out)
-
-
-def _inputs(batch, seq, device):
-    q, k, v, grad_out, head_mask, key_padding_mask = make_inputs(batch, seq, torch.bfloat16, device)
-    for t in (q, k, v, head_mask):
-        t.requires_grad_(True)
-    lengths = key_padding_mask.sum(-1)
-    packing = Packing.from_lengths(lengths.tolist(), device=device)
-    rows = key_padding_mask.reshape(-1)
-
-    def pack(t):  # [B, H, N, D] -> [1, H, T, D]
-        return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])[rows].transpose(0, 1)[None] \
-            .contiguous().requires_grad_(t.requires_grad)
-
-    packed = (pack(q), pack(k), pack(v), pack(grad_out), packing, head_mask)
-    return q, k, v, grad_out, head_mask, key_padding_mask, packed
-
-
 def attention_profile(device, out_dir=None, cases=CASES):
     from torch.profiler import ProfilerActivity, profile
 
     print("| case | method | host µs/call | wall µs/call (sync each) | kernel µs/call | kernels/call |")
     print("|---|---|---|---|---|---|")
     for batch, seq, causal in cases:
-        inputs = _inputs(batch, seq, device)
+        inputs = make_inputs(batch, seq, torch.bfloat16, device)
         for method in ("fused", "fused+pad", "fused+packed"):
+            step = make_step(method, inputs, causal, "triton")  # exactly what bench_attention.py times
             for _ in range(3):
-                _call(method, inputs, causal)
+                step()
             _sync(device)
             calls = 20
             start = time.perf_counter()
             for _ in range(calls):
-                _call(method, inputs, causal)
+                step()
             host = (time.perf_counter() - start) / calls  # includes waiting only if the queue fills
             _sync(device)
             start = time.perf_counter()
             for _ in range(calls):
-                _call(method, inputs, causal)
+                step()
                 _sync(device)
             wall = (time.perf_counter() - start) / calls
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(calls):
-                    _call(method, inputs, causal)
+                    step()
                 _sync(device)
             events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
             kernel_us = sum(e.device_time_total for e in events) / calls
