@@ -438,11 +438,28 @@ def hottest_loop(loops: list[Loop]) -> Loop | None:
 _ROLE_RE = re.compile(r"#\s*loop:\s*([\w-]+)")
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def local_source(path: str, root: Path = REPOSITORY) -> Path:
+    """The file of *this* checkout that a line-info path names. Triton's on-disk cache is shared by every checkout
+    on a machine and keyed by the kernel's source, not its path: a cubin compiled from another (perhaps deleted)
+    clone of the same source names that clone's absolute path. The longest trailing part of ``path`` that exists
+    under ``root`` (e.g. ``kernels/triton_attention.py``) is taken; ``path`` itself where none does."""
+    parts = Path(path).parts
+    for start in range(1, len(parts)):
+        candidate = root.joinpath(*parts[start:])
+        if candidate.is_file():
+            return candidate
+    return Path(path)
+
+
 @functools.cache
 def _source_roles(path: str) -> dict[int, str]:
-    """``{line number: role}`` of the lines of a source file that carry a ``# loop: <role>`` marker."""
+    """``{line number: role}`` of the lines of a source file that carry a ``# loop: <role>`` marker, read from
+    this checkout's copy of the file (:func:`local_source`)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = local_source(path).read_text().splitlines()
     except OSError:
         return {}
     return {number: found.group(1) for number, line in enumerate(lines, 1) if (found := _ROLE_RE.search(line))}
