@@ -53,14 +53,13 @@ def _check_finite(head_mask: torch.Tensor) -> None:
                          "must be finite (1 = keep a head, 0 = mask it)")
 
 
-def layer_head_mask(head_mask: torch.Tensor | None, layer: int, batch: int) -> torch.Tensor | None:
-    """Slice a normalised ``[L, H]`` / ``[B, L, H]`` mask to the kernels' ``[H]`` / ``[B, H]`` for one layer."""
-    if head_mask is None:
-        return None
-    if head_mask.dim() == 2:
-        return head_mask[layer]
-    if head_mask.shape[0] != batch:
+def head_mask_rows(head_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """A normalised ``[L, H]`` / ``[B, L, H]`` mask -> its ``L`` rows as the kernels take them, ``[B, H]`` each
+    (contiguous, the mask's dtype): one copy per model call, so that no layer slices or copies the mask and the
+    backward gathers the rows' gradients in one ``stack`` (and one sum over the batch for ``[L, H]``)."""
+    if head_mask.dim() == 3 and head_mask.shape[0] != batch:
         raise ValueError(
             f"per-example head_mask has batch size {head_mask.shape[0]} but the inputs have batch size {batch}"
         )
-    return head_mask[:, layer]
+    full = head_mask.expand(batch, *head_mask.shape[-2:]) if head_mask.dim() == 2 else head_mask  # [B, L, H]
+    return full.transpose(0, 1).contiguous().unbind(0)

@@ -54,7 +54,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from . import kernels
 from .architectures import Architecture, architecture, attention_sites, heads_per_layer, stack_layers
-from .head_mask import layer_head_mask, normalize_head_mask
+from .head_mask import head_mask_rows, normalize_head_mask
+from .recording import head_sums
 
 IMPLEMENTATION_NAME = "fastbertology"
 UNEQUAL_GROUPS = "fastbertology_unequal_groups"  # config attribute set by pruning (see fastbertology.pruning)
@@ -124,6 +125,17 @@ class _CallContext:
     stack: int = 0  # the stack of that application
     calls: dict[int, int] = field(default_factory=dict)  # id(layer module) -> its calls so far in this pass
     packed_values: dict = field(default_factory=dict)  # (argument, id(value)) -> (value, packed value)
+    mask_rows: dict = field(default_factory=dict)  # batch size -> the head mask's rows, [B, H] each
+
+    def head_mask_row(self, row: int, batch: int) -> torch.Tensor | None:
+        """Row ``row`` of the call's head mask as ``[B, H]`` (None without a mask). The mask is split into its
+        rows once per call (:func:`~fastbertology.head_mask.head_mask_rows`), not sliced per layer."""
+        if self.head_mask is None:
+            return None
+        rows = self.mask_rows.get(batch)
+        if rows is None:
+            rows = self.mask_rows[batch] = head_mask_rows(self.head_mask, batch)
+        return rows[row]
 
 
 @dataclass
@@ -178,7 +190,7 @@ class PatchState:
         packed = None if binding.cross else self.context.packed.get(binding.stack)
         heads = query.shape[1]
         batch = packed.batch if packed is not None else query.shape[0]
-        mask = layer_head_mask(self.context.head_mask, row, batch)
+        mask = self.context.head_mask_row(row, batch)
         if heads == 0:  # every head of this layer was pruned
             return query.new_zeros(query.shape).transpose(1, 2), None
         key, value = _grouped_key_values(module, query, key, value)
@@ -201,8 +213,11 @@ class PatchState:
         return out.transpose(1, 2), stats.probs
 
     def _record(self, row, stats, query_mask):
+        if not self.recorders:
+            return
+        sums, tokens = head_sums(stats.entropy, stats.max_prob, query_mask)  # once, whatever the recorders
         for recorder in self.recorders:
-            recorder.add(row, stats.entropy, stats.max_prob, query_mask)
+            recorder.add_sums(row, sums, tokens)
 
 
 def _model_name(module) -> str:

@@ -7,42 +7,78 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .kernels.common import row_statistics
+
+# Per-call sums kept per layer before they are added up: one reduction per this many calls, not one per call
+_PENDING_SUMS = 64
+
+
+def head_sums(entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.Tensor | None):
+    """One layer's row statistics ``[B, H, N]`` -> ``(sums [2, H] float64, tokens)``: the entropy and max-probability
+    sums over the non-padding queries (``query_mask`` bool ``[B, N]``, None = every query) and their count (a host
+    int without a mask, else a 0-d float64 tensor: no host-device sync either way). Without a mask this is one
+    reduction (the Triton backend returns both statistics as halves of one buffer)."""
+    rows = row_statistics(entropy, max_prob)  # [2, B, H, N]
+    if query_mask is None:
+        return rows.sum(dim=(1, 3), dtype=torch.float64), rows.shape[1] * rows.shape[3]
+    weights = query_mask.to(torch.float64)
+    keep = weights[None, :, None, :] > 0  # padded queries: whatever the backend left there (NaN...) never counts
+    sums = torch.einsum("sbhn,bn->sh", torch.where(keep, rows.double(), 0.0), weights)
+    return sums, weights.sum()
+
 
 class HeadStatistics:
     """Running sums, per layer and head, over the non-padding query tokens of every forward pass seen.
 
     entropy_sum[l]:  ``[H_l]`` sum over tokens of the attention entropy ``-sum_j p_j log p_j`` (nats).
     max_prob_sum[l]: ``[H_l]`` sum over tokens of the largest attention probability.
-    tokens[l]:       number of non-padding query tokens seen by layer ``l``.
+    tokens[l]:       number of non-padding query tokens seen by layer ``l`` (an int, or a 0-d tensor).
 
     The statistics describe each head's softmax distribution before any head mask is applied. Sums are kept
     in float64 on the model's device; :meth:`entropy` and :meth:`max_prob` return ``[L, H]`` per-token means on
     the CPU (NaN for heads a pruned layer no longer has; ValueError when every recorded query was padding).
     Padded queries never count, whatever values the attention backend left in their rows.
+
+    Recording costs one reduction per layer and call and never synchronises: the per-call ``[2, H]`` sums of a
+    layer are kept and added up once per ``_PENDING_SUMS`` calls (and when the sums are read).
     """
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.entropy_sum: list[torch.Tensor | None] = [None] * num_layers
-        self.max_prob_sum: list[torch.Tensor | None] = [None] * num_layers
-        self.tokens: list[torch.Tensor | None] = [None] * num_layers
+        self._pending: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # per layer: [2, H] float64 sums
+        self.tokens: list = [None] * num_layers
 
     def add(self, layer: int, entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.Tensor | None):
         """Accumulate one layer's row statistics ``[B, H, N]``; ``query_mask`` bool ``[B, N]`` (None = all)."""
-        if query_mask is None:
-            weights = torch.ones(entropy.shape[0], entropy.shape[2], dtype=torch.float64, device=entropy.device)
-        else:
-            weights = query_mask.to(torch.float64)
-        keep = weights[:, None, :] > 0  # padded queries: whatever the backend left there (NaN...) never counts
-        entropy_sum = torch.einsum("bhn,bn->h", torch.where(keep, entropy.double(), 0.0), weights)
-        max_prob_sum = torch.einsum("bhn,bn->h", torch.where(keep, max_prob.double(), 0.0), weights)
-        tokens = weights.sum()
-        if self.tokens[layer] is None:
-            self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = entropy_sum, max_prob_sum, tokens
-        else:
-            self.entropy_sum[layer] += entropy_sum
-            self.max_prob_sum[layer] += max_prob_sum
-            self.tokens[layer] += tokens
+        self.add_sums(layer, *head_sums(entropy, max_prob, query_mask))
+
+    def add_sums(self, layer: int, sums: torch.Tensor, tokens) -> None:
+        """Accumulate one layer's :func:`head_sums` (``[2, H]`` float64 and the token count)."""
+        pending = self._pending[layer]
+        pending.append(sums)
+        if len(pending) >= _PENDING_SUMS:
+            self._pending[layer] = [torch.stack(pending).sum(0)]
+        self.tokens[layer] = tokens if self.tokens[layer] is None else self.tokens[layer] + tokens
+
+    def _sums(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s ``[2, H]`` sums so far (None if it was never recorded)."""
+        pending = self._pending[layer]
+        if not pending:
+            return None
+        if len(pending) > 1:
+            self._pending[layer] = [torch.stack(pending).sum(0)]
+        return self._pending[layer][0]
+
+    def _set_sums(self, layer: int, entropy_sum: torch.Tensor, max_prob_sum: torch.Tensor) -> None:
+        self._pending[layer] = [torch.stack((entropy_sum, max_prob_sum))]
+
+    @property
+    def entropy_sum(self) -> list[torch.Tensor | None]:
+        return [None if (sums := self._sums(layer)) is None else sums[0] for layer in range(self.num_layers)]
+
+    @property
+    def max_prob_sum(self) -> list[torch.Tensor | None]:
+        return [None if (sums := self._sums(layer)) is None else sums[1] for layer in range(self.num_layers)]
 
     def _per_token(self, sums: list[torch.Tensor | None]) -> torch.Tensor:
         if any(t is not None for t in self.tokens) and all(t is None or t == 0 for t in self.tokens):
@@ -66,25 +102,28 @@ class HeadStatistics:
     def reduce(self, sum_tensors: Callable[[list[torch.Tensor]], list[torch.Tensor]], heads: list[int]) -> None:
         """Replace the sums by ``sum_tensors`` of them (e.g. summed over data-parallel processes, each calling
         this with the same arguments); ``heads[l]`` is layer l's head count, for layers this object never saw."""
-        device = next((t.device for t in self.tokens if t is not None), torch.device("cpu"))
+        device = next((pending[0].device for pending in self._pending if pending), torch.device("cpu"))
         (seen,) = sum_tensors([torch.tensor([float(t is not None) for t in self.tokens], dtype=torch.float64,
                                             device=device)])
         layers = [layer for layer in range(self.num_layers) if seen[layer] > 0]
         tensors = []
+        entropy_sums, max_prob_sums = self.entropy_sum, self.max_prob_sum
         for layer in layers:
             zeros = torch.zeros(heads[layer], dtype=torch.float64, device=device)
-            for sums in (self.entropy_sum, self.max_prob_sum):
+            for sums in (entropy_sums, max_prob_sums):
                 tensors.append(sums[layer] if sums[layer] is not None else zeros)
-            tensors.append(self.tokens[layer] if self.tokens[layer] is not None else zeros.new_zeros(()))
+            tokens = self.tokens[layer]
+            tensors.append(torch.as_tensor(tokens, dtype=torch.float64, device=device) if tokens is not None
+                           else zeros.new_zeros(()))
         reduced = sum_tensors(tensors) if tensors else []
         for position, layer in enumerate(layers):
-            sums = reduced[3 * position:3 * position + 3]
-            self.entropy_sum[layer], self.max_prob_sum[layer], self.tokens[layer] = sums
+            entropy_sum, max_prob_sum, self.tokens[layer] = reduced[3 * position:3 * position + 3]
+            self._set_sums(layer, entropy_sum, max_prob_sum)
 
     def token_count(self) -> int:
         """Non-padding query tokens seen (by the first layer that saw any)."""
         counts = [t for t in self.tokens if t is not None]
-        return int(counts[0].item()) if counts else 0
+        return int(counts[0]) if counts else 0
 
 
 @contextlib.contextmanager

@@ -28,6 +28,18 @@ class AttentionStats(NamedTuple):
     probs: torch.Tensor | None = None
 
 
+def row_statistics(entropy: torch.Tensor, max_prob: torch.Tensor) -> torch.Tensor:
+    """``entropy`` and ``max_prob`` ``[B, H, N]`` as one ``[2, B, H, N]`` tensor: a view where they are the two
+    halves of one buffer, as the Triton backend returns them (so one reduction covers both), else a new tensor."""
+    base = entropy._base
+    if (base is not None and max_prob._base is base and base.dim() == 4 and base.shape[0] == 2
+            and base.shape[1:] == entropy.shape and base.is_contiguous()
+            and entropy.data_ptr() == base.data_ptr()
+            and max_prob.data_ptr() == base.data_ptr() + base.stride(0) * base.element_size()):
+        return base
+    return torch.stack((entropy, max_prob))
+
+
 class Packing(NamedTuple):
     """Sequences of different lengths stored one after another along the token axis, without padding.
 

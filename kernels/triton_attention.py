@@ -490,7 +490,10 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
     seq = off_bh // H
     off_h = off_bh % H
     batch_row, row0, q_len, _ = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, False)
+    slot = MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0)
     if start_m >= q_len:
+        if MASK_GRAD:
+            tl.store(slot, 0.0)  # every program writes its slot: the partial buffer needs no zero fill
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -508,9 +511,8 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
     tl.store(Delta + row, delta, mask=m_ok)
     if WRITE_LSE2:
         tl.store(Lse2 + row, tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E, mask=m_ok)
-    if MASK_GRAD:
-        if tl.abs(hm) >= small_mask:
-            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(delta, 0))
+    if MASK_GRAD:  # heads with a small mask: 0 here, their gradient comes from _attn_bwd_dq
+        tl.store(slot, tl.where(tl.abs(hm) >= small_mask, tl.sum(delta, 0), 0.0))
 
 
 @triton.jit
@@ -686,13 +688,17 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     off_h = off_bh % H
     off_kvh = _kv_head(off_h, group)
     batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
+    slot = MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0)
     if start_m >= q_len:
+        if MASK_GRAD:
+            tl.store(slot, 0.0)  # every program writes its slot: the partial buffer needs no zero fill
         return
     hm = 1.0
     if HAS_HEAD_MASK:
         hm = tl.load(HeadMask + off_bh)
     if not COMPUTE_DQ:
         if tl.abs(hm) >= small_mask:
+            tl.store(slot, 0.0)  # (MASK_GRAD: launched for the gradient alone) this head's is in the preprocess slot
             return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -735,7 +741,8 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
                                    edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
                                    BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
-            tl.store(MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0), tl.sum(row_dot, 0))
+    if MASK_GRAD:  # 0 for the heads whose gradient the preprocess slot holds (row_dot never left 0 for them)
+        tl.store(slot, tl.sum(row_dot, 0))
     # -- stage 3: store
     if COMPUTE_DQ:
         _store_rows(_base(DQ, batch_row, off_h, row0, stride_gb, stride_gh, stride_gn), offs_m, stride_gn, offs_d,
@@ -847,8 +854,11 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     qk_scale = scale * _LOG2E
     has_mask = mask_sh is not None
     out = torch.empty_like(q)  # q's layout where dense (e.g. [B, N, H, D] underneath): free transpose later
-    # three separate tensors (not views of one): callers may modify the statistics in place
-    lse, entropy, max_prob = (torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) for _ in range(3))
+    # lse is saved for the backward: a tensor of its own (an in-place change of a view of the same storage would
+    # fail the backward's version check); entropy and max_prob are the halves of one [2, B, H, N] buffer, which the
+    # statistics recorder reduces in one operation (kernels.common.row_statistics)
+    lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
+    entropy, max_prob = torch.empty((2, batch, heads, seq), dtype=torch.float32, device=q.device).unbind(0)
     key_pad, kv_end, cu_seqlens = layout.pointers()
     grid = (_cdiv(layout.longest, cfg.fwd.block_m), layout.sequences * heads)
     _attn_fwd[grid](
@@ -875,8 +885,9 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
 
 
 def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, scale, need_dq, need_dkdv, need_mask):
-    """Launch the backward kernels. Returns ``(dq, dk, dv, mask_grad)``; ``mask_grad [S, H]`` float32 or None;
-    ``dk, dv`` have the shape of ``k, v`` (``H / group`` heads)."""
+    """Launch the backward kernels. Returns ``(dq, dk, dv, mask_partials)``: ``mask_partials [S, H, blocks]``
+    float32 (the head-mask gradient is their sum over the last dim) or None; ``dk, dv`` have the shape of ``k, v``
+    (``H / group`` heads)."""
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -893,11 +904,16 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta) if need_dkdv else delta
     pre_blocks = _cdiv(layout.longest, cfg.preprocess.block_m)
-    pre_grad = torch.zeros((rows, pre_blocks), dtype=torch.float32, device=q.device) if need_mask else delta
+    dq_blocks = _cdiv(layout.longest, cfg.dq.block_m)
+    # the head-mask gradient's per-program partial sums: [rows, pre_blocks | dq_blocks], every slot written by its
+    # program (no zero fill), one reduction at the end
+    partials = torch.empty((rows, pre_blocks + dq_blocks), dtype=torch.float32, device=q.device) if need_mask \
+        else delta
+    slots = pre_blocks + dq_blocks
     _attn_bwd_preprocess[(pre_blocks, rows)](
-        out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, pre_grad,
+        out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, partials,
         *out.stride(), *grad_out.stride(),
-        heads, seq, pre_blocks, _SMALL_MASK,
+        heads, seq, slots, _SMALL_MASK,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess.block_m, VARLEN=layout.varlen,
         HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask, WRITE_LSE2=need_dkdv,
     )
@@ -923,24 +939,19 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
         if group > 1:
             dk, dv = (t.view(batch, kv_heads, group, seq, head_dim).sum(2).to(k.dtype) for t in (dk, dv))
     # -- stage 3: dQ, and the head-mask gradient of heads whose mask is (near) 0
-    dq_grad = None
     if need_dq or need_mask:
         dq = torch.empty_like(q) if need_dq else None
-        dq_blocks = _cdiv(layout.longest, cfg.dq.block_m)
-        dq_grad = torch.zeros((rows, dq_blocks), dtype=torch.float32, device=q.device) if need_mask else None
         grid = (dq_blocks, rows)
         _attn_bwd_dq[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta,
-            dq if dq is not None else q, dq_grad if dq_grad is not None else lse,
+            dq if dq is not None else q, partials[:, pre_blocks:] if need_mask else lse,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
             *layout.pad_strides,
-            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, dq_blocks, _SMALL_MASK,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, slots, _SMALL_MASK,
             BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
             **cfg.dq.launch_options(),
         )
-    mask_grad = None
-    if need_mask:
-        mask_grad = (pre_grad.sum(-1) + dq_grad.sum(-1)).view(layout.sequences, heads)
+    mask_grad = partials.view(layout.sequences, heads, slots) if need_mask else None
     return dq, dk, dv, mask_grad
 
 
@@ -1013,6 +1024,7 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, head_mask, layout, causal, scale, return_probs):
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors made for them
         mask_sh = _mask_sh(head_mask, layout.sequences, q.shape[1])
         out, lse, entropy, max_prob, probs = _forward(q, k, v, mask_sh, layout, causal, scale, return_probs)
         ctx.save_for_backward(q, k, v, out, lse, mask_sh)
@@ -1031,9 +1043,11 @@ class _TritonAttention(torch.autograd.Function):
         dq, dk, dv, mask_grad = _backward(grad_out, q, k, v, out, lse, mask_sh, ctx.layout, ctx.causal, ctx.scale,
                                           need_dq=need_q, need_dkdv=need_k or need_v, need_mask=need_mask)
         grad_mask = None
-        if need_mask and mask_grad is not None:
+        if need_mask and mask_grad is not None:  # one reduction: over the blocks (and the sequences for [H])
             dim, dtype = ctx.head_mask_shape
-            grad_mask = (mask_grad.sum(dim=0) if dim == 1 else mask_grad).to(dtype)
+            grad_mask = mask_grad.sum(dim=(0, 2) if dim == 1 else 2)
+            if grad_mask.dtype != dtype:
+                grad_mask = grad_mask.to(dtype)
         return (dq if need_q else None, dk if need_k else None, dv if need_v else None, grad_mask,
                 None, None, None, None)
 

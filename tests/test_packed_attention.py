@@ -177,6 +177,27 @@ def test_triton_backend_packed_gpu_blocks(monkeypatch):
            device=TRITON_DEVICE)
 
 
+@triton_needed
+def test_triton_mask_gradient_needs_no_zeroed_buffers(monkeypatch):
+    """The head-mask gradient's per-program partial sums live in one ``torch.empty`` buffer that every program of
+    the preprocess and dQ kernels writes (0 where it owns no gradient or returns early past a shorter sequence):
+    with every fresh float32 buffer of the backward filled with NaN, the gradient is still exact. Sequences much
+    shorter than the longest (many programs return early), a head with mask 0 and one below the small-mask
+    threshold, with and without the q/k/v gradients."""
+    pytest.importorskip("triton")
+    from fastbertology.kernels import triton_attention
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*size, **options):
+        tensor = real_empty(*size, **options)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(triton_attention.torch, "empty", poisoned_empty)
+    _check("triton", Case(F32, (70, 1, 0, 9), heads=3, causal=True, mask="SH"), device=TRITON_DEVICE)
+    _check("triton", Case(F32, (70, 1, 0, 9), heads=3, mask="SH", grads="mask"), device=TRITON_DEVICE)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[triton_needed, interpreter_only])])
 @pytest.mark.parametrize("kv_heads, window", [(2, None), (1, 5)])
 def test_packed_equals_padded(backend, kv_heads, window):
