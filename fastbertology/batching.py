@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .data.examples import DataError, where
+from .packing import move_with_plan
 
 if TYPE_CHECKING:
     from .data.examples import Example
@@ -215,8 +216,10 @@ def make_batches(examples: Sequence[Example], tokenizer=None, *, max_seq_length:
 
 
 def move_batch(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """A copy of ``batch`` with every tensor moved to ``device``."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    """A copy of ``batch`` with every tensor moved to ``device``; attention masks carry their padding-free plan,
+    made here from the host copy (:func:`fastbertology.packing.move_with_plan`: no model call reads them back)."""
+    return {key: (move_with_plan(value, device) if key.endswith("attention_mask") else value.to(device))
+            if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def check_token_ids(batches: Sequence[dict], examples: Sequence[Example], *, vocab_size: int | None,

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
+
+# Set inside :func:`checked_head_masks`: the masks of the calls in that block derive from one already checked
+_CHECKED = contextvars.ContextVar("fastbertology_head_masks_checked", default=False)
 
 
 def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.device) -> torch.Tensor:
@@ -40,10 +47,24 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
     )
 
 
+@contextlib.contextmanager
+def checked_head_masks(head_mask: torch.Tensor) -> Iterator[None]:
+    """Check ``head_mask`` for NaN / infinite entries once (one host-device sync), then skip the per-call check
+    inside the block: for analyses whose every call's mask derives from ``head_mask`` (a clone of it that
+    requires grad, its rows, a 0/1 mask of the analysis' own), so that no step of the pass synchronises."""
+    _check_finite(head_mask)
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 def _check_finite(head_mask: torch.Tensor) -> None:
     """ValueError naming the first NaN / infinite entry (one device sync per forward pass; skipped while
-    torch.compile traces, where a data-dependent check would break the graph)."""
-    if torch.compiler.is_compiling():
+    torch.compile traces, where a data-dependent check would break the graph, and inside
+    :func:`checked_head_masks`)."""
+    if torch.compiler.is_compiling() or _CHECKED.get():
         return
     finite = torch.isfinite(head_mask.detach())
     if not bool(finite.all()):

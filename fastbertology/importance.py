@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import heads_per_layer
+from .head_mask import checked_head_masks
 from .patching import is_patched
 from .recording import record
 from .tasks import TaskProtocol
@@ -124,8 +125,9 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     base_mask = full_head_mask(model) if head_mask is None else head_mask.detach()
     raw = torch.zeros(base_mask.shape, dtype=torch.float64, device=base_mask.device)
     metric_state = task.metric_state()
-    loss_sum, batches_seen, examples = 0.0, 0, 0
-    with frozen_parameters(model), record(model) as stats:
+    batches_seen, examples = 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=base_mask.device)  # read once, after the pass
+    with frozen_parameters(model), record(model) as stats, checked_head_masks(base_mask):
         for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
             size = examples_in(task, batch)
             if importance == "per_example":
@@ -137,9 +139,10 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
             (gradient,) = torch.autograd.grad(objective, mask)
             raw += gradient.abs().double().sum(0) if importance == "per_example" else gradient.abs().double()
             task.update_metric(metric_state, result, batch)
-            loss_sum += float(result.loss.detach())
+            loss_sum += result.loss.detach()
             batches_seen += 1
             examples += size
+    loss_sum = float(loss_sum)
     if reduce is not None:
         totals = reduce({"raw_importance": raw, "metric_state": metric_state, "loss_sum": loss_sum,
                          "batches": batches_seen, "examples": examples, "statistics": stats})
@@ -164,7 +167,8 @@ def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtoco
     """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients."""
     require_patched(model)
     state = task.metric_state()
-    with torch.no_grad():
+    checked = checked_head_masks(head_mask) if head_mask is not None else contextlib.nullcontext()
+    with torch.no_grad(), checked:
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             task.update_metric(state, task.evaluate(model, batch, head_mask=head_mask), batch)
     return task.compute_metric(state)

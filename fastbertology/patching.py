@@ -55,60 +55,11 @@ from transformers.masking_utils import AttentionMaskInterface
 from . import kernels
 from .architectures import Architecture, architecture, attention_sites, heads_per_layer, stack_layers
 from .head_mask import head_mask_rows, normalize_head_mask
+from .packing import PackedBatch, plan_packing
 from .recording import head_sums
 
 IMPLEMENTATION_NAME = "fastbertology"
 UNEQUAL_GROUPS = "fastbertology_unequal_groups"  # config attribute set by pruning (see fastbertology.pruning)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Packing
-# --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PackedBatch:
-    """How one call's right-padded batch ``[B, N]`` maps to the packed stream of its ``T`` real tokens."""
-
-    index: torch.Tensor  # [T] long: the flat position b * N + n of every real token, in order
-    batch: int  # B
-    seq: int  # N
-    packing: kernels.Packing  # the sequences (one per example, some possibly empty) of the stream
-
-    @property
-    def total(self) -> int:
-        return self.packing.total
-
-    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, N, ...]`` (or ``[1, N, ...]``, the same for every example) -> ``[1, T, ...]`` (the real tokens)."""
-        if hidden.shape[0] == 1 and self.batch != 1:
-            hidden = hidden.expand(self.batch, *hidden.shape[1:])
-        flat = hidden.reshape(self.batch * self.seq, *hidden.shape[2:])
-        return flat.index_select(0, self.index.to(flat.device)).unsqueeze(0)
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """``[1, T, ...]`` -> ``[B, N, ...]`` with zeros at the padding positions (differentiable)."""
-        flat = packed.new_zeros(self.batch * self.seq, *packed.shape[2:])
-        return flat.index_copy(0, self.index.to(flat.device), packed[0]).view(self.batch, self.seq, *packed.shape[2:])
-
-    def fits(self, value) -> bool:
-        """Whether ``value`` is a per-position tensor ``[B or 1, N, ...]`` of this batch."""
-        return (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == self.seq
-                and value.shape[0] in (1, self.batch))
-
-
-def plan_packing(attention_mask: torch.Tensor) -> PackedBatch | None:
-    """A :class:`PackedBatch` for a right-padded 2-D ``attention_mask [B, N]`` (1 = token) that has padding in it;
-    None when there is no padding, no token at all, or the padding is not on the right (left padding or holes:
-    positions that stock heads may read, e.g. BERT's pooler reads position 0). Reads the mask on the host once."""
-    keep = attention_mask.detach().to("cpu", torch.bool)
-    batch, seq = keep.shape
-    lengths = keep.sum(1)
-    total = int(lengths.sum())
-    if total == batch * seq or total == 0:
-        return None
-    if not torch.equal(keep, torch.arange(seq)[None, :] < lengths[:, None]):
-        return None
-    index = keep.flatten().nonzero().squeeze(1).to(attention_mask.device)
-    return PackedBatch(index, batch, seq, kernels.Packing.from_lengths(lengths.tolist(), attention_mask.device))
 
 
 # --------------------------------------------------------------------------------------------------------------

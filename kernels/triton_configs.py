@@ -9,6 +9,7 @@ budget that keeps the listed CTAs per SM); ``benchmarks/gpu_check.sh`` times the
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -84,6 +85,12 @@ def configs_for(device: torch.device, block_d: int, dtype: torch.dtype, *, max_s
     """The table entry for CUDA tensors (by the device's compute capability); small blocks for the interpreter
     (CPU tensors)."""
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return gpu_configs(block_d, dtype, max_seqlen=max_seqlen, causal=causal, arch=10 * major + minor)
+        return gpu_configs(block_d, dtype, max_seqlen=max_seqlen, causal=causal, arch=_arch(device.index))
     return INTERPRETER_CONFIGS
+
+
+@functools.cache
+def _arch(device_index: int | None) -> int:
+    """The compute capability of a CUDA device as ``10 * major + minor`` (asked once per device)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor

@@ -1,0 +1,72 @@
+"""The analysis step reads nothing back from the device: the padding-free plan travels with the batch, the head
+mask is checked once per pass, the loss is summed on the device.
+
+On the CPU a host read is not a synchronisation, so these tests watch for the reads themselves: the packing plan of
+a mask moved by :func:`~fastbertology.batching.move_batch` is the one made on the host (the device mask is never
+copied back), and inside :func:`~fastbertology.head_mask.checked_head_masks` no call checks its mask again.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import random_batch, tiny_model
+
+import fastbertology
+from fastbertology import head_mask as head_mask_module
+from fastbertology import packing
+from fastbertology.batching import move_batch
+from fastbertology.importance import analyze_heads
+from fastbertology.tasks import ClassificationTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _right_padded(lengths, seq):
+    return (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_moved_masks_carry_the_plan_made_on_the_host(monkeypatch):
+    mask = _right_padded([5, 2, 7], 7)
+    batch = move_batch({"input_ids": torch.ones(3, 7, dtype=torch.long), "attention_mask": mask}, "cpu")
+    planned = packing.plan_packing(batch["attention_mask"])
+    assert planned is not None and planned.packing.lengths == (5, 2, 7) and planned.total == 14
+    # the plan is looked up, not recomputed from the mask's values
+    monkeypatch.setattr(packing, "_plan", lambda *args: pytest.fail("the mask was read again"))
+    assert packing.plan_packing(batch["attention_mask"]) is planned
+    monkeypatch.undo()
+    # an in-place change of the mask invalidates its plan
+    batch["attention_mask"][1, 4] = 1
+    batch["attention_mask"][1, 3] = 1
+    batch["attention_mask"][1, 2] = 1
+    assert packing.plan_packing(batch["attention_mask"]).packing.lengths == (5, 5, 7)
+
+
+def test_masks_without_padding_or_with_left_padding_plan_to_none():
+    for mask in (torch.ones(2, 4, dtype=torch.long), torch.tensor([[0, 1, 1], [1, 1, 1]])):
+        moved = move_batch({"attention_mask": mask}, "cpu")["attention_mask"]
+        assert packing.plan_packing(moved) is None
+        assert getattr(moved, packing._PLAN)[1] is None  # planned (nothing to pack), not missing
+
+
+def test_analysis_checks_the_head_mask_once_per_pass(monkeypatch):
+    model, layers, heads = tiny_model("bert")
+    batches = []
+    for seed in range(3):
+        input_ids, attention_mask = random_batch(3, 6, [6, 3, 5], seed=seed)
+        batches.append(move_batch({"input_ids": input_ids, "attention_mask": attention_mask,
+                                   "labels": torch.tensor([0, 1, 2])}, "cpu"))
+    checks = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(head_mask_module.torch, "isfinite", lambda mask: checks.append(1) or real_isfinite(mask))
+    with fastbertology.patch(model, backend="torch"):
+        analyze_heads(model, batches, ClassificationTask())
+    assert len(checks) == 1  # the pass's base mask; none of the 3 batches' calls
+    # outside an analysis every call is checked, and a bad mask is still refused up front
+    with fastbertology.patch(model, backend="torch"):
+        bad = torch.ones(layers, heads, dtype=torch.float64)
+        bad[1, 2] = float("nan")
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            analyze_heads(model, batches, ClassificationTask(), head_mask=bad)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            model(**{k: v for k, v in batches[0].items() if k != "labels"}, head_mask=bad)
