@@ -445,7 +445,7 @@ def local_source(path: str, root: Path = REPOSITORY) -> Path:
     """The file of *this* checkout that a line-info path names. Triton's on-disk cache is shared by every checkout
     on a machine and keyed by the kernel's source, not its path: a cubin compiled from another (perhaps deleted)
     clone of the same source names that clone's absolute path. The longest trailing part of ``path`` that exists
-    under ``root`` (e.g. ``kernels/triton_attention.py``) is taken; ``path`` itself where none does."""
+    under ``root`` (e.g. ``kernels/triton_forward.py``) is taken; ``path`` itself where none does."""
     parts = Path(path).parts
     for start in range(1, len(parts)):
         candidate = root.joinpath(*parts[start:])
