@@ -1,0 +1,110 @@
+"""Head-type scores from q, k and the log-sum-exp against the same means over stock eager ``output_attentions`` maps
+(float64; multi-head, causal, grouped-query and sliding-window models; padding, padded and padding-free calls)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from families import FAMILIES  # noqa: E402
+from models import random_batch, tiny_model  # noqa: E402
+
+import fastbertology  # noqa: E402
+from fastbertology.head_types import HEAD_TYPES, head_type_scores, induction_sequences, special_token_ids  # noqa: E402
+from fastbertology.token_pairs import sequence_pairs  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PERIOD, COUNT = 8, 3
+
+
+def _model(name):
+    if name in ("bert", "gpt2"):
+        return tiny_model(name)[0]
+    return FAMILIES[name].model()
+
+
+def _batches():
+    """Two right-padded batches with repeated token ids in them (duplicate-token pairs, some several times)."""
+    batches = []
+    for seed, lengths in ((1, [9, 5, 7]), (2, [6, 11])):
+        input_ids, attention_mask = random_batch(len(lengths), max(lengths), lengths, seed=seed)
+        input_ids[0, 4] = input_ids[0, 1]
+        input_ids[0, 5] = input_ids[0, 1]
+        input_ids[1, 3] = input_ids[1, 0]
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return batches
+
+
+def _eager_means(model, batches, sequences):
+    """The four scores as plain means over the stock eager maps (``[L, H]`` each)."""
+    model.set_attn_implementation("eager")
+    sums = {name: 0.0 for name in HEAD_TYPES}
+    counts = dict.fromkeys(HEAD_TYPES, 0)
+
+    def add(name, maps, b, i, js):
+        sums[name] = sums[name] + torch.stack([m[b, :, i, js].sum(-1) for m in maps]).double()
+        counts[name] += 1
+
+    with torch.no_grad():
+        for batch in batches:
+            maps = model(**batch, output_attentions=True).attentions
+            for b in range(len(batch["input_ids"])):
+                real = batch["attention_mask"][b].nonzero().squeeze(1).tolist()
+                for a, i in enumerate(real):
+                    add("first_token", maps, b, i, [real[0]])
+                    if a:
+                        add("previous_token", maps, b, i, [real[a - 1]])
+                    same = [j for j in real[:a] if batch["input_ids"][b, j] == batch["input_ids"][b, i]]
+                    if same:
+                        add("duplicate_token", maps, b, i, same)
+        maps = model(input_ids=sequences, output_attentions=True).attentions
+        for b in range(len(sequences)):
+            for i in range(PERIOD, 2 * PERIOD):
+                add("induction", maps, b, i, [i - PERIOD + 1])
+    return {name: sums[name] / counts[name] for name in HEAD_TYPES}, counts
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "mistral"])
+def test_head_type_scores_equal_eager_attention_maps(name, padding_free):
+    model = _model(name)
+    batches = _batches()
+    with fastbertology.patch(model, backend="torch", padding_free=padding_free):
+        scores = head_type_scores(model, batches, induction_period=PERIOD, induction_count=COUNT, batch_size=2)
+    sequences = induction_sequences(model.config.vocab_size, count=COUNT, period=PERIOD,
+                                    exclude=special_token_ids(model.config))
+    expected, counts = _eager_means(model, batches, sequences)
+    # eager Llama-family attention takes its softmax in float32
+    tolerance = 1e-12 if name in ("bert", "gpt2") else 1e-6
+    for score in HEAD_TYPES:
+        torch.testing.assert_close(scores.tables()[score], expected[score], atol=tolerance, rtol=0, msg=score)
+        assert scores.queries[score] == counts[score]
+
+
+def test_duplicate_pairs_are_every_earlier_equal_token():
+    input_ids = torch.tensor([[5, 7, 5, 5, 9, 7], [3, 3, 3, 1, 1, 1]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    pairs = sequence_pairs(input_ids, attention_mask)["duplicate_token"]
+    got = sorted(zip(pairs.batch.tolist(), pairs.query.tolist(), pairs.key.tolist()))
+    assert got == [(0, 2, 0), (0, 3, 0), (0, 3, 2), (0, 5, 1), (1, 1, 0), (1, 2, 0), (1, 2, 1)]
+    assert pairs.queries == 5
+
+
+def test_induction_sequences_repeat_a_block_of_distinct_ordinary_tokens():
+    sequences = induction_sequences(20, count=4, period=6, seed=3, exclude=[0, 1])
+    assert sequences.shape == (4, 12)
+    assert torch.equal(sequences[:, :6], sequences[:, 6:])
+    assert all(len(set(row[:6].tolist())) == 6 for row in sequences)
+    assert not bool(((sequences == 0) | (sequences == 1)).any())
+    assert torch.equal(sequences, induction_sequences(20, count=4, period=6, seed=3, exclude=[0, 1]))
+
+
+def test_image_models_and_tiny_vocabularies_are_refused():
+    model = FAMILIES["vit"].model()
+    with fastbertology.patch(model), pytest.raises(ValueError, match="takes images"):
+        head_type_scores(model, [])
+    with pytest.raises(ValueError, match="lower the induction period"):
+        induction_sequences(10, period=12)
