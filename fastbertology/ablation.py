@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import architecture, attention_sites
 from .attention_hooks import AttentionCall, attention_hook
 from .patching import calls_so_far
 
@@ -90,17 +91,18 @@ def head_output_means(model: nn.Module, batches: Iterable[dict], task, *, progre
     with torch.no_grad(), attention_hook(model, hook):
         for batch in tqdm(batches, desc="head output means", disable=not progress, unit="batch"):
             task.forward(model, batch)
-    rows = model._fastbertology_state.num_layers
-    if len(sums) != rows and sum_tensors is None:
-        raise ValueError(f"mean ablation: only {len(sums)} of {rows} rows ran on the data (no batches?)")
-    if sum_tensors is not None:
-        like = next(iter(sums.values()))
-        shapes = {row: value.shape for row, value in sums.items()}
-        flat = [sums.get(row, like.new_zeros(shapes.get(row, like.shape))) for row in range(rows)]
-        counts = torch.stack([tokens.get(row, like.new_zeros(())) for row in range(rows)])
+    entry, device = architecture(model), next(model.parameters()).device
+    shapes = [(entry.projections.heads(site.module, site.block), entry.projections.head_dim(site.module, site.block))
+              for site in attention_sites(model)]
+    flat = [sums.get(row, torch.zeros(shape, dtype=torch.float64, device=device)) for row, shape in enumerate(shapes)]
+    counts = torch.stack([tokens.get(row, torch.zeros((), dtype=torch.float64, device=device))
+                          for row in range(len(shapes))])
+    if sum_tensors is not None:  # (every process takes part, whatever its shard held)
         *flat, counts = sum_tensors([*flat, counts])
-        sums, tokens = dict(enumerate(flat)), dict(enumerate(counts))
-    return [sums[row] / tokens[row].clamp(min=1) for row in range(rows)]
+    if bool((counts == 0).any()):
+        raise ValueError("mean ablation: no real token reached some attention rows (no batches, or only padding); "
+                         "the heads' mean outputs are undefined")
+    return [total / count for total, count in zip(flat, counts)]
 
 
 def resample_sources(size: int, seed: int) -> torch.Tensor:

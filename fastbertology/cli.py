@@ -37,7 +37,8 @@ COMMANDS = {  # name -> (its line in `fastbertology --help`, what it writes, for
     "prune": ("iterative masking (or --head-mask FILE), then physical pruning; also writes pruned_model/",
               "Writes the masking outputs (unless --head-mask), pruned_model/ (safetensors; reload with "
               "fastbertology.pruning.load_pruned), summary.json, report.html."),
-    "sweep": ("score change when each head, layer or given mask is masked (resumable); writes sweep_delta.npy, "
+    "sweep": ("score change when each head, layer or given mask is masked (zero, mean or resample ablation; "
+              "resumable); writes sweep_delta.npy, "
               "sweep_delta.png, report.html",
               "Writes sweep_delta.npy, sweep_scores.npy, sweep_losses.npy ([layers, heads] for --kind heads, "
               "[layers] for layers, [M] for --masks), sweep_masks.npy, sweep_delta.png, sweep_checkpoint.json, "
@@ -130,6 +131,10 @@ def _sweep(parser) -> None:
     group.add_argument("--masks-per-pass", type=int, default=None, metavar="N",
                        help="masks scored together in one forward pass of N x batch rows; lower it if memory runs "
                             "out (default: heads per layer)")
+    group.add_argument("--ablation", choices=["zero", "mean", "resample"], default="zero",
+                       help="what a masked head's output becomes: zero (transformers 4.x's head mask), mean (its mean "
+                            "output over the data's real tokens) or resample (its output at the same position of "
+                            "another example of the batch, chosen with --seed); see docs/ablation.md")
     group.add_argument("--no-prefix-reuse", action="store_true",
                        help="run every mask through the whole model (by default the layers below a mask's first "
                             "masked layer are computed once per batch)")

