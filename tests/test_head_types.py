@@ -84,6 +84,20 @@ def test_head_type_scores_equal_eager_attention_maps(name, padding_free):
         assert scores.queries[score] == counts[score]
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_head_type_scores_from_the_triton_kernels_log_sum_exp(padding_free):
+    """The Triton kernels' log-sum-exp (natural log; under the interpreter on the CPU) gives the same scores."""
+    pytest.importorskip("triton")
+    model = tiny_model("gpt2", dtype=torch.float32)[0]
+    batches = _batches()
+    with fastbertology.patch(model, backend="triton", padding_free=padding_free):
+        scores = head_type_scores(model, batches, induction_period=PERIOD, induction_count=COUNT)
+    with fastbertology.patch(model, backend="torch", padding_free=padding_free):
+        expected = head_type_scores(model, batches, induction_period=PERIOD, induction_count=COUNT)
+    for score in HEAD_TYPES:
+        torch.testing.assert_close(scores.tables()[score], expected.tables()[score], atol=2e-6, rtol=0, msg=score)
+
+
 def test_duplicate_pairs_are_every_earlier_equal_token():
     input_ids = torch.tensor([[5, 7, 5, 5, 9, 7], [3, 3, 3, 1, 1, 1]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
