@@ -137,7 +137,7 @@ class _Accumulator:
             self.counts[name] = [int(c) for c in next(reduced).tolist()]
 
 
-def _text_calls(batch: dict) -> list[dict]:
+def text_calls(batch: dict) -> list[dict]:
     """The model inputs of one batch: its texts, and for retrieval batches the ``pair_`` texts too."""
     calls = []
     for prefix in ("", "pair_"):
@@ -179,7 +179,7 @@ def head_type_scores(model: nn.Module, batches: Iterable[dict], *, induction_per
     accumulator = _Accumulator(len(counts))
     with torch.no_grad(), attention_hook(model, accumulator):
         for batch in tqdm(batches, desc="head types", disable=not progress, unit="batch"):
-            for inputs in _text_calls(batch):
+            for inputs in text_calls(batch):
                 pairs = sequence_pairs(inputs["input_ids"], inputs.get("attention_mask"))
                 accumulator.run(model, inputs, {name: pairs[name] for name in DATA_TYPES})
         if sum_tensors is not None:
