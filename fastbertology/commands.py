@@ -26,7 +26,7 @@ from .attention_patterns import attention_patterns, choose_rows, extreme_heads
 from .console import Console, format_table
 from .data import demo_pairs
 from .distributed import analysis_reducer, shard_checked
-from .head_types import HEAD_TYPES, head_type_scores
+from .head_types import HEAD_TYPES, check_head_type_options, head_type_scores
 from .importance import analyze_heads, evaluate_metric
 from .loading import minilm_path
 from .mask_files import check_mask_shape, read_pruning_mask
@@ -286,6 +286,8 @@ def head_types_step(args, console: Console, run: Run, output: Path | None, summa
 
 def run_importance(args, console: Console) -> int:
     def steps(run, inputs, output, summary):
+        if args.head_types:  # before the importance pass: a bad option fails at once
+            check_head_type_options(run.model, induction_period=args.induction_period)
         importance_step(args, console, run, output, summary)
         if args.head_types:
             head_types_step(args, console, run, output, summary)

@@ -148,6 +148,24 @@ def text_calls(batch: dict) -> list[dict]:
     return calls
 
 
+def check_head_type_options(model: nn.Module, *, induction_period: int, induction_count: int = 1,
+                            batch_size: int = 1) -> None:
+    """ValueError when head-type scores cannot be computed for ``model`` with these options (image models, induction
+    sequences longer than the model's positions, non-positive counts)."""
+    entry = architecture(model)
+    if entry.inputs != "text":
+        raise ValueError(f"head-type scores need token ids; a {entry.name} model takes images (no token ids, so no "
+                         "previous, duplicate or induction tokens)")
+    if induction_period < 1 or induction_count < 1 or batch_size < 1:
+        raise ValueError(f"induction_period, induction_count and batch_size must be positive; got {induction_period}, "
+                         f"{induction_count}, {batch_size}")
+    longest = entry.usable_positions(model.config)
+    if longest is not None and 2 * induction_period > longest:
+        raise ValueError(f"induction sequences of 2 x {induction_period} tokens are longer than this model's "
+                         f"{longest} positions; choose an induction period (--induction-period) of at most "
+                         f"{longest // 2}")
+
+
 def head_type_scores(model: nn.Module, batches: Iterable[dict], *, induction_period: int = 32,
                      induction_count: int = 16, seed: int = 0, batch_size: int = 32, progress: bool = False,
                      sum_tensors: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
@@ -163,17 +181,8 @@ def head_type_scores(model: nn.Module, batches: Iterable[dict], *, induction_per
                       batches; the induction sequences are the same everywhere and are not summed).
     """
     require_patched(model)
-    entry = architecture(model)
-    if entry.inputs != "text":
-        raise ValueError(f"head-type scores need token ids; a {entry.name} model takes images (no token ids, so no "
-                         "previous, duplicate or induction tokens)")
-    longest = entry.usable_positions(model.config)
-    if longest is not None and 2 * induction_period > longest:
-        raise ValueError(f"induction sequences of 2 x {induction_period} tokens are longer than this model's "
-                         f"{longest} positions; choose an induction period of at most {longest // 2}")
-    if induction_period < 1 or induction_count < 1 or batch_size < 1:
-        raise ValueError(f"induction_period, induction_count and batch_size must be positive; got {induction_period}, "
-                         f"{induction_count}, {batch_size}")
+    check_head_type_options(model, induction_period=induction_period, induction_count=induction_count,
+                            batch_size=batch_size)
     counts = heads_per_layer(model)
     device = next(model.parameters()).device
     accumulator = _Accumulator(len(counts))

@@ -122,6 +122,9 @@ def test_image_models_and_tiny_vocabularies_are_refused():
         head_type_scores(model, [])
     with pytest.raises(ValueError, match="lower the induction period"):
         induction_sequences(10, period=12)
+    model = tiny_model("gpt2")[0]  # 64 positions
+    with fastbertology.patch(model), pytest.raises(ValueError, match="at most 32"):
+        head_type_scores(model, _batches(), induction_period=33)
 
 
 @pytest.fixture(scope="module")
