@@ -26,6 +26,10 @@ states and loss sums) is handed to an ``on_step`` callback, which can checkpoint
 Data-parallel runs pass each process its shard of the batches, the common number of ``steps`` and a ``reduce``
 callable that merges the per-process states (see :mod:`fastbertology.distributed`).
 
+**Ablation kinds** (``ablation=``): a masked head's output is zeroed (``"zero"``, the head mask itself), replaced by
+its mean over the data (``"mean"``) or by its output on another example of the batch (``"resample"``); see
+:mod:`fastbertology.ablation`. Batching and prefix reuse work alike for all three.
+
 Everything here is a pure function of its inputs (no file IO).
 """
 
