@@ -17,7 +17,8 @@ sequence; ``p(i -> j) = 0`` when the model does not let i see j (causal, sliding
 Rows scored: the self-attention of decoder-only and encoder-only models and of BART's encoder (the stacks fed by
 ``input_ids``); BART's decoder self-attention and cross-attention rows are NaN. The data pass calls the model on
 each batch's ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (and, for retrieval batches, the
-``pair_``-prefixed second texts), without a head mask, in eval mode and without gradients.
+``pair_``-prefixed second texts), without a head mask, in eval mode and without gradients; the base model runs
+(no task head).
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ class _Accumulator:
         return None
 
     def run(self, model, inputs: dict, pairs: dict[str, TokenPairs]) -> None:
-        """One model call on ``inputs`` with the hook reading ``pairs``."""
+        """One call of the base model (no task head: it is not needed, and a classification head may refuse the
+        induction sequences) on ``inputs`` with the hook reading ``pairs``."""
         self.pairs = pairs
         try:
-            model(**inputs, use_cache=False)
+            model.base_model(**inputs, use_cache=False)
         finally:
             self.pairs = {}
 

@@ -21,7 +21,7 @@ PERIOD, COUNT = 8, 3
 
 
 def _model(name):
-    if name in ("bert", "gpt2"):
+    if name in ("bert", "gpt2", "openai-gpt"):
         return tiny_model(name)[0]
     return FAMILIES[name].model()
 
@@ -68,7 +68,7 @@ def _eager_means(model, batches, sequences):
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "openai-gpt", "albert", "llama", "mistral"])
 def test_head_type_scores_equal_eager_attention_maps(name, padding_free):
     model = _model(name)
     batches = _batches()
@@ -78,7 +78,7 @@ def test_head_type_scores_equal_eager_attention_maps(name, padding_free):
                                     exclude=special_token_ids(model.config))
     expected, counts = _eager_means(model, batches, sequences)
     # eager Llama-family attention takes its softmax in float32
-    tolerance = 1e-12 if name in ("bert", "gpt2") else 1e-6
+    tolerance = 1e-6 if name in ("llama", "mistral") else 1e-12
     for score in HEAD_TYPES:
         torch.testing.assert_close(scores.tables()[score], expected[score], atol=tolerance, rtol=0, msg=score)
         assert scores.queries[score] == counts[score]
@@ -96,6 +96,36 @@ def test_head_type_scores_from_the_triton_kernels_log_sum_exp(padding_free):
         expected = head_type_scores(model, batches, induction_period=PERIOD, induction_count=COUNT)
     for score in HEAD_TYPES:
         torch.testing.assert_close(scores.tables()[score], expected.tables()[score], atol=2e-6, rtol=0, msg=score)
+
+
+def test_encoder_decoder_scores_its_encoder_rows_only():
+    """BART: encoder rows from the eager encoder maps; decoder self-attention and cross-attention rows NaN."""
+    model = FAMILIES["bart"].model()
+    batches = _batches()
+    with fastbertology.patch(model, backend="torch"):
+        scores = head_type_scores(model, batches, induction_period=PERIOD, induction_count=COUNT)
+    encoder = FAMILIES["bart"].model().model.encoder  # the stock encoder, eager
+    sequences = induction_sequences(model.config.vocab_size, count=COUNT, period=PERIOD,
+                                    exclude=special_token_ids(model.config))
+    expected, _ = _eager_means(_EncoderOnly(encoder), batches, sequences)
+    for score in HEAD_TYPES:
+        table = scores.tables()[score]
+        torch.testing.assert_close(table[:2], expected[score], atol=1e-12, rtol=0, msg=score)
+        assert bool(table[2:].isnan().all())
+
+
+class _EncoderOnly(torch.nn.Module):
+    """A stock encoder called like a model whose output has ``attentions``."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def set_attn_implementation(self, name):
+        self.encoder.config._attn_implementation = name
+
+    def forward(self, **inputs):
+        return self.encoder(**inputs)
 
 
 def test_duplicate_pairs_are_every_earlier_equal_token():
