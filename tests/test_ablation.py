@@ -151,6 +151,24 @@ def test_batching_and_prefix_reuse_do_not_change_ablation_results(kind):
     torch.testing.assert_close(batched.scores, single.scores, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_resume_equals_uninterrupted_run(kind):
+    import json
+
+    from fastbertology.sweep_checkpoint import decode_state, encode_state
+    from fastbertology.sweeps import ablation_sweep
+
+    model = tiny_model("gpt2")[0]
+    task, batches = LanguageModelingTask(), _batches(False)
+    saved = []
+    with fastbertology.patch(model, backend="torch"):
+        full = ablation_sweep(model, batches, task, masks_per_pass=5, ablation=kind, seed=SEED,
+                              on_step=lambda s: saved.append(json.loads(json.dumps(encode_state(s)))))
+        resumed = ablation_sweep(model, batches, task, masks_per_pass=5, ablation=kind, seed=SEED,
+                                 resume=decode_state(saved[1]))
+    assert torch.equal(resumed.losses, full.losses) and torch.equal(resumed.scores, full.scores)
+
+
 def test_unknown_ablation_is_refused():
     model = tiny_model("bert")[0]
     with fastbertology.patch(model), pytest.raises(ValueError, match="ablation must be one of"):
