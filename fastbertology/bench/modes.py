@@ -15,7 +15,8 @@
     :func:`~fastbertology.importance.analyze_heads` (importance + entropy + max probability + metric in one pass)
     on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default);
     masking cases run :func:`~fastbertology.masking.iterative_masking`, sweep cases
-    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse), head-type cases
+    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse; the case's ablation kind, whose
+    reference is the hook loop of :mod:`fastbertology.bench.ablation_reference`), head-type cases
     :func:`~fastbertology.head_types.head_type_scores` (no gradients; the reference: the eager maps of
     :mod:`fastbertology.bench.head_types_reference`).
 ``fastbertology-padded``
@@ -44,6 +45,7 @@ from ..kernels import resolve_backend
 from ..loading import DTYPES
 from ..masking import iterative_masking
 from ..sweeps import SweepResult, ablation_sweep, single_head_masks
+from .ablation_reference import reference_ablation_sweep
 from .cases import BenchCase
 from .head_types_reference import reference_head_types
 from .reference import reference_analysis, reference_masking, reference_sweep
@@ -105,6 +107,13 @@ def _reference(case: BenchCase, model, workload: Workload, *, importance: str, *
         model.requires_grad_(False)
         counts = heads_per_layer(model)
         masks = single_head_masks(len(counts), counts[0])
+        if case.ablation != "zero":
+            sweep_with = partial(reference_ablation_sweep, model, batches, task, ablation=case.ablation)
+
+            def run():
+                sweep = sweep_with(masks)
+                return ModeResult(passes=len(masks) + 1, sweep=sweep, metric=sweep.baseline_score)
+            return PreparedMode(run, lambda: sweep_with(masks[:1]), "eager")
 
         def run():
             sweep = reference_sweep(model, batches, task, masks)
@@ -167,7 +176,7 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
         return prepared(run, lambda: head_type_scores(model, batches[:1], **HEAD_TYPE_OPTIONS))
     if case.kind == "sweep":
         def run():
-            sweep = ablation_sweep(model, batches, task, kind="heads")
+            sweep = ablation_sweep(model, batches, task, kind="heads", ablation=case.ablation)
             return ModeResult(passes=len(sweep.scores) + 1, sweep=sweep, metric=sweep.baseline_score)
         return prepared(run, lambda: ablation_sweep(model, batches[:1], task, kind="layers"))
 
