@@ -3,6 +3,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,27 @@ def test_cli_importance_head_types_writes_scores_and_report(cli_model, tmp_path,
     capsys.readouterr()
     assert main([*argv[:-4], "--induction-period", "0", "--output-dir", str(tmp_path / "bad")]) == 2
     assert "--induction-period must be positive" in capsys.readouterr().err
+
+
+def test_report_reads_head_scores_with_rows_not_scored(tmp_path):
+    import json
+    import re
+
+    from fastbertology.report import build_html
+    from fastbertology.report.run_files import read_run
+
+    tables = {name: [[0.125 * (i + 1), 0.5], [None, None]] for i, name in enumerate(HEAD_TYPES)}
+    (tmp_path / "head_scores.json").write_text(json.dumps(tables))
+    (tmp_path / "summary.json").write_text(json.dumps({"command": "importance", "head_types": {
+        "induction_period": 32, "induction_sequences": 16}}))
+    run = read_run(tmp_path)
+    assert bool(np.isnan(run.head_scores["induction"][1]).all()) and run.head_scores["induction"][0, 0] == 0.5
+    html = build_html(run)
+    assert "P = 32" in html and 'id="head-types"' in html
+    for i, name in enumerate(HEAD_TYPES):
+        figure = html.split(f'data-table="head_{name}"', 1)[1].split("</svg>", 1)[0]
+        values = re.findall(r'data-value="([^"]*)"', figure)
+        assert len(values) == 4 and float(values[0]) == 0.125 * (i + 1)
+    (tmp_path / "head_scores.json").write_text(json.dumps({"induction": "nope"}))
+    with pytest.raises(ValueError, match="head_scores.json"):
+        read_run(tmp_path)
