@@ -17,8 +17,8 @@ sequence; ``p(i -> j) = 0`` when the model does not let i see j (causal, sliding
 Rows scored: the self-attention of decoder-only and encoder-only models and of BART's encoder (the stacks fed by
 ``input_ids``); BART's decoder self-attention and cross-attention rows are NaN. The data pass calls the model on
 each batch's ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (and, for retrieval batches, the
-``pair_``-prefixed second texts), without a head mask, in eval mode and without gradients; the base model runs
-(no task head).
+``pair_``-prefixed second texts), without a head mask and without gradients (the model must be in eval mode, as
+every analysis); the base model runs (no task head).
 """
 
 from __future__ import annotations
