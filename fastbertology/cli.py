@@ -30,14 +30,15 @@ COMMANDS = {  # name -> (its line in `fastbertology --help`, what it writes, for
              f"Writes {WRITES_TABLES}, head_mask.npy, masking_curve.png, pruned_model/, summary.json, report.html."),
     "importance": ("head importance, attention entropy and max probability; writes [layers, heads] .npy tables, "
                    "heatmaps, report.html",
-                   f"Writes {WRITES_TABLES}, summary.json, report.html."),
+                   f"Writes {WRITES_TABLES}, summary.json, report.html; with --head-types also head_scores.json."),
     "mask": ("importance, then iterative masking of the least important heads; also writes head_mask.npy, "
              "masking_curve.png",
              f"Writes {WRITES_TABLES}, head_mask.npy (1 = kept), masking_curve.png, summary.json, report.html."),
     "prune": ("iterative masking (or --head-mask FILE), then physical pruning; also writes pruned_model/",
               "Writes the masking outputs (unless --head-mask), pruned_model/ (safetensors; reload with "
               "fastbertology.pruning.load_pruned), summary.json, report.html."),
-    "sweep": ("score change when each head, layer or given mask is masked (resumable); writes sweep_delta.npy, "
+    "sweep": ("score change when each head, layer or given mask is masked (zero, mean or resample ablation; "
+              "resumable); writes sweep_delta.npy, "
               "sweep_delta.png, report.html",
               "Writes sweep_delta.npy, sweep_scores.npy, sweep_losses.npy ([layers, heads] for --kind heads, "
               "[layers] for layers, [M] for --masks), sweep_masks.npy, sweep_delta.png, sweep_checkpoint.json, "
@@ -112,6 +113,18 @@ def _analysis(parser) -> None:
                        help="skip the final min-max scaling of the whole table to [0, 1]")
 
 
+def _head_types(parser) -> None:
+    group = parser.add_argument_group("head types")
+    group.add_argument("--head-types", action="store_true",
+                       help="also score every head as a previous-token, first-token, duplicate-token and induction "
+                            "head (from the fused pass, no attention maps); writes head_scores.json (see "
+                            "docs/head-types.md)")
+    group.add_argument("--induction-period", type=int, default=32, metavar="P",
+                       help="induction sequences: a block of P random tokens repeated twice")
+    group.add_argument("--induction-sequences", type=int, default=16, metavar="N",
+                       help="how many induction sequences (made with --seed)")
+
+
 def _masking(parser) -> None:
     group = parser.add_argument_group("iterative masking")
     group.add_argument("--masking-threshold", type=float, default=0.9, metavar="FRACTION",
@@ -130,6 +143,10 @@ def _sweep(parser) -> None:
     group.add_argument("--masks-per-pass", type=int, default=None, metavar="N",
                        help="masks scored together in one forward pass of N x batch rows; lower it if memory runs "
                             "out (default: heads per layer)")
+    group.add_argument("--ablation", choices=["zero", "mean", "resample"], default="zero",
+                       help="what a masked head's output becomes: zero (transformers 4.x's head mask), mean (its mean "
+                            "output over the data's real tokens) or resample (its output at the same position of "
+                            "another example of the batch, chosen with --seed); see docs/ablation.md")
     group.add_argument("--no-prefix-reuse", action="store_true",
                        help="run every mask through the whole model (by default the layers below a mask's first "
                             "masked layer are computed once per batch)")
@@ -180,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = _command(commands, name)
         _model_and_data(command)
         _analysis(command)
-        if name != "importance":
+        if name == "importance":
+            _head_types(command)
+        else:
             _masking(command)
         if name == "prune":
             command.add_argument_group("pruning").add_argument(

@@ -26,6 +26,7 @@ from .attention_patterns import attention_patterns, choose_rows, extreme_heads
 from .console import Console, format_table
 from .data import demo_pairs
 from .distributed import analysis_reducer, shard_checked
+from .head_types import HEAD_TYPES, check_head_type_options, head_type_scores
 from .importance import analyze_heads, evaluate_metric
 from .loading import minilm_path
 from .mask_files import check_mask_shape, read_pruning_mask
@@ -65,6 +66,10 @@ def check_inputs(args, options: RunOptions, *, model_path=None) -> Inputs:
                                               f"per step), got {args.masking_amount}")
     if hasattr(args, "pairs"):
         _require(args.pairs >= 1, f"--pairs must be at least 1, got {args.pairs}")
+    if getattr(args, "head_types", False):
+        _require(args.induction_period >= 1, f"--induction-period must be positive, got {args.induction_period}")
+        _require(args.induction_sequences >= 1,
+                 f"--induction-sequences must be positive, got {args.induction_sequences}")
     check_options(options)
     head_mask = read_pruning_mask(args.head_mask) if getattr(args, "head_mask", None) else None
     return Inputs(model_path=resolve_model(model_path or options.model), head_mask=head_mask)
@@ -259,9 +264,35 @@ def _importance_and_masking(args, console, run, output, summary):
     return masking_step(args, console, run, output, summary, initial=analysis)
 
 
+def head_types_step(args, console: Console, run: Run, output: Path | None, summary: dict) -> None:
+    """Head-type scores (:mod:`fastbertology.head_types`); ``head_scores.json``."""
+    started = time.perf_counter()
+    scores = head_type_scores(run.model, run.batches, induction_period=args.induction_period,
+                              induction_count=args.induction_sequences, seed=args.seed, batch_size=args.batch_size,
+                              progress=console.progress and output is not None,
+                              sum_tensors=distributed.all_reduce_sums if distributed.is_distributed() else None)
+    seconds = time.perf_counter() - started
+    if output is None:  # not rank 0
+        return
+    tables = scores.tables()
+    write_json(output / "head_scores.json", tables)
+    summary["head_types"] = {"queries": scores.queries, "induction_period": scores.induction_period,
+                             "induction_sequences": scores.induction_sequences, "seed": scores.seed,
+                             "seconds": seconds, **tables}
+    for name in HEAD_TYPES:
+        console.say(format_table(tables[name], title=f"\n{name.replace('_', '-')} score (mean probability)"))
+    console.say(f"\nHead-type scores in {seconds:.1f} s")
+
+
 def run_importance(args, console: Console) -> int:
-    return _run_command(args, console, lambda run, inputs, output, summary:
-                        importance_step(args, console, run, output, summary), data_parallel=True)
+    def steps(run, inputs, output, summary):
+        if args.head_types:  # before the importance pass: a bad option fails at once
+            check_head_type_options(run.model, induction_period=args.induction_period)
+        importance_step(args, console, run, output, summary)
+        if args.head_types:
+            head_types_step(args, console, run, output, summary)
+
+    return _run_command(args, console, steps, data_parallel=True)
 
 
 def run_mask(args, console: Console) -> int:

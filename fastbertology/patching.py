@@ -54,6 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from . import kernels
 from .architectures import Architecture, architecture, attention_sites, heads_per_layer, stack_layers
+from .attention_hooks import AttentionCall, run_hooks
 from .head_mask import head_mask_rows, normalize_head_mask
 from .packing import PackedBatch, plan_packing
 from .recording import head_sums
@@ -120,6 +121,7 @@ class PatchState:
     last_applications: dict[int, int] = field(default_factory=dict)  # stack -> its last application
     padding_free: bool = True
     recorders: list = field(default_factory=list)
+    attention_hooks: list = field(default_factory=list)  # see fastbertology.attention_hooks
     context: _CallContext = field(default_factory=_CallContext)
     depth: int = 0
     calls: int = 0  # model calls so far (a call of the model and the base model inside it counts once)
@@ -149,19 +151,33 @@ class PatchState:
             out, stats = rectangular_attention(query, key, value, head_mask=mask, key_padding_mask=key_padding_mask,
                                                scale=scale, return_probs=output_attentions)
             self._record(row, stats, None)
+            out = self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, False, scale, None)
             return out.transpose(1, 2), stats.probs
         options = _window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2])
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
                                            packing=packed.packing, backend=self.backend, **options)
             self._record(row, stats, None)
+            out = self._hooked(out, stats, binding, row, mask, query, key, packed, None, causal, scale, options)
             return out.transpose(1, 2), None
         out, stats = kernels.attention(
             query, key, value, head_mask=mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
             return_probs=output_attentions, backend=self.backend, **options,
         )
         self._record(row, stats, key_padding_mask)
+        out = self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, causal, scale, options)
         return out.transpose(1, 2), stats.probs
+
+    def _hooked(self, out, stats, binding, row, mask, query, key, packed, key_padding_mask, causal, scale, options):
+        """``out [B, H, N, D]`` after the attention hooks (:mod:`fastbertology.attention_hooks`), which see the call
+        and may replace it."""
+        if not self.attention_hooks:
+            return out
+        call = AttentionCall(row=row, part=self.parts[row], cross=binding.cross, query=query, key=key, out=out,
+                             lse=stats.lse, head_mask=mask, packed=packed, key_padding_mask=key_padding_mask,
+                             causal=causal, scale=query.shape[-1] ** -0.5 if scale is None else float(scale),
+                             window=(options or {}).get("window"))
+        return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):
         if not self.recorders:

@@ -143,6 +143,7 @@ def _fingerprint(args, run, masks, kind, agreement, masks_per_pass) -> dict:
         "kind": kind, "masks_shape": list(masks.shape),
         "masks_sha256": hashlib.sha256(masks.to(torch.float32).numpy().tobytes()).hexdigest()[:20],
         "masks_per_pass": masks_per_pass, "prefix_reuse": not args.no_prefix_reuse,
+        "ablation": args.ablation, "ablation_seed": args.seed if args.ablation == "resample" else None,
         "task": run.description["task"], "metric": run.description["metric"], "objective": run.description["objective"],
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "data_subset": args.data_subset,
         "dtype": run.description["dtype"], "backend": args.backend, "device": run.device.type,
@@ -212,12 +213,14 @@ def run_sweep(args, console: Console) -> int:
     summary = new_summary(args.command, vars(args), run.description)
     console.say(f"Sweep: {len(masks)} masks ({kind}) over {total_batches} batches"
                 + (f" on {distributed.world_size()} processes" if distributed.is_distributed() else "")
-                + f", {masks_per_pass} masks per pass, prefix reuse {'off' if args.no_prefix_reuse else 'on'}")
+                + f", {masks_per_pass} masks per pass, prefix reuse {'off' if args.no_prefix_reuse else 'on'}, "
+                f"{args.ablation} ablation")
     result = ablation_sweep(
         run.model, distributed.shard(run.batches), run.task, kind=masks if kind == "masks" else kind,
         masks_per_pass=masks_per_pass, reuse_prefix=not args.no_prefix_reuse, progress=console.progress,
         resume=resume, on_step=_checkpointer(args, output / CHECKPOINT, fingerprint, steps), steps=steps,
-        reduce=distributed.sweep_reducer(run.task),
+        reduce=distributed.sweep_reducer(run.task), ablation=args.ablation, seed=args.seed,
+        sum_tensors=distributed.all_reduce_sums if distributed.is_distributed() else None,
     )
     if not distributed.is_main():
         return 0
@@ -226,6 +229,7 @@ def run_sweep(args, console: Console) -> int:
     order = torch.argsort(sign * result.delta, stable=True)  # most harmful first
     summary["sweep"] = {
         "kind": kind, "masks": len(masks), "masks_per_pass": masks_per_pass, "prefix_reuse": not args.no_prefix_reuse,
+        "ablation": args.ablation, "ablation_seed": args.seed if args.ablation == "resample" else None,
         "metric": result.metric_name, "higher_is_better": result.higher_is_better,
         "baseline_score": result.baseline_score, "baseline_loss": result.baseline_loss,
         "baseline_metrics": result.baseline_metrics,

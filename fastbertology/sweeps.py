@@ -26,6 +26,10 @@ states and loss sums) is handed to an ``on_step`` callback, which can checkpoint
 Data-parallel runs pass each process its shard of the batches, the common number of ``steps`` and a ``reduce``
 callable that merges the per-process states (see :mod:`fastbertology.distributed`).
 
+**Ablation kinds** (``ablation=``): a masked head's output is zeroed (``"zero"``, the head mask itself), replaced by
+its mean over the data (``"mean"``) or by its output on another example of the batch (``"resample"``); see
+:mod:`fastbertology.ablation`. Batching and prefix reuse work alike for all three.
+
 Everything here is a pure function of its inputs (no file IO).
 """
 
@@ -43,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .ablation import Ablation, check_ablation, prepare_ablation
 from .architectures import heads_per_layer, row_applications, transformer_layers
 from .importance import examples_in, require_patched
 from .patching import calls_so_far, current_application, current_packing
@@ -290,6 +295,8 @@ class SweepResult:
     scores:   ``[M]`` the task metric under each mask; ``losses`` ``[M]`` the mean batch loss.
     delta:    ``[M]`` ``scores - baseline_score`` (negative = the metric went down without those heads).
     metrics:  M dicts of every metric the task tracks (``task.compute_metrics``), when the task has them.
+    ablation: what a masked head's output became (:mod:`fastbertology.ablation`): ``"zero"``, ``"mean"`` or
+              ``"resample"``.
     """
 
     kind: str
@@ -304,6 +311,7 @@ class SweepResult:
     baseline_metrics: dict = field(default_factory=dict)
     batches: int = 0
     seconds: float = 0.0
+    ablation: str = "zero"
 
     @property
     def delta(self) -> torch.Tensor:
@@ -351,24 +359,28 @@ def _accumulate(task, state: SweepState, index, output, batch):
         state.loss_sums[index] += float(result.loss.detach())
 
 
-def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reuse_prefix: bool):
+def _evaluate_batch(model, task, batch, masks, passes, state: SweepState, *, reuse_prefix: bool,
+                    ablation: Ablation):
     size = examples_in(task, batch)
     if reuse_prefix:
         needed = set(range(max((p.start for p in passes), default=0)))
-        with _capture_layer_outputs(model, needed) as captured:
+        with _capture_layer_outputs(model, needed) as captured, ablation.baseline(model):
             output = task.forward(model, batch)
         _accumulate(task, state, None, output, batch)
     else:
-        _accumulate(task, state, None, task.forward(model, batch), batch)
+        with ablation.baseline(model):
+            output = task.forward(model, batch)
+        _accumulate(task, state, None, output, batch)
     for mask_pass in passes:
         k = len(mask_pass.indices)
         head_mask = _per_example_masks(masks[list(mask_pass.indices)], size)  # [k*B, R, H]
         replicated = replicate_batch(task, batch, k) if k > 1 else batch
-        if reuse_prefix and mask_pass.start > 0:
-            with _run_from_layer(model, mask_pass.start, captured, k):
+        with ablation.masked(model):
+            if reuse_prefix and mask_pass.start > 0:
+                with _run_from_layer(model, mask_pass.start, captured, k):
+                    output = task.forward(model, replicated, head_mask=head_mask)
+            else:
                 output = task.forward(model, replicated, head_mask=head_mask)
-        else:
-            output = task.forward(model, replicated, head_mask=head_mask)
         outputs = split_output(task, output, k) if k > 1 else [output]
         for index, copy_output in zip(mask_pass.indices, outputs):
             _accumulate(task, state, index, copy_output, batch)
@@ -378,7 +390,9 @@ def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol
                    masks_per_pass: int | None = None, reuse_prefix: bool = True, progress: bool = False,
                    resume: SweepState | None = None,
                    on_step: Callable[[SweepState], None] | None = None, steps: int | None = None,
-                   reduce: Callable[[SweepState], SweepState] | None = None, kind: str = "masks") -> SweepResult:
+                   reduce: Callable[[SweepState], SweepState] | None = None, kind: str = "masks",
+                   ablation: str = "zero", seed: int = 0,
+                   sum_tensors: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> SweepResult:
     """The task metric of a patched ``model`` over ``batches`` under each of the head masks ``masks [M, L, H]``.
 
     masks_per_pass: k, masks evaluated together in one forward pass of k*B rows (default: the number of heads H).
@@ -388,12 +402,17 @@ def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol
     steps:          number of steps to run (default ``len(batches)``); steps past the end of ``batches`` evaluate
                     nothing but still call ``on_step`` (data-parallel processes whose shard is one batch shorter).
     reduce:         applied to the final state before the scores are computed (merges data-parallel processes).
+    ablation:       what a masked head's output becomes: ``"zero"`` (the head mask as in transformers 4.x),
+                    ``"mean"`` or ``"resample"`` (:mod:`fastbertology.ablation`; ``seed`` fixes the resample
+                    sources). ``"mean"`` first runs one pass over ``batches`` for the means (again on resume);
+                    ``sum_tensors`` sums them over data-parallel processes.
 
     Results equal evaluating one ``[L, H]`` mask at a time (up to floating-point rounding of the batched pass).
     """
     require_patched(model)
     started = time.perf_counter()
     masks = _check_masks(model, masks)
+    check_ablation(ablation)
     device = next(model.parameters()).device
     masks_device = masks.to(device)
     masks_per_pass = masks_per_pass or masks.shape[2]
@@ -406,13 +425,15 @@ def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol
     if len(state.states) != len(masks) or state.steps_done > steps:
         raise ValueError(f"the resume state ({len(state.states)} masks, {state.steps_done} steps done) does not fit "
                          f"this sweep ({len(masks)} masks, {steps} steps)")
+    ablator = prepare_ablation(ablation, model, batches, task, seed=seed, progress=progress, sum_tensors=sum_tensors)
     bar = tqdm(total=steps, initial=state.steps_done, desc=f"sweep ({len(masks)} masks, {len(passes)} passes/batch)",
                unit="batch", disable=not progress)
     try:
         with torch.no_grad():
             for step in range(state.steps_done, steps):
                 if step < len(batches):
-                    _evaluate_batch(model, task, batches[step], masks_device, passes, state, reuse_prefix=reuse_prefix)
+                    _evaluate_batch(model, task, batches[step], masks_device, passes, state, reuse_prefix=reuse_prefix,
+                                    ablation=ablator)
                     state.batches += 1
                 state.steps_done = step + 1
                 bar.update(1)
@@ -439,7 +460,7 @@ def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol
         higher_is_better=bool(getattr(task, "higher_is_better", True)),
         metric_name=str(getattr(task, "metric_name", "metric")),
         metrics=metrics, baseline_metrics=task.compute_metrics(state.baseline_state) if has_all else {},
-        batches=state.batches, seconds=time.perf_counter() - started,
+        batches=state.batches, seconds=time.perf_counter() - started, ablation=ablation,
     )
 
 

@@ -92,6 +92,20 @@ def test_quick_masking_and_sweep_equal_the_reference(quick_run):
     assert sweep["fastbertology"]["metric"] == sweep["reference"]["metric"]
 
 
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_quick_ablation_sweeps_equal_the_hook_loop(quick_run, ablation):
+    sweep = _by_case(quick_run[0])[f"quick-sweep-{ablation}-bert-16x16-b8-fp32"]
+    heads = sweep["reference"]["layers"] * sweep["reference"]["heads"]
+    assert sweep["fastbertology"]["passes"] == sweep["reference"]["passes"] == heads + 1
+    assert sweep["fastbertology"]["sweep_loss_diff"] < 1e-6
+
+
+def test_quick_head_types_equal_the_eager_maps(quick_run):
+    modes = _by_case(quick_run[0])["quick-head-types-gpt2-16x32-b8-fp32"]
+    assert modes["fastbertology"]["head_types_diff"] < 1e-6  # float32 probabilities
+    assert modes["reference"]["head_types_diff"] is None
+
+
 def test_quick_jsonl_and_results_block(quick_run):
     rows, out = quick_run
     written = [json.loads(line) for line in out.read_text().splitlines()]

@@ -107,6 +107,10 @@ DRIVER = textwrap.dedent('''
         "mask": main(["mask", *common, "--output-dir", f"{out}/mask", "--masking-amount", "0.25"]),
         "sweep": main(["sweep", *common, "--output-dir", f"{out}/sweep", "--checkpoint-every", "1",
                        "--masks-per-pass", "3"]),
+        "sweep_mean": main(["sweep", *common, "--output-dir", f"{out}/sweep_mean", "--kind", "layers",
+                            "--ablation", "mean"]),
+        "head_types": main(["importance", *common, "--output-dir", f"{out}/head_types", "--head-types",
+                            "--induction-period", "6", "--induction-sequences", "2"]),
         # rank 1 reads a different subset of the data: every rank must refuse with a clear error
         "mismatch": main(["importance", *common, "--output-dir", f"{out}/mismatch",
                           "--data-subset", "20" if rank == 1 else "21"]),
@@ -151,6 +155,10 @@ def torchrun_outputs(tmp_path_factory):
     assert main(["importance", *common, "--output-dir", str(single / "importance")]) == 0
     assert main(["mask", *common, "--output-dir", str(single / "mask"), "--masking-amount", "0.25"]) == 0
     assert main(["sweep", *common, "--output-dir", str(single / "sweep"), "--masks-per-pass", "3"]) == 0
+    assert main(["sweep", *common, "--output-dir", str(single / "sweep_mean"), "--kind", "layers", "--ablation",
+                 "mean"]) == 0
+    assert main(["importance", *common, "--output-dir", str(single / "head_types"), "--head-types",
+                 "--induction-period", "6", "--induction-sequences", "2"]) == 0
     torch.set_num_threads(threads)
     return {"dist": root / "dist", "single": single, "log": launch.stdout + launch.stderr}
 
@@ -191,6 +199,22 @@ def test_torchrun_sweep_equals_one_process(torchrun_outputs):
     checkpoint = json.loads((dist_dir / "sweep_checkpoint.json").read_text())
     assert checkpoint["fingerprint"]["processes"] == 2 and len(checkpoint["ranks"]) == 2
     assert [r["batches"] for r in checkpoint["ranks"]] == [3, 2] and checkpoint["steps"] == 3
+
+
+def test_torchrun_mean_ablation_and_head_types_equal_one_process(torchrun_outputs):
+    """The mean pass and the head-type sums are summed over the processes: the results equal one process's."""
+    dist, single = torchrun_outputs["dist"], torchrun_outputs["single"]
+    codes = [json.loads((dist / f"codes-{rank}.json").read_text()) for rank in range(2)]
+    assert all(c["sweep_mean"] == c["head_types"] == 0 for c in codes), torchrun_outputs["log"][-3000:]
+    np.testing.assert_allclose(np.load(dist / "sweep_mean" / "sweep_losses.npy"),
+                               np.load(single / "sweep_mean" / "sweep_losses.npy"), rtol=0, atol=1e-6)
+    assert _summary(dist / "sweep_mean")["sweep"]["ablation"] == "mean"
+    got = json.loads((dist / "head_types" / "head_scores.json").read_text())
+    expected = json.loads((single / "head_types" / "head_scores.json").read_text())
+    for name, table in expected.items():
+        np.testing.assert_allclose(np.array(got[name]), np.array(table), rtol=0, atol=1e-6)
+    assert _summary(dist / "head_types")["head_types"]["queries"] == _summary(single / "head_types")["head_types"][
+        "queries"]
 
 
 def test_torchrun_ranks_that_disagree_fail_clearly(torchrun_outputs):

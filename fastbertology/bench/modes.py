@@ -15,7 +15,10 @@
     :func:`~fastbertology.importance.analyze_heads` (importance + entropy + max probability + metric in one pass)
     on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default);
     masking cases run :func:`~fastbertology.masking.iterative_masking`, sweep cases
-    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse).
+    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse; the case's ablation kind, whose
+    reference is the hook loop of :mod:`fastbertology.bench.ablation_reference`), head-type cases
+    :func:`~fastbertology.head_types.head_type_scores` (no gradients; the reference: the eager maps of
+    :mod:`fastbertology.bench.head_types_reference`).
 ``fastbertology-padded``
     the same with ``patch(model, padding_free=False)``: every padding token computed, to show what padding-free
     buys.
@@ -36,14 +39,20 @@ import torch
 
 from .. import patch
 from ..architectures import heads_per_layer
+from ..head_types import head_type_scores
 from ..importance import HeadAnalysis, analyze_heads
 from ..kernels import resolve_backend
 from ..loading import DTYPES
 from ..masking import iterative_masking
 from ..sweeps import SweepResult, ablation_sweep, single_head_masks
+from .ablation_reference import reference_ablation_sweep
 from .cases import BenchCase
+from .head_types_reference import reference_head_types
 from .reference import reference_analysis, reference_masking, reference_sweep
 from .workloads import Workload
+
+# head-type cases: the induction sequences (2 x 8 tokens fit every workload's positions)
+HEAD_TYPE_OPTIONS = {"induction_period": 8, "induction_count": 32, "seed": 0}
 
 
 @dataclass
@@ -55,6 +64,7 @@ class ModeResult:
     mask: torch.Tensor | None = None  # masking: the kept head mask [L, H]
     sweep: SweepResult | None = None
     metric: float | None = None
+    head_types: dict[str, torch.Tensor] | None = None  # head-type cases: score -> [L, H]
 
 
 @dataclass
@@ -87,10 +97,23 @@ def _analysis_result(analysis: HeadAnalysis) -> ModeResult:
 
 def _reference(case: BenchCase, model, workload: Workload, *, importance: str, **_) -> PreparedMode:
     batches, task = workload.batches, workload.task
+    if case.kind == "head-types":
+        model.requires_grad_(False)
+
+        def run():
+            return ModeResult(passes=1, head_types=reference_head_types(model, batches, **HEAD_TYPE_OPTIONS))
+        return PreparedMode(run, lambda: reference_head_types(model, batches[:1], **HEAD_TYPE_OPTIONS), "eager")
     if case.kind == "sweep":
         model.requires_grad_(False)
         counts = heads_per_layer(model)
         masks = single_head_masks(len(counts), counts[0])
+        if case.ablation != "zero":
+            sweep_with = partial(reference_ablation_sweep, model, batches, task, ablation=case.ablation)
+
+            def run():
+                sweep = sweep_with(masks)
+                return ModeResult(passes=len(masks) + 1, sweep=sweep, metric=sweep.baseline_score)
+            return PreparedMode(run, lambda: sweep_with(masks[:1]), "eager")
 
         def run():
             sweep = reference_sweep(model, batches, task, masks)
@@ -145,9 +168,15 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
     resolved = resolve_backend(backend, next(model.parameters()).device)
     batches, task = workload.batches, workload.task
     prepared = partial(PreparedMode, backend=resolved, padding_free=padding_free, undo=[handle.remove])
+    if case.kind == "head-types":
+        model.requires_grad_(False)
+
+        def run():
+            return ModeResult(passes=1, head_types=head_type_scores(model, batches, **HEAD_TYPE_OPTIONS).tables())
+        return prepared(run, lambda: head_type_scores(model, batches[:1], **HEAD_TYPE_OPTIONS))
     if case.kind == "sweep":
         def run():
-            sweep = ablation_sweep(model, batches, task, kind="heads")
+            sweep = ablation_sweep(model, batches, task, kind="heads", ablation=case.ablation)
             return ModeResult(passes=len(sweep.scores) + 1, sweep=sweep, metric=sweep.baseline_score)
         return prepared(run, lambda: ablation_sweep(model, batches[:1], task, kind="layers"))
 

@@ -10,7 +10,8 @@ A row is a flat dict (one per case and mode, JSON-serialisable); :data:`ROW_KEYS
   speedup_vs_reference / speedup_vs_sdpa_forward (the other mode's seconds per pass over this one's, same run);
 * correctness against the reference loop: importance_diff / entropy_diff (max relative difference of the raw
   importance / entropy tables), metric, mask_mismatch (masking: heads whose kept mask differs), sweep_loss_diff
-  (sweep: max absolute difference of the per-mask mean loss);
+  (sweep: max absolute difference of the per-mask mean loss), head_types_diff (head-type cases: max absolute
+  difference of the four score tables);
 * status (``"ok"``, ``"error: ..."``, ``"skipped: ..."``) and the environment (device_name, threads, load_average,
   torch, transformers, triton, python, date).
 """
@@ -38,6 +39,7 @@ ROW_KEYS = (
     "device", "backend", "padding_free", "importance", "real_tokens", "padded_tokens", "real_token_fraction",
     "passes", "repeats", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "peak_kind", "speedup_vs_reference",
     "speedup_vs_sdpa_forward", "importance_diff", "entropy_diff", "metric", "mask_mismatch", "sweep_loss_diff",
+    "head_types_diff",
     "status", "device_name", "threads", "load_average", "torch", "transformers", "triton", "python", "date",
 )
 
@@ -146,7 +148,7 @@ def relative_max_diff(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 def comparison(outcome: ModeOutcome, reference: ModeOutcome | None) -> dict:
     """The correctness columns of ``outcome`` against the reference loop's outcome (None where not comparable)."""
-    columns = dict.fromkeys(("importance_diff", "entropy_diff", "mask_mismatch", "sweep_loss_diff"))
+    columns = dict.fromkeys(("importance_diff", "entropy_diff", "mask_mismatch", "sweep_loss_diff", "head_types_diff"))
     mine, theirs = outcome.result, reference.result if reference is not None else None
     if outcome.mode == "reference" or mine is None or theirs is None:
         return columns
@@ -157,6 +159,9 @@ def comparison(outcome: ModeOutcome, reference: ModeOutcome | None) -> dict:
         columns["mask_mismatch"] = int((mine.mask.cpu() != theirs.mask.cpu()).sum())
     if mine.sweep is not None and theirs.sweep is not None:
         columns["sweep_loss_diff"] = float((mine.sweep.losses - theirs.sweep.losses).abs().max())
+    if mine.head_types is not None and theirs.head_types is not None:
+        columns["head_types_diff"] = max(float((mine.head_types[name] - theirs.head_types[name]).abs().max())
+                                         for name in theirs.head_types)
     return columns
 
 

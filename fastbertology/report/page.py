@@ -154,9 +154,39 @@ def _sweep(run: RunFiles) -> str:
     harmful = ", ".join(f"{' '.join(f'{k} {v}' for k, v in entry.items() if k != 'delta')} "
                         f"({entry['delta']:+.4g})" for entry in sweep.get("most_harmful", [])[:5])
     direction = "higher is better" if sweep["higher_is_better"] else "lower is better"
-    return (f'<p class="note">{escape(sweep["metric"])} with each {kind[:-1]} masked minus the unmasked '
+    ablation = sweep.get("ablation", "zero")
+    replaced = {"zero": "zeroed", "mean": "replaced by its mean over the data",
+                "resample": "resampled from another example"}.get(ablation, ablation)
+    return (f'<p class="note">{escape(sweep["metric"])} with each {kind[:-1]} masked (its heads\' outputs '
+            f"{escape(replaced)}: {escape(ablation)} ablation) minus the unmasked "
             f"{_fmt(sweep['baseline_score'])} ({direction}; blue: it went down, red: up, white: no change). Most "
             f"harmful to mask: {escape(harmful)}.</p>{_readout('sweep_delta')}<div class=\"figure\">{figure}</div>")
+
+
+HEAD_TYPE_NOTES = {  # score -> its definition, in a few words
+    "previous_token": "p(i → i−1)",
+    "first_token": "p(i → first token): attention-sink mass",
+    "duplicate_token": "Σ p(i → earlier tokens with i's id)",
+    "induction": "p(i → i−P+1) on a random block of P tokens repeated twice",
+}
+
+
+def _head_types(run: RunFiles) -> str:
+    if not run.head_scores:
+        return ""
+    info = run.summary.get("head_types", {})
+    figures = []
+    for name, values in run.head_scores.items():
+        heading = f"{name.replace('_', '-')}: {HEAD_TYPE_NOTES.get(name, '')}"
+        figures.append(f"<div><h3>{escape(heading)}</h3>{_readout('head_' + name)}<div class=\"figure\">"
+                       f"{svg.head_heatmap(values, table='head_' + name, colormap='viridis', what=name)}</div></div>")
+    period, count = info.get("induction_period", "P"), info.get("induction_sequences", "?")
+    return ('<p class="note">Mean attention probability per head, over the real query tokens i of the data '
+            f"(induction: over the second copy of {escape(str(count))} made-up sequences, P = {escape(str(period))}), "
+            "from the fused pass's queries, keys and log-sum-exps (no attention maps); the "
+            "softmax before any head mask. Empty cells: rows not scored (cross-attention, decoder of an "
+            'encoder-decoder model). Definitions: docs/head-types.md.</p><div class="pair">'
+            + "".join(figures) + "</div>")
 
 
 def _pruning(run: RunFiles) -> str:
@@ -179,6 +209,7 @@ def _timings(summary: dict) -> str:
     rows, known = [], 0.0
     for label, section, key in (("importance + entropy + metric", "importance", "seconds"),
                                 ("attention patterns", "patterns", "seconds"),
+                                ("head-type scores", "head_types", "seconds"),
                                 ("iterative masking", "masking", "seconds"),
                                 ("evaluation with the mask", "pruning", "masked_seconds"),
                                 ("evaluation of the pruned model", "pruning", "pruned_seconds"),
@@ -248,7 +279,8 @@ def build_html(run: RunFiles) -> str:
     for anchor, title, body in (("patterns", "Attention patterns", _patterns(run)),
                                 ("masking", "Iterative masking", _masking(run)),
                                 ("pruning", "Pruning", _pruning(run)),
-                                ("sweep", "Ablation sweep", _sweep(run))):
+                                ("sweep", "Ablation sweep", _sweep(run)),
+                                ("head-types", "Head types", _head_types(run))):
         if body:
             sections.append((anchor, title, body))
     sections.append(("timings", "Timings", _timings(summary)))

@@ -20,6 +20,7 @@ TABLE_FILES = {
     "sweep_scores": "sweep_scores.npy",
 }
 PATTERNS_FILE = "attention_patterns.json"
+HEAD_SCORES_FILE = "head_scores.json"
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RunFiles:
     summary: dict
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     patterns: dict | None = None
+    head_scores: dict[str, np.ndarray] = field(default_factory=dict)  # head_scores.json: name -> [L, H] (NaN: null)
 
 
 def _read_json(path: Path) -> dict:
@@ -61,4 +63,21 @@ def read_run(directory) -> RunFiles:
                 raise ValueError(f"{path / file} cannot be read ({error}); rerun the command that wrote it") from None
     if (path / PATTERNS_FILE).is_file():
         run.patterns = _read_json(path / PATTERNS_FILE)
+    if (path / HEAD_SCORES_FILE).is_file():
+        run.head_scores = _head_scores(path / HEAD_SCORES_FILE)
     return run
+
+
+def _head_scores(path: Path) -> dict[str, np.ndarray]:
+    """``head_scores.json`` -> ``{score: [L, H] float64}`` (null read as NaN)."""
+    scores = {}
+    for name, rows in _read_json(path).items():
+        try:
+            table = np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: {name!r} is not a [layers][heads] table of numbers; rerun the command that "
+                             "wrote it") from None
+        if table.ndim != 2:
+            raise ValueError(f"{path}: {name!r} is not a [layers][heads] table; rerun the command that wrote it")
+        scores[name] = table
+    return scores
