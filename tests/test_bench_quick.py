@@ -79,6 +79,17 @@ def test_quick_analysis_equals_the_reference(quick_run, case):
     assert modes["sdpa-forward"]["importance_diff"] is None and modes["sdpa-frozen"]["metric"] is None
 
 
+def test_quick_batch_one_defaults_run_per_example_at_a_large_batch(quick_run):
+    """run_bertology's defaults: the loop at batch 1 (per-batch importance = per-example), fastbertology's
+    per-example importance at the case's fast batch; the importance tables agree (checked above for every
+    analysis case), and the rows say which batch and importance each mode ran."""
+    modes = _by_case(quick_run[0])["quick-bert-16x16-b1-defaults-fp32"]
+    assert (modes["reference"]["batch"], modes["reference"]["importance"]) == (1, "per_batch")
+    for mode in ("fastbertology", "fastbertology-padded"):
+        assert (modes[mode]["batch"], modes[mode]["importance"]) == (8, "per_example")
+    assert modes["sdpa-frozen"]["batch"] == 1
+
+
 def test_quick_masking_and_sweep_equal_the_reference(quick_run):
     by_case = _by_case(quick_run[0])
     masking = by_case["quick-masking-bert-16x16-b8-fp32"]

@@ -37,6 +37,9 @@ class BenchCase:
     ablation:        sweep cases: ``"zero"`` (the head mask; reference: the 4.x eager loop), ``"mean"`` or
                      ``"resample"`` (reference: hooks on the stock eager model's output projections, one pass per
                      mask; :mod:`fastbertology.bench.ablation_reference`).
+    fast_batch:      run_bertology's defaults (``batch`` 1, synthetic workloads only): the reference loop runs at
+                     batch 1, whose per-batch importance is per-example importance, and fastbertology's modes compute
+                     that same per-example importance (per-example masks ``[B, L, H]``) at this physical batch.
     """
 
     name: str
@@ -49,6 +52,15 @@ class BenchCase:
     masking_threshold: float = 0.9
     masking_amount: float = 0.1
     ablation: str = "zero"
+    fast_batch: int | None = None
+
+    def mode_batch(self, mode: str) -> int:
+        """The physical batch size ``mode`` runs at."""
+        return self.fast_batch if self.fast_batch and mode.startswith("fastbertology") else self.batch
+
+    def mode_importance(self, mode: str, importance: str) -> str:
+        """The importance mode ``mode`` computes (per-example where it runs ``fast_batch`` for batch-1 defaults)."""
+        return "per_example" if self.fast_batch and mode.startswith("fastbertology") else importance
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -76,6 +88,8 @@ FULL_CASES = [
                ablation="resample"),
     _synthetic("head-types-bert-408x128-b32-fp32", BERT_BASE, 408, 128, 32, "fp32", kind="head-types"),
     _synthetic("head-types-gpt2-128x1024-b8-fp32", GPT2_SMALL, 128, 1024, 8, "fp32", kind="head-types"),
+    # run_bertology's defaults: the loop at batch 1, fastbertology's per-example importance at batch 32
+    _synthetic("bert-408x128-b1-defaults-fp32", BERT_BASE, 408, 128, 1, "fp32", fast_batch=32),
     _synthetic("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
 ]
 
@@ -86,7 +100,7 @@ CPU_CASES = [
     _synthetic("cpu-gpt2-lm-32x256-b8-fp32", GPT2_MINI, 32, 256, 8, "fp32", device="cpu"),
 ]
 
-QUICK_CASES = [  # tiny versions of every case above, the batch-1 case last
+QUICK_CASES = [  # tiny versions of every case above, the batch-1 cases last
     _synthetic("quick-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32"),
     _synthetic("quick-bert-16x16-b8-bf16", TINY_BERT, 16, 16, 8, "bf16"),
     _synthetic("quick-bert-32x16-b16-bf16", TINY_BERT, 32, 16, 16, "bf16"),
@@ -101,6 +115,7 @@ QUICK_CASES = [  # tiny versions of every case above, the batch-1 case last
     _synthetic("quick-sweep-resample-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep",
                ablation="resample"),
     _synthetic("quick-head-types-gpt2-16x32-b8-fp32", TINY_GPT2, 16, 32, 8, "fp32", kind="head-types"),
+    _synthetic("quick-bert-16x16-b1-defaults-fp32", TINY_BERT, 16, 16, 1, "fp32", fast_batch=8),
     _synthetic("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
 ]
 

@@ -18,6 +18,7 @@ A row is a flat dict (one per case and mode, JSON-serialisable); :data:`ROW_KEYS
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -172,9 +173,10 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 def blank_row(case: BenchCase, mode: str, device: torch.device, importance: str) -> dict:
     """A row with the case's identification columns and every measurement None."""
     row = dict.fromkeys(ROW_KEYS)
-    row.update(case=case.name, kind=case.kind, workload=case.workload.describe(), batch=case.batch, mode=mode,
-               dtype=case.mode_dtype(mode), device=device.type, status="ok",
-               importance=importance if mode in ("reference", "fastbertology", "fastbertology-padded") else None)
+    analysing = mode in ("reference", "fastbertology", "fastbertology-padded")
+    row.update(case=case.name, kind=case.kind, workload=case.workload.describe(), batch=case.mode_batch(mode),
+               mode=mode, dtype=case.mode_dtype(mode), device=device.type, status="ok",
+               importance=case.mode_importance(mode, importance) if analysing else None)
     return row
 
 
@@ -218,7 +220,10 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
     :class:`~fastbertology.bench.modes.ModeResult` (not JSON-serialisable; for tests)."""
     device = case_device(case, device)
     workload = case.workload.build(case.batch, device)
-    outcomes = {mode: run_mode(case, mode, workload, device, backend=backend, importance=importance, warmup=warmup,
+    fast = dataclasses.replace(workload, batches=case.workload.batches(case.fast_batch, device)) \
+        if case.fast_batch else workload
+    outcomes = {mode: run_mode(case, mode, fast if case.mode_batch(mode) != case.batch else workload, device,
+                               backend=backend, importance=case.mode_importance(mode, importance), warmup=warmup,
                                repeats=repeats)
                 for mode in case.modes if modes is None or mode in modes}
     rows = case_rows(case, workload, outcomes, device, importance)

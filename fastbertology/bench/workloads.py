@@ -158,9 +158,12 @@ class SyntheticWorkload:
     def build(self, batch_size: int, device) -> Workload:
         """The master model (built on ``device``, kept on the CPU) and full-length padded batches on ``device``."""
         model = build_model(self.model, device=device).cpu()
+        return _workload(model, self.batches(batch_size, device), self.task())
+
+    def batches(self, batch_size: int, device) -> list[dict]:
+        """The same examples in full-length padded batches of ``batch_size`` on ``device``."""
         examples = synthetic_examples(self.model, self.examples, self.seq)
-        batches = [move_batch(batch, device) for batch in padded_batches(examples, batch_size)]
-        return _workload(model, batches, self.task())
+        return [move_batch(batch, device) for batch in padded_batches(examples, batch_size)]
 
 
 @dataclass(frozen=True)
