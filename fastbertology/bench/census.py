@@ -57,7 +57,6 @@ import importlib
 import pkgutil
 import re
 import sys
-import traceback
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -317,12 +316,15 @@ def _innermost_owner() -> str:
 
 def _fastbertology_location() -> str:
     """``file:line`` of the innermost fastbertology frame (outside the census), or of the innermost frame."""
-    frames = traceback.extract_stack(sys._getframe(2))
-    for summary in reversed(frames):
-        if ("fastbertology" in summary.filename or "/kernels/" in summary.filename) \
-                and "/bench/census" not in summary.filename:
-            return f"{_short_path(summary.filename)}:{summary.lineno}"
-    return f"{_short_path(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+    frame, fallback = sys._getframe(2), None
+    while frame is not None:
+        module = _module_of(frame)
+        if not module.startswith(_CENSUS_MODULES) and module.split(".")[0] != "torch":
+            if module.startswith("fastbertology"):
+                return f"{_short_path(frame.f_code.co_filename)}:{frame.f_lineno}"
+            fallback = fallback or f"{_short_path(frame.f_code.co_filename)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return fallback or "?"
 
 
 def _short_path(path: str) -> str:
