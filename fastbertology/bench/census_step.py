@@ -9,7 +9,7 @@ Whatever code the tree holds is what gets counted.
 
 :func:`host_time` measures the thread time of the same step without the census (the Triton launches still only
 recorded, ``TRITON_INTERPRET=1`` set for the duration so that the Triton backend takes CPU tensors), on a *host
-twin*: the same layers, heads and sequence lengths with a head dim of 4, a small vocabulary and at most
+twin*: the same layers, heads and sequence lengths with a head dim of 2, a small vocabulary and at most
 ``TWIN_BATCH`` examples, so that the CPU arithmetic is small next to the host work (the census shows the host work
 does not depend on the batch's size). The model's own share comes from the stock twin, frozen, with the activation
 backward (as the benchmark's ``sdpa-frozen``) but an attention function that does no work (``out = q``: on the CPU
@@ -34,7 +34,7 @@ from .census import REGIONS, Census, Event, Tally, count_triton_launches, tally
 from .workloads import ModelSize, SyntheticWorkload, build_model, padded_batches, synthetic_examples
 
 WARMUP_EXAMPLES = 2
-TWIN_BATCH = 4
+TWIN_BATCH = 2
 
 
 def census_batches(size: ModelSize, batch: int, seq: int) -> tuple[dict, dict]:
@@ -134,8 +134,8 @@ def census_importance(size: ModelSize, batch: int, seq: int) -> dict:
 
 
 def host_twin(size: ModelSize) -> ModelSize:
-    """``size`` with head dim 4, a 4x MLP and at most 1024 tokens of vocabulary (see the module docstring)."""
-    hidden = 4 * size.heads
+    """``size`` with head dim 2, a 4x MLP and at most 1024 tokens of vocabulary (see the module docstring)."""
+    hidden = 2 * size.heads
     return dataclasses.replace(size, hidden=hidden, intermediate=4 * hidden, vocab=min(size.vocab, 1024))
 
 
