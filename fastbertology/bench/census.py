@@ -210,14 +210,6 @@ class Census:
         finally:
             self.counting = previous
 
-    @contextlib.contextmanager
-    def in_layer(self, layer: int) -> Iterator[None]:
-        self.now.layer.append(layer)
-        try:
-            yield
-        finally:
-            self.now.layer.pop()
-
     def enter_layer(self, layer: int) -> None:
         self.now.layer.append(layer)
 
