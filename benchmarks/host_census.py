@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -42,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist; "
+                     "create it or choose another path")
     if args.seq < 4:
         parser.error(f"--seq must be at least 4 (lengths are drawn in [seq/4, seq]), got {args.seq}")
     return args
@@ -97,8 +101,13 @@ def main(argv=None) -> int:
                "machine": platform.machine(), "processor": platform.processor() or "?"}
     print(f"({machine['date']}, Python {machine['python']}, torch {machine['torch']}, {machine['machine']})")
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"machine": machine, "results": results}, file, indent=1)
+        try:
+            with open(args.json, "w") as file:
+                json.dump({"machine": machine, "results": results}, file, indent=1)
+        except OSError as error:
+            print(f"host_census.py: cannot write --json {args.json}: {error.strerror}; choose another path",
+                  file=sys.stderr)
+            return 2
     return 0
 
 
