@@ -45,9 +45,11 @@ fastbertology is ``patch``. The engine's gradient accumulation counts for the no
 
 Limits: counts describe what the code dispatches, not what a CUDA build would run inside a kernel (an op that
 launches two kernels counts one; cuBLAS workspace and caching-allocator behaviour are invisible); code that calls
-CUDA runtime functions other than those above (streams, events, raw pointers) fails under the census; boolean-mask
-indexing of a device tensor syncs inside one aten op (``index``) and is not counted; host time under the census is
-meaningless (the modes cost far more than the code): time the code without them.
+CUDA runtime functions other than those above (streams, events, raw pointers) fails under the census; syncs
+hidden inside the CUDA implementation of an aten op are counted only for the ops listed here (``SYNC_OPS``, and
+boolean-mask ``index``/``index_put``); code outside fastbertology that runs inside a model call (a user's hook)
+counts as ``model``; host time under the census is meaningless (the modes cost far more than the code): time the
+code without them.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ METADATA_OPS = frozenset({
     "aten::sym_storage_offset", "aten::requires_grad_", "aten::_has_compatible_shallow_copy_type",
 })
 # aten ops whose result shape depends on device data: the host waits for the device
-SYNC_OPS = frozenset({"aten::nonzero", "aten::masked_select", "aten::unique_dim", "aten::_unique", "aten::_unique2",
-                      "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::repeat_interleave"})
+SYNC_OPS = frozenset({
+    "aten::nonzero", "aten::equal", "aten::bincount", "aten::masked_select", "aten::unique_dim", "aten::_unique",
+    "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::repeat_interleave",
+})
 _CENSUS_MODULES = ("fastbertology.bench.census", "fastbertology.bench.census_step")
 
 
@@ -354,8 +358,9 @@ class _CensusFunctions(TorchFunctionMode):
         target = self._target(func, name, args, kwargs)
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
         moving = name in ("to", "cpu", "cuda", "type") and source is not None and target is not None
-        fresh_data = func in (torch.tensor, torch.as_tensor, torch.asarray) and target == "device" \
-            and not (args and isinstance(args[0], torch.Tensor) and census.is_device(args[0]))
+        fresh_data = target == "device" and (name == "new_tensor" or (
+            func in (torch.tensor, torch.as_tensor, torch.asarray)
+            and not (args and isinstance(args[0], torch.Tensor) and census.is_device(args[0]))))
         args, kwargs = tree_map(_to_host_device, (args, kwargs))
         census.now.target.append(target)
         try:
@@ -373,6 +378,8 @@ class _CensusFunctions(TorchFunctionMode):
             return "host"
         if name == "cuda":
             return "device"
+        if name == "new_tensor":  # data from the host, on self's side unless told otherwise
+            return _device_side(kwargs.get("device")) or ("device" if census.is_device(args[0]) else "host")
         if name == "to" and len(args) > 1 and isinstance(args[1], torch.Tensor):
             return "device" if census.is_device(args[1]) else "host"
         for value in list(args[1:] if name == "to" else ()) + list(kwargs.values()):
@@ -446,6 +453,9 @@ class _CensusDispatch(TorchDispatchMode):
             flags.update(transfer=True)  # the Python call recorded the transfer and its sync
         elif name == "aten::_local_scalar_dense" or name in SYNC_OPS:
             flags.update(sync=any(device_inputs), launch=name in SYNC_OPS and any(device_inputs))
+        elif name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
+                t.dtype in (torch.bool, torch.uint8) and census.is_device(t) for t in inputs[1:]):
+            flags.update(sync=True, launch=True)  # a boolean mask becomes indices through nonzero inside the op
         elif not touched:
             flags.update(host_op=True)
         elif not view and name not in METADATA_OPS:
