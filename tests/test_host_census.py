@@ -161,3 +161,13 @@ def test_issue_targets_are_below_todays_budgets():
     assert ISSUE_TARGETS["launches"] <= BUDGET_LAYER["launches"]
     assert ISSUE_TARGETS["ops"] <= BUDGET_LAYER["ops"]
     assert ISSUE_TARGETS["syncs_per_step"] <= BUDGET_SYNCS_PER_STEP
+
+
+def test_cuda_runtime_queries_are_answered_and_restored():
+    saved = torch.cuda.get_device_capability, torch.cuda.synchronize
+    with Census() as census, census.phase("test"):
+        assert torch.cuda.get_device_capability(CUDA) == (9, 0)
+        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
+    assert [e.name for e in census.events if e.sync] == ["torch.cuda.synchronize", "Stream.synchronize"]
+    assert (torch.cuda.get_device_capability, torch.cuda.synchronize) == saved

@@ -33,7 +33,7 @@ scanned by attribute) that comes from Triton and has ``__getitem__`` (a ``@trito
 interpreter's wrapper under ``TRITON_INTERPRET=1``) is replaced by a recorder for the census's duration (restored in
 ``finally``): ``kernel[grid](...)`` and ``kernel.run(...)`` count one launch and do nothing, so the outputs of the
 kernels are whatever ``torch.empty`` left there. ``torch.cuda.get_device_capability`` answers (9, 0) (the H100/H200
-table), ``current_device`` 0, and ``synchronize`` counts a sync.
+table), ``current_device`` 0, streams are stream 0, and ``synchronize`` counts a sync (``_cuda_stubs``).
 
 Every op is attributed to a *region* and a *layer*: in the forward by the innermost Python frame outside torch
 (and outside this package's census modules): fastbertology's code inside a model call (the patch, its kernels'
@@ -62,6 +62,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -482,6 +483,10 @@ class _LaunchRecorder:
     def run(self, *args, **kwargs):
         return self._launch()
 
+    def warmup(self, *args, **kwargs):
+        """A compile-ahead call (``kernel.warmup(...)``) launches nothing; its result launches through ``run``."""
+        return self
+
     def _launch(self, *args, **kwargs):
         self.census._record("triton", self.name, launch=True)
 
@@ -519,22 +524,48 @@ def _triton_recorders(census: Census) -> Iterator[None]:
             setattr(module, attribute, value)
 
 
+class _Stream:
+    """``torch.cuda.current_stream()`` under the census: stream 0; ``synchronize`` counts a sync."""
+
+    cuda_stream = 0
+
+    def __init__(self, census: Census):
+        self.census = census
+
+    def synchronize(self) -> None:
+        self.census._record("read", "Stream.synchronize", sync=True)
+
+
+# what the census answers for an H100 / H200 (sm_90) device
+_PROPERTIES = SimpleNamespace(name="census sm_90", major=9, minor=0, multi_processor_count=132,
+                              total_memory=141 * 2**30)
+
+
 @contextlib.contextmanager
 def _cuda_stubs(census: Census) -> Iterator[None]:
-    """The few CUDA runtime queries of the GPU path, answered for an sm_90 device; ``synchronize`` counts a sync."""
+    """The CUDA runtime queries a GPU path may make, answered for an sm_90 device (restored in ``finally``):
+    ``synchronize`` counts a sync; ``torch._C._cuda_getCurrentRawStream`` (absent from CPU builds) returns 0."""
     stubs = {
         "get_device_capability": lambda device=None: (9, 0),
+        "get_device_properties": lambda device=None: _PROPERTIES,
         "current_device": lambda: 0,
+        "current_stream": lambda device=None: _Stream(census),
+        "is_current_stream_capturing": lambda: False,
         "synchronize": lambda device=None: census._record("read", "torch.cuda.synchronize", sync=True),
     }
     saved = {name: getattr(torch.cuda, name) for name in stubs}
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     try:
         for name, stub in stubs.items():
             setattr(torch.cuda, name, stub)
+        if raw_stream is None:
+            torch._C._cuda_getCurrentRawStream = lambda device=None: 0
         yield
     finally:
         for name, value in saved.items():
             setattr(torch.cuda, name, value)
+        if raw_stream is None:
+            del torch._C._cuda_getCurrentRawStream
 
 
 def count_triton_launches(events: Iterable[Event]) -> Counter:
