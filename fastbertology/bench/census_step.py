@@ -29,9 +29,10 @@ from transformers import AttentionInterface
 
 from .. import patch
 from ..architectures import transformer_layers
+from ..batching import move_batch, padded_batches
 from ..importance import analyze_heads
-from .census import REGIONS, Census, Event, Tally, count_triton_launches, tally
-from .workloads import ModelSize, SyntheticWorkload, build_model, padded_batches, synthetic_examples
+from .census import PRETEND, REGIONS, Census, Event, Tally, count_triton_launches, tally
+from .workloads import ModelSize, SyntheticWorkload, build_model, synthetic_examples
 
 WARMUP_EXAMPLES = 2
 TWIN_BATCH = 2
@@ -75,7 +76,8 @@ def _model_hooks(census: Census, model: torch.nn.Module) -> Iterator[None]:
 
 def count_step(model: torch.nn.Module, warm: dict, batch: dict, task) -> list[Event]:
     """Events of one ``analyze_heads`` step over ``batch`` (phase ``"step"``) and of the pass end (``"pass_end"``)
-    of a model patched with the Triton backend, after the untimed ``warm`` batch."""
+    of a model patched with the Triton backend, after the uncounted ``warm`` batch. ``model`` and the batches are on
+    the CPU; under the census the model's tensors are the device's and the batches go there by ``move_batch``."""
     census = Census()
 
     def batches():
@@ -87,7 +89,9 @@ def count_step(model: torch.nn.Module, warm: dict, batch: dict, task) -> list[Ev
     handle = patch(model, backend="triton")
     try:
         with census, _model_hooks(census, model):
-            census.track([*model.parameters(), *model.buffers(), *warm.values(), *batch.values()])
+            census.track([*model.parameters(), *model.buffers()])
+            # the batches reach the device as the benchmark's do (not counted: the step starts on the device)
+            warm, batch = move_batch(warm, PRETEND), move_batch(batch, PRETEND)
             analyze_heads(model, batches(), task, importance="per_batch")
     finally:
         census.counting = None
