@@ -6,13 +6,19 @@ tighten them as the lean path lands, down to ISSUE_TARGETS.
 """
 
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastbertology.bench.census import Census, kernel_modules, tally
-from fastbertology.bench.census_step import census_importance
+from fastbertology.bench.census_step import census_importance, host_time
 from fastbertology.bench.workloads import TINY_BERT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import host_census  # noqa: E402 - benchmarks/host_census.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,3 +177,18 @@ def test_cuda_runtime_queries_are_answered_and_restored():
         torch.cuda.current_stream().synchronize()
     assert [e.name for e in census.events if e.sync] == ["torch.cuda.synchronize", "Stream.synchronize"]
     assert (torch.cuda.get_device_capability, torch.cuda.synchronize) == saved
+
+
+def test_report_of_the_script(small_bert_census, capsys):
+    report = host_census.format_report(small_bert_census)
+    assert "layers 1+ (inside, mean)" in report and "fastbertology/patching.py:" in report
+    assert f"syncs per batch: {len([s for s in small_bert_census['syncs'] if s['phase'] == 'step'])}" in report
+    with pytest.raises(SystemExit):
+        host_census.main(["--batch", "0"])
+    assert "--batch must be at least 1" in capsys.readouterr().err
+
+
+def test_host_time_runs_the_patched_and_the_stock_step():
+    timing = host_time(dataclasses.replace(TINY_BERT, layers=1), 2, 8, repeats=1)
+    assert timing["patched_us"] > 0 and timing["stock_noop_us"] > 0
+    json.dumps(timing)

@@ -31,7 +31,7 @@ from .. import patch
 from ..architectures import transformer_layers
 from ..batching import move_batch, padded_batches
 from ..importance import analyze_heads
-from .census import PRETEND, REGIONS, Census, Event, Tally, count_triton_launches, tally
+from .census import PRETEND, REGIONS, Census, Event, Tally, _triton_recorders, count_triton_launches, tally
 from .workloads import ModelSize, SyntheticWorkload, build_model, synthetic_examples
 
 WARMUP_EXAMPLES = 2
@@ -161,8 +161,6 @@ def _timed_steps(run_step, warm: dict, batch: dict, repeats: int) -> float:
 @contextlib.contextmanager
 def _triton_on_cpu() -> Iterator[None]:
     """Triton launches recorded (not run) and CPU tensors accepted by the Triton backend (TRITON_INTERPRET=1)."""
-    from .census import _triton_recorders
-
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
