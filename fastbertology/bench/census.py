@@ -452,13 +452,13 @@ class _CensusDispatch(TorchDispatchMode):
             flags.update(transfer=True, sync=not device_inputs[0] or blocking)
         elif name == "aten::_to_copy" and inputs and device_inputs[0] != (side == "device"):
             flags.update(transfer=True)  # the Python call recorded the transfer and its sync
+        elif not touched:
+            flags.update(host_op=True)
         elif name == "aten::_local_scalar_dense" or name in SYNC_OPS:
-            flags.update(sync=any(device_inputs), launch=name in SYNC_OPS and any(device_inputs))
+            flags.update(sync=True, launch=name in SYNC_OPS)
         elif name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
                 t.dtype in (torch.bool, torch.uint8) and census.is_device(t) for t in inputs[1:]):
             flags.update(sync=True, launch=True)  # a boolean mask becomes indices through nonzero inside the op
-        elif not touched:
-            flags.update(host_op=True)
         elif not view and name not in METADATA_OPS:
             flags.update(launch=True)
         census._record("op", name, **flags)
