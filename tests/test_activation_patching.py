@@ -154,3 +154,20 @@ def test_corrupted_examples_need_corrupted_text():
         corrupted_examples([Example("a", "b", corrupted_text="c", line=1)])
     pairs = corrupted_examples([Example("a", "b", label=1, corrupted_text="c", corrupted_text_pair="d")])
     assert (pairs[0].text, pairs[0].text_pair, pairs[0].label) == ("c", "d", 1)
+
+
+def test_readers_keep_the_corrupted_columns(tmp_path):
+    from fastbertology.data import read_csv, read_jsonl
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,corrupted_text,label\nthe cat,the dog,1\nsat on,,0\n")
+    rows = read_csv(csv)
+    assert (rows[0].corrupted_text, rows[1].corrupted_text) == ("the dog", None)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "text_pair": "b", "corrupted_text": "c", "corrupted_text_pair": "d", "label": 0}\n'
+                     '{"text": "a", "corrupted_text": 3, "label": 1}\n')
+    with pytest.raises(DataError, match="d.jsonl, line 2: 'corrupted_text' must be a string, got int"):
+        read_jsonl(jsonl)
+    jsonl.write_text('{"text": "a", "text_pair": "b", "corrupted_text": "c", "corrupted_text_pair": "d", "label": 0}\n')
+    (row,) = read_jsonl(jsonl)
+    assert (row.corrupted_text, row.corrupted_text_pair) == ("c", "d")
