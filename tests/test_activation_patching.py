@@ -171,3 +171,62 @@ def test_readers_keep_the_corrupted_columns(tmp_path):
     jsonl.write_text('{"text": "a", "text_pair": "b", "corrupted_text": "c", "corrupted_text_pair": "d", "label": 0}\n')
     (row,) = read_jsonl(jsonl)
     assert (row.corrupted_text, row.corrupted_text_pair) == ("c", "d")
+
+
+def _family_stock_loss(family, model, inputs, clean, *, replace=None, keep=None):
+    """The stock model's loss on ``inputs`` against the clean targets, with pre-hooks on every row's output
+    projection (rows found by call order, as the families oracle does): ``replace = (row, head, source)`` writes
+    that head's slice; ``keep`` receives every row's input."""
+    projections = family.outputs(model)
+    rows_of: dict[int, list[int]] = {}
+    for row, module in enumerate(projections):
+        rows_of.setdefault(id(module), []).append(row)
+    calls: dict[int, int] = {}
+
+    def hook(module, args):
+        count = calls.get(id(module), 0)
+        calls[id(module)] = count + 1
+        row = rows_of[id(module)][count]
+        x = args[0]
+        if replace is not None and replace[0] == row:
+            x = x.clone().view(*x.shape[:-1], 4, -1)
+            x[..., replace[1], :] = replace[2].view_as(x)[..., replace[1], :]
+            x = x.view(args[0].shape)
+        if keep is not None:
+            keep[row] = x.detach()
+        return (x, *args[1:])
+
+    handles = [projections[rows[0]].register_forward_pre_hook(hook) for rows in rows_of.values()]
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    if family.kind == "lm":
+        targets = clean["input_ids"].masked_fill(clean["attention_mask"] == 0, -100)[:, 1:]
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)))
+    return float(F.cross_entropy(logits, clean["labels"]))
+
+
+@pytest.mark.parametrize("name", ["llama", "albert", "bart"])  # grouped-query, shared layers, cross-attention
+def test_patching_equals_hooked_stock_runs_on_other_families(name):
+    from families import FAMILIES, inputs
+
+    family = FAMILIES[name]
+    model = family.model()
+    clean, corrupted = inputs(family, [6, 4, 5], seed=1), inputs(family, [6, 4, 5], seed=2)
+    if family.kind != "lm":
+        clean["labels"] = torch.arange(3) % 3
+    source = {}
+    source_loss = _family_stock_loss(family, model, clean, clean, keep=source)
+    rows = len(source)
+    expected = torch.tensor([[_family_stock_loss(family, model, corrupted, clean, replace=(row, head, source[row]))
+                              for head in range(4)] for row in range(rows)], dtype=torch.float64)
+    base_loss = _family_stock_loss(family, model, corrupted, clean)
+    batch = {**clean, "corrupted_input_ids": corrupted["input_ids"]}
+    task = LanguageModelingTask() if family.kind == "lm" else ClassificationTask(num_labels=3)
+    with fastbertology.patch(model, backend="torch"):
+        result = activation_patching(model, [batch], task)
+    torch.testing.assert_close(result.values, expected, atol=1e-10, rtol=1e-9)
+    assert (result.base_value, result.source_value) == pytest.approx((base_loss, source_loss), abs=1e-10)
