@@ -3,8 +3,8 @@
 Case groups:
 
 * ``FULL_CASES`` — GPU-sized (BERT-base at seq 128 / 512, GPT-2 small at seq 1024, a GPT-2 LM case at seq 256,
-  iterative masking, a single-head sweep, and run_bertology's batch size 1, last so that a time budget cuts it
-  first). The default on CUDA.
+  iterative masking, a single-head sweep, activation patching, and run_bertology's batch size 1, last so that a
+  time budget cuts it first). The default on CUDA.
 * ``CPU_CASES`` — run on the CPU whatever the machine: issue 9's real MiniLM retrieval case and a GPT-2 LM case
   that takes well under a minute per mode on two cores. The default on a machine without CUDA.
 * ``QUICK_CASES`` — tiny versions of all of them (seconds on a CPU, any device); the tests run these.
@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .names import ANALYSIS_MODES, MASKING_MODES, SWEEP_MODES  # noqa: F401 - re-exported
+from .names import ANALYSIS_MODES, MASKING_MODES, PATCHING_MODES, SWEEP_MODES  # noqa: F401 - re-exported
 from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
 
-KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES}
+KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES,
+              "patching": PATCHING_MODES}
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class BenchCase:
     batch:           batch size. dtype: of every mode but the reference, which uses ``reference_dtype``
                      (default: the same; fp32 where the H200 anchors used an fp32 reference loop).
     kind:            ``"analysis"`` (one importance + entropy pass), ``"masking"`` (iterative masking to
-                     ``masking_threshold``) or ``"sweep"`` (single-head ablation sweep).
+                     ``masking_threshold``), ``"sweep"`` (single-head ablation sweep) or ``"patching"``
+                     (activation patching of every head between the inputs and a corrupted copy).
     device:          ``"cpu"`` pins the case to the CPU; None runs it on the benchmark's device.
     """
 
@@ -64,6 +66,7 @@ FULL_CASES = [
     _synthetic("gpt2-lm-512x256-b32-fp32", GPT2_SMALL, 512, 256, 32, "fp32"),  # twin of cpu-gpt2-lm-*
     _synthetic("masking-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="masking"),
     _synthetic("sweep-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="sweep"),
+    _synthetic("patching-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="patching"),
     _synthetic("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
 ]
 
@@ -85,6 +88,7 @@ QUICK_CASES = [  # tiny versions of every case above, the batch-1 case last
               "fp32"),
     _synthetic("quick-masking-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="masking"),
     _synthetic("quick-sweep-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="sweep"),
+    _synthetic("quick-patching-gpt2-8x16-b4-fp32", TINY_GPT2, 8, 16, 4, "fp32", kind="patching"),
     _synthetic("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
 ]
 

@@ -15,12 +15,14 @@
     :func:`~fastbertology.importance.analyze_heads` (importance + entropy + max probability + metric in one pass)
     on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default);
     masking cases run :func:`~fastbertology.masking.iterative_masking`, sweep cases
-    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse).
+    :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse), patching cases
+    :func:`~fastbertology.activation_patching.activation_patching` (heads batched per pass).
 ``fastbertology-padded``
     the same with ``patch(model, padding_free=False)``: every padding token computed, to show what padding-free
     buys.
 
-Every mode runs on the same batches; ``warmup`` is one untimed pass (masking: one importance pass; sweep: the
+Patching cases pair every batch with a corrupted copy of its inputs (:func:`corrupted_pairs`). Every mode runs on
+the same batches; ``warmup`` is one untimed pass (masking: one importance pass; sweep: the
 unmasked baseline pass or a layer sweep of one batch).
 """
 
@@ -35,6 +37,7 @@ from functools import partial
 import torch
 
 from .. import patch
+from ..activation_patching import activation_patching
 from ..architectures import heads_per_layer
 from ..importance import HeadAnalysis, analyze_heads
 from ..kernels import resolve_backend
@@ -42,7 +45,7 @@ from ..loading import DTYPES
 from ..masking import iterative_masking
 from ..sweeps import SweepResult, ablation_sweep, single_head_masks
 from .cases import BenchCase
-from .reference import reference_analysis, reference_masking, reference_sweep
+from .reference import reference_analysis, reference_masking, reference_patching, reference_sweep
 from .workloads import Workload
 
 
@@ -55,6 +58,7 @@ class ModeResult:
     mask: torch.Tensor | None = None  # masking: the kept head mask [L, H]
     sweep: SweepResult | None = None
     metric: float | None = None
+    patching: torch.Tensor | None = None  # patching: the mean batch loss per patched head [L, H]
 
 
 @dataclass
@@ -85,8 +89,30 @@ def _analysis_result(analysis: HeadAnalysis) -> ModeResult:
     return ModeResult(passes=1, analysis=analysis, metric=analysis.metric)
 
 
+def corrupted_pairs(model, batches: list[dict]) -> list[dict]:
+    """Every batch with ``corrupted_input_ids``: each real token id t replaced by ``(7 t + 13) mod (V - 2) + 1``
+    (V: the vocabulary size), padding untouched, so lengths and padding are the clean batch's."""
+    vocab = model.config.vocab_size
+    return [{**batch, "corrupted_input_ids": torch.where(batch["attention_mask"].bool(),
+                                                          (batch["input_ids"] * 7 + 13) % (vocab - 2) + 1,
+                                                          batch["input_ids"])} for batch in batches]
+
+
+def _passes_per_patching(model) -> int:
+    counts = heads_per_layer(model)
+    return len(counts) * counts[0] + 2  # every head, the clean and the corrupted run
+
+
 def _reference(case: BenchCase, model, workload: Workload, *, importance: str, **_) -> PreparedMode:
     batches, task = workload.batches, workload.task
+    if case.kind == "patching":
+        model.requires_grad_(False)
+        paired = corrupted_pairs(model, batches)
+
+        def run():
+            losses, _, corrupted = reference_patching(model, paired, task)
+            return ModeResult(passes=_passes_per_patching(model), patching=losses, metric=corrupted)
+        return PreparedMode(run, lambda: reference_patching(model, paired[:1], task), "eager")
     if case.kind == "sweep":
         model.requires_grad_(False)
         counts = heads_per_layer(model)
@@ -145,6 +171,13 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
     resolved = resolve_backend(backend, next(model.parameters()).device)
     batches, task = workload.batches, workload.task
     prepared = partial(PreparedMode, backend=resolved, padding_free=padding_free, undo=[handle.remove])
+    if case.kind == "patching":
+        paired = corrupted_pairs(model, batches)
+
+        def run():
+            result = activation_patching(model, paired, task)
+            return ModeResult(passes=_passes_per_patching(model), patching=result.values, metric=result.corrupted_loss)
+        return prepared(run, lambda: activation_patching(model, paired[:1], task))
     if case.kind == "sweep":
         def run():
             sweep = ablation_sweep(model, batches, task, kind="heads")

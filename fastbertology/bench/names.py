@@ -3,3 +3,4 @@
 ANALYSIS_MODES = ("reference", "sdpa-forward", "sdpa-frozen", "fastbertology", "fastbertology-padded")
 MASKING_MODES = ("reference", "fastbertology")
 SWEEP_MODES = ("reference", "fastbertology")
+PATCHING_MODES = ("reference", "fastbertology")
