@@ -165,9 +165,8 @@ def _gates(parser) -> None:
     group.add_argument("--epochs", type=int, default=None, metavar="E",
                        help="instead of --steps: E passes over the data")
     group.add_argument("--learning-rate", type=float, default=0.1, metavar="LR", help="Adam step size of log_alpha")
-    group.add_argument("--lagrangian-learning-rate", type=float, default=None, metavar="LR",
-                       help="Adam step size (ascent) of the two multipliers of --target-heads (default: "
-                            "--learning-rate)")
+    group.add_argument("--lagrangian-learning-rate", type=float, default=0.01, metavar="LR",
+                       help="Adam step size (ascent) of the two multipliers of --target-heads")
 
 
 def _patching(parser) -> None:

@@ -151,7 +151,7 @@ def _gate_shape(model: nn.Module, per_kv_group: bool) -> tuple[int, int, int]:
 
 def learn_gates(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *, steps: int = 300,
                 learning_rate: float = 0.1, l0_penalty: float | None = None, target: int | None = None,
-                lagrangian_learning_rate: float | None = None, warmup_steps: int | None = None,
+                lagrangian_learning_rate: float = 0.01, warmup_steps: int | None = None,
                 per_kv_group: bool = False, seed: int = 0, initial_log_alpha: float = 3.0,
                 progress: bool = False) -> GateResult:
     """Learn hard-concrete gates on a patched ``model`` (weights frozen) over ``steps`` batches of ``batches``
@@ -159,7 +159,8 @@ def learn_gates(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *
     towards ``target`` expected open gates) must be given; see the module docstring.
 
     learning_rate:            Adam's step size for ``log_alpha``.
-    lagrangian_learning_rate: Adam's step size (ascent) for the multipliers (default: ``learning_rate``).
+    lagrangian_learning_rate: Adam's step size (ascent) for the multipliers; smaller than ``learning_rate`` so that
+                              the multipliers do not outrun the task loss (a squeeze that closes every gate alike).
     warmup_steps:             the Lagrangian's target moves linearly from the initial expected L0 to ``target``
                               over these steps (Sheared-LLaMA's warmup; default: half of ``steps``), so that the
                               gates that matter least close first.
@@ -187,7 +188,9 @@ def learn_gates(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *
                            requires_grad=True)
     optimizer = torch.optim.Adam([log_alpha], lr=learning_rate)
     multipliers = torch.zeros(2, dtype=torch.float32, device=device, requires_grad=True)  # lambda1, lambda2
-    ascent = torch.optim.Adam([multipliers], lr=lagrangian_learning_rate or learning_rate, maximize=True)
+    if not lagrangian_learning_rate > 0:
+        raise ValueError(f"lagrangian_learning_rate must be positive, got {lagrangian_learning_rate}")
+    ascent = torch.optim.Adam([multipliers], lr=lagrangian_learning_rate, maximize=True)
     generator = torch.Generator().manual_seed(seed)
     warmup = max(steps // 2, 1) if warmup_steps is None else warmup_steps
     if warmup < 0:
