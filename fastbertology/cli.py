@@ -51,7 +51,9 @@ COMMANDS = {  # name -> (its line in `fastbertology --help`, what it writes, for
                  "columns); writes patching_scores.npy",
                  "Writes patching_scores.npy [layers, heads] (share of the clean-vs-corrupted gap recovered), "
                  "patching_values.npy, with --attribution attribution_scores.npy, their PNG heatmaps, "
-                 "summary.json, report.html."),
+                 "summary.json, report.html. --data: a .csv/.tsv/.jsonl file whose rows have text and corrupted_text "
+                 "(and text_pair / corrupted_text_pair) of the same token length, and label for classification "
+                 "(none with --task lm: one example per row)."),
     "report": ("rebuild report.html in a finished run's output directory from its files",
                "Writes DIRECTORY/report.html (atomically) from summary.json, the .npy tables and "
                "attention_patterns.json found there."),

@@ -260,10 +260,10 @@ def _timings(summary: dict) -> str:
         value = summary.get(section, {}).get(key)
         if value is not None:
             rows.append((label, f"{value:.2f} s"))
-            known += value if section not in ("sweep", "patching") else 0.0
+            known += value if section != "sweep" else 0.0
     total = summary.get("seconds_total")
     if total is not None:
-        if "sweep" not in summary and "patching" not in summary:
+        if "sweep" not in summary:
             rows.append(("loading, data, writing outputs", f"{max(total - known, 0.0):.2f} s"))
         rows.append(("total", f"{total:.2f} s"))
     return _kv_table(rows)
