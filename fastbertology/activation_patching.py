@@ -18,7 +18,9 @@ clean tokens). Its value ``v`` (the mean batch loss, or the task metric) gives t
     score(l, h) = (v_patched(l, h) - v_base) / (v_source - v_base)
 
 the share of the base-to-source gap this one head carries (1: all of it, 0: none). Heads are batched: k heads per
-forward pass on k copies of the batch, copy j patching head j (per-example replacement, as the sweeps batch masks).
+forward pass on k copies of the batch, copy j patching head j (per-example replacement, as the sweeps batch masks),
+and the layer applications below a pass's first patched row are not recomputed: they return what they returned in
+the unpatched base run (the sweeps' prefix reuse, :mod:`fastbertology.sweeps`).
 
 **Attribution patching** (Nanda 2023; Syed et al. 2023) estimates the same change to first order in one forward and
 one backward pass of the base input: ``delta(l, h) = sum over positions and d of (a_source - a_base)[l, h] *
@@ -40,10 +42,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import architecture, attention_sites, heads_per_layer
+from .architectures import architecture, attention_sites, heads_per_layer, row_applications
 from .data.examples import DataError, Example, ExampleList, where
 from .importance import frozen_parameters, require_patched
 from .patching import current_application
+from .sweeps import _capture_layer_outputs, _run_from_layer
 from .tasks import MODEL_INPUT_KEYS, TaskProtocol
 
 __all__ = ["DIRECTIONS", "SCORES", "PatchingResult", "corrupted_examples", "pair_batches", "model_inputs",
@@ -303,13 +306,15 @@ def _attribution_batch(model, task, batch, base_inputs, source: dict[int, torch.
 
 def activation_patching(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *,
                         direction: str = "denoising", score: str = "loss", attribution: bool = False,
-                        heads_per_pass: int | None = None, progress: bool = False) -> PatchingResult:
+                        heads_per_pass: int | None = None, reuse_prefix: bool = True,
+                        progress: bool = False) -> PatchingResult:
     """Activation patching of every head of a patched ``model`` over paired ``batches`` (:func:`pair_batches`);
     with ``attribution``, attribution patching too (see the module docstring).
 
     direction:      ``"denoising"`` (corrupted run, clean head output) or ``"noising"`` (the reverse).
     score:          ``"loss"`` (mean batch loss) or ``"metric"`` (the task metric) for :attr:`PatchingResult.scores`.
     heads_per_pass: k heads patched together on k copies of a batch (default: the heads per layer).
+    reuse_prefix:   replay the base run's layer outputs below each pass's first patched row (same results).
     """
     require_patched(model)
     if direction not in DIRECTIONS:
@@ -325,6 +330,10 @@ def activation_patching(model: nn.Module, batches: Sequence[dict], task: TaskPro
         raise ValueError(f"heads_per_pass must be positive, got {heads_per_pass}")
     started = time.perf_counter()
     all_heads = [(row, head) for row in range(layers) for head in range(heads)]
+    applications = row_applications(model)
+    passes = [all_heads[first:first + k] for first in range(0, len(all_heads), k)]
+    starts = [min(applications[row] for row, _ in assignment) for assignment in passes]
+    needed = set(range(max(starts))) if reuse_prefix else set()
     totals = _Totals(task, len(all_heads))
     delta = torch.zeros(layers, heads, dtype=torch.float64)
     base_name, source_name = ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
@@ -336,22 +345,24 @@ def activation_patching(model: nn.Module, batches: Sequence[dict], task: TaskPro
             capture = _Capture()
             with head_output_hook(model, capture):
                 totals.add(source_name, task.result(task.forward(model, source_inputs), batch), batch)
-            if attribution:
-                begun = time.perf_counter()
-                base_result = _attribution_batch(model, task, batch, base_inputs, capture.outputs, delta, heads)
-                attribution_seconds += time.perf_counter() - begun
-            else:
-                base_result = task.result(task.forward(model, base_inputs), batch)
+            begun = time.perf_counter()
+            with _capture_layer_outputs(model, needed) if needed else contextlib.nullcontext() as prefix:
+                if attribution:
+                    base_result = _attribution_batch(model, task, batch, base_inputs, capture.outputs, delta, heads)
+                else:
+                    base_result = task.result(task.forward(model, base_inputs), batch)
+            attribution_seconds += (time.perf_counter() - begun) if attribution else 0.0
             totals.add(base_name, base_result, batch)
-            for first in range(0, len(all_heads), k):
-                assignment = all_heads[first:first + k]
+            for index, (assignment, start) in enumerate(zip(passes, starts)):
                 copies = len(assignment)
                 replicated = task.replicate(base_inputs, copies) if copies > 1 else base_inputs
-                with head_output_hook(model, _Replace(capture.outputs, assignment, heads)):
+                reuse = _run_from_layer(model, start, prefix, copies) if needed and start > 0 else \
+                    contextlib.nullcontext()
+                with reuse, head_output_hook(model, _Replace(capture.outputs, assignment, heads)):
                     output = task.forward(model, replicated)
                 outputs = task.split(output, copies) if copies > 1 else [output]
                 for offset, copy_output in enumerate(outputs):
-                    totals.add(first + offset, task.result(copy_output, batch), batch)
+                    totals.add(index * k + offset, task.result(copy_output, batch), batch)
     count = max(len(batches), 1)
     losses = torch.tensor(totals.losses, dtype=torch.float64).view(layers, heads) / count
     metrics = torch.tensor([task.compute_metric(state) for state in totals.states],

@@ -129,6 +129,23 @@ def test_metric_score_and_batching_do_not_change_the_values():
     assert one.base_value == one.corrupted_metric and one.source_value == one.clean_metric
 
 
+def test_prefix_reuse_skips_the_unpatched_layers_and_changes_nothing():
+    model, _, _ = tiny_model("gpt2")
+    batches = _paired_batches("gpt2")
+    calls = []
+    hook = model.transformer.h[0].attn.register_forward_hook(lambda *args: calls.append(1))  # layer 0 computed
+    with fastbertology.patch(model, backend="torch"):
+        results = {}
+        for reuse in (False, True):
+            calls.clear()
+            results[reuse] = activation_patching(model, batches, LanguageModelingTask(), reuse_prefix=reuse)
+            results[reuse].calls = len(calls)
+    hook.remove()
+    torch.testing.assert_close(results[True].values, results[False].values, atol=1e-12, rtol=1e-12)
+    assert results[False].calls == 2 * (2 + 3)  # per batch: source, base, one pass per layer (4 heads per pass)
+    assert results[True].calls == 2 * (2 + 1)  # the passes of layers 1 and 2 replay layer 0
+
+
 def test_rank_correlation():
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert rank_correlation(a, a * 10) == pytest.approx(1.0)
