@@ -184,6 +184,9 @@ def _patching(parser) -> None:
     group.add_argument("--heads-per-pass", type=int, default=None, metavar="N",
                        help="heads patched together in one forward pass of N x batch rows (default: heads per "
                             "layer)")
+    group.add_argument("--no-prefix-reuse", action="store_true",
+                       help="run every pass through the whole model (by default the layers below a pass's first "
+                            "patched layer return what they returned in the unpatched run)")
 
 
 def _run(parser) -> None:

@@ -90,7 +90,7 @@ def run_patching(args, console: Console) -> int:
     summary = new_summary(args.command, vars(args), run.description)
     result = activation_patching(run.model, batches, run.task, direction=args.direction, score=args.score,
                                  attribution=args.attribution, heads_per_pass=args.heads_per_pass,
-                                 progress=console.progress)
+                                 reuse_prefix=not args.no_prefix_reuse, progress=console.progress)
     if math.isnan(result.base_value - result.source_value) or result.base_value == result.source_value:
         console.warn(f"the clean and corrupted inputs have the same {result.score} ({result.base_value:.6g}): there "
                      "is no gap to recover, so the scores are undefined (NaN)")
@@ -102,7 +102,7 @@ def run_patching(args, console: Console) -> int:
         "base_value": result.base_value, "source_value": result.source_value, "clean_loss": result.clean_loss,
         "corrupted_loss": result.corrupted_loss, "clean_metric": result.clean_metric,
         "corrupted_metric": result.corrupted_metric, "heads_per_pass": result.heads_per_pass,
-        "batches": result.batches, "seconds": result.seconds,
+        "batches": result.batches, "seconds": result.seconds, "prefix_reuse": not args.no_prefix_reuse,
         "attribution": result.attribution, "attribution_delta": result.attribution_delta,
         "attribution_seconds": result.attribution_seconds if result.attribution is not None else None,
         "rank_correlation": correlation,

@@ -140,9 +140,9 @@ def test_patching_language_modelling_noising(tmp_path):
     data.write_text("\n".join(json.dumps({"text": t, "corrupted_text": _corrupt(t)}) for t in sentences(5, seed=2)))
     output = tmp_path / "out"
     assert _run("patching", "--model", gpt2, "--data", data, "--task", "lm", "--direction", "noising",
-                "--score", "metric", "--output-dir", output) == 0
+                "--no-prefix-reuse", "--score", "metric", "--output-dir", output) == 0
     summary = json.loads((output / "summary.json").read_text())["patching"]
-    assert summary["direction"] == "noising" and summary["score"] == "metric"
+    assert summary["direction"] == "noising" and summary["score"] == "metric" and not summary["prefix_reuse"]
     assert summary["base_value"] == summary["clean_metric"]  # perplexity of the clean run
     assert np.load(output / "patching_values.npy").shape == (3, 4)
 
