@@ -59,7 +59,7 @@ def _write(output: Path, result, description: dict) -> None:
     if result.attribution is not None:
         write_npy(output / "attribution_scores.npy", result.attribution.numpy())
         write_npy(output / "attribution_delta.npy", result.attribution_delta.numpy())
-    if not plots.available():
+    if not plots.available() or bool(result.scores.isnan().all()):  # no gap: nothing to draw
         return
     line = subtitle(description)
     what = f"share of the {result.score} gap recovered ({result.direction})"
