@@ -164,3 +164,13 @@ def test_patching_bad_input(tmp_path, capsys):
     err = _error(capsys, "patching", "--model", classifier, "--data", missing, "--task", "retrieval",
                  "--batch-size", 32, "--output-dir", tmp_path / "o4")
     assert "runs the model twice per batch" in err
+
+
+def test_patching_without_a_gap_warns_and_writes_nan(tmp_path, capsys):
+    classifier = save_tiny_classifier(tmp_path / "bert")
+    same = tmp_path / "same.csv"
+    same.write_text("text,corrupted_text,label\nthe cat sat,the cat sat,0\na dog ran,a dog ran,1\n")
+    assert _run("patching", "--model", classifier, "--data", same, "--output-dir", tmp_path / "out") == 0
+    assert "there is no gap to recover" in capsys.readouterr().err
+    assert np.isnan(np.load(tmp_path / "out" / "patching_scores.npy")).all()
+    assert not (tmp_path / "out" / "patching_scores.png").exists()
