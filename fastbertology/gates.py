@@ -174,27 +174,25 @@ def learn_gates(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not batches:
         raise ValueError("no batches to learn the gates on")
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if not learning_rate > 0 or not lagrangian_learning_rate > 0:
+        raise ValueError(f"learning rates must be positive, got {learning_rate} and {lagrangian_learning_rate}")
     layers, heads, groups = _gate_shape(model, per_kv_group)
     if target is not None and not 1 <= target <= layers * groups:
         what = "key/value groups" if per_kv_group and groups != heads else "heads"
         raise ValueError(f"target must be between 1 and the model's {layers * groups} {what}, got {target}")
     if l0_penalty is not None and l0_penalty < 0:
         raise ValueError(f"l0_penalty must not be negative, got {l0_penalty}")
+    if warmup_steps is not None and warmup_steps < 0:
+        raise ValueError(f"warmup_steps must not be negative, got {warmup_steps}")
     started = time.perf_counter()
     device = next(model.parameters()).device
     log_alpha = torch.full((layers, groups), float(initial_log_alpha), dtype=torch.float32, device=device,
                            requires_grad=True)
     optimizer = torch.optim.Adam([log_alpha], lr=learning_rate)
     multipliers = torch.zeros(2, dtype=torch.float32, device=device, requires_grad=True)  # lambda1, lambda2
-    if not lagrangian_learning_rate > 0:
-        raise ValueError(f"lagrangian_learning_rate must be positive, got {lagrangian_learning_rate}")
     ascent = torch.optim.Adam([multipliers], lr=lagrangian_learning_rate, maximize=True)
     generator = torch.Generator().manual_seed(seed)
     warmup = max(steps // 2, 1) if warmup_steps is None else warmup_steps
-    if warmup < 0:
-        raise ValueError(f"warmup_steps must not be negative, got {warmup_steps}")
     start_l0 = float(open_probability(log_alpha.detach()).sum())
     curve = []
     with frozen_parameters(model):
