@@ -111,8 +111,9 @@ def gates_curve(path, curve, *, target: int | None = None, subtitle: str | None 
     axis.set_ylabel("task loss", color="tab:blue")
     right = axis.twinx()
     right.plot(steps, [p["l0"] for p in curve], color="tab:orange", label="expected open gates (L0)")
-    if target is not None:
-        right.axhline(target, color="grey", linestyle="--", label="target")
+    if target is not None:  # the warmed-up target of every step where the curve has it
+        goals = [p.get("target", target) for p in curve]
+        right.plot(steps, goals, color="grey", linestyle="--", label=f"target (warmed up to {target})")
     right.set_ylabel("expected open gates", color="tab:orange")
     right.legend(fontsize=8, loc="upper right")
     _title(axis, "Learning hard-concrete head gates", subtitle)
