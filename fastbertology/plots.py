@@ -103,7 +103,7 @@ def masking_curve(path, curve, *, metric_name: str, threshold_score: float | Non
 
 def gates_curve(path, curve, *, target: int | None = None, subtitle: str | None = None):
     """Save the gate-learning curve: the task loss (left axis) and the expected number of open gates L0 (right
-    axis, with the target when there is one) against the training step."""
+    axis, with the warmed-up target when there is one) against the training step."""
     figure, axis = plt.subplots(figsize=(6, 3.8))
     steps = [p["step"] for p in curve]
     axis.plot(steps, [p["loss"] for p in curve], color="tab:blue", label="task loss")
