@@ -15,6 +15,8 @@ from fastbertology.activation_patching import (
 from fastbertology.data import DataError, Example, ExampleList
 from fastbertology.tasks import ClassificationTask, LanguageModelingTask
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 LENGTHS = [[7, 4, 6], [5, 5]]
 
 

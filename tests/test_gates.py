@@ -20,6 +20,8 @@ from fastbertology.gates import (
 )
 from fastbertology.tasks import RegressionTask
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost
+
 DEAD = [(0, 1), (1, 0), (1, 3)]  # (layer, head) whose output projection columns are zero
 LAYERS, HEADS, DIM = 2, 4, 8
 
