@@ -95,11 +95,12 @@ def _live_mask():
     return mask
 
 
-def test_target_heads_keeps_exactly_the_live_heads():
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_target_heads_keeps_exactly_the_live_heads(seed):
     model, batches = _dead_head_model()
     live = LAYERS * HEADS - len(DEAD)
     with fastbertology.patch(model, backend="torch"):
-        result = learn_gates(model, batches, RegressionTask(metric="mse"), steps=200, target=live, seed=0)
+        result = learn_gates(model, batches, RegressionTask(metric="mse"), steps=200, target=live, seed=seed)
     assert result.head_mask.tolist() == _live_mask().tolist()
     dead = result.log_alpha[_live_mask() == 0]
     assert torch.equal(dead, dead[:1].expand_as(dead))  # dead heads only ever see the Lagrangian: identical
