@@ -14,9 +14,10 @@ import sys
 
 from . import __version__
 
-DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning and ablation sweeps for BERT, RoBERTa, "
-               "GPT-2 and OpenAI GPT models on transformers 5. Every command writes its results, summary.json and a "
-               "one-page report.html into --output-dir (default runs/<command>-<time>).")
+DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning, ablation sweeps, learned head gates "
+               "and activation patching for BERT, RoBERTa, GPT-2 and OpenAI GPT models on transformers 5. Every "
+               "command writes its results, summary.json and a one-page report.html into --output-dir (default "
+               "runs/<command>-<time>).")
 EPILOG = ("Start with: fastbertology demo    (offline; about 20 s on 2 idle CPU cores, then open the report.html it "
           "writes). "
           "Bad input of any kind ends with one line on stderr and exit code 2; see docs/bad-input.md.")

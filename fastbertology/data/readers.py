@@ -139,6 +139,7 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
     label_names:   fixed label names (id = position); otherwise labels that are all integers stay ints, all
                    numbers become floats, anything else is mapped to ids in sorted order (``label_names`` of the
                    result reports the mapping).
+    Optional ``corrupted_text`` / ``corrupted_text_pair`` columns (activation patching) are kept on the examples.
     Raises :class:`DataError` (file and line) for an empty file, a missing column or value, or a row with a
     different number of columns than the header.
     """
