@@ -1,4 +1,5 @@
-"""Command line: ``fastbertology {demo,importance,mask,prune,sweep,report,bench}`` (also ``python -m fastbertology``).
+"""Command line: ``fastbertology {demo,importance,mask,prune,sweep,gates,patching,report,bench}`` (also
+``python -m fastbertology``).
 
 This module is argparse only: the options, their help and defaults. Running a parsed command (offline mode, the
 process group under torchrun, progress and log settings, errors as one line with exit code 2) is
@@ -13,9 +14,10 @@ import sys
 
 from . import __version__
 
-DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning and ablation sweeps for BERT, RoBERTa, "
-               "GPT-2 and OpenAI GPT models on transformers 5. Every command writes its results, summary.json and a "
-               "one-page report.html into --output-dir (default runs/<command>-<time>).")
+DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning, ablation sweeps, learned head gates "
+               "and activation patching for BERT, RoBERTa, GPT-2 and OpenAI GPT models on transformers 5. Every "
+               "command writes its results, summary.json and a one-page report.html into --output-dir (default "
+               "runs/<command>-<time>).")
 EPILOG = ("Start with: fastbertology demo    (offline; about 20 s on 2 idle CPU cores, then open the report.html it "
           "writes). "
           "Bad input of any kind ends with one line on stderr and exit code 2; see docs/bad-input.md.")
@@ -43,6 +45,17 @@ COMMANDS = {  # name -> (its line in `fastbertology --help`, what it writes, for
               "Writes sweep_delta.npy, sweep_scores.npy, sweep_losses.npy ([layers, heads] for --kind heads, "
               "[layers] for layers, [M] for --masks), sweep_masks.npy, sweep_delta.png, sweep_checkpoint.json, "
               "summary.json, report.html."),
+    "gates": ("learn one hard-concrete L0 gate per head with frozen weights (a penalty or a target head count); "
+              "writes head_gates.npy, head_mask.npy, gates_curve.json",
+              f"Writes {WRITES_TABLES}, head_gates.npy (open probabilities), head_mask.npy (1 = kept; for prune "
+              "--head-mask), gates_curve.json, gates_curve.png, head_gates.png, summary.json, report.html."),
+    "patching": ("activation patching of every head between clean and corrupted inputs (text / corrupted_text "
+                 "columns); writes patching_scores.npy",
+                 "Writes patching_scores.npy [layers, heads] (share of the clean-vs-corrupted gap recovered), "
+                 "patching_values.npy, with --attribution attribution_scores.npy, their PNG heatmaps, "
+                 "summary.json, report.html. --data: a .csv/.tsv/.jsonl file whose rows have text and corrupted_text "
+                 "(and text_pair / corrupted_text_pair) of the same token length, and label for classification "
+                 "(none with --task lm: one example per row)."),
     "report": ("rebuild report.html in a finished run's output directory from its files",
                "Writes DIRECTORY/report.html (atomically) from summary.json, the .npy tables and "
                "attention_patterns.json found there."),
@@ -156,6 +169,44 @@ def _sweep(parser) -> None:
                        help="write the checkpoint every N batches (per process)")
 
 
+def _gates(parser) -> None:
+    group = parser.add_argument_group("gates")
+    goal = group.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--l0-penalty", type=float, default=None, metavar="LAMBDA",
+                      help="minimise loss + LAMBDA * (expected number of open gates); keeps the gates with "
+                           "log_alpha > 0")
+    goal.add_argument("--target-heads", type=int, default=None, metavar="K",
+                      help="a Lagrangian towards K expected open gates (multipliers trained by gradient ascent); "
+                           "keeps exactly the K gates of largest log_alpha")
+    group.add_argument("--per-kv-group", action="store_true",
+                       help="one gate per key/value head (grouped-query attention); L0 and K then count groups")
+    group.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="training steps, one batch each, cycling over the data (default: 300)")
+    group.add_argument("--epochs", type=int, default=None, metavar="E",
+                       help="instead of --steps: E passes over the data")
+    group.add_argument("--learning-rate", type=float, default=0.1, metavar="LR", help="Adam step size of log_alpha")
+    group.add_argument("--lagrangian-learning-rate", type=float, default=0.01, metavar="LR",
+                       help="Adam step size (ascent) of the two multipliers of --target-heads")
+
+
+def _patching(parser) -> None:
+    group = parser.add_argument_group("activation patching")
+    group.add_argument("--direction", choices=["denoising", "noising"], default="denoising",
+                       help="denoising: the corrupted run with one head's output from the clean run; noising: the "
+                            "clean run with one head's output from the corrupted run")
+    group.add_argument("--score", choices=["loss", "metric"], default="loss",
+                       help="the gap whose share a patched head recovers: the task loss or the task metric")
+    group.add_argument("--attribution", action="store_true",
+                       help="also attribution patching: the first-order estimate (source - base head output) . "
+                            "dL/d(head output) in one forward and backward pass")
+    group.add_argument("--heads-per-pass", type=int, default=None, metavar="N",
+                       help="heads patched together in one forward pass of N x batch rows (default: heads per "
+                            "layer)")
+    group.add_argument("--no-prefix-reuse", action="store_true",
+                       help="run every pass through the whole model (by default the layers below a pass's first "
+                            "patched layer return what they returned in the unpatched run)")
+
+
 def _run(parser) -> None:
     group = parser.add_argument_group("output and execution")
     group.add_argument("--output-dir", default=None, metavar="DIR",
@@ -211,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_data(sweep)
     _sweep(sweep)
     _run(sweep)
+
+    gates = _command(commands, "gates")
+    _model_and_data(gates)
+    _analysis(gates)
+    _gates(gates)
+    _run(gates)
+
+    patching = _command(commands, "patching")
+    _model_and_data(patching)
+    _patching(patching)
+    _run(patching)
 
     report = _command(commands, "report")
     report.add_argument("directory", metavar="DIRECTORY", help="the output directory of a finished run")

@@ -18,8 +18,10 @@ from safetensors import SafetensorError
 from . import distributed
 from .commands import run_demo, run_importance, run_mask, run_prune, run_report
 from .console import Console, library_output, progress_wanted
+from .gates_command import run_gates
 from .loading import set_offline
 from .outputs import OutputDirectoryError
+from .patching_command import run_patching
 from .sweep_command import run_sweep
 
 EXIT_ERROR = 2
@@ -27,7 +29,7 @@ EXIT_INTERRUPTED = 130
 TRACEBACK_ENV = "FASTBERTOLOGY_TRACEBACK"  # set to 1 to get the traceback of an error instead of one line
 
 HANDLERS = {"demo": run_demo, "importance": run_importance, "mask": run_mask, "prune": run_prune,
-            "sweep": run_sweep, "report": run_report}
+            "sweep": run_sweep, "gates": run_gates, "patching": run_patching, "report": run_report}
 DATA_PARALLEL = ("importance", "mask", "sweep")
 
 # Exception types that mean bad input or an unusable environment (one line, exit code 2), not a bug in fastbertology

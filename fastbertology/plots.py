@@ -99,3 +99,23 @@ def masking_curve(path, curve, *, metric_name: str, threshold_score: float | Non
     _title(axis, "Iterative head masking", subtitle)
     axis.grid(alpha=0.3)
     return _save(figure, path)
+
+
+def gates_curve(path, curve, *, target: int | None = None, subtitle: str | None = None):
+    """Save the gate-learning curve: the task loss (left axis) and the expected number of open gates L0 (right
+    axis, with the warmed-up target when there is one) against the training step."""
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    steps = [p["step"] for p in curve]
+    axis.plot(steps, [p["loss"] for p in curve], color="tab:blue", label="task loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("task loss", color="tab:blue")
+    right = axis.twinx()
+    right.plot(steps, [p["l0"] for p in curve], color="tab:orange", label="expected open gates (L0)")
+    if target is not None:  # the warmed-up target of every step where the curve has it
+        goals = [p.get("target", target) for p in curve]
+        right.plot(steps, goals, color="grey", linestyle="--", label=f"target (warmed up to {target})")
+    right.set_ylabel("expected open gates", color="tab:orange")
+    right.legend(fontsize=8, loc="upper right")
+    _title(axis, "Learning hard-concrete head gates", subtitle)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)

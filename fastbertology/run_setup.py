@@ -111,7 +111,10 @@ def _check_backend(backend: str, device: torch.device) -> None:
                          "TRITON_INTERPRET=1 to run the kernels under the (slow) Triton interpreter")
 
 
-def _check_data_path(data: str | None, task: str | None, objective: str) -> None:
+ROW_FILES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _check_data_path(data: str | None, task: str | None, objective: str, *, rows: bool = False) -> None:
     if data is None:
         return
     path = Path(data)
@@ -124,14 +127,15 @@ def _check_data_path(data: str | None, task: str | None, objective: str) -> None
     _require(path.is_file(), f"--data {data} must be a data file (.csv, .tsv, .jsonl or .txt); for a GLUE task "
                              "directory give --task")
     suffix = path.suffix.lower()
-    allowed = (".txt",) if objective == "lm" else (".csv", ".tsv", ".jsonl", ".json")
+    allowed = (".txt",) if objective == "lm" and not rows else ROW_FILES
     _require(suffix in allowed, f"--data {data}: unknown data format {suffix or '(no suffix)'!r} for {objective}; "
                                 f"use {', '.join(allowed)}")
 
 
-def check_options(options: RunOptions) -> str:
+def check_options(options: RunOptions, *, rows: bool = False) -> str:
     """Check every option of ``options`` before any work (``~`` in ``data`` is expanded, in place); return the
-    objective (classification, regression, lm, retrieval)."""
+    objective (classification, regression, lm, retrieval). ``rows``: the data must be a file of rows (.csv, .tsv,
+    .jsonl), for language modelling too (one example per row: activation patching's paired texts)."""
     if options.data is not None:
         options.data = os.path.expanduser(str(options.data))
     _check_numbers(options)
@@ -140,7 +144,7 @@ def check_options(options: RunOptions) -> str:
     objective = objective_for(options.task, options.data)
     check_task_options(objective, metric=options.metric, max_seq_length=options.max_seq_length,
                        batch_size=options.batch_size, group_size=options.group_size)
-    _check_data_path(options.data, options.task, objective)
+    _check_data_path(options.data, options.task, objective, rows=rows)
     return objective
 
 

@@ -292,3 +292,16 @@ def test_reference_model_restores_the_model():
     assert not any(hasattr(block.attn, "_fastbertology_bench_reference") for block in model.base_model.h)
     with pytest.raises(ValueError, match="AttentionInterface"), reference_model(tiny_model("openai-gpt")[0]):
         pass
+
+
+def test_quick_patching_equals_the_eager_loop(tmp_path):
+    """Activation patching, batched, against the TransformerLens-style eager loop (one pass per head)."""
+    with single_thread():
+        rows = bench.bench_main(["--quick", "--device", "cpu", "--cases", "quick-patching",
+                                 "--out", str(tmp_path / "rows.jsonl")])
+    modes = _by_case(rows)["quick-patching-gpt2-8x16-b4-fp32"]
+    assert tuple(modes) == ("reference", "fastbertology")
+    heads = modes["reference"]["layers"] * modes["reference"]["heads"]
+    assert modes["fastbertology"]["passes"] == modes["reference"]["passes"] == heads + 2
+    assert modes["fastbertology"]["status"] == "ok" and modes["fastbertology"]["sweep_loss_diff"] < 1e-5
+    assert modes["fastbertology"]["metric"] == pytest.approx(modes["reference"]["metric"], rel=1e-6)

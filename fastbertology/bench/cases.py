@@ -4,8 +4,8 @@ Case groups:
 
 * ``FULL_CASES`` — GPU-sized (BERT-base at seq 128 / 512, GPT-2 small at seq 1024, a GPT-2 LM case at seq 256,
   iterative masking, single-head sweeps (zero, mean and resample ablation), head-type scores (BERT-base, GPT-2
-  small), and run_bertology's batch size 1, last so that a time budget cuts it
-  first). The default on CUDA.
+  small), activation patching, and run_bertology's batch size 1 (its defaults: per-example importance at batch 32;
+  and fastbertology at batch 1 too), last so that a time budget cuts it first). The default on CUDA.
 * ``CPU_CASES`` — run on the CPU whatever the machine: issue 9's real MiniLM retrieval case and a GPT-2 LM case
   that takes well under a minute per mode on two cores. The default on a machine without CUDA.
 * ``QUICK_CASES`` — tiny versions of all of them (seconds on a CPU, any device); the tests run these.
@@ -16,11 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .names import ANALYSIS_MODES, HEAD_TYPE_MODES, MASKING_MODES, SWEEP_MODES  # noqa: F401 - re-exported
+from .names import (  # noqa: F401 - re-exported
+    ANALYSIS_MODES,
+    HEAD_TYPE_MODES,
+    MASKING_MODES,
+    PATCHING_MODES,
+    SWEEP_MODES,
+)
 from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
 
 KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES,
-              "head-types": HEAD_TYPE_MODES}
+              "head-types": HEAD_TYPE_MODES, "patching": PATCHING_MODES}
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,9 @@ class BenchCase:
     batch:           batch size. dtype: of every mode but the reference, which uses ``reference_dtype``
                      (default: the same; fp32 where the H200 anchors used an fp32 reference loop).
     kind:            ``"analysis"`` (one importance + entropy pass), ``"masking"`` (iterative masking to
-                     ``masking_threshold``), ``"sweep"`` (single-head ablation sweep) or ``"head-types"``
-                     (head-type scores: from the fused pass against the eager ``output_attentions`` maps).
+                     ``masking_threshold``), ``"sweep"`` (single-head ablation sweep), ``"head-types"``
+                     (head-type scores: from the fused pass against the eager ``output_attentions`` maps) or
+                     ``"patching"`` (activation patching of every head between the inputs and a corrupted copy).
     device:          ``"cpu"`` pins the case to the CPU; None runs it on the benchmark's device.
     ablation:        sweep cases: ``"zero"`` (the head mask; reference: the 4.x eager loop), ``"mean"`` or
                      ``"resample"`` (reference: hooks on the stock eager model's output projections, one pass per
@@ -90,6 +97,7 @@ FULL_CASES = [
     _synthetic("head-types-gpt2-128x1024-b8-fp32", GPT2_SMALL, 128, 1024, 8, "fp32", kind="head-types"),
     # run_bertology's defaults: the loop at batch 1, fastbertology's per-example importance at batch 32
     _synthetic("bert-408x128-b1-defaults-fp32", BERT_BASE, 408, 128, 1, "fp32", fast_batch=32),
+    _synthetic("patching-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="patching"),
     _synthetic("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
 ]
 
@@ -116,6 +124,7 @@ QUICK_CASES = [  # tiny versions of every case above, the batch-1 cases last
                ablation="resample"),
     _synthetic("quick-head-types-gpt2-16x32-b8-fp32", TINY_GPT2, 16, 32, 8, "fp32", kind="head-types"),
     _synthetic("quick-bert-16x16-b1-defaults-fp32", TINY_BERT, 16, 16, 1, "fp32", fast_batch=8),
+    _synthetic("quick-patching-gpt2-8x16-b4-fp32", TINY_GPT2, 8, 16, 4, "fp32", kind="patching"),
     _synthetic("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
 ]
 

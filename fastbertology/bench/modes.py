@@ -18,12 +18,14 @@
     :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse; the case's ablation kind, whose
     reference is the hook loop of :mod:`fastbertology.bench.ablation_reference`), head-type cases
     :func:`~fastbertology.head_types.head_type_scores` (no gradients; the reference: the eager maps of
-    :mod:`fastbertology.bench.head_types_reference`).
+    :mod:`fastbertology.bench.head_types_reference`), patching cases
+    :func:`~fastbertology.activation_patching.activation_patching` (heads batched per pass).
 ``fastbertology-padded``
     the same with ``patch(model, padding_free=False)``: every padding token computed, to show what padding-free
     buys.
 
-Every mode runs on the same batches; ``warmup`` is one untimed pass (masking: one importance pass; sweep: the
+Patching cases pair every batch with a corrupted copy of its inputs (:func:`corrupted_pairs`). Every mode runs on
+the same batches; ``warmup`` is one untimed pass (masking: one importance pass; sweep: the
 unmasked baseline pass or a layer sweep of one batch).
 """
 
@@ -38,6 +40,7 @@ from functools import partial
 import torch
 
 from .. import patch
+from ..activation_patching import activation_patching
 from ..architectures import heads_per_layer
 from ..head_types import head_type_scores
 from ..importance import HeadAnalysis, analyze_heads
@@ -48,7 +51,7 @@ from ..sweeps import SweepResult, ablation_sweep, single_head_masks
 from .ablation_reference import reference_ablation_sweep
 from .cases import BenchCase
 from .head_types_reference import reference_head_types
-from .reference import reference_analysis, reference_masking, reference_sweep
+from .reference import reference_analysis, reference_masking, reference_patching, reference_sweep
 from .workloads import Workload
 
 # head-type cases: the induction sequences (2 x 8 tokens fit every workload's positions)
@@ -65,6 +68,7 @@ class ModeResult:
     sweep: SweepResult | None = None
     metric: float | None = None
     head_types: dict[str, torch.Tensor] | None = None  # head-type cases: score -> [L, H]
+    patching: torch.Tensor | None = None  # patching: the mean batch loss per patched head [L, H]
 
 
 @dataclass
@@ -95,6 +99,20 @@ def _analysis_result(analysis: HeadAnalysis) -> ModeResult:
     return ModeResult(passes=1, analysis=analysis, metric=analysis.metric)
 
 
+def corrupted_pairs(model, batches: list[dict]) -> list[dict]:
+    """Every batch with ``corrupted_input_ids``: each real token id t replaced by ``(7 t + 13) mod (V - 2) + 1``
+    (V: the vocabulary size), padding untouched, so lengths and padding are the clean batch's."""
+    vocab = model.config.vocab_size
+    return [{**batch, "corrupted_input_ids": torch.where(batch["attention_mask"].bool(),
+                                                          (batch["input_ids"] * 7 + 13) % (vocab - 2) + 1,
+                                                          batch["input_ids"])} for batch in batches]
+
+
+def _passes_per_patching(model) -> int:
+    counts = heads_per_layer(model)
+    return len(counts) * counts[0] + 2  # every head, the clean and the corrupted run
+
+
 def _reference(case: BenchCase, model, workload: Workload, *, importance: str, **_) -> PreparedMode:
     batches, task = workload.batches, workload.task
     if case.kind == "head-types":
@@ -103,6 +121,14 @@ def _reference(case: BenchCase, model, workload: Workload, *, importance: str, *
         def run():
             return ModeResult(passes=1, head_types=reference_head_types(model, batches, **HEAD_TYPE_OPTIONS))
         return PreparedMode(run, lambda: reference_head_types(model, batches[:1], **HEAD_TYPE_OPTIONS), "eager")
+    if case.kind == "patching":
+        model.requires_grad_(False)
+        paired = corrupted_pairs(model, batches)
+
+        def run():
+            losses, _, corrupted = reference_patching(model, paired, task)
+            return ModeResult(passes=_passes_per_patching(model), patching=losses, metric=corrupted)
+        return PreparedMode(run, lambda: reference_patching(model, paired[:1], task), "eager")
     if case.kind == "sweep":
         model.requires_grad_(False)
         counts = heads_per_layer(model)
@@ -174,6 +200,13 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
         def run():
             return ModeResult(passes=1, head_types=head_type_scores(model, batches, **HEAD_TYPE_OPTIONS).tables())
         return prepared(run, lambda: head_type_scores(model, batches[:1], **HEAD_TYPE_OPTIONS))
+    if case.kind == "patching":
+        paired = corrupted_pairs(model, batches)
+
+        def run():
+            result = activation_patching(model, paired, task)
+            return ModeResult(passes=_passes_per_patching(model), patching=result.values, metric=result.corrupted_loss)
+        return prepared(run, lambda: activation_patching(model, paired[:1], task))
     if case.kind == "sweep":
         def run():
             sweep = ablation_sweep(model, batches, task, kind="heads", ablation=case.ablation)

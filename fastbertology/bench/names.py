@@ -4,3 +4,4 @@ ANALYSIS_MODES = ("reference", "sdpa-forward", "sdpa-frozen", "fastbertology", "
 MASKING_MODES = ("reference", "fastbertology")
 SWEEP_MODES = ("reference", "fastbertology")
 HEAD_TYPE_MODES = ("reference", "fastbertology")
+PATCHING_MODES = ("reference", "fastbertology")

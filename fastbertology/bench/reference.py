@@ -12,19 +12,22 @@
   (retrieval: queries and positives) are therefore covered, whichever task calls the model how.
 
 :func:`reference_analysis` is run_bertology's ``compute_heads_importance``; :func:`reference_masking` its
-``mask_heads``; :func:`reference_sweep` the naive single-head ablation loop (one eager pass per mask).
+``mask_heads``; :func:`reference_sweep` the naive single-head ablation loop (one eager pass per mask);
+:func:`reference_patching` TransformerLens-style activation patching (one eager pass per head).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..architectures import architecture, attention_modules, heads_per_layer
+from ..activation_patching import model_inputs
+from ..architectures import architecture, attention_blocks, attention_modules, heads_per_layer
 from ..importance import IMPORTANCE_MODES, HeadAnalysis, examples_in, normalize_importance
 from ..masking import heads_to_mask_next, relative_quality
 from ..sweeps import SweepResult
@@ -233,3 +236,56 @@ def reference_sweep(model, batches: Sequence[dict], task, masks: torch.Tensor) -
                        baseline_score=baseline_score, baseline_loss=baseline_loss,
                        higher_is_better=bool(task.higher_is_better), metric_name=str(task.metric_name),
                        batches=len(batches))
+
+
+def _cache_hook(cache: dict, layer: int):
+    def hook(module, args):
+        cache[layer] = args[0]
+    return hook
+
+
+def _write_hook(source: torch.Tensor, head: int, heads: int):
+    """A pre-hook that writes head ``head``'s slice of ``source`` (``[..., H*D]``) into the projection's input."""
+    dim = source.shape[-1] // heads
+    columns = slice(head * dim, (head + 1) * dim)
+
+    def hook(module, args):
+        patched = args[0].clone()
+        patched[..., columns] = source[..., columns]
+        return (patched, *args[1:])
+    return hook
+
+
+def reference_patching(model, batches: Sequence[dict], task) -> tuple[torch.Tensor, float, float]:
+    """Activation patching (denoising) the TransformerLens way, on 4.x eager attention, no gradients: per batch
+    (paired with ``corrupted_input_ids``), the clean run's input of every output projection is cached by forward
+    pre-hooks, the corrupted run gives the baseline, then the corrupted input runs once per head with a pre-hook
+    writing that head's slice of the cached clean input. Every run is scored against the clean targets. Returns
+    ``(mean batch loss per head [L, H], clean loss, corrupted loss)``."""
+    counts = heads_per_layer(model)
+    layers, heads = len(counts), counts[0]
+    projections = [operator.attrgetter(architecture(model).projections.output)(block)
+                   for block in attention_blocks(model)]
+    losses = torch.zeros(layers, heads, dtype=torch.float64)
+    clean_loss = corrupted_loss = 0.0
+    with torch.no_grad(), reference_model(model, entropy=False):
+        for batch in batches:
+            cache: dict[int, torch.Tensor] = {}
+            hooks = [module.register_forward_pre_hook(_cache_hook(cache, layer))
+                     for layer, module in enumerate(projections)]
+            try:
+                clean_loss += float(task.evaluate(model, model_inputs(batch, corrupted=False)).loss)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            corrupted = model_inputs(batch, corrupted=True)  # scored against the clean targets, as the library does
+            corrupted_loss += float(task.result(task.forward(model, corrupted), batch).loss)
+            for layer, module in enumerate(projections):
+                for head in range(heads):
+                    hook = module.register_forward_pre_hook(_write_hook(cache[layer], head, heads))
+                    try:
+                        losses[layer, head] += float(task.result(task.forward(model, corrupted), batch).loss)
+                    finally:
+                        hook.remove()
+    count = max(len(batches), 1)
+    return losses / count, clean_loss / count, corrupted_loss / count

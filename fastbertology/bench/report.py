@@ -10,8 +10,8 @@ LEGEND = (
     "×ref / ×fwd: speedup over the reference loop / over the no-analysis SDPA forward (seconds per pass, same run); "
     "Δimp / ΔH: max relative difference of the raw importance / entropy from the reference loop's; Δmask: heads "
     "whose kept masking mask differs from the reference's; Δsweep: max absolute difference of the per-mask mean "
-    "loss from the naive eager loop's; Δtypes: max absolute difference of the head-type scores from the eager "
-    "attention maps'; peak: {peak}."
+    "loss (patching: of the per-head patched loss) from the naive eager loop's (one pass per mask or head); "
+    "Δtypes: max absolute difference of the head-type scores from the eager attention maps'; peak: {peak}."
 )
 PEAK_KINDS = {"cuda-max-allocated": "torch.cuda.max_memory_allocated (MiB, absolute)",
               "cpu-rss-growth": "growth of the process's resident set during the timed pass (MiB)"}

@@ -4,14 +4,15 @@ A row is a flat dict (one per case and mode, JSON-serialisable); :data:`ROW_KEYS
 
 * identification: case, kind, workload, model_type, layers, heads, examples, seq (widest input), batch, dtype,
   device, backend, padding_free, importance; real_tokens / padded_tokens / real_token_fraction of the batches;
-* timing: passes (over the data; masking: steps, sweep: masks + 1), seconds (the timed run; with ``repeats`` > 1
-  the median of that many timed runs, ``repeats`` in the row), s_per_pass, ex_per_s
+* timing: passes (over the data; masking: steps, sweep: masks + 1, patching: heads + 2), seconds (the timed run;
+  with ``repeats`` > 1 the median of that many timed runs, ``repeats`` in the row), s_per_pass, ex_per_s
   (examples per pass per second), peak_mib and peak_kind (see :mod:`fastbertology.bench.memory`),
   speedup_vs_reference / speedup_vs_sdpa_forward (the other mode's seconds per pass over this one's, same run);
 * correctness against the reference loop: importance_diff / entropy_diff (max relative difference of the raw
   importance / entropy tables), metric, mask_mismatch (masking: heads whose kept mask differs), sweep_loss_diff
   (sweep: max absolute difference of the per-mask mean loss), head_types_diff (head-type cases: max absolute
-  difference of the four score tables);
+  difference of the four score tables); patching: sweep_loss_diff is the max absolute difference of the per-head
+  patched mean loss, and metric is the corrupted run's loss;
 * status (``"ok"``, ``"error: ..."``, ``"skipped: ..."``) and the environment (device_name, threads, load_average,
   torch, transformers, triton, python, date).
 """
@@ -163,6 +164,8 @@ def comparison(outcome: ModeOutcome, reference: ModeOutcome | None) -> dict:
     if mine.head_types is not None and theirs.head_types is not None:
         columns["head_types_diff"] = max(float((mine.head_types[name] - theirs.head_types[name]).abs().max())
                                          for name in theirs.head_types)
+    if mine.patching is not None and theirs.patching is not None:
+        columns["sweep_loss_diff"] = float((mine.patching - theirs.patching).abs().max())
     return columns
 
 

@@ -26,13 +26,16 @@ class Example:
     """One example. ``text`` / ``text_pair``: raw strings (``text`` may be None when ``input_ids`` is given);
     ``label``: class id (int), regression target (float) or None; ``input_ids``: pre-tokenized ids, used as
     given (no special tokens added); ``line``: where it starts in its file (1-based; None when not from a file),
-    for error messages only."""
+    for error messages only. ``corrupted_text`` / ``corrupted_text_pair``: the corrupted version of the texts, for
+    activation patching (:mod:`fastbertology.activation_patching`); None elsewhere."""
 
     text: str | None
     text_pair: str | None = None
     label: int | float | None = None
     input_ids: list[int] | None = None
     line: int | None = field(default=None, compare=False, repr=False)
+    corrupted_text: str | None = None
+    corrupted_text_pair: str | None = None
 
 
 class ExampleList(list):

@@ -2,7 +2,8 @@
 
 * :func:`read_glue` — a GLUE task directory as run_bertology reads it (dev split, the GLUE processors' columns).
 * :func:`read_csv` / :func:`read_jsonl` — ``text`` (and optional ``text_pair``) and ``label`` columns / keys;
-  JSONL rows may instead carry pre-tokenized ``input_ids``.
+  JSONL rows may instead carry pre-tokenized ``input_ids``. Optional ``corrupted_text`` / ``corrupted_text_pair``
+  (activation patching) are kept on the examples.
 * :func:`read_text_blocks` — a plain text file for GPT-2 / GPT language modelling: the whole file is one token
   stream (line breaks are tokens too), cut into consecutive blocks of ``max_seq_length`` tokens.
 * :func:`load_examples` — picks one of the above from ``task=`` or the file suffix.
@@ -23,8 +24,11 @@ from pathlib import Path
 from .examples import DataError, Example, ExampleList, read_text, subset
 from .labels import labels_from_raw
 
-__all__ = ["GLUE_TASKS", "GlueTaskSpec", "glue_spec", "load_examples", "read_csv", "read_glue", "read_jsonl",
-           "read_text_blocks"]
+# Optional columns / keys of activation-patching data (the corrupted version of text and text_pair)
+CORRUPTED_KEYS = ("corrupted_text", "corrupted_text_pair")
+
+__all__ = ["CORRUPTED_KEYS", "GLUE_TASKS", "GlueTaskSpec", "glue_spec", "load_examples", "read_csv", "read_glue",
+           "read_jsonl", "read_text_blocks"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
     label_names:   fixed label names (id = position); otherwise labels that are all integers stay ints, all
                    numbers become floats, anything else is mapped to ids in sorted order (``label_names`` of the
                    result reports the mapping).
+    Optional ``corrupted_text`` / ``corrupted_text_pair`` columns (activation patching) are kept on the examples.
     Raises :class:`DataError` (file and line) for an empty file, a missing column or value, or a row with a
     different number of columns than the header.
     """
@@ -171,6 +176,7 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
             pair = row[columns["text_pair"]] or None
         if require_pair and pair is None:
             raise DataError(path, line, "missing 'text_pair'")
+        corrupted = {key: row[columns[key]] or None for key in CORRUPTED_KEYS if key in columns}
         label = None
         if "label" in columns:
             cell = row[columns["label"]].strip()
@@ -179,7 +185,7 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
                 label = cell
             elif require_label:
                 raise DataError(path, line, "missing 'label'")
-        examples.append((line, Example(text=text, text_pair=pair, label=label, line=line)))
+        examples.append((line, Example(text=text, text_pair=pair, label=label, line=line, **corrupted)))
     return _attach_labels(path, examples, raw_labels, label_names=label_names, from_text=True,
                           data_subset=data_subset)
 
@@ -239,7 +245,9 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
                 raise DataError(path, line, f"'label' must be an int, a float or a string, got {label!r}")
             else:
                 raw_labels.append((line, label))
-            examples.append((line, Example(text=text, text_pair=pair, label=label, input_ids=input_ids, line=line)))
+            corrupted = {key: _check_text(path, line, row.get(key), key, required=False) for key in CORRUPTED_KEYS}
+            examples.append((line, Example(text=text, text_pair=pair, label=label, input_ids=input_ids, line=line,
+                                           **corrupted)))
     if not examples:
         raise DataError(path, 1, "empty file (no JSON lines)")
     return _attach_labels(path, examples, raw_labels, label_names=label_names, from_text=False,

@@ -187,6 +187,75 @@ def _head_types(run: RunFiles) -> str:
             "softmax before any head mask. Empty cells: rows not scored (cross-attention, decoder of an "
             'encoder-decoder model). Definitions: docs/head-types.md.</p><div class="pair">'
             + "".join(figures) + "</div>")
+def _heatmap(run: RunFiles, name: str, *, colormap: str, what: str, centre: float | None = None) -> str:
+    return (_readout(name) + '<div class="figure">' +
+            svg.head_heatmap(np.asarray(run.tables[name], dtype=np.float64), table=name, colormap=colormap,
+                             centre=centre, what=what) + "</div>")
+
+
+def _gates(run: RunFiles) -> str:
+    gates = run.summary.get("gates")
+    if not gates or "head_gates" not in run.tables:
+        return ""
+    metric = gates.get("metric", "score")
+    if gates["mode"] == "target":
+        goal = (f"a Lagrangian towards {gates['target_heads']} expected open gates (multipliers trained by gradient "
+                f"ascent); the mask keeps the {gates['target_heads']} gates of largest log_alpha")
+    else:
+        goal = f"loss + {_fmt(gates['l0_penalty'])} × L0; the mask keeps the gates with log_alpha > 0"
+    unit = "key/value group" if gates.get("per_kv_group") else "head"
+    body = [f'<p class="note">One hard-concrete gate per {unit} (Louizos et al. 2018, as Voita et al. 2019; '
+            f"temperature 2/3, stretch (−0.1, 1.1)) learned with frozen weights over {gates['steps']} steps: {goal}. "
+            "Shown: each gate's probability of being open, P(z ≠ 0).</p>",
+            _heatmap(run, "head_gates", colormap="viridis", what="open probability")]
+    rows = [("all heads", "", _fmt(gates["original_score"], 6)),
+            ("gate mask", gates["heads_kept"], _fmt(gates["masked_score"], 6)),
+            ("the same number of heads by importance", gates["heads_kept"],
+             _fmt(gates["importance_masked_score"], 6))]
+    cells = "".join(f"<tr><th>{escape(a)}</th><td class=\"num\">{escape(str(b))}</td><td class=\"num\">"
+                    f"{escape(c)}</td></tr>" for a, b, c in rows)
+    body.append(f"<h3>Gate mask against importance-based masking</h3><p class=\"note\">The importance mask keeps the "
+                f"{gates['heads_kept']} heads ranked highest by this run's importance table (same count as the gate "
+                f"mask); {gates['heads_in_common']} heads are in both.</p><table class=\"kv\"><tr><th>mask</th>"
+                f"<th>heads kept</th><th>{escape(metric)}</th></tr>{cells}</table>")
+    if "head_mask" in run.tables:
+        body.append("<h3>Gate mask (1 = kept; head_mask.npy, for prune --head-mask)</h3>"
+                    + _heatmap(run, "head_mask", colormap="Blues", what="kept"))
+    curve = gates.get("curve") or []
+    if curve:
+        body.append("<h3>Training: expected open gates (L0) per step</h3>" + _readout("gates_curve") +
+                    '<div class="figure">' + svg.line_chart(
+                        [p["step"] for p in curve], [p["l0"] for p in curve], table="gates_curve", x_label="step",
+                        y_label="expected open gates", reference=gates.get("target_heads"),
+                        reference_label="target") + "</div>")
+    return "".join(body)
+
+
+def _patching(run: RunFiles) -> str:
+    patching = run.summary.get("patching")
+    if not patching or "patching_scores" not in run.tables:
+        return ""
+    base, source = ("corrupted", "clean") if patching["direction"] == "denoising" else ("clean", "corrupted")
+    body = [f'<p class="note">{escape(patching["direction"].capitalize())}: the {base} input is run with one head\'s '
+            f"output (its context vector before the output projection) taken from the {source} run, for every head. "
+            f"Score: (value patched − value {base}) / (value {source} − value {base}) of the {patching['score']}, "
+            "scored against the clean targets: the share of the gap this head carries (1: all of it). "
+            f"Clean: loss {_fmt(patching['clean_loss'])}, {escape(patching['metric'])} "
+            f"{_fmt(patching['clean_metric'])}; corrupted: loss {_fmt(patching['corrupted_loss'])}, "
+            f"{escape(patching['metric'])} {_fmt(patching['corrupted_metric'])}.</p>"]
+    figures = [("Activation patching", _heatmap(run, "patching_scores", colormap="RdBu_r", centre=0.0,
+                                                what="share recovered"))]
+    if "attribution_scores" in run.tables:
+        figures.append(("Attribution patching (first-order estimate)",
+                        _heatmap(run, "attribution_scores", colormap="RdBu_r", centre=0.0,
+                                 what="estimated share recovered")))
+        correlation = patching.get("rank_correlation")
+        body.append('<p class="note">Attribution patching: (source − base head output) · dL/d(head output) summed '
+                    "over tokens, from one forward and one backward pass of the base input, divided by the loss gap. "
+                    f"Spearman rank correlation with activation patching: {_fmt(correlation, 3)}.</p>")
+    body.append('<div class="pair">' + "".join(f"<div><h3>{escape(title)}</h3>{figure}</div>"
+                                               for title, figure in figures) + "</div>")
+    return "".join(body)
 
 
 def _pruning(run: RunFiles) -> str:
@@ -213,7 +282,10 @@ def _timings(summary: dict) -> str:
                                 ("iterative masking", "masking", "seconds"),
                                 ("evaluation with the mask", "pruning", "masked_seconds"),
                                 ("evaluation of the pruned model", "pruning", "pruned_seconds"),
-                                ("sweep", "sweep", "seconds")):
+                                ("sweep", "sweep", "seconds"),
+                                ("learning the gates", "gates", "seconds"),
+                                ("evaluating the gate and importance masks", "gates", "evaluation_seconds"),
+                                ("activation patching", "patching", "seconds")):
         value = summary.get(section, {}).get(key)
         if value is not None:
             rows.append((label, f"{value:.2f} s"))
@@ -242,6 +314,13 @@ def _cards(summary: dict) -> str:
         sweep = summary["sweep"]
         cards.append((format_value(sweep["baseline_score"], 4), f"{sweep['metric']}, unmasked"))
         cards.append((str(sweep["masks"]), f"masks swept ({sweep['kind']})"))
+    if summary.get("gates"):
+        gates = summary["gates"]
+        cards.append((f"{gates['heads_kept']} / {gates['heads_total']}", "heads kept by the gates"))
+        cards.append((format_value(gates["masked_score"], 4), "score with the gate mask"))
+    if summary.get("patching") and summary["patching"].get("rank_correlation") is not None:
+        cards.append((format_value(summary["patching"]["rank_correlation"], 3),
+                      "rank correlation, activation vs attribution"))
     if summary.get("seconds_total") is not None:
         cards.append((f"{summary['seconds_total']:.0f} s", "total time"))
     return '<div class="cards">' + "".join(f"<div class=\"card\"><b>{escape(v)}</b><span>{escape(k)}</span></div>"
@@ -280,7 +359,9 @@ def build_html(run: RunFiles) -> str:
                                 ("masking", "Iterative masking", _masking(run)),
                                 ("pruning", "Pruning", _pruning(run)),
                                 ("sweep", "Ablation sweep", _sweep(run)),
-                                ("head-types", "Head types", _head_types(run))):
+                                ("head-types", "Head types", _head_types(run)),
+                                ("gates", "Learned head gates", _gates(run)),
+                                ("patching", "Activation patching", _patching(run))):
         if body:
             sections.append((anchor, title, body))
     sections.append(("timings", "Timings", _timings(summary)))

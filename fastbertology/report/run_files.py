@@ -18,6 +18,9 @@ TABLE_FILES = {
     "head_mask": "head_mask.npy",
     "sweep_delta": "sweep_delta.npy",
     "sweep_scores": "sweep_scores.npy",
+    "head_gates": "head_gates.npy",
+    "patching_scores": "patching_scores.npy",
+    "attribution_scores": "attribution_scores.npy",
 }
 PATTERNS_FILE = "attention_patterns.json"
 HEAD_SCORES_FILE = "head_scores.json"

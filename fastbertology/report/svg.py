@@ -1,4 +1,4 @@
-"""Inline SVG figures for ``report.html``: value heatmaps, attention maps and the masking curve.
+"""Inline SVG figures for ``report.html``: value heatmaps, attention maps, the masking curve and line charts.
 
 Every cell is an ``<rect class="cell">`` carrying ``data-row``, ``data-column`` and ``data-value`` (the exact stored
 value) with a ``<title>`` child, which browsers show on hover (``layer 3, head 7: 0.30924246``); the page's script
@@ -199,5 +199,56 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
                      f'{escape(metric)} {exact(np.float64(y))}</title></circle>'
                      f'<text x="{px(x):.1f}" y="{py(y) - 9:.1f}" font-size="11" text-anchor="middle">'
                      f'{escape(format_value(y, decimals))}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def line_chart(xs: Sequence[float], ys: Sequence[float], *, table: str, x_label: str, y_label: str,
+               reference: float | None = None, reference_label: str = "") -> str:
+    """A line of ``ys`` against ``xs`` (e.g. a training curve), with an optional dashed horizontal ``reference``;
+    every point's exact value on hover (points thinned to at most 200)."""
+    step = max(1, len(xs) // 200)
+    xs, ys = [float(x) for x in xs[::step]], [float(y) for y in ys[::step]]
+    y_values = ys + ([reference] if reference is not None else [])
+    low, high = min(y_values), max(y_values)
+    pad = (high - low) * 0.1 or abs(high) * 0.05 or 1.0
+    low, high = low - pad, high + pad
+    x_low, x_high = min(xs), max(xs)
+    width, height, left, top, right, bottom = 640, 280, 64, 16, 20, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x):
+        return left + (x - x_low) / ((x_high - x_low) or 1.0) * plot_w
+
+    def py(y):
+        return top + (high - y) / (high - low) * plot_h
+
+    decimals = decimals_for(ys)
+    parts = [f'<svg class="curve" data-table="{escape(table)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)}" {FONT}>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>']
+    for tick in _ticks(low, high):
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" font-size="11" text-anchor="end">'
+                     f'{escape(format_value(tick, max(decimals - 1, 0)))}</text>')
+    for tick in _ticks(x_low, x_high):
+        parts.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" font-size="11" text-anchor="middle">'
+                     f'{escape(format_value(tick, 0))}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="12" text-anchor="middle" '
+                 f'fill="#444">{escape(x_label)}</text>'
+                 f'<text x="14" y="{top + plot_h / 2}" font-size="12" text-anchor="middle" fill="#444" '
+                 f'transform="rotate(-90 14 {top + plot_h / 2})">{escape(y_label)}</text>')
+    if reference is not None:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(reference):.1f}" y2="{py(reference):.1f}" '
+                     f'stroke="#888" stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(reference) - 5:.1f}" '
+                     f'font-size="11" fill="#666">{escape(reference_label)} {escape(format_value(reference, decimals))}'
+                     '</text>')
+    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+    parts.append(f'<polyline points="{points}" fill="none" stroke="#2a788e" stroke-width="2"/>')
+    for index, (x, y) in enumerate(zip(xs, ys)):
+        parts.append(f'<circle class="cell" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="#2a788e" '
+                     f'data-row="{index}" data-column="0" data-value="{exact(np.float64(y))}"><title>'
+                     f'{escape(x_label)} {exact(np.float64(x))}: {escape(y_label)} {exact(np.float64(y))}</title>'
+                     '</circle>')
     parts.append("</svg>")
     return "".join(parts)
