@@ -178,7 +178,7 @@ def _load_for_objective(options: RunOptions, objective: str, model_path: str, ex
     A classifier keeps the checkpoint's classes: label names are mapped to its ``id2label`` when it names them,
     and every label must be one of its class ids. Only a head that is random anyway (``--allow-random-head``) is
     rebuilt with the number of classes the data needs. Returns ``(model, tokenizer, loading report, labels)``
-    where ``labels`` describes the label -> class-id mapping (None for numeric labels).
+    where ``labels`` describes the label -> class-id mapping (None but for classifiers).
     """
     report = LoadingReport(model_path)
 
@@ -190,8 +190,8 @@ def _load_for_objective(options: RunOptions, objective: str, model_path: str, ex
     labels = None
     if objective == "classification":
         aligned = None if report.random_head else align_label_names(examples, model.config.id2label)
-        labels = describe_labels(examples, aligned)
         check_class_labels(examples, max(_classes_in(examples), 1) if report.random_head else model.config.num_labels)
+        labels = describe_labels(examples, aligned)
         if report.random_head and model.config.num_labels != _classes_in(examples):
             model, tokenizer = load(num_labels=_classes_in(examples))
     elif objective == "regression" and model.config.num_labels != 1:
