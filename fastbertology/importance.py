@@ -18,6 +18,7 @@ No weight gradients are computed: parameters are frozen for the duration of the 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -89,7 +90,9 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_minmax: bool = True) -> torch.Tensor:
     """run_bertology's normalisation of a ``[L, H]`` table: per-layer L2 (``x / (||x_l||_2 + 1e-20)``), then
-    global min-max to [0, 1]."""
+    global min-max to [0, 1]. A table with NaN or infinite entries raises ValueError (:func:`check_finite_table`):
+    min-max would turn it into zeros, which read as "no head matters"."""
+    check_finite_table(raw, "head importance")
     importance = raw.clone()
     if by_layer:
         importance = importance / (importance.pow(2).sum(-1, keepdim=True).sqrt() + 1e-20)
@@ -97,6 +100,19 @@ def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_min
         low, high = importance.min(), importance.max()
         importance = (importance - low) / (high - low) if high > low else torch.zeros_like(importance)
     return importance
+
+
+def check_finite_table(table: torch.Tensor, what: str) -> None:
+    """ValueError naming how many entries of an ``[L, H]`` table ``what`` are NaN or infinite, and the first."""
+    finite = torch.isfinite(table)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().tolist()
+    layer, head = bad[0][0], bad[0][-1]
+    raise ValueError(
+        f"{what} is NaN or infinite for {len(bad)} of {table.numel()} heads (e.g. layer {layer}, head {head}: "
+        f"{float(table[tuple(bad[0])])}): the model's loss or gradients were not finite (weights with NaN or inf, or "
+        "an overflow in a 16-bit dtype: try --dtype float32). A table that is not finite cannot be normalised")
 
 
 def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
@@ -137,7 +153,7 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
             (gradient,) = torch.autograd.grad(objective, mask)
             raw += gradient.abs().double().sum(0) if importance == "per_example" else gradient.abs().double()
             task.update_metric(metric_state, result, batch)
-            loss_sum += float(result.loss.detach())
+            loss_sum += _finite_loss(result.loss, batches_seen)
             batches_seen += 1
             examples += size
     if reduce is not None:
@@ -157,6 +173,16 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
         tokens=tokens,
         examples=examples,
     )
+
+
+def _finite_loss(loss: torch.Tensor, index: int) -> float:
+    """The batch loss as a float; ValueError when it is NaN or infinite (the metric and the gradients after it would
+    be meaningless: accuracy from NaN logits looks like chance)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ValueError(f"the loss of batch {index} is {value}: the model computes non-finite values on this data "
+                         "(weights with NaN or inf, or an overflow in a 16-bit dtype: try --dtype float32)")
+    return value
 
 
 def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,

@@ -25,6 +25,7 @@ import torch
 from . import patch
 from .batching import check_token_ids, make_batches, move_batch
 from .data import align_label_names, check_class_labels, describe_labels, load_examples, read_glue
+from .degenerate import task_warnings
 from .kernels import resolve_backend, triton_available
 from .loading import (
     LoadingReport,
@@ -203,6 +204,12 @@ def _load_for_objective(options: RunOptions, objective: str, model_path: str, ex
     return model, tokenizer, report, labels
 
 
+def _class_names(model, objective: str) -> list[str] | None:
+    """The classifier's class names by id (from ``id2label``), for messages; None for other objectives."""
+    id2label = getattr(model.config, "id2label", None) if objective == "classification" else None
+    return [str(id2label.get(i, i)) for i in range(model.config.num_labels)] if id2label else None
+
+
 def _check_heads(model, path) -> None:
     """Every analysis takes ``[layers, heads]`` head masks: a pruned model with unequal head counts, or with no
     head left, is refused before any work."""
@@ -267,6 +274,8 @@ def setup(options: RunOptions, *, examples=None, model_path: str | None = None) 
     if objective == "lm":
         examples = load_examples(options.data, tokenizer=tokenizer, max_seq_length=max_length, require_label=False,
                                  data_subset=options.data_subset)
+    warnings = task_warnings(objective, examples, num_labels=model.config.num_labels, group_size=options.group_size,
+                             label_names=_class_names(model, objective))
     task = make_task(objective, task_name=options.task, metric=options.metric, group_size=options.group_size,
                      num_labels=model.config.num_labels)
     batches = make_batches(examples, tokenizer, max_seq_length=options.max_seq_length, batch_size=options.batch_size,
@@ -285,6 +294,6 @@ def setup(options: RunOptions, *, examples=None, model_path: str | None = None) 
         "max_seq_length": options.max_seq_length, "device": device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "backend": options.backend,
         "attention": f"{resolve_backend(handle.backend, device)} backend, padding-free (layers run on the real "
-                     "tokens only)", "random_head": report.random_head,
+                     "tokens only)", "random_head": report.random_head, "warnings": warnings,
     }
     return Run(model, tokenizer, task, batches, len(examples), device, description)
