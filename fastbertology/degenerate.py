@@ -13,6 +13,7 @@ Warned about (the run goes on; the warning is printed and kept in ``summary.json
   loss or the importance, but counts in accuracy@1 (and in chance@1);
 * classification data whose labels are all one class: the metric only says how often the model predicts that class
   (F1 and Matthews are degenerate) and the importance describes that class alone;
+* regression targets that are all equal, under the Pearson metric: the correlation is undefined (reported as 0);
 * an importance table of exact zeros (any task): the loss does not depend on any head
   (:func:`zero_importance_warning`).
 """
@@ -27,14 +28,21 @@ __all__ = ["task_warnings", "zero_importance_warning"]
 
 
 def task_warnings(objective: str, examples: Sequence, *, num_labels: int | None, group_size: int | None,
-                  label_names: Sequence[str] | None = None) -> list[str]:
+                  label_names: Sequence[str] | None = None, metric: str | None = None) -> list[str]:
     """Refuse a degenerate task (ValueError with the reason and the fix); return the warnings for one that is
     partly degenerate (see the module docstring). ``examples``: the run's examples (with ``.label`` for
-    classification); ``num_labels``: the classifier's classes; ``group_size``: the retrieval groups' size."""
+    classification and regression); ``num_labels``: the classifier's classes; ``group_size``: the retrieval
+    groups' size; ``metric``: the task's main metric."""
     if objective == "retrieval":
         return _retrieval_warnings(len(examples), group_size)
     if objective == "classification":
         return _classification_warnings(examples, num_labels, label_names)
+    if objective == "regression" and metric == "pearson":
+        targets = {float(example.label) for example in examples if example.label is not None}
+        if len(targets) == 1:
+            return [f"every one of the {len(examples)} regression targets is {targets.pop()}: Pearson correlation is "
+                    "undefined for constant targets and is reported as 0 (the importance still follows the squared "
+                    "error). Use data with varying targets, or --metric mse"]
     return []
 
 

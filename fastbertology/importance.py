@@ -187,10 +187,13 @@ def _finite_loss(loss: torch.Tensor, index: int) -> float:
 
 def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
                     head_mask: torch.Tensor | None = None, progress: bool = False, desc: str = "evaluate") -> float:
-    """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients."""
+    """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients. A batch
+    loss that is NaN or infinite raises ValueError (a metric from NaN outputs would look like chance)."""
     require_patched(model)
     state = task.metric_state()
     with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            task.update_metric(state, task.evaluate(model, batch, head_mask=head_mask), batch)
+        for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
+            result = task.evaluate(model, batch, head_mask=head_mask)
+            _finite_loss(result.loss, index)
+            task.update_metric(state, result, batch)
     return task.compute_metric(state)

@@ -274,10 +274,10 @@ def setup(options: RunOptions, *, examples=None, model_path: str | None = None) 
     if objective == "lm":
         examples = load_examples(options.data, tokenizer=tokenizer, max_seq_length=max_length, require_label=False,
                                  data_subset=options.data_subset)
-    warnings = task_warnings(objective, examples, num_labels=model.config.num_labels, group_size=options.group_size,
-                             label_names=_class_names(model, objective))
     task = make_task(objective, task_name=options.task, metric=options.metric, group_size=options.group_size,
                      num_labels=model.config.num_labels)
+    warnings = task_warnings(objective, examples, num_labels=model.config.num_labels, group_size=options.group_size,
+                             label_names=_class_names(model, objective), metric=getattr(task, "metric_name", None))
     batches = make_batches(examples, tokenizer, max_seq_length=options.max_seq_length, batch_size=options.batch_size,
                            pair_mode="separate" if objective == "retrieval" else "joint", max_positions=max_positions)
     check_token_ids(batches, examples, vocab_size=model.get_input_embeddings().num_embeddings,

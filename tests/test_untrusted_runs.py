@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 import fastbertology
 from fastbertology.cli import main
 from fastbertology.degenerate import zero_importance_warning
-from fastbertology.importance import analyze_heads, normalize_importance
+from fastbertology.importance import analyze_heads, evaluate_metric, normalize_importance
 from fastbertology.loading import ModelLoadingError, load_model
 from fastbertology.pruning import load_pruned
 from fastbertology.tasks import ClassificationTask
@@ -152,6 +152,33 @@ def test_a_classifier_with_one_class_is_refused(tmp_path, data, capsys):
     path.write_text("text,label\n" + "".join(f"{text},0\n" for text in sentences(5)))
     line = _error(capsys, *_importance(model, path, tmp_path / "out"))
     assert "the classifier has 1 class" in line and "at least 2 classes" in line
+
+
+def test_constant_regression_targets_are_warned_about_under_pearson(tmp_path, capsys):
+    model = save_tiny_classifier(tmp_path / "regressor", num_labels=1)
+    glue = tmp_path / "sts-b"
+    glue.mkdir()
+    texts = sentences(8, seed=2)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    (glue / "dev.tsv").write_text(header + "".join(f"{i}\tg\tf\t2012\t{i}\ts\ts\t{texts[2 * i]}\t{texts[2 * i + 1]}"
+                                                   "\t3.0\n" for i in range(4)))
+    output = tmp_path / "out"
+    assert _run(*_importance(model, glue, output, "--task", "sts-b")) == 0
+    assert "warning: every one of the 4 regression targets is 3.0: Pearson correlation is undefined" in \
+        capsys.readouterr().err
+    warnings = json.loads((output / "summary.json").read_text())["setup"]["warnings"]
+    assert "Pearson correlation is undefined" in warnings[0]
+
+
+def test_evaluation_with_nan_outputs_raises():
+    model, _, _ = tiny_model("bert")
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")
+    fastbertology.patch(model, backend="torch")
+    input_ids, attention_mask = random_batch(2, 7, [7, 4])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match=r"the loss of batch 0 is (nan|inf)"):
+        evaluate_metric(model, [batch], ClassificationTask())
 
 
 def test_an_all_zero_importance_table_is_named():
