@@ -97,19 +97,17 @@ def test_deepcopy_of_a_layer_of_a_patched_model_runs_on_its_own_state():
     assert binding.state.model.bert.encoder.layer[1] is layer
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_changing_dtype_keeps_the_patch_working(dtype):
-    model, layers, heads = tiny_model("bert")
+    model, layers, heads = tiny_model("bert", dtype=torch.float32)
     input_ids, attention_mask = random_batch(3, 9, [9, 5, 7])
-    mask = _mask("BLH", layers, heads, 3)
-    stock = copy.deepcopy(model).to(dtype)
-    expected = _reference(stock, input_ids, attention_mask, mask.to(dtype))
+    mask = _mask("BLH", layers, heads, 3).to(dtype)
+    expected = _reference(copy.deepcopy(model).to(dtype), input_ids, attention_mask, mask)
     fastbertology.patch(model, backend="torch")
     moved = model.half() if dtype == torch.float16 else model.to(dtype)
-    assert moved is model
-    tolerance = 2e-2 if dtype == torch.float16 else 1e-5
-    _assert_close(_logits_and_grad(model, input_ids, attention_mask, mask.to(dtype)), expected, attention_mask,
-                  atol=tolerance)
+    assert moved is model and fastbertology.is_patched(model)
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-10
+    _assert_close(_logits_and_grad(model, input_ids, attention_mask, mask), expected, attention_mask, atol=tolerance)
 
 
 @pytest.mark.parametrize("save", [pickle.dumps, lambda model: torch.save(model, io.BytesIO())])
