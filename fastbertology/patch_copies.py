@@ -9,8 +9,9 @@
 * Pickling (``pickle``, ``torch.save(model)``, sending the model to another process) is refused with the reason:
   hooks are functions of this process. Save the weights instead (``save_pretrained`` / ``state_dict``) and patch
   after loading.
-* ``torch.compile`` is refused with the reason: the patch keeps per-call state in Python objects that its hooks
-  change during the call, which compiled graphs do not replay (and compiling costs minutes on a CPU).
+* ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` are refused with the reason: the patch keeps per-call
+  state in Python objects that its hooks change during the call, which captured graphs do not replay (and compiling
+  costs minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ PICKLE_REFUSAL = (
 )
 
 COMPILE_REFUSAL = (
-    "a model patched by fastbertology cannot run under torch.compile: the patch keeps each call's head mask and "
-    "padding plan in Python state that its hooks change during the call, which a compiled graph does not replay. "
-    "Call the patched model itself (not torch.compile(model)), or remove the patch (handle.remove()) before compiling"
+    "a model patched by fastbertology cannot run under torch.compile, torch.export or torch.jit.trace: the patch "
+    "keeps each call's head mask and padding plan in Python state that its hooks change during the call, which a "
+    "captured graph does not replay. Call the patched model itself (not torch.compile(model)), or remove the patch "
+    "(handle.remove()) before compiling"
 )
 
 
@@ -57,12 +59,14 @@ class StateHook:
 
 
 def refuse_torch_compile() -> None:
-    """RuntimeError (:data:`COMPILE_REFUSAL`) when the patched model is called inside ``torch.compile``.
+    """RuntimeError (:data:`COMPILE_REFUSAL`) when the patched model is called inside ``torch.compile`` or
+    ``torch.export`` (TorchDynamo), or while ``torch.jit.trace`` records it (a trace would freeze one call's
+    padding plan and head mask into the graph).
 
     While TorchDynamo traces, a raise only breaks the graph and the code runs again eagerly; there, the frame
     evaluation callback that Dynamo installs for the compiled call is still set, which is how the eager run knows.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         raise RuntimeError(COMPILE_REFUSAL)
     if _EVAL_FRAME_CALLBACK is not None and _EVAL_FRAME_CALLBACK() not in (None, False):
         raise RuntimeError(COMPILE_REFUSAL)

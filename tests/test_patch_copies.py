@@ -128,9 +128,20 @@ def test_torch_compile_of_a_patched_model_is_refused_with_the_reason():
     input_ids, attention_mask = random_batch(2, 7, [7, 4])
     fastbertology.patch(model, backend="torch")
     compiled = torch.compile(model)
-    with pytest.raises(RuntimeError, match=r"cannot run under torch\.compile.*handle\.remove\(\)"):
+    with pytest.raises(RuntimeError, match=r"cannot run under torch\.compile, torch\.export or torch\.jit\.trace.*"
+                                           r"handle\.remove\(\)"):
         compiled(input_ids, attention_mask=attention_mask, head_mask=torch.ones(layers, heads, dtype=torch.float64))
     # the refused call left no state behind: the model itself still runs
     model(input_ids, attention_mask=attention_mask)
     assert fastbertology.patching.calls_so_far(model) == 1
+    assert model._fastbertology_state.depth == 0
+
+
+def test_tracing_a_patched_model_is_refused_with_the_reason():
+    model, _, _ = tiny_model("bert")
+    input_ids, attention_mask = random_batch(2, 7, [7, 4])
+    fastbertology.patch(model, backend="torch")
+    with pytest.raises(RuntimeError, match=r"cannot run under .*torch\.jit\.trace"):
+        torch.jit.trace(model, example_kwarg_inputs={"input_ids": input_ids, "attention_mask": attention_mask},
+                        strict=False)
     assert model._fastbertology_state.depth == 0
