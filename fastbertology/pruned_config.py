@@ -1,4 +1,4 @@
-"""Reading ``config.pruned_heads`` (which heads a pruned checkpoint lacks) and the config's other pruning field.
+"""Reading ``config.pruned_heads``: which heads of each row a pruned checkpoint lacks.
 
 ``config.pruned_heads`` is ``{row: [original head indices]}``; saved as JSON, its row keys are strings
 (``{"0": [1, 3]}``). Anything else (a list, a head count instead of a list, negative or fractional indices, keys
