@@ -414,12 +414,15 @@ def check_finite_weights(model, path: str, *, converted: torch.dtype | None = No
     """:class:`ModelLoadingError` naming the first weights (parameters and floating buffers) of the model loaded
     from ``path`` that hold NaN or infinite values: such a model computes NaN logits, and every metric and table
     after them means nothing. ``converted``: the dtype the weights were just converted to (values beyond its range
-    become infinite). One host sync for the whole model."""
+    become infinite). One host sync per device."""
     tensors = _floating_tensors(model)
     if not tensors:
         return
-    finite = torch.stack([torch.isfinite(tensor.detach()).all().cpu() for _, tensor in tensors]).tolist()
-    bad = [name for (name, _), ok in zip(tensors, finite) if not ok]
+    flags: dict[torch.device, list] = {}  # device -> [(name, 0-d bool: all finite)]
+    for name, tensor in tensors:
+        flags.setdefault(tensor.device, []).append((name, torch.isfinite(tensor.detach()).all()))
+    bad = [name for pairs in flags.values()
+           for (name, _), ok in zip(pairs, torch.stack([flag for _, flag in pairs]).tolist()) if not ok]
     if not bad:
         return
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
