@@ -79,13 +79,16 @@ _EVAL_FRAME_CALLBACK = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval
 
 
 def copy_state(state, memo: dict, fresh_context):
-    """The deep copy of a :class:`~fastbertology.patching.PatchState`: the same architecture entry and options, the
-    copied model, no recorders (a ``record()`` block of the original does not collect the copy's passes) and a fresh
-    call context. Registered in ``memo`` before the model is copied (the model refers back to its state)."""
-    copied = dataclasses.replace(
-        state, recorders=[], context=fresh_context(), depth=0, parts=list(state.parts),
-        first_applications=dict(state.first_applications), last_applications=dict(state.last_applications),
-    )
+    """The deep copy of a :class:`~fastbertology.patching.PatchState`: the same architecture entry (immutable), no
+    recorders (a ``record()`` block of the original does not collect the copy's passes), a fresh call context, and
+    every other field deep-copied (the model through ``memo``: the copy's model). Registered in ``memo`` before
+    anything is copied (the model refers back to its state)."""
+    copied = object.__new__(type(state))
     memo[id(state)] = copied
-    copied.model = copy.deepcopy(state.model, memo)
+    fresh = {"entry": state.entry, "recorders": [], "context": fresh_context(), "depth": 0}
+    names = [item.name for item in dataclasses.fields(state)]
+    # the model last: copying it makes the copied hooks, which read the other fields of the copied state
+    for name in sorted(names, key=lambda name: name == "model"):
+        value = fresh[name] if name in fresh else copy.deepcopy(getattr(state, name), memo)
+        object.__setattr__(copied, name, value)
     return copied
