@@ -38,6 +38,15 @@ def test_integer_labels_are_class_ids_in_every_format(tmp_path, name, labels):
     assert describe_labels(examples) == {"ids": {"1": 1, "2": 2}, "order": "integer labels are the class ids"}
 
 
+def test_names_mean_the_same_with_or_without_surrounding_spaces(tmp_path):
+    csv = load_examples(_write(tmp_path / "n.csv", ["pos", "neg", "pos"], TEXTS[:3]))
+    jsonl = load_examples(_write(tmp_path / "n.jsonl", [" pos", "neg ", "pos"], TEXTS[:3]))
+    assert csv.label_names == jsonl.label_names == ["neg", "pos"]
+    assert [e.label for e in csv] == [e.label for e in jsonl] == [1, 0, 1]
+    with pytest.raises(DataError, match=r"e\.jsonl, line 2: empty 'label'"):
+        load_examples(_write(tmp_path / "e.jsonl", ["pos", "  "], TEXTS[:2]))
+
+
 def test_a_file_of_one_string_label_keeps_its_id(tmp_path):
     examples = load_examples(_write(tmp_path / "ones.jsonl", ["1"] * 12))
     assert {e.label for e in examples} == {1}

@@ -32,6 +32,9 @@ def labels_from_raw(path, raw: list[tuple[int, object]], *, label_names: list[st
     any other integer must be an id in range.
     """
     read = [(line, *_label_value(value)) for line, value in raw]
+    for line, kind, value in read:
+        if kind == "name" and not value:
+            raise DataError(path, line, "empty 'label' (a label must be a class id, a number or a name)")
     if label_names is not None:
         return _labels_from_given_names(path, read, list(label_names)), list(label_names)
     first_line, first_kind, _ = read[0]
@@ -58,7 +61,8 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 def _label_value(value) -> tuple[str, object]:
     """``("int", id)``, ``("float", x)`` or ``("name", text)`` for one raw label: a JSON number, or a string (a
-    CSV cell or a JSON string) that spells an integer or a decimal number, counts as that number."""
+    CSV cell or a JSON string) that spells an integer or a decimal number, counts as that number. Surrounding
+    whitespace never counts (CSV cells are read stripped, JSON strings are stripped here)."""
     if isinstance(value, int):
         return "int", value
     if isinstance(value, float):
@@ -68,7 +72,7 @@ def _label_value(value) -> tuple[str, object]:
         return "int", int(text)
     if _NUMBER.fullmatch(text):
         return "float", float(text)
-    return "name", value
+    return "name", text
 
 
 def _labels_from_given_names(path, read, names: list[str]) -> list[int]:
