@@ -1,7 +1,9 @@
 """A label means the same in every format: JSON numbers, JSON strings that spell numbers, CSV and TSV cells, GLUE
 files; name labels follow the checkpoint's id2label; the mapping is printed and recorded in summary.json."""
 
+import csv
 import json
+import random
 
 import numpy as np
 import pytest
@@ -100,3 +102,45 @@ def test_same_labels_in_csv_and_jsonl_give_the_same_run(three_classes, tmp_path,
         assert summaries[kind]["importance"]["loss"] == summaries["csv"]["importance"]["loss"]
         np.testing.assert_array_equal(tables[kind], tables["csv"])
     assert summaries["csv"]["setup"]["labels"] == {"ids": {"1": 1, "2": 2}, "order": "integer labels are the class ids"}
+
+
+def _random_labels(generator: random.Random) -> list:
+    """A column of labels as a hostile user might write it: class ids, decimals or names, each written as a JSON
+    number or a string (with stray spaces), sometimes mixing kinds."""
+    kinds = generator.sample(["int", "float", "name"], generator.randint(1, 2))
+    column = []
+    for _ in range(generator.randint(1, 6)):
+        kind = generator.choice(kinds)
+        value = {"int": lambda: generator.randint(-2, 12), "float": lambda: generator.choice([0.5, 2.25, -1.5, 1e-3]),
+                 "name": lambda: generator.choice(["pos", "neg", "LABEL_1", "a,b", 'say "hi"', "x1"])}[kind]()
+        column.append(value)
+    return column
+
+
+def _as_csv(path, labels):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([text, label] for text, label in zip(TEXTS, labels))
+    return path
+
+
+def _read_or_error(path):
+    try:
+        examples = load_examples(path)
+    except DataError as error:
+        return "error", str(error).split(": ", 1)[1]  # (the message without the file's name)
+    return [e.label for e in examples], examples.label_names
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_label_columns_mean_the_same_in_csv_and_jsonl(tmp_path, seed):
+    generator = random.Random(seed)
+    labels = _random_labels(generator)
+    as_strings = [f"{' ' * generator.randint(0, 1)}{label}" if generator.random() < 0.5 else label for label in labels]
+    from_csv = _read_or_error(_as_csv(tmp_path / "d.csv", labels))
+    from_jsonl = _read_or_error(_write(tmp_path / "d.jsonl", as_strings, TEXTS))
+    if from_csv[0] == "error" or from_jsonl[0] == "error":
+        assert from_csv[0] == from_jsonl[0] == "error", (labels, from_csv, from_jsonl)
+        return
+    assert from_csv == from_jsonl, (labels, as_strings)
