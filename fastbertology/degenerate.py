@@ -61,10 +61,11 @@ def _retrieval_warnings(pairs: int, group_size: int | None) -> list[str]:
 
 def _classification_warnings(examples: Sequence, num_labels: int | None, label_names) -> list[str]:
     if num_labels is not None and num_labels < 2:
-        raise ValueError(f"the classifier has {num_labels} class: every prediction is that class, so the metric "
-                         "would be perfect and the loss and every head's importance exactly 0. Use a classifier "
-                         "with at least 2 classes (a model with one output is a regression model: the GLUE STS-B "
-                         "layout, --task sts-b)")
+        raise ValueError(f"the classifier has {num_labels} class (a checkpoint with one output, or a random head "
+                         "built for labels that are all 0): every prediction is that class, so the metric would be "
+                         "perfect and the loss and every head's importance exactly 0. Use a classifier with at least "
+                         "2 classes and data with every class (a model with one output is a regression model: the "
+                         "GLUE STS-B layout, --task sts-b)")
     labels = {int(example.label) for example in examples if example.label is not None}
     if len(labels) != 1:
         return []

@@ -155,6 +155,18 @@ def test_a_classifier_with_one_class_is_refused(tmp_path, data, capsys):
     assert "the classifier has 1 class" in line and "at least 2 classes" in line
 
 
+def test_a_random_head_for_labels_that_are_all_zero_is_refused(bert, tmp_path, capsys):
+    def drop_head(state):
+        for key in [key for key in state if key.startswith("classifier.")]:
+            del state[key]
+
+    model = _copy_with_weights(bert, tmp_path / "headless", drop_head)
+    path = tmp_path / "zeros.csv"
+    path.write_text("text,label\n" + "".join(f"{text},0\n" for text in sentences(5)))
+    line = _error(capsys, *_importance(model, path, tmp_path / "out", "--allow-random-head"))
+    assert "the classifier has 1 class" in line and "random head built for labels that are all 0" in line
+
+
 def test_constant_regression_targets_are_warned_about_under_pearson(tmp_path, capsys):
     model = save_tiny_classifier(tmp_path / "regressor", num_labels=1)
     glue = tmp_path / "sts-b"
