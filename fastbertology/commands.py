@@ -25,6 +25,7 @@ from . import distributed, plots
 from .attention_patterns import attention_patterns, choose_rows, extreme_heads
 from .console import Console, format_table
 from .data import demo_pairs
+from .degenerate import zero_importance_warning
 from .distributed import analysis_reducer, shard_checked
 from .head_types import HEAD_TYPES, check_head_type_options, head_type_scores
 from .importance import analyze_heads, evaluate_metric
@@ -106,6 +107,12 @@ def _heatmaps(output: Path, analysis, description: dict) -> None:
                   subtitle=line, colorbar_label="probability")
 
 
+def warn_all(console: Console, description: dict) -> None:
+    """Print the run's warnings (:mod:`fastbertology.degenerate`); they are in ``summary.json`` already."""
+    for warning in description.get("warnings", []):
+        console.warn(warning)
+
+
 def importance_step(args, console: Console, run: Run, output: Path | None, summary: dict):
     """Importance, entropy and max probability in one pass; tables, heatmaps, attention patterns."""
     started = time.perf_counter()
@@ -118,6 +125,10 @@ def importance_step(args, console: Console, run: Run, output: Path | None, summa
     write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
     write_npy(output / "attn_max_prob.npy", analysis.max_prob.numpy())
     _heatmaps(output, analysis, run.description)
+    zero = zero_importance_warning(analysis.raw_importance)
+    if zero is not None:
+        console.warn(zero)
+        summary["setup"].setdefault("warnings", []).append(zero)
     summary["importance"] = {
         "metric": analysis.metric, "loss": analysis.loss, "tokens": analysis.tokens, "examples": analysis.examples,
         "seconds": seconds, "mode": args.importance, "importance": analysis.importance,
@@ -244,6 +255,7 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
     if data_parallel:
         run.batches = shard_checked(run.model, run.batches)
     describe_setup(console, run.description)
+    warn_all(console, run.description)
     if not plots.available():
         console.warn(plots.MISSING)
     existed = args.output_dir is not None and Path(args.output_dir).exists()

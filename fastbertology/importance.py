@@ -90,7 +90,9 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_minmax: bool = True) -> torch.Tensor:
     """run_bertology's normalisation of a ``[L, H]`` table: per-layer L2 (``x / (||x_l||_2 + 1e-20)``), then
-    global min-max to [0, 1]."""
+    global min-max to [0, 1]. A table with NaN or infinite entries raises ValueError (:func:`check_finite_table`):
+    min-max would turn it into zeros, which read as "no head matters"."""
+    check_finite_table(raw, "head importance")
     importance = raw.clone()
     if by_layer:
         importance = importance / (importance.pow(2).sum(-1, keepdim=True).sqrt() + 1e-20)
@@ -98,6 +100,19 @@ def normalize_importance(raw: torch.Tensor, *, by_layer: bool = True, global_min
         low, high = importance.min(), importance.max()
         importance = (importance - low) / (high - low) if high > low else torch.zeros_like(importance)
     return importance
+
+
+def check_finite_table(table: torch.Tensor, what: str) -> None:
+    """ValueError naming how many entries of an ``[L, H]`` table ``what`` are NaN or infinite, and the first."""
+    finite = torch.isfinite(table)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().tolist()
+    layer, head = bad[0][0], bad[0][-1]
+    raise ValueError(
+        f"{what} is NaN or infinite for {len(bad)} of {table.numel()} heads (e.g. layer {layer}, head {head}: "
+        f"{float(table[tuple(bad[0])])}): the model's loss or gradients were not finite (weights with NaN or inf, or "
+        "an overflow in a 16-bit dtype: try --dtype float32). A table that is not finite cannot be normalised")
 
 
 def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
@@ -126,7 +141,7 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     raw = torch.zeros(base_mask.shape, dtype=torch.float64, device=base_mask.device)
     metric_state = task.metric_state()
     batches_seen, examples = 0, 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=base_mask.device)  # read once, after the pass
+    losses = []  # the batch losses (0-d, on the device): read once, after the pass
     with frozen_parameters(model), record(model) as stats, checked_head_masks(base_mask):
         for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
             size = examples_in(task, batch)
@@ -139,10 +154,10 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
             (gradient,) = torch.autograd.grad(objective, mask)
             raw += gradient.abs().double().sum(0) if importance == "per_example" else gradient.abs().double()
             task.update_metric(metric_state, result, batch)
-            loss_sum += result.loss.detach()
+            losses.append(result.loss.detach())
             batches_seen += 1
             examples += size
-    loss_sum = float(loss_sum)
+    loss_sum = loss_total(losses)
     if reduce is not None:
         totals = reduce({"raw_importance": raw, "metric_state": metric_state, "loss_sum": loss_sum,
                          "batches": batches_seen, "examples": examples, "statistics": stats})
@@ -162,13 +177,34 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     )
 
 
+def loss_total(losses: list[torch.Tensor]) -> float:
+    """The sum of a pass's batch losses (0-d tensors on the device, read back in one copy); ValueError naming the
+    first batch whose loss is NaN or infinite (the metric and the gradients after it would be meaningless: accuracy
+    from NaN logits looks like chance). Checked after the pass, so that no step waits for the device."""
+    if not losses:
+        return 0.0
+    values = torch.stack(losses).double().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        index = int(bad[0, 0])
+        raise ValueError(f"the loss of batch {index} is {float(values[index])}: the model computes non-finite values "
+                         "on this data (weights with NaN or inf, or an overflow in a 16-bit dtype: try --dtype "
+                         "float32)")
+    return float(values.sum())
+
+
 def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
                     head_mask: torch.Tensor | None = None, progress: bool = False, desc: str = "evaluate") -> float:
-    """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients."""
+    """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients. A batch
+    loss that is NaN or infinite raises ValueError (a metric from NaN outputs would look like chance)."""
     require_patched(model)
     state = task.metric_state()
     checked = checked_head_masks(head_mask) if head_mask is not None else contextlib.nullcontext()
+    losses = []
     with torch.no_grad(), checked:
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            task.update_metric(state, task.evaluate(model, batch, head_mask=head_mask), batch)
+            result = task.evaluate(model, batch, head_mask=head_mask)
+            losses.append(result.loss.detach())
+            task.update_metric(state, result, batch)
+    loss_total(losses)
     return task.compute_metric(state)

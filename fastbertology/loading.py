@@ -396,7 +396,43 @@ def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dt
         model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 / GPT find each sequence's last token with it
     if report is not None:
         report.path, report.random_head = path, random_head
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    check_finite_weights(model, path)
+    before = {name: tensor.dtype for name, tensor in _floating_tensors(model)}
+    model = model.to(device=device, dtype=dtype).eval()
+    if any(tensor.dtype != before.get(name) for name, tensor in _floating_tensors(model)):
+        check_finite_weights(model, path, converted=dtype)
+    return model, tokenizer
+
+
+def _floating_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """Every floating-point parameter and buffer of ``model`` by name (shared ones once)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, tensor) for name, tensor in tensors if tensor.is_floating_point()]
+
+
+def check_finite_weights(model, path: str, *, converted: torch.dtype | None = None) -> None:
+    """:class:`ModelLoadingError` naming the first weights (parameters and floating buffers) of the model loaded
+    from ``path`` that hold NaN or infinite values: such a model computes NaN logits, and every metric and table
+    after them means nothing. ``converted``: the dtype the weights were just converted to (values beyond its range
+    become infinite). One host sync per device."""
+    tensors = _floating_tensors(model)
+    if not tensors:
+        return
+    flags: dict[torch.device, list] = {}  # device -> [(name, 0-d bool: all finite)]
+    for name, tensor in tensors:
+        flags.setdefault(tensor.device, []).append((name, torch.isfinite(tensor.detach()).all()))
+    bad = [name for pairs in flags.values()
+           for (name, _), ok in zip(pairs, torch.stack([flag for _, flag in pairs]).tolist()) if not ok]
+    if not bad:
+        return
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if converted is not None:
+        name = str(converted).replace("torch.", "")
+        raise ModelLoadingError(f"the weights of {path} overflow in {name}: {len(bad)} tensor(s) hold values too large "
+                                f"for {name} ({shown}); use --dtype float32 (library: dtype=torch.float32)")
+    raise ModelLoadingError(f"the checkpoint {path} has NaN or infinite weights in {len(bad)} tensor(s) ({shown}): "
+                            "the model would compute NaN scores and every result would be meaningless. Use an intact "
+                            "checkpoint (a training run that diverged saves such weights)")
 
 
 def minilm_path() -> str:

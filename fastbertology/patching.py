@@ -57,6 +57,7 @@ from .architectures import Architecture, architecture, attention_sites, heads_pe
 from .attention_hooks import AttentionCall, run_hooks
 from .head_mask import head_mask_rows, normalize_head_mask
 from .packing import PackedBatch, plan_packing
+from .patch_copies import PICKLE_REFUSAL, StateHook, copy_state, refuse_torch_compile
 from .recording import head_sums
 
 IMPLEMENTATION_NAME = "fastbertology"
@@ -125,6 +126,12 @@ class PatchState:
     context: _CallContext = field(default_factory=_CallContext)
     depth: int = 0
     calls: int = 0  # model calls so far (a call of the model and the base model inside it counts once)
+
+    def __deepcopy__(self, memo):  # copies of a patched model are patched (see fastbertology.patch_copies)
+        return copy_state(self, memo, _CallContext)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(PICKLE_REFUSAL)
 
     def attend(self, binding: _Binding, module, query, key, value, key_padding_mask, *, causal, scale, dropout,
                output_attentions, window=None):
@@ -449,6 +456,7 @@ def _make_pre_hook(state):
     def pre_hook(module, args, kwargs):
         # The post hook runs even when this hook raises (always_call), so count the call first.
         state.depth += 1
+        refuse_torch_compile()
         if state.depth == 1:
             state.calls += 1
             call = _call_arguments(module, args, kwargs)
@@ -623,10 +631,11 @@ def _hook_layers(state, undo) -> None:
             application += 1
         for key, layer in modules.items():
             pre = layer.register_forward_pre_hook(
-                _make_layer_pre_hook(state, positions[key], index, state.entry.packed_arguments), with_kwargs=True)
+                StateHook(_make_layer_pre_hook, state, positions[key], index, state.entry.packed_arguments),
+                with_kwargs=True)
             undo.append(pre.remove)
             if state.last_applications[index] in positions[key]:
-                post = layer.register_forward_hook(_make_unpack_hook(state, index))
+                post = layer.register_forward_hook(StateHook(_make_unpack_hook, state, index))
                 undo.append(post.remove)
 
 
@@ -647,7 +656,9 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
     if backend not in kernels.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(kernels.BACKENDS)}")
     if is_patched(model):
-        raise RuntimeError("this model is already patched by fastbertology; call .remove() on the first handle first")
+        raise RuntimeError("this model is already patched by fastbertology; call .remove() on the handle patch() "
+                           "returned first (a deep copy of a patched model is patched, without a handle: copy the "
+                           "model before patching it for a stock copy)")
     if getattr(model.config, "add_cross_attention", False):
         raise ValueError(f"a {entry.name} model with add_cross_attention=True is not supported by fastbertology "
                          "(its cross-attention modules are not in the registry); BART's cross-attention is")
@@ -676,8 +687,8 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
     _hook_layers(state, undo)
     hooked = [model] if model.base_model is model else [model, model.base_model]
     for module in hooked:
-        pre = module.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
-        post = module.register_forward_hook(_make_post_hook(state), always_call=True)
+        pre = module.register_forward_pre_hook(StateHook(_make_pre_hook, state), with_kwargs=True)
+        post = module.register_forward_hook(StateHook(_make_post_hook, state), always_call=True)
         undo.extend([pre.remove, post.remove])
     return PatchHandle(state, undo)
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from .architectures import Architecture, AttentionSite, Projections, architecture, attention_sites
 from .patching import IMPLEMENTATION_NAME, UNEQUAL_GROUPS, register_implementation
+from .pruned_config import read_pruned_heads
 
 __all__ = [
     "count_parameters",
@@ -341,10 +342,10 @@ def _head_parameters(entry: Architecture, block: nn.Module) -> int:
 def pruned_heads(config) -> dict[int, list[int]]:
     """``config.pruned_heads`` normalised to ``{int row: sorted list of original heads}`` (``{}`` if absent).
 
-    JSON turns the row keys into strings; this turns them back.
+    JSON turns the row keys into strings; this turns them back. A malformed field raises ValueError naming it
+    (:func:`fastbertology.pruned_config.read_pruned_heads`).
     """
-    recorded = getattr(config, "pruned_heads", None) or {}
-    return {int(layer): sorted(int(h) for h in heads) for layer, heads in recorded.items() if len(heads) > 0}
+    return read_pruned_heads(getattr(config, "pruned_heads", None) or None)
 
 
 def requires_patch(config) -> list[int]:
@@ -611,11 +612,28 @@ def load_pruned(model_class, path: str | os.PathLike, **kwargs) -> nn.Module:
         raise FileNotFoundError(f"{path} is not a directory saved with save_pretrained.")
     config_class = getattr(model_class, "config_class", None) or AutoConfig
     config, model_kwargs = config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
-    to_prune = pruned_heads(config)
+    source = os.path.join(path, "config.json")
+    try:
+        to_prune = pruned_heads(config)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
     config.pruned_heads = {}
     if hasattr(config, UNEQUAL_GROUPS):
         delattr(config, UNEQUAL_GROUPS)  # recomputed by the pruning below
     model = _build_model(model_class, config, **model_kwargs)
-    prune_heads(model, to_prune)  # on a fresh model, current indices are the original ones
-    _load_state(model, _read_safetensors(path))
+    try:
+        prune_heads(model, to_prune)  # on a fresh model, current indices are the original ones
+    except ValueError as error:
+        raise ValueError(f"{source}: pruned_heads {to_prune} does not fit the model: {error}") from None
+    try:
+        _load_state(model, _read_safetensors(path))
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"the weights in {path} do not fit the model that {source} describes (pruned_heads "
+                         f"{to_prune}): {_first_line(error)}. Save the pruned model again with save_pretrained"
+                         ) from None
     return model.eval()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__

@@ -25,6 +25,7 @@ import torch
 from . import patch
 from .batching import check_token_ids, make_batches, move_batch
 from .data import align_label_names, check_class_labels, describe_labels, load_examples, read_glue
+from .degenerate import task_warnings
 from .kernels import resolve_backend, triton_available
 from .loading import (
     LoadingReport,
@@ -182,7 +183,7 @@ def _load_for_objective(options: RunOptions, objective: str, model_path: str, ex
     A classifier keeps the checkpoint's classes: label names are mapped to its ``id2label`` when it names them,
     and every label must be one of its class ids. Only a head that is random anyway (``--allow-random-head``) is
     rebuilt with the number of classes the data needs. Returns ``(model, tokenizer, loading report, labels)``
-    where ``labels`` describes the label -> class-id mapping (None for numeric labels).
+    where ``labels`` describes the label -> class-id mapping (None but for classifiers).
     """
     report = LoadingReport(model_path)
 
@@ -194,8 +195,8 @@ def _load_for_objective(options: RunOptions, objective: str, model_path: str, ex
     labels = None
     if objective == "classification":
         aligned = None if report.random_head else align_label_names(examples, model.config.id2label)
-        labels = describe_labels(examples, aligned)
         check_class_labels(examples, max(_classes_in(examples), 1) if report.random_head else model.config.num_labels)
+        labels = describe_labels(examples, aligned)
         if report.random_head and model.config.num_labels != _classes_in(examples):
             model, tokenizer = load(num_labels=_classes_in(examples))
     elif objective == "regression" and model.config.num_labels != 1:
@@ -205,6 +206,12 @@ def _load_for_objective(options: RunOptions, objective: str, model_path: str, ex
                              "regression output")
         model, tokenizer = load(num_labels=1)
     return model, tokenizer, report, labels
+
+
+def _class_names(model, objective: str) -> list[str] | None:
+    """The classifier's class names by id (from ``id2label``), for messages; None for other objectives."""
+    id2label = getattr(model.config, "id2label", None) if objective == "classification" else None
+    return [str(id2label.get(i, i)) for i in range(model.config.num_labels)] if id2label else None
 
 
 def _check_heads(model, path) -> None:
@@ -273,6 +280,8 @@ def setup(options: RunOptions, *, examples=None, model_path: str | None = None) 
                                  data_subset=options.data_subset)
     task = make_task(objective, task_name=options.task, metric=options.metric, group_size=options.group_size,
                      num_labels=model.config.num_labels)
+    warnings = task_warnings(objective, examples, num_labels=model.config.num_labels, group_size=options.group_size,
+                             label_names=_class_names(model, objective), metric=getattr(task, "metric_name", None))
     batches = make_batches(examples, tokenizer, max_seq_length=options.max_seq_length, batch_size=options.batch_size,
                            pair_mode="separate" if objective == "retrieval" else "joint", max_positions=max_positions)
     check_token_ids(batches, examples, vocab_size=model.get_input_embeddings().num_embeddings,
@@ -289,6 +298,6 @@ def setup(options: RunOptions, *, examples=None, model_path: str | None = None) 
         "max_seq_length": options.max_seq_length, "device": device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "backend": options.backend,
         "attention": f"{resolve_backend(handle.backend, device)} backend, padding-free (layers run on the real "
-                     "tokens only)", "random_head": report.random_head,
+                     "tokens only)", "random_head": report.random_head, "warnings": warnings,
     }
     return Run(model, tokenizer, task, batches, len(examples), device, description)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed, plots
+from .commands import warn_all
 from .console import Console, format_table
 from .mask_files import read_sweep_masks
 from .outputs import OutputDirectoryError, check_output_dir, check_writable_dir, write_npy
@@ -208,6 +209,7 @@ def run_sweep(args, console: Console) -> int:
     total_batches = len(run.batches)
     steps = steps_for(total_batches, distributed.world_size())
     describe_setup(console, run.description)
+    warn_all(console, run.description)
     resume = _resume_state(console, run, output, fingerprint, steps, len(masks)) if args.resume else None
     resumed_at = resume.steps_done if resume is not None else 0  # the sweep advances the state in place
     summary = new_summary(args.command, vars(args), run.description)

@@ -448,6 +448,7 @@ def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol
     for index in unmasked:  # all-ones masks: the baseline, exactly
         final_states[index] = copy.deepcopy(state.baseline_state)
         final_losses[index] = state.baseline_loss_sum
+    _check_finite_losses(state.baseline_loss_sum, final_losses)
     batches_seen = max(state.batches, 1)
     has_all = hasattr(task, "compute_metrics")
     metrics = [task.compute_metrics(s) for s in final_states] if has_all else []
@@ -462,6 +463,17 @@ def evaluate_masks(model: nn.Module, batches: Sequence[dict], task: TaskProtocol
         metrics=metrics, baseline_metrics=task.compute_metrics(state.baseline_state) if has_all else {},
         batches=state.batches, seconds=time.perf_counter() - started, ablation=ablation,
     )
+
+
+def _check_finite_losses(baseline: float, losses: list[float]) -> None:
+    """ValueError when the unmasked model's loss or some masks' losses are NaN or infinite (their scores, computed
+    from non-finite outputs, would look like real numbers)."""
+    bad = [index for index, loss in enumerate(losses) if not math.isfinite(loss)]
+    if math.isfinite(baseline) and not bad:
+        return
+    which = "the unmasked model" if not math.isfinite(baseline) else f"{len(bad)} mask(s) (e.g. mask {bad[0]})"
+    raise ValueError(f"the loss of {which} is NaN or infinite: the model computes non-finite values on this data "
+                     "(weights with NaN or inf, or an overflow in a 16-bit dtype: try --dtype float32)")
 
 
 def sweep_masks(model: nn.Module, kind: str | torch.Tensor) -> tuple[str, torch.Tensor]:

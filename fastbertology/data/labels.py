@@ -20,59 +20,76 @@ __all__ = ["align_label_names", "check_class_labels", "describe_labels", "labels
 _INT = re.compile(r"[+-]?\d+")
 
 
-def labels_from_raw(path, raw: list[tuple[int, object]], *, label_names: list[str] | None, from_text: bool):
+def labels_from_raw(path, raw: list[tuple[int, object]], *, label_names: list[str] | None):
     """Turn raw labels ``[(line, value)]`` into ids / floats; return ``(labels, label_names)``.
 
-    from_text (CSV): values are strings; all integer-looking -> ints, else all numeric -> floats (regression),
-    else names mapped to ids in sorted order. JSON: ints stay ints, ints mixed with floats -> floats, strings
-    -> names; strings mixed with numbers -> DataError. ``label_names`` given: names are looked up in it and ids
-    must be in range.
+    A label means the same in every format: a JSON number, a JSON string and a CSV / TSV cell that spell the same
+    number are the same label (``1``, ``"1"`` and a CSV ``1`` are class id 1; ``"0.5"`` and ``0.5`` the regression
+    target 0.5). Every other string is a label *name*. All integers -> class ids (ints); numbers with a fraction
+    among them -> regression targets (floats, which must be finite); all names -> ids in sorted order of the names
+    (``label_names``; :func:`align_label_names` later follows the checkpoint's ``id2label`` instead). Names mixed
+    with numbers -> :class:`DataError`. ``label_names`` given: a value that is one of them gets its position,
+    any other integer must be an id in range.
     """
-    values = [value for _, value in raw]
-    if from_text:
-        if label_names is not None:
-            kind = "name"
-        elif all(_INT.fullmatch(v) for v in values):
-            return [int(v) for v in values], None
-        else:
-            try:
-                floats = [float(v) for v in values]
-            except ValueError:
-                kind = "name"
-            else:
-                for (line, _), value in zip(raw, floats):
-                    if not math.isfinite(value):
-                        raise DataError(path, line, f"label must be finite, got {value}")
-                return floats, None
-    else:
-        first_line, first = raw[0]
-        kind = "name" if isinstance(first, str) else "number"
-        for line, value in raw:
-            this = "name" if isinstance(value, str) else "number"
-            if this != kind:
-                raise DataError(path, line, f"label {value!r} mixes {this}s with the {kind} labels used since line "
-                                            f"{first_line}")
-        if kind == "number":
-            if all(isinstance(v, int) for v in values):
-                if label_names is not None:
-                    for line, value in raw:
-                        if not 0 <= value < len(label_names):
-                            raise DataError(path, line, f"label id {value} is out of range for {len(label_names)} "
-                                                        f"label names")
-                return list(values), label_names
-            for line, value in raw:
-                if not math.isfinite(value):
-                    raise DataError(path, line, f"label must be finite, got {value}")
-            return [float(v) for v in values], None
-    # names
-    names = sorted(set(values)) if label_names is None else list(label_names)
+    read = [(line, *_label_value(value)) for line, value in raw]
+    for line, kind, value in read:
+        if kind == "name" and not value:
+            raise DataError(path, line, "empty 'label' (a label must be a class id, a number or a name)")
+    if label_names is not None:
+        return _labels_from_given_names(path, read, list(label_names)), list(label_names)
+    first_line, first_kind, _ = read[0]
+    kinds = {kind for _, kind, _ in read}
+    if "name" in kinds and len(kinds) > 1:
+        line, kind, value = next(item for item in read if (item[1] == "name") != (first_kind == "name"))
+        this, since = ("names", "numbers") if kind == "name" else ("numbers", "names")
+        raise DataError(path, line, f"label {value!r} mixes {this} with the {since} used since line {first_line}; "
+                                    "use class ids (integers) or label names throughout, not both")
+    if kinds == {"int"}:
+        return [value for _, _, value in read], None
+    if "name" not in kinds:
+        for line, _, value in read:
+            if not math.isfinite(value):
+                raise DataError(path, line, f"label must be finite, got {value}")
+        return [float(value) for _, _, value in read], None
+    names = sorted({value for _, _, value in read})
     ids = {name: i for i, name in enumerate(names)}
+    return [ids[value] for _, _, value in read], names
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _label_value(value) -> tuple[str, object]:
+    """``("int", id)``, ``("float", x)`` or ``("name", text)`` for one raw label: a JSON number, or a string (a
+    CSV cell or a JSON string) that spells an integer or a decimal number, counts as that number. Surrounding
+    whitespace never counts (CSV cells are read stripped, JSON strings are stripped here)."""
+    if isinstance(value, int):
+        return "int", value
+    if isinstance(value, float):
+        return "float", value
+    text = value.strip()
+    if _INT.fullmatch(text):
+        return "int", int(text)
+    if _NUMBER.fullmatch(text):
+        return "float", float(text)
+    return "name", text
+
+
+def _labels_from_given_names(path, read, names: list[str]) -> list[int]:
+    """Ids for ``(line, kind, value)`` labels against fixed ``names``: a name's position, or an integer id."""
+    positions = {name: i for i, name in enumerate(names)}
     labels = []
-    for line, value in raw:
-        if value not in ids:
+    for line, kind, value in read:
+        spelled = str(value) if kind != "name" else value
+        if spelled in positions:
+            labels.append(positions[spelled])
+        elif kind == "int":
+            if not 0 <= value < len(names):
+                raise DataError(path, line, f"label id {value} is out of range for {len(names)} label names")
+            labels.append(value)
+        else:
             raise DataError(path, line, f"unknown label {value!r}; known labels: {names}")
-        labels.append(ids[value])
-    return labels, names
+    return labels
 
 
 def check_class_labels(examples: Sequence[Example], num_classes: int) -> None:
@@ -105,22 +122,23 @@ _DEFAULT_LABEL_NAME = re.compile(r"LABEL_\d+")
 
 
 def align_label_names(examples: Sequence[Example], id2label: dict | None) -> dict | None:
-    """Map label *names* to the checkpoint's class ids, in place, when the checkpoint names its classes.
+    """Map label *names* to the checkpoint's class ids, in place.
 
     Readers number name labels in sorted order (or, for GLUE, in the task's processor order), which need not be
-    the order the checkpoint was trained with (MNLI checkpoints disagree). When ``examples.label_names`` holds
-    names (not integer strings) and ``id2label`` has names other than transformers' ``LABEL_i`` defaults, every
-    name is looked up in ``id2label`` (case-insensitively) and the label ids are rewritten; a name the checkpoint
-    does not have raises :class:`DataError`. Returns the mapping used (name -> id), or None when nothing was done.
+    the order the checkpoint was trained with (MNLI checkpoints disagree). When every name of
+    ``examples.label_names`` is a name of ``id2label`` (case-insensitively; transformers' default ``LABEL_i``
+    names included), the label ids are rewritten to the checkpoint's. When ``id2label`` has names of its own (not
+    only ``LABEL_i`` defaults) and some data name is not among them, :class:`DataError`. Integer-string names
+    (GLUE's ``"0"``, ``"1"``) are ids already. Returns the mapping used (name -> id), or None when nothing was done.
     """
     names = getattr(examples, "label_names", None)
     if not names or all(_INT.fullmatch(str(name)) for name in names) or not id2label:
         return None
     checkpoint = {int(i): str(name) for i, name in id2label.items()}
-    if all(_DEFAULT_LABEL_NAME.fullmatch(name) for name in checkpoint.values()):
-        return None
     by_name = {name.lower(): i for i, name in checkpoint.items()}
     unknown = [name for name in names if str(name).lower() not in by_name]
+    if unknown and all(_DEFAULT_LABEL_NAME.fullmatch(name) for name in checkpoint.values()):
+        return None  # the checkpoint does not name its classes: names keep their sorted order
     if unknown:
         raise DataError(where(examples), None,
                         f"label name(s) {unknown} are not among the checkpoint's classes "
@@ -133,13 +151,14 @@ def align_label_names(examples: Sequence[Example], id2label: dict | None) -> dic
     return mapping
 
 
-def describe_labels(examples: Sequence[Example], aligned: dict | None = None) -> dict | None:
-    """The label-name -> class-id mapping a run used, for its summary: ``{"ids": {name: id}, "order": how the ids
-    were chosen}``. ``aligned``: what :func:`align_label_names` returned. None when the labels were numbers (class
-    ids or regression targets, used as given)."""
+def describe_labels(examples: Sequence[Example], aligned: dict | None = None) -> dict:
+    """The label -> class-id mapping a run used, for its summary and its printed set-up: ``{"ids": {label: id},
+    "order": how the ids were chosen}``. ``aligned``: what :func:`align_label_names` returned. Integer labels (from
+    any format) are the class ids themselves; the mapping lists those that occur."""
     names = getattr(examples, "label_names", None)
     if not names:
-        return None
+        ids = sorted({int(e.label) for e in examples if e.label is not None})
+        return {"ids": {str(i): i for i in ids}, "order": "integer labels are the class ids"}
     if aligned:
         return {"ids": {str(name): int(i) for name, i in aligned.items()}, "order": "the checkpoint's id2label"}
     task = getattr(examples, "task", None)

@@ -136,8 +136,9 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
 
     require_label: every row needs a non-empty ``label`` (classification / regression data).
     require_pair:  every row needs a non-empty ``text_pair`` (retrieval pairs).
-    label_names:   fixed label names (id = position); otherwise labels that are all integers stay ints, all
-                   numbers become floats, anything else is mapped to ids in sorted order (``label_names`` of the
+    label_names:   fixed label names (id = position); otherwise labels are read as
+                   :func:`~fastbertology.data.labels.labels_from_raw` says, the same in every format: all integers
+                   are class ids, all numbers regression targets, names ids in sorted order (``label_names`` of the
                    result reports the mapping).
     Optional ``corrupted_text`` / ``corrupted_text_pair`` columns (activation patching) are kept on the examples.
     Raises :class:`DataError` (file and line) for an empty file, a missing column or value, or a row with a
@@ -186,11 +187,11 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
             elif require_label:
                 raise DataError(path, line, "missing 'label'")
         examples.append((line, Example(text=text, text_pair=pair, label=label, line=line, **corrupted)))
-    return _attach_labels(path, examples, raw_labels, label_names=label_names, from_text=True,
+    return _attach_labels(path, examples, raw_labels, label_names=label_names,
                           data_subset=data_subset)
 
 
-def _attach_labels(path, examples, raw_labels, *, label_names, from_text: bool, data_subset):
+def _attach_labels(path, examples, raw_labels, *, label_names, data_subset):
     labelled = [example for _, example in examples if example.label is not None]
     if labelled and len(labelled) != len(examples):
         line = next(line for line, example in examples if example.label is None)
@@ -198,7 +199,7 @@ def _attach_labels(path, examples, raw_labels, *, label_names, from_text: bool, 
     names = None
     if raw_labels:
         fixed = None if label_names is None else list(label_names)
-        labels, names = labels_from_raw(path, raw_labels, label_names=fixed, from_text=from_text)
+        labels, names = labels_from_raw(path, raw_labels, label_names=fixed)
         for example, label in zip(labelled, labels):
             example.label = label
     result = ExampleList((example for _, example in examples), label_names=names, source=str(path))
@@ -211,10 +212,12 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
     pre-tokenized ``input_ids`` (a non-empty list of ints, used as given: no special tokens are added) instead
     of ``text``. Blank lines are skipped.
 
-    Labels: ints stay ids, numbers with a fraction make the data a regression set (floats), strings are mapped to
-    ids in sorted order (reported as ``label_names``) unless ``label_names`` is given. ``require_label`` /
-    ``require_pair`` as in :func:`read_csv`. Raises :class:`DataError` (file and line) for bad JSON, a row that is
-    not an object, a missing or mistyped key, non-integer ``input_ids``, labels of mixed kinds, an empty file.
+    Labels: as in :func:`read_csv`: a string that spells a number is that number (``"1"`` is class id 1, as ``1``
+    is and as a CSV ``1`` is), numbers with a fraction make the data a regression set (floats), other strings are
+    names mapped to ids in sorted order (reported as ``label_names``) unless ``label_names`` is given.
+    ``require_label`` / ``require_pair`` as in :func:`read_csv`. Raises :class:`DataError` (file and line) for bad
+    JSON, a row that is not an object, a missing or mistyped key, non-integer ``input_ids``, labels of mixed kinds
+    (names and numbers), an empty file.
     """
     path = Path(path)
     examples, raw_labels = [], []
@@ -250,7 +253,7 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
                                            **corrupted)))
     if not examples:
         raise DataError(path, 1, "empty file (no JSON lines)")
-    return _attach_labels(path, examples, raw_labels, label_names=label_names, from_text=False,
+    return _attach_labels(path, examples, raw_labels, label_names=label_names,
                           data_subset=data_subset)
 
 
