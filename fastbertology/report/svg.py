@@ -155,8 +155,8 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
     """The iterative-masking curve: ``metric`` against heads remaining (more heads on the left), the stopping
     threshold dashed; each point's exact score on hover and printed above it."""
     xs = [float(p["heads_remaining"]) for p in curve]
-    ys = [float(p["score"]) for p in curve]
-    y_values = ys + ([threshold] if threshold is not None else [])
+    ys = [float("nan") if p["score"] is None else float(p["score"]) for p in curve]  # null: NaN, not drawn
+    y_values = [y for y in ys + ([threshold] if threshold is not None else []) if math.isfinite(y)] or [0.0, 1.0]
     low, high = min(y_values), max(y_values)
     pad = (high - low) * 0.15 or abs(high) * 0.05 or 1.0
     low, high = low - pad, high + pad
@@ -191,9 +191,11 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
                      f'stroke="#888" stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(threshold) + 15:.1f}" '
                      f'font-size="11" fill="#666">stopping threshold {escape(format_value(threshold, decimals))}'
                      '</text>')
-    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if math.isfinite(y))
     parts.append(f'<polyline points="{points}" fill="none" stroke="#2a788e" stroke-width="2"/>')
     for index, (x, y) in enumerate(zip(xs, ys)):
+        if not math.isfinite(y):
+            continue
         parts.append(f'<circle class="cell" cx="{px(x):.1f}" cy="{py(y):.1f}" r="4.5" fill="#2a788e" '
                      f'data-row="{index}" data-column="0" data-value="{exact(np.float64(y))}"><title>{int(x)} heads: '
                      f'{escape(metric)} {exact(np.float64(y))}</title></circle>'
