@@ -57,8 +57,9 @@ def read_numeric_npy(path) -> np.ndarray:
         problem = dtype_problem(dtype)
         if problem:
             raise NpyFileError(f"{problem}; expected real numbers or booleans")
-        if not all(isinstance(n, int) and n >= 0 for n in shape):
-            raise NpyFileError(f"has an invalid shape {shape} in its header")
+        if not all(isinstance(n, int) and n >= 0 for n in shape) or \
+                int(np.prod([max(n, 1) for n in shape], dtype=object)) * dtype.itemsize >= 2 ** 62:
+            raise NpyFileError(f"has an impossible shape {shape} in its header")
         expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
         available = os.fstat(handle.fileno()).st_size - handle.tell()
         if expected != available:

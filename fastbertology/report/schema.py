@@ -89,11 +89,12 @@ class Fields:
         return value
 
     def integer(self, key, *, required: bool = True, minimum: int = 0):
+        """An integer from ``minimum`` to 2**53 (the integers a JSON number holds exactly)."""
         value = self.get(key, required)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"must be an integer >= {minimum}, got {_show(value)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 2 ** 53:
+            self.fail(key, f"must be an integer from {minimum} to 2**53, got {_show(value)}")
         return value
 
     def boolean(self, key):

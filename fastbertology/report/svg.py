@@ -157,7 +157,8 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
     xs = [float(p["heads_remaining"]) for p in curve]
     ys = [float("nan") if p["score"] is None else float(p["score"]) for p in curve]  # null: NaN, not drawn
     y_values = [y for y in ys + ([threshold] if threshold is not None else []) if math.isfinite(y)] or [0.0, 1.0]
-    low, high = min(y_values), max(y_values)
+    unit = max(1.0, max(abs(y) for y in y_values) / 1e300)  # plot y / unit: differences of huge scores stay finite
+    low, high = min(y_values) / unit, max(y_values) / unit
     pad = (high - low) * 0.15 or abs(high) * 0.05 or 1.0
     low, high = low - pad, high + pad
     x_high, x_low = max(xs), min(xs)
@@ -169,13 +170,13 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
         return left + (x_high + x_pad - x) / (x_high - x_low + 2 * x_pad) * plot_w
 
     def py(y):
-        return top + (high - y) / (high - low) * plot_h
+        return top + (high - y / unit) / (high - low) * plot_h
 
     decimals = decimals_for(ys)
     parts = [f'<svg class="curve" data-table="masking_curve" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="masking curve" {FONT}>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>']
-    for tick in _ticks(low, high):
+    for tick in (unit * t for t in _ticks(low, high)):
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" font-size="11" text-anchor="end">'
                      f'{escape(format_value(tick, max(decimals - 1, 0)))}</text>')
