@@ -137,15 +137,16 @@ def _patterns(run: RunFiles) -> str:
              "batch (rows: query tokens; columns: key tokens; darker = more attention). Probabilities from the "
              "patched model's <code>output_attentions=True</code>.</p>"]
     for number, example in enumerate(patterns["examples"]):
+        tokens = [str(token) for token in example["tokens"]]
         cut = "" if example["shown"] == example["length"] else \
             f" (the first {example['shown']} of its {example['length']} tokens)"
-        parts.append(f"<h3>Example {number + 1}: {_text(' '.join(example['tokens'][:24]))}"
-                     f"{' …' if len(example['tokens']) > 24 else ''}{_text(cut)}</h3><div class=\"pair\">")
+        parts.append(f"<h3>Example {number + 1}: {_text(' '.join(tokens[:24]))}"
+                     f"{' …' if len(tokens) > 24 else ''}{_text(cut)}</h3><div class=\"pair\">")
         for index, head in enumerate(heads):
             table = f"pattern-{number}-{index}"
             label = (f"layer {head['layer']}, head {head['head']}: {head['role']} (importance "
                      f"{_number(head['importance'], 3)})")
-            figure = svg.attention_map(np.asarray(example["maps"][index], dtype=np.float64), example["tokens"],
+            figure = svg.attention_map(np.asarray(example["maps"][index], dtype=np.float64), tokens,
                                        table=table, label=label)
             parts.append(f'<div><b>{_text(label)}</b>{_readout(table)}<div class="figure">{figure}</div></div>')
         parts.append("</div>")
