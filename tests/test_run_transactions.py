@@ -230,3 +230,18 @@ def test_what_a_killed_run_left_does_not_block_the_next(bert, data, tmp_path):
     (stale / "head_importance.npy").write_bytes(b"half")
     assert main(_argv("importance", bert, data, output)) == 0
     assert _siblings(output) == [] and (output / "summary.json").is_file()
+
+
+def test_a_parent_where_no_lock_can_be_made_is_refused_before_any_work(bert, data, tmp_path, capsys, monkeypatch):
+    original = os.open
+
+    def refuse_locks(path, *args, **kwargs):  # as in a read-only parent (root ignores permission bits)
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_locks)
+    assert main(_argv("importance", bert, data, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "cannot be locked" in err and "Permission denied" in err and "parent must be writable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
