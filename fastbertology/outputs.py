@@ -57,13 +57,6 @@ def check_writable_dir(path) -> None:
                                    "--output-dir or fix the permissions") from None
 
 
-def prepare_output_dir(path, *, overwrite: bool) -> Path:
-    """:func:`check_output_dir`, then create the directory if needed."""
-    path = check_output_dir(path, overwrite=overwrite)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _temporary_name(path: Path, suffix: str = "") -> Path:
     """A fresh hidden sibling name of ``path`` (``.<name>.<random><suffix>``)."""
     return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"

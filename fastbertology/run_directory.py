@@ -176,7 +176,7 @@ class RunDirectory:
     def __exit__(self, kind, error, traceback) -> None:
         self.close()
         if isinstance(error, OutputWriteError) and not self._committed:
-            kept = f"apart from {', '.join(sorted(self._live))} " if self._live else ""
+            kept = f"apart from {', '.join(sorted(self._live))}, " if self._live else ""
             raise OutputWriteError(f"{error}; nothing of this run was moved into {self.path} ({kept}it holds what it "
                                    "held before the run): free some space or choose another --output-dir, and "
                                    "rerun") from None
