@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -201,6 +202,21 @@ def test_a_forged_npy_header_is_refused_without_allocating(tmp_path):
                                                     + header.encode() + b"\x00" * 64)
     with pytest.raises(ValueError, match="head_importance.npy is damaged"):
         read_run(directory)
+
+
+def test_links_out_of_the_run_directory_are_not_followed(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({**summary(), "command": "my secret"}))
+    for name, target in (("summary.json", secret), ("head_importance.npy", tmp_path / "elsewhere.npy")):
+        directory = write_run(tmp_path / name)
+        (directory / name).unlink()
+        (directory / name).symlink_to(target)
+        with pytest.raises(ValueError, match="is a symbolic link to .*outside the run directory"):
+            read_run(directory)
+    inside = write_run(tmp_path / "inside")  # a link within the directory is fine
+    (inside / "summary.json").rename(inside / "real-summary.json")
+    (inside / "summary.json").symlink_to(inside / "real-summary.json")
+    read_run(inside)
 
 
 # ------------------------------------------------------------------------------------------------------ browser

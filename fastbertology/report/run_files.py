@@ -54,6 +54,18 @@ def _read_json(path: Path) -> dict:
     return payload
 
 
+def _present(directory: Path, file: str) -> bool:
+    """Whether the run has ``file`` as a regular file. A symbolic link out of the run directory is refused: a
+    shared directory must not make the report read (and show) a file of the person who opens it."""
+    path = directory / file
+    if path.is_symlink():
+        target = path.resolve()
+        if directory.resolve() not in target.parents:
+            raise RunFilesError(f"{path} is a symbolic link to {target}, outside the run directory; a run's files are "
+                                "its own: copy the file into the directory instead")
+    return path.is_file()
+
+
 def read_run(directory) -> RunFiles:
     """Read the run in ``directory`` and check its structure (:mod:`~fastbertology.report.schema`).
     RunFilesError (a ValueError) naming the file, the field and the problem when it is not a finished
@@ -62,13 +74,13 @@ def read_run(directory) -> RunFiles:
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; give the output directory of a fastbertology run")
     summary_path = path / "summary.json"
-    if not summary_path.is_file():
+    if not _present(path, "summary.json"):
         raise ValueError(f"{path} has no summary.json, so it is not a finished fastbertology run (a run writes it "
                          "last); give the output directory of a finished run")
     run = RunFiles(directory=path, summary=_read_json(summary_path))
     check_summary(run.summary, summary_path)
     for name, file in TABLE_FILES.items():
-        if (path / file).is_file():
+        if _present(path, file):
             try:
                 run.tables[name] = read_numeric_npy(path / file)
             except NpyFileError as error:
@@ -77,7 +89,7 @@ def read_run(directory) -> RunFiles:
                 raise RunFilesError(f"{path / file} cannot be read ({error.strerror or error})") from None
             check_table(name, run.tables[name], path / file)
     check_tables(run.tables, TABLE_FILES, run.summary, path)
-    if (path / PATTERNS_FILE).is_file():
+    if _present(path, PATTERNS_FILE):
         run.patterns = _read_json(path / PATTERNS_FILE)
         check_patterns(run.patterns, path / PATTERNS_FILE)
     return run
