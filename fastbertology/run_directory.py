@@ -129,6 +129,7 @@ class RunDirectory:
     def __init__(self, path: Path, staging: Path, lock: _Lock, created: list[Path]):
         self.path, self.staging = path, staging
         self._lock, self._created, self._live, self._committed = lock, created, set(), False
+        self._existed = os.path.lexists(path)
 
     def __truediv__(self, name: str) -> Path:
         return self.staging / name
@@ -176,9 +177,12 @@ class RunDirectory:
     def __exit__(self, kind, error, traceback) -> None:
         self.close()
         if isinstance(error, OutputWriteError) and not self._committed:
-            kept = f"apart from {', '.join(sorted(self._live))}, " if self._live else ""
-            raise OutputWriteError(f"{error}; nothing of this run was moved into {self.path} ({kept}it holds what it "
-                                   "held before the run): free some space or choose another --output-dir, and "
+            if self._existed or self._live:
+                but = f" but its {', '.join(sorted(self._live))} (kept for --resume)" if self._live else ""
+                left = f"nothing of this run{but} was moved into {self.path}"
+            else:
+                left = f"{self.path} was not created"
+            raise OutputWriteError(f"{error}; {left}: free some space or choose another --output-dir, and "
                                    "rerun") from None
 
 

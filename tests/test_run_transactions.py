@@ -208,6 +208,7 @@ def test_a_full_disk_leaves_the_previous_state(bert, data, tmp_path, capsys, mon
     assert _snapshot(output) == before and _siblings(output) == []
     full_disk.clear()
     assert main(_argv("mask", bert, data, tmp_path / "fresh")) == 2
+    assert f"{tmp_path / 'fresh'} was not created" in capsys.readouterr().err
     assert not (tmp_path / "fresh").exists() and _siblings(tmp_path / "fresh") == []
 
 
