@@ -204,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the command line ``argv``; its exit status. SIGINT, SIGTERM and SIGHUP are handled from the first line
     on (:mod:`fastbertology.interrupts`): one line on stderr, exit status 128 + the signal's number."""
-    previous = interrupts.install()  # before the heavy imports: Ctrl-C while torch loads is an interrupt too
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((word for word in argv if word in COMMANDS), None)
+    previous, command = None, None
     try:
+        previous = interrupts.install()  # before the heavy imports: Ctrl-C while torch loads is an interrupt too
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = next((word for word in argv if word in COMMANDS), None)
         interrupts.stage("start")
         if argv[:1] == ["bench"]:
             # Lazy: the benchmark imports torch and transformers, and has its own options.
