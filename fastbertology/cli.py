@@ -10,9 +10,10 @@ process group under torchrun, progress and log settings, errors as one line with
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
-from . import __version__
+from . import __version__, interrupts
 
 DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning, ablation sweeps, learned head gates "
                "and activation patching for BERT, RoBERTa, GPT-2 and OpenAI GPT models on transformers 5. Every "
@@ -282,17 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # Lazy: the benchmark imports torch and transformers, and has its own options.
-        from .bench import main as bench_main
+    """Run the command line ``argv``; its exit status. SIGINT, SIGTERM and SIGHUP are handled from the first line
+    on (:mod:`fastbertology.interrupts`): one line on stderr, exit status 128 + the signal's number."""
+    previous, command = None, None
+    try:
+        previous = interrupts.install()  # before the heavy imports: Ctrl-C while torch loads is an interrupt too
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = next((word for word in argv if word in COMMANDS), None)
+        interrupts.stage("start")
+        if argv[:1] == ["bench"]:
+            # Lazy: the benchmark imports torch and transformers, and has its own options.
+            from .bench import main as bench_main
 
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    # Lazy for --help speed: running a command needs torch and transformers (seconds to import); parsing does not.
-    from .dispatch import run
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        # Lazy for --help speed: running a command needs torch and transformers (seconds to import); parsing does
+        # not.
+        from .dispatch import run
 
-    return run(args)
+        interrupts.stage("imported")
+        return run(args)
+    except (interrupts.Interrupted, KeyboardInterrupt) as error:
+        interrupted = interrupts.interrupt_from(error)
+        for signum in (previous or {}):  # a second signal must not turn the one line into a traceback
+            signal.signal(signum, signal.SIG_IGN)
+        print(f"fastbertology{f' {command}' if command else ''}: interrupted ({interrupted.name})", file=sys.stderr)
+        return interrupted.exit_code
+    finally:
+        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ run up with :mod:`fastbertology.run_setup`, runs its steps and writes the output
 * masking step: ``head_mask.npy`` ``[L, H]`` and ``masking_curve.png``;
 * pruning step: ``pruned_model/`` (safetensors; reload with :func:`fastbertology.pruning.load_pruned`);
 * always: ``summary.json`` (options, setup, environment, results, timings) and ``report.html``.
+
+The output directory is one transaction (:mod:`fastbertology.run_directory`): locked for the run's life, the
+outputs written into a staging directory beside it and moved into place only when the run has succeeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -20,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from . import distributed, plots
+from . import distributed, interrupts, plots
 from .attention_patterns import attention_patterns, choose_rows, extreme_heads
 from .console import Console, format_table
 from .data import demo_pairs
@@ -32,9 +37,10 @@ from .importance import analyze_heads, evaluate_metric
 from .loading import minilm_path
 from .mask_files import check_mask_shape, read_pruning_mask
 from .masking import iterative_masking
-from .outputs import apply_umask, check_output_dir, make_temporary_dir, prepare_output_dir, write_json, write_npy
+from .outputs import OutputWriteError, apply_umask, check_output_dir, make_temporary_dir, write_json, write_npy
 from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
 from .report import write_report
+from .run_directory import RunDirectory, locked_run_directory, open_run_directory
 from .run_setup import Run, RunOptions, check_options, resolve_model, setup
 from .runs import default_output_dir, describe_setup, finish, new_summary, subtitle
 
@@ -76,15 +82,14 @@ def check_inputs(args, options: RunOptions, *, model_path=None) -> Inputs:
     return Inputs(model_path=resolve_model(model_path or options.model), head_mask=head_mask)
 
 
-def _output_dir(args, *, create: bool = True) -> Path | None:
-    """The command's output directory (rank 0 only; None elsewhere). ``create=False`` only checks it, so that a
-    run that fails while loading leaves no empty directory behind."""
+def _open_output(args) -> RunDirectory | None:
+    """The command's output directory, checked, locked and staged (rank 0 only; None elsewhere). Nothing appears
+    at ``--output-dir`` before the run has succeeded."""
     if not distributed.is_main():
         return None
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.command)
-    prepare = prepare_output_dir if create else check_output_dir
-    return prepare(args.output_dir, overwrite=args.overwrite)
+    return open_run_directory(args.output_dir, lambda path: check_output_dir(path, overwrite=args.overwrite))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,7 +118,7 @@ def warn_all(console: Console, description: dict) -> None:
         console.warn(warning)
 
 
-def importance_step(args, console: Console, run: Run, output: Path | None, summary: dict):
+def importance_step(args, console: Console, run: Run, output: RunDirectory | None, summary: dict):
     """Importance, entropy and max probability in one pass; tables, heatmaps, attention patterns."""
     started = time.perf_counter()
     analysis = analyze_heads(run.model, run.batches, run.task, progress=console.progress and output is not None,
@@ -143,7 +148,7 @@ def importance_step(args, console: Console, run: Run, output: Path | None, summa
     return analysis
 
 
-def patterns_step(run: Run, importance: torch.Tensor, output: Path, summary: dict, *, count: int = 3,
+def patterns_step(run: Run, importance: torch.Tensor, output: RunDirectory, summary: dict, *, count: int = 3,
                   max_tokens: int = 32) -> None:
     """``attention_patterns.json``: the maps of the most and least important heads on ``count`` examples of the
     first batch (the model inputs ``input_ids``: for retrieval, the queries)."""
@@ -165,7 +170,7 @@ def patterns_step(run: Run, importance: torch.Tensor, output: Path, summary: dic
     summary["patterns"] = {"seconds": time.perf_counter() - started, "examples": len(patterns)}
 
 
-def masking_step(args, console: Console, run: Run, output: Path | None, summary: dict, initial=None):
+def masking_step(args, console: Console, run: Run, output: RunDirectory | None, summary: dict, initial=None):
     """Iterative masking from ``initial`` (the importance step's analysis); the mask and its curve."""
     started = time.perf_counter()
     result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
@@ -194,7 +199,7 @@ def masking_step(args, console: Console, run: Run, output: Path | None, summary:
     return result
 
 
-def pruning_step(args, console: Console, run: Run, head_mask, output: Path, summary: dict) -> None:
+def pruning_step(args, console: Console, run: Run, head_mask, output: RunDirectory, summary: dict) -> None:
     """Score with the mask, prune the masked heads, score the pruned model, save it."""
     model, task, batches = run.model, run.task, run.batches
     mask = torch.as_tensor(head_mask, dtype=torch.float32).to(run.device)
@@ -214,7 +219,7 @@ def pruning_step(args, console: Console, run: Run, head_mask, output: Path, summ
     summary["pruning"] = {
         "masked_score": masked_score, "pruned_score": pruned_score, "parameters_before": parameters_before,
         "parameters_after": parameters_after, "masked_seconds": masked_seconds, "pruned_seconds": pruned_seconds,
-        "heads_pruned": pruned, "heads_total": mask.numel(), "model_dir": str(model_dir),
+        "heads_pruned": pruned, "heads_total": mask.numel(), "model_dir": str(output.path / "pruned_model"),
     }
     console.say(f"\nPruning {pruned} heads: parameters {parameters_before:,} -> {parameters_after:,} "
                 f"({100 * (1 - parameters_after / parameters_before):.1f}% fewer)")
@@ -224,16 +229,21 @@ def pruning_step(args, console: Console, run: Run, head_mask, output: Path, summ
 
 def _save_model_atomic(model, tokenizer, directory: Path) -> None:
     """save_pretrained into a temporary sibling directory, then rename it into place."""
-    temporary = make_temporary_dir(directory)  # mode 0777 minus the umask, like every other output
+    temporary = None
     try:
+        temporary = make_temporary_dir(directory)  # mode 0777 minus the umask, like every other output
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         apply_umask(temporary)  # safetensors writes its files 0600 whatever the umask
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(temporary, directory)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException as error:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, (OSError, SafetensorError)) and not isinstance(error, OutputWriteError):
+            raise OutputWriteError(f"cannot save the pruned model ({getattr(error, 'strerror', None) or error})") \
+                from None
         raise
 
 
@@ -248,26 +258,22 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
     started = time.perf_counter()
     options = RunOptions.pick(vars(args), **labels)
     inputs = check_inputs(args, options, model_path=model_path)  # fail fast, before the slow setup
-    _output_dir(args, create=False)
-    run = setup(options, examples=examples, model_path=inputs.model_path)
-    if inputs.head_mask is not None:
-        check_mask_shape(inputs.head_mask, run.model, args.head_mask)
-    if data_parallel:
-        run.batches = shard_checked(run.model, run.batches)
-    describe_setup(console, run.description)
-    warn_all(console, run.description)
-    if not plots.available():
-        console.warn(plots.MISSING)
-    existed = args.output_dir is not None and Path(args.output_dir).exists()
-    output = _output_dir(args)
-    summary = new_summary(args.command, vars(args), run.description)
-    try:
+    output = _open_output(args)  # locked from here to the end, whatever the end
+    with output if output is not None else contextlib.nullcontext():
+        interrupts.stage("setup")
+        run = setup(options, examples=examples, model_path=inputs.model_path)
+        if inputs.head_mask is not None:
+            check_mask_shape(inputs.head_mask, run.model, args.head_mask)
+        if data_parallel:
+            run.batches = shard_checked(run.model, run.batches)
+        describe_setup(console, run.description)
+        warn_all(console, run.description)
+        if not plots.available():
+            console.warn(plots.MISSING)
+        summary = new_summary(args.command, vars(args), run.description)
         steps(run, inputs, output, summary)
-    except BaseException:
-        if output is not None and not existed and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()  # a run that failed before writing anything leaves no empty directory behind
-        raise
-    finish(console, output, summary, started)
+        interrupts.stage("finish")
+        finish(console, output, summary, started)
     return 0
 
 
@@ -339,7 +345,9 @@ def run_demo(args, console: Console) -> int:
 
 
 def run_report(args, console: Console) -> int:
-    """Rebuild ``report.html`` in a finished run's directory from its files."""
-    path = write_report(os.path.expanduser(args.directory))
+    """Rebuild ``report.html`` in a finished run's directory from its files (under the directory's lock, so that
+    it never interleaves with a run replacing the directory)."""
+    with locked_run_directory(args.directory):
+        path = write_report(os.path.expanduser(args.directory))
     console.say(f"Wrote {path}")
     return 0

@@ -3,7 +3,8 @@
 Bad input never gives a traceback or a silent wrong result: every option and path is checked before the model is
 loaded, the model and the data are checked against each other before any pass over the data (see
 :mod:`fastbertology.run_setup`), and :func:`run` turns every known kind of error into one line on stderr and exit
-code 2 (docs/bad-input.md). Ctrl-C ends with exit code 130. The network is never used.
+code 2 (docs/bad-input.md). Signals (Ctrl-C: exit code 130, SIGTERM: 143) are handled by
+:func:`fastbertology.cli.main`, around the imports as well. The network is never used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .patching_command import run_patching
 from .sweep_command import run_sweep
 
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
 TRACEBACK_ENV = "FASTBERTOLOGY_TRACEBACK"  # set to 1 to get the traceback of an error instead of one line
 
 HANDLERS = {"demo": run_demo, "importance": run_importance, "mask": run_mask, "prune": run_prune,
@@ -73,9 +73,6 @@ def run(args) -> int:
         with distributed.session(device=getattr(args, "device", None)), library_output(progress=console.progress), \
                 _one_line_warnings():
             return HANDLERS[args.command](args, console)
-    except KeyboardInterrupt:
-        print(f"fastbertology {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except KNOWN_ERRORS as error:
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise

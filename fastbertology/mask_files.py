@@ -9,9 +9,8 @@ import os
 
 import numpy as np
 
+from .npy_files import NpyFileError, read_numeric_npy
 from .patching import heads_per_layer
-
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 def read_mask_file(path, *, option: str) -> np.ndarray:
@@ -19,25 +18,19 @@ def read_mask_file(path, *, option: str) -> np.ndarray:
     where = f"{option} {path}"
     if not os.path.isfile(path):
         raise ValueError(f"{where} does not exist or is not a file")
-    with open(path, "rb") as handle:
-        start = handle.read(len(_NPY_MAGIC))
-    if start != _NPY_MAGIC:
-        raise ValueError(f"{where} is not a .npy file (it does not start with the NumPy header); save the mask with "
-                         "numpy.save('mask.npy', array)")
     try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as error:
-        reason = "holds Python objects (pickled data), which are never loaded" if "pickle" in str(error) else str(error)
-        raise ValueError(f"{where} {reason}; save a numeric array with numpy.save") from None
-    except (OSError, EOFError) as error:
-        raise ValueError(f"{where} cannot be read ({error}); the file is truncated or corrupt") from None
-    if not (array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer)
-            or np.issubdtype(array.dtype, np.floating)):
-        raise ValueError(f"{where} has dtype {array.dtype}; a head mask holds real numbers or booleans "
-                         "(e.g. float32 1 = keep, 0 = mask)")
-    array = array.astype(np.float32)
+        array = read_numeric_npy(path)
+    except NpyFileError as error:
+        fix = "save the mask with numpy.save('mask.npy', array)" if "not a .npy" in str(error) else \
+            "save a numeric array with numpy.save (e.g. float32 1 = keep, 0 = mask)"
+        raise ValueError(f"{where} {error}; {fix}") from None
+    except OSError as error:
+        raise ValueError(f"{where} cannot be read ({error.strerror or error})") from None
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+        array = array.astype(np.float32)
     if not np.isfinite(array).all():
-        raise ValueError(f"{where} contains NaN or infinite values; a head mask must be finite")
+        raise ValueError(f"{where} contains NaN or infinite values (or numbers too large for float32); a head mask "
+                         "must be finite")
     return array
 
 

@@ -15,10 +15,15 @@ class OutputDirectoryError(ValueError):
     """The output directory exists and is not empty, and overwriting was not asked for."""
 
 
+class OutputWriteError(OSError):
+    """Writing an output failed (a full disk, a quota, an I/O error); the message names the file and the reason."""
+
+
 def check_output_dir(path, *, overwrite: bool) -> Path:
     """Refuse a path that is not a directory, a directory this process cannot write into (or, when it does not
-    exist yet, cannot create), or a non-empty directory unless ``overwrite`` (files are then replaced one by one
-    as results are written; nothing is deleted). Creates nothing. Returns the path with ``~`` expanded."""
+    exist yet, cannot create), or a non-empty directory unless ``overwrite`` (the run's outputs then replace the
+    old run's when the run has succeeded: :mod:`fastbertology.run_directory`). Creates nothing. Returns the path
+    with ``~`` expanded."""
     path = Path(os.path.expanduser(str(path)))
     if path.exists() and not path.is_dir():
         raise OutputDirectoryError(f"output path {path} exists and is not a directory; choose another --output-dir")
@@ -52,26 +57,20 @@ def check_writable_dir(path) -> None:
                                    "--output-dir or fix the permissions") from None
 
 
-def prepare_output_dir(path, *, overwrite: bool) -> Path:
-    """:func:`check_output_dir`, then create the directory if needed."""
-    path = check_output_dir(path, overwrite=overwrite)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _temporary_name(path: Path, suffix: str = "") -> Path:
     """A fresh hidden sibling name of ``path`` (``.<name>.<random><suffix>``)."""
     return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
 
 
-def make_temporary_dir(path) -> Path:
-    """Create an empty hidden sibling directory of ``path`` (for building ``path`` and renaming it into place).
+def make_temporary_dir(path, *, suffix: str = "") -> Path:
+    """Create an empty hidden sibling directory of ``path`` (for building ``path`` and renaming it into place),
+    ``.<name>.<12 hex digits><suffix>``.
 
     Unlike ``tempfile.mkdtemp`` (always mode 0700) the directory gets the usual mode 0777 minus the umask, so it
     keeps the permissions every other output has once it is renamed into place."""
     path = Path(path)
     for _ in range(100):
-        temporary = _temporary_name(path)
+        temporary = _temporary_name(path, suffix)
         try:
             os.mkdir(temporary, 0o777)
         except FileExistsError:
@@ -110,22 +109,30 @@ def _create_temporary_file(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"cannot create a temporary file next to {path}")
 
 
+def _write_file(handle: int, data: bytes) -> None:
+    """Write ``data`` to the open file ``handle`` and flush it to the disk (closes ``handle``)."""
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def write_bytes_atomic(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename, so that an
     interrupted run leaves either the old file or the new one, never half of one. The file gets the usual
-    permissions (0666 minus the umask)."""
+    permissions (0666 minus the umask). OutputWriteError naming the file when the system refuses (a full disk)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = _create_temporary_file(path)
+    temporary = None
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = _create_temporary_file(path)
+        _write_file(handle, data)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and not isinstance(error, OutputWriteError):
+            raise OutputWriteError(f"cannot write {path.name} ({error.strerror or error})") from None
         raise
     return path
 

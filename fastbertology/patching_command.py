@@ -16,15 +16,16 @@ import os
 import time
 from pathlib import Path
 
-from . import plots
+from . import interrupts, plots
 from .activation_patching import activation_patching, corrupted_examples, pair_batches, rank_correlation
 from .batching import check_token_ids, make_batches, move_batch
+from .commands import _open_output
 from .console import Console, format_table
 from .data import GLUE_TASKS, load_examples
 from .loading import usable_positions
-from .outputs import check_output_dir, prepare_output_dir, write_npy
+from .outputs import write_npy
 from .run_setup import RunOptions, check_options, resolve_model, setup
-from .runs import default_output_dir, describe_setup, finish, new_summary, subtitle
+from .runs import describe_setup, finish, new_summary, subtitle
 
 
 def _check(args, options: RunOptions) -> str:
@@ -77,16 +78,22 @@ def run_patching(args, console: Console) -> int:
     model_path = resolve_model(options.model)
     examples = load_examples(options.data, require_label=objective != "lm", data_subset=options.data_subset)
     corrupted_examples(examples)  # every example has its corrupted text, before the model is loaded
-    if args.output_dir is None:
-        args.output_dir = default_output_dir(args.command)
-    check_output_dir(args.output_dir, overwrite=args.overwrite)
+    output = _open_output(args)  # checked, locked for the run's life, staged
+    with output:
+        interrupts.stage("setup")
+        _patch(args, console, options, objective, model_path, examples, output, started)
+    return 0
+
+
+def _patch(args, console: Console, options: RunOptions, objective: str, model_path, examples, output,
+           started: float) -> None:
+    """The run proper, with the output directory open."""
     run = setup(options, examples=examples, model_path=model_path)
     if objective == "lm":
         run.description["data"] = (f"{Path(options.data).name}: {len(examples)} examples (one per row), each scored "
                                    "by its next-token loss")
     batches = _paired_batches(run, examples, options)
     describe_setup(console, run.description)
-    output = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
     summary = new_summary(args.command, vars(args), run.description)
     result = activation_patching(run.model, batches, run.task, direction=args.direction, score=args.score,
                                  attribution=args.attribution, heads_per_pass=args.heads_per_pass,
@@ -115,4 +122,3 @@ def run_patching(args, console: Console) -> int:
         console.say(format_table(result.attribution, title="\nAttribution patching (first-order estimate)"))
         console.say(f"\nSpearman rank correlation of the two: {correlation:.3f}")
     finish(console, output, summary, started)
-    return 0

@@ -1,5 +1,5 @@
 """A run's record: its output directory, its ``summary.json`` (options, setup, environment, results, timings) and
-the last step of every command — write the summary and ``report.html``, list the outputs.
+the last step of every command — write the summary and ``report.html``, move the outputs into place, list them.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import os
 import platform
 import time
 from datetime import datetime
-from pathlib import Path
 
 import torch
 import transformers
@@ -18,10 +17,11 @@ try:  # optional dependency: only its version is recorded
 except ImportError:
     triton = None
 
-from . import __version__
+from . import __version__, interrupts
 from .console import Console
 from .outputs import write_json
 from .report import write_report
+from .run_directory import RunDirectory
 
 
 def default_output_dir(command: str) -> str:
@@ -63,14 +63,18 @@ def describe_setup(console: Console, description: dict) -> None:
                      f"({', '.join(description['random_head'])}): it was initialised at random (--allow-random-head)")
 
 
-def finish(console: Console, output: Path | None, summary: dict, started: float) -> None:
-    """Write ``summary.json`` and ``report.html`` into ``output`` and list what the directory holds (rank 0 only:
+def finish(console: Console, output: RunDirectory | None, summary: dict, started: float) -> None:
+    """Write ``summary.json`` and ``report.html`` into the run's staging directory, move the whole set into place
+    (:meth:`~fastbertology.run_directory.RunDirectory.commit`) and list what the directory holds (rank 0 only:
     ``output`` is None elsewhere)."""
     if output is None:
         return
     summary["seconds_total"] = time.perf_counter() - started
     write_json(output / "summary.json", summary)
-    write_report(output)
-    console.say(f"\nOutputs in {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})")
-    console.say(f"Open {output / 'report.html'} in a browser for the whole run on one page.")
+    write_report(output.staging)
+    interrupts.stage("commit")
+    output.commit()
+    path = output.path
+    console.say(f"\nOutputs in {path}/ ({', '.join(sorted(p.name for p in path.iterdir()))})")
+    console.say(f"Open {path / 'report.html'} in a browser for the whole run on one page.")
     console.say(f"Total {summary['seconds_total']:.0f} s")

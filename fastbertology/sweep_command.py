@@ -7,11 +7,14 @@ non-empty directory that holds no checkpoint (without ``--overwrite``).
 
 Outputs (rank 0 only): ``sweep_scores.npy``, ``sweep_delta.npy`` (score - unmasked score), ``sweep_losses.npy``
 — ``[L, H]`` for ``--kind heads``, ``[L]`` for ``--kind layers``, ``[M]`` for ``--masks`` — ``sweep_masks.npy``
-``[M, L, H]``, ``sweep_delta.png``, ``summary.json`` and ``report.html``.
+``[M, L, H]``, ``sweep_delta.png``, ``summary.json`` and ``report.html``. Like every command's, the outputs are
+staged and moved into place when the sweep has succeeded (:mod:`fastbertology.run_directory`); the checkpoint is
+the one file written into ``--output-dir`` while the sweep runs, so that a killed sweep can be resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -21,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, plots
+from . import distributed, interrupts, plots
 from .commands import warn_all
 from .console import Console, format_table
 from .mask_files import read_sweep_masks
 from .outputs import OutputDirectoryError, check_output_dir, check_writable_dir, write_npy
+from .run_directory import RunDirectory, open_run_directory
 from .run_setup import RunOptions, check_options, resolve_model, setup
 from .runs import default_output_dir, describe_setup, finish, new_summary, subtitle
 from .sweep_checkpoint import (
@@ -121,13 +125,6 @@ def check_output(args) -> Path:
     return check_output_dir(path, overwrite=args.overwrite)
 
 
-def _prepare_output(args) -> Path:
-    """:func:`check_output`, then create the directory."""
-    path = check_output(args)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _load_masks(args, model, masks):
     """``(kind, masks [M, L, H])``: the built-in masks of ``--kind``, or ``masks`` (``--masks``) checked against
     the model."""
@@ -199,10 +196,26 @@ def run_sweep(args, console: Console) -> int:
     started = time.perf_counter()
     options = RunOptions.pick(vars(args))
     inputs = check_inputs(args, options)  # every option and path, before any work
-    _on_main(lambda: check_output(args))
+    opened: list[RunDirectory] = []
+
+    def open_output() -> str:  # rank 0: checked, locked for the sweep's life, staged
+        if args.output_dir is None:
+            args.output_dir = default_output_dir("sweep")
+        opened.append(open_run_directory(args.output_dir, lambda path: check_output(args)))
+        return str(opened[0].path)
+
+    output = Path(_on_main(open_output))  # the final directory, on every rank
+    directory = opened[0] if opened else None
+    with directory if directory is not None else contextlib.nullcontext():
+        interrupts.stage("setup")
+        return _sweep(args, console, options, inputs, output, directory, started)
+
+
+def _sweep(args, console: Console, options: RunOptions, inputs: SweepInputs, output: Path,
+           directory: RunDirectory | None, started: float) -> int:
+    """The sweep proper, with the output directory open (``directory``: rank 0 only)."""
     run = setup(options, model_path=inputs.model_path)
     kind, masks = _on_main(lambda: _load_masks(args, run.model, inputs.masks))
-    output = _on_main(lambda: _prepare_output(args))
     agreement = distributed.check_agreement(run.model, run.batches)
     masks_per_pass = args.masks_per_pass or masks.shape[2]
     fingerprint = _fingerprint(args, run, masks, kind, agreement, masks_per_pass)
@@ -220,13 +233,16 @@ def run_sweep(args, console: Console) -> int:
     result = ablation_sweep(
         run.model, distributed.shard(run.batches), run.task, kind=masks if kind == "masks" else kind,
         masks_per_pass=masks_per_pass, reuse_prefix=not args.no_prefix_reuse, progress=console.progress,
-        resume=resume, on_step=_checkpointer(args, output / CHECKPOINT, fingerprint, steps), steps=steps,
+        resume=resume, steps=steps,
+        on_step=_checkpointer(args, directory.live(CHECKPOINT) if directory else output / CHECKPOINT, fingerprint,
+                              steps),
         reduce=distributed.sweep_reducer(run.task), ablation=args.ablation, seed=args.seed,
         sum_tensors=distributed.all_reduce_sums if distributed.is_distributed() else None,
     )
     if not distributed.is_main():
         return 0
-    _write_results(console, output, result, kind, masks, run.description)
+    interrupts.stage("results")
+    _write_results(console, directory, result, kind, masks, run.description)
     sign = 1 if result.higher_is_better else -1
     order = torch.argsort(sign * result.delta, stable=True)  # most harmful first
     summary["sweep"] = {
@@ -243,11 +259,11 @@ def run_sweep(args, console: Console) -> int:
         "seconds": time.perf_counter() - started,
         "model_fingerprint": agreement["model"], "data_fingerprint": agreement["data"],
     }
-    finish(console, output, summary, started)
+    finish(console, directory, summary, started)
     return 0
 
 
-def _write_results(console: Console, output: Path, result, kind: str, masks, description: dict) -> None:
+def _write_results(console: Console, output: RunDirectory, result, kind: str, masks, description: dict) -> None:
     """The sweep's arrays and heatmap, and its table printed."""
     write_npy(output / "sweep_scores.npy", result.table(result.scores).numpy())
     write_npy(output / "sweep_delta.npy", result.table().numpy())

@@ -199,11 +199,43 @@ def _attach_labels(path, examples, raw_labels, *, label_names, data_subset):
     names = None
     if raw_labels:
         fixed = None if label_names is None else list(label_names)
-        labels, names = labels_from_raw(path, raw_labels, label_names=fixed)
+        try:
+            labels, names = labels_from_raw(path, raw_labels, label_names=fixed)
+        except DataError:
+            raise
+        except (ValueError, OverflowError) as error:  # e.g. an integer label of more than 4300 digits
+            raise DataError(path, None, f"the labels cannot be read ({str(error).split(';')[0]})") from None
         for example, label in zip(labelled, labels):
             example.label = label
     result = ExampleList((example for _, example in examples), label_names=names, source=str(path))
     return subset(result, data_subset)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (JSON numbers are finite; write null for a missing value)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a float")
+    return value
+
+
+def _json_line(path, line: int, content: str):
+    """One JSON line, strictly: no NaN / Infinity, no number beyond float64, valid Unicode; DataError otherwise."""
+    try:
+        row = json.loads(content, parse_constant=_no_constant, parse_float=_finite_float)
+        json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\\ud800") is not text
+    except json.JSONDecodeError as error:
+        raise DataError(path, line, f"invalid JSON: {error.msg} (column {error.colno})") from None
+    except UnicodeEncodeError:
+        raise DataError(path, line, "invalid Unicode in a string (a lone surrogate such as \\ud800)") from None
+    except RecursionError:
+        raise DataError(path, line, "invalid JSON: nested too deeply") from None
+    except ValueError as error:  # the hooks above; integers of more than 4300 digits
+        raise DataError(path, line, f"invalid JSON: {str(error).split(';')[0]}") from None
+    return row
 
 
 def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
@@ -225,10 +257,7 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
         for line, content in enumerate(handle, start=1):
             if not content.strip():
                 continue
-            try:
-                row = json.loads(content)
-            except json.JSONDecodeError as error:
-                raise DataError(path, line, f"invalid JSON: {error.msg} (column {error.colno})") from None
+            row = _json_line(path, line, content)
             if not isinstance(row, dict):
                 raise DataError(path, line, f"expected a JSON object, got {type(row).__name__}")
             input_ids = row.get("input_ids")

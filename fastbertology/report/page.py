@@ -1,8 +1,15 @@
 """``report.html``: one self-contained page for a run — inline CSS, inline SVG and a few lines of script; nothing is
-fetched from anywhere. Built only from the run's files (:class:`~fastbertology.report.run_files.RunFiles`)."""
+fetched from anywhere. Built only from the run's files (:class:`~fastbertology.report.run_files.RunFiles`).
+
+A run directory can come from someone else, so every value read from a file is written as text (:func:`_text`:
+HTML-escaped, quotes included, whatever its type), and the page's Content-Security-Policy (:data:`POLICY`) lets
+only its own script and its own style run: no other script (inline, event handler or file), no network, images
+from ``data:`` only."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from html import escape
 
 import numpy as np
@@ -50,6 +57,16 @@ document.querySelectorAll('svg[data-table]').forEach(function (figure) {
 document.body.setAttribute('data-ready', 'yes');
 """
 
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+# Only the page's own <script> and <style> (by their hashes); nothing fetched, no forms, no <base>.
+POLICY = (f"default-src 'none'; script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; img-src data:; "
+          "base-uri 'none'; form-action 'none'")
+
 TABLES = {  # name -> (heading, what, colour map, explanation)
     "importance": ("Head importance", "importance", "viridis",
                    "|dL/dmask| per head, summed over the data and divided by the number of tokens (run_bertology; "
@@ -63,23 +80,35 @@ TABLES = {  # name -> (heading, what, colour map, explanation)
 }
 
 
+def _text(value) -> str:
+    """Any value from a file as HTML text (also safe inside a quoted attribute)."""
+    return escape(str(value), quote=True)
+
+
 def _fmt(value, digits: int = 4) -> str:
+    """A number as short text; None (NaN in summary.json) as an en dash."""
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
 
 
+def _number(value, decimals: int) -> str:
+    return "–" if value is None else format_value(value, decimals)
+
+
 def _kv_table(rows) -> str:
-    cells = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(_fmt(v))}</td></tr>" for k, v in rows)
+    cells = "".join(f"<tr><th>{_text(k)}</th><td>{_text(_fmt(v))}</td></tr>" for k, v in rows)
     return f'<table class="kv">{cells}</table>'
 
 
 def _readout(table: str) -> str:
-    return f'<div class="readout" id="readout-{escape(table)}">Hover a cell for its exact value.</div>'
+    return f'<div class="readout" id="readout-{_text(table)}">Hover a cell for its exact value.</div>'
 
 
 def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
+    return f'<section id="{_text(anchor)}"><h2>{_text(title)}</h2>{body}</section>'
 
 
 def _subtitle(setup: dict) -> str:
@@ -93,7 +122,7 @@ def _head_tables(run: RunFiles) -> list[tuple[str, str, str]]:
         if name not in run.tables:
             continue
         values = np.asarray(run.tables[name])
-        body = (f'<p class="note">{escape(note)}</p>{_readout(name)}<div class="figure">'
+        body = (f'<p class="note">{_text(note)}</p>{_readout(name)}<div class="figure">'
                 f'{svg.head_heatmap(values, table=name, colormap=colormap, what=what)}</div>')
         sections.append((name, title, body))
     return sections
@@ -108,17 +137,18 @@ def _patterns(run: RunFiles) -> str:
              "batch (rows: query tokens; columns: key tokens; darker = more attention). Probabilities from the "
              "patched model's <code>output_attentions=True</code>.</p>"]
     for number, example in enumerate(patterns["examples"]):
+        tokens = [str(token) for token in example["tokens"]]
         cut = "" if example["shown"] == example["length"] else \
             f" (the first {example['shown']} of its {example['length']} tokens)"
-        parts.append(f"<h3>Example {number + 1}: {escape(' '.join(example['tokens'][:24]))}"
-                     f"{' …' if len(example['tokens']) > 24 else ''}{escape(cut)}</h3><div class=\"pair\">")
+        parts.append(f"<h3>Example {number + 1}: {_text(' '.join(tokens[:24]))}"
+                     f"{' …' if len(tokens) > 24 else ''}{_text(cut)}</h3><div class=\"pair\">")
         for index, head in enumerate(heads):
             table = f"pattern-{number}-{index}"
             label = (f"layer {head['layer']}, head {head['head']}: {head['role']} (importance "
-                     f"{head['importance']:.3f})")
-            figure = svg.attention_map(np.asarray(example["maps"][index], dtype=np.float64), example["tokens"],
+                     f"{_number(head['importance'], 3)})")
+            figure = svg.attention_map(np.asarray(example["maps"][index], dtype=np.float64), tokens,
                                        table=table, label=label)
-            parts.append(f'<div><b>{escape(label)}</b>{_readout(table)}<div class="figure">{figure}</div></div>')
+            parts.append(f'<div><b>{_text(label)}</b>{_readout(table)}<div class="figure">{figure}</div></div>')
         parts.append("</div>")
     return "".join(parts)
 
@@ -127,11 +157,11 @@ def _masking(run: RunFiles) -> str:
     masking = run.summary.get("masking")
     if not masking:
         return ""
-    metric = run.summary.get("setup", {}).get("metric", "score")
+    metric = str((run.summary.get("setup") or {}).get("metric", "score"))
     body = [f'<p class="note">Mask the {100 * masking["amount"]:.0f}% least important remaining heads, recompute '
-            f"importance, repeat while {escape(metric)} stays within {100 * masking['threshold']:.0f}% of the "
-            f"original ({_fmt(masking['original_score'])}). Kept: {masking['heads_remaining']} of "
-            f"{masking['heads_total']} heads, scoring {_fmt(masking['final_score'])}.</p>",
+            f"importance, repeat while {_text(metric)} stays within {100 * masking['threshold']:.0f}% of the "
+            f"original ({_text(_fmt(masking['original_score']))}). Kept: {_text(masking['heads_remaining'])} of "
+            f"{_text(masking['heads_total'])} heads, scoring {_text(_fmt(masking['final_score']))}.</p>",
             _readout("masking_curve")]
     curve = svg.masking_curve(masking["curve"], metric=metric, threshold=masking.get("threshold_score"))
     body.append(f'<div class="figure">{curve}</div>')
@@ -147,20 +177,22 @@ def _sweep(run: RunFiles) -> str:
     if not sweep or "sweep_delta" not in run.tables:
         return ""
     delta = np.asarray(run.tables["sweep_delta"])
-    kind = sweep["kind"]
+    kind, metric = str(sweep["kind"]), str(sweep["metric"])
     row_title = "mask" if kind == "masks" else "layer"
     figure = svg.head_heatmap(delta, table="sweep_delta", colormap="RdBu_r", centre=0.0, row_title=row_title,
-                              what=f"change of {sweep['metric']}")
+                              what=f"change of {metric}")
     harmful = ", ".join(f"{' '.join(f'{k} {v}' for k, v in entry.items() if k != 'delta')} "
-                        f"({entry['delta']:+.4g})" for entry in sweep.get("most_harmful", [])[:5])
+                        f"({'–' if entry['delta'] is None else format(entry['delta'], '+.4g')})"
+                        for entry in (sweep.get("most_harmful") or [])[:5])
     direction = "higher is better" if sweep["higher_is_better"] else "lower is better"
-    ablation = sweep.get("ablation", "zero")
+    ablation = str(sweep.get("ablation", "zero"))
     replaced = {"zero": "zeroed", "mean": "replaced by its mean over the data",
                 "resample": "resampled from another example"}.get(ablation, ablation)
-    return (f'<p class="note">{escape(sweep["metric"])} with each {kind[:-1]} masked (its heads\' outputs '
-            f"{escape(replaced)}: {escape(ablation)} ablation) minus the unmasked "
-            f"{_fmt(sweep['baseline_score'])} ({direction}; blue: it went down, red: up, white: no change). Most "
-            f"harmful to mask: {escape(harmful)}.</p>{_readout('sweep_delta')}<div class=\"figure\">{figure}</div>")
+    return (f'<p class="note">{_text(metric)} with each {_text(kind[:-1])} masked (its heads\' outputs '
+            f"{_text(replaced)}: {_text(ablation)} ablation) minus the unmasked "
+            f"{_text(_fmt(sweep['baseline_score']))} ({direction}; blue: it went down, red: up, white: no change). "
+            f"Most harmful to mask: {_text(harmful)}.</p>{_readout('sweep_delta')}"
+            f'<div class="figure">{figure}</div>')
 
 
 HEAD_TYPE_NOTES = {  # score -> its definition, in a few words
@@ -286,7 +318,7 @@ def _timings(summary: dict) -> str:
                                 ("learning the gates", "gates", "seconds"),
                                 ("evaluating the gate and importance masks", "gates", "evaluation_seconds"),
                                 ("activation patching", "patching", "seconds")):
-        value = summary.get(section, {}).get(key)
+        value = (summary.get(section) or {}).get(key)
         if value is not None:
             rows.append((label, f"{value:.2f} s"))
             known += value if section != "sweep" else 0.0
@@ -299,20 +331,20 @@ def _timings(summary: dict) -> str:
 
 
 def _cards(summary: dict) -> str:
-    setup = summary.get("setup", {})
+    setup = summary.get("setup") or {}
     cards = []
     importance = summary.get("importance")
     if importance:
-        cards.append((format_value(importance["metric"], 4), f"{setup.get('metric', 'metric')}, all heads"))
+        cards.append((_number(importance["metric"], 4), f"{setup.get('metric', 'metric')}, all heads"))
     if summary.get("masking"):
         masking = summary["masking"]
         cards.append((f"{masking['heads_remaining']} / {masking['heads_total']}", "heads kept by masking"))
     if summary.get("pruning"):
         pruning = summary["pruning"]
-        cards.append((format_value(pruning["pruned_score"], 4), "score of the pruned model"))
+        cards.append((_number(pruning["pruned_score"], 4), "score of the pruned model"))
     if summary.get("sweep"):
         sweep = summary["sweep"]
-        cards.append((format_value(sweep["baseline_score"], 4), f"{sweep['metric']}, unmasked"))
+        cards.append((_number(sweep["baseline_score"], 4), f"{sweep['metric']}, unmasked"))
         cards.append((str(sweep["masks"]), f"masks swept ({sweep['kind']})"))
     if summary.get("gates"):
         gates = summary["gates"]
@@ -323,13 +355,13 @@ def _cards(summary: dict) -> str:
                       "rank correlation, activation vs attribution"))
     if summary.get("seconds_total") is not None:
         cards.append((f"{summary['seconds_total']:.0f} s", "total time"))
-    return '<div class="cards">' + "".join(f"<div class=\"card\"><b>{escape(v)}</b><span>{escape(k)}</span></div>"
+    return '<div class="cards">' + "".join(f"<div class=\"card\"><b>{_text(v)}</b><span>{_text(k)}</span></div>"
                                            for v, k in cards) + "</div>"
 
 
 def _run_details(summary: dict) -> str:
-    setup = summary.get("setup", {})
-    versions = summary.get("versions", {})
+    setup = summary.get("setup") or {}
+    versions = summary.get("versions") or {}
     environment = [("command", summary.get("command")), ("date", str(summary.get("date", "")).replace("T", " ")),
                    ("device", setup.get("device")), ("dtype", setup.get("dtype")),
                    ("attention", setup.get("attention", setup.get("backend"))), ("platform", summary.get("platform")),
@@ -339,12 +371,16 @@ def _run_details(summary: dict) -> str:
             ("batches", f"{setup.get('batches')} of up to {setup.get('batch_size')} examples, at most "
                         f"{setup.get('max_seq_length')} tokens each")]
     labels = setup.get("labels")
-    if labels:
+    if isinstance(labels, dict) and isinstance(labels.get("ids"), dict):
         data.append(("labels -> class ids", ", ".join(f"{k} -> {v}" for k, v in labels["ids"].items())
-                     + f" ({labels['order']})"))
-    if setup.get("random_head"):
-        data.append(("random task head", ", ".join(setup["random_head"])))
-    options = sorted(summary.get("options", {}).items())
+                     + f" ({labels.get('order', '?')})"))
+    elif labels:
+        data.append(("labels", labels))
+    random_head = setup.get("random_head")
+    if random_head:
+        data.append(("random task head", ", ".join(map(str, random_head)) if isinstance(random_head, list)
+                     else random_head))
+    options = sorted((summary.get("options") or {}).items())
     return ("<h3>Setup</h3>" + _kv_table(data) + "<h3>Environment</h3>" + _kv_table(environment)
             + "<h3>Options</h3>" + _kv_table(options))
 
@@ -352,7 +388,7 @@ def _run_details(summary: dict) -> str:
 def build_html(run: RunFiles) -> str:
     """The whole page for ``run``."""
     summary = run.summary
-    setup = summary.get("setup", {})
+    setup = summary.get("setup") or {}
     command = summary.get("command", "run")
     sections = [(name, title, body) for name, title, body in _head_tables(run)]
     for anchor, title, body in (("patterns", "Attention patterns", _patterns(run)),
@@ -366,16 +402,17 @@ def build_html(run: RunFiles) -> str:
             sections.append((anchor, title, body))
     sections.append(("timings", "Timings", _timings(summary)))
     sections.append(("run", "Run", _run_details(summary)))
-    nav = "".join(f'<a href="#{anchor}">{escape(title)}</a>' for anchor, title, _ in sections)
+    nav = "".join(f'<a href="#{_text(anchor)}">{_text(title)}</a>' for anchor, title, _ in sections)
     layers = next((t.shape for t in run.tables.values() if np.asarray(t).ndim == 2), None)
     shape = f" · {layers[0]} layers × {layers[1]} heads" if layers else ""
     title = f"fastbertology {command} — {setup.get('model_label', setup.get('model', ''))}"
     return "".join([
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-        f"<title>{escape(title)}</title><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{POLICY}\">",
+        f"<title>{_text(title)}</title><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
         f"<style>{STYLE}</style></head><body><main>",
-        f"<header><h1>{escape(title)}</h1><p class=\"lede\">{escape(_subtitle(setup))}{escape(shape)} · "
-        f"{escape(str(setup.get('device', '')))} · {escape(str(summary.get('date', '')).replace('T', ' '))}</p>",
+        f"<header><h1>{_text(title)}</h1><p class=\"lede\">{_text(_subtitle(setup))}{_text(shape)} · "
+        f"{_text(setup.get('device', ''))} · {_text(str(summary.get('date', '')).replace('T', ' '))}</p>",
         f"{_cards(summary)}<nav>{nav}</nav></header>",
         *(_section(anchor, title, body) for anchor, title, body in sections),
         f"<script>{SCRIPT}</script></main></body></html>\n",

@@ -65,7 +65,9 @@ def decimals_for(values, *, significant: int = 3) -> int:
     if np.all(finite == np.round(finite)) and np.abs(finite).max() < 1e6:
         return 0  # whole numbers (a 0/1 head mask, counts)
     largest = float(np.abs(finite).max())
-    spread = float(finite.max() - finite.min())
+    with np.errstate(over="ignore"):
+        spread = float(finite.max() - finite.min())
+    spread = spread if math.isfinite(spread) else largest
     by_size = significant - 1 - math.floor(math.log10(largest)) if largest > 0 else 0
     by_spread = 1 - math.floor(math.log10(spread)) if spread > 0 else 0
     return int(min(MAX_DECIMALS, max(0, by_size, by_spread)))

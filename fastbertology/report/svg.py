@@ -155,9 +155,10 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
     """The iterative-masking curve: ``metric`` against heads remaining (more heads on the left), the stopping
     threshold dashed; each point's exact score on hover and printed above it."""
     xs = [float(p["heads_remaining"]) for p in curve]
-    ys = [float(p["score"]) for p in curve]
-    y_values = ys + ([threshold] if threshold is not None else [])
-    low, high = min(y_values), max(y_values)
+    ys = [float("nan") if p["score"] is None else float(p["score"]) for p in curve]  # null: NaN, not drawn
+    y_values = [y for y in ys + ([threshold] if threshold is not None else []) if math.isfinite(y)] or [0.0, 1.0]
+    unit = max(1.0, max(abs(y) for y in y_values) / 1e300)  # plot y / unit: differences of huge scores stay finite
+    low, high = min(y_values) / unit, max(y_values) / unit
     pad = (high - low) * 0.15 or abs(high) * 0.05 or 1.0
     low, high = low - pad, high + pad
     x_high, x_low = max(xs), min(xs)
@@ -169,13 +170,13 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
         return left + (x_high + x_pad - x) / (x_high - x_low + 2 * x_pad) * plot_w
 
     def py(y):
-        return top + (high - y) / (high - low) * plot_h
+        return top + (high - y / unit) / (high - low) * plot_h
 
     decimals = decimals_for(ys)
     parts = [f'<svg class="curve" data-table="masking_curve" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="masking curve" {FONT}>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>']
-    for tick in _ticks(low, high):
+    for tick in (unit * t for t in _ticks(low, high)):
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" font-size="11" text-anchor="end">'
                      f'{escape(format_value(tick, max(decimals - 1, 0)))}</text>')
@@ -191,9 +192,11 @@ def masking_curve(curve: Sequence[dict], *, metric: str, threshold: float | None
                      f'stroke="#888" stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(threshold) + 15:.1f}" '
                      f'font-size="11" fill="#666">stopping threshold {escape(format_value(threshold, decimals))}'
                      '</text>')
-    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if math.isfinite(y))
     parts.append(f'<polyline points="{points}" fill="none" stroke="#2a788e" stroke-width="2"/>')
     for index, (x, y) in enumerate(zip(xs, ys)):
+        if not math.isfinite(y):
+            continue
         parts.append(f'<circle class="cell" cx="{px(x):.1f}" cy="{py(y):.1f}" r="4.5" fill="#2a788e" '
                      f'data-row="{index}" data-column="0" data-value="{exact(np.float64(y))}"><title>{int(x)} heads: '
                      f'{escape(metric)} {exact(np.float64(y))}</title></circle>'
