@@ -117,6 +117,14 @@ def test_quick_head_types_equal_the_eager_maps(quick_run):
     assert modes["reference"]["head_types_diff"] is None
 
 
+def test_quick_gates_equal_the_eager_training(quick_run):
+    """The same gate training on the fused path and on explicit eager attention (the reference backend, every map
+    stored) ends at the same gate probabilities."""
+    modes = _by_case(quick_run[0])["quick-gates-bert-16x16-b8-fp32"]
+    assert modes["fastbertology"]["gates_diff"] < 1e-4
+    assert modes["reference"]["gates_diff"] is None and modes["fastbertology"]["passes"] == 40
+
+
 def test_quick_jsonl_and_results_block(quick_run):
     rows, out = quick_run
     written = [json.loads(line) for line in out.read_text().splitlines()]

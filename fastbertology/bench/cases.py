@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .names import (  # noqa: F401 - re-exported
     ANALYSIS_MODES,
+    GATES_MODES,
     HEAD_TYPE_MODES,
     MASKING_MODES,
     PATCHING_MODES,
@@ -26,7 +27,7 @@ from .names import (  # noqa: F401 - re-exported
 from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
 
 KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES,
-              "head-types": HEAD_TYPE_MODES, "patching": PATCHING_MODES}
+              "head-types": HEAD_TYPE_MODES, "patching": PATCHING_MODES, "gates": GATES_MODES}
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class BenchCase:
     kind:            ``"analysis"`` (one importance + entropy pass), ``"masking"`` (iterative masking to
                      ``masking_threshold``), ``"sweep"`` (single-head ablation sweep), ``"head-types"``
                      (head-type scores: from the fused pass against the eager ``output_attentions`` maps) or
-                     ``"patching"`` (activation patching of every head between the inputs and a corrupted copy).
+                     ``"patching"`` (activation patching of every head between the inputs and a corrupted copy)
+                     or ``"gates"`` (learned hard-concrete head gates towards half the heads; the reference: the same
+                     training on explicit eager attention with the head mask on its stored maps).
     device:          ``"cpu"`` pins the case to the CPU; None runs it on the benchmark's device.
     ablation:        sweep cases: ``"zero"`` (the head mask; reference: the 4.x eager loop), ``"mean"`` or
                      ``"resample"`` (reference: hooks on the stock eager model's output projections, one pass per
@@ -98,6 +101,7 @@ FULL_CASES = [
     # run_bertology's defaults: the loop at batch 1, fastbertology's per-example importance at batch 32
     _synthetic("bert-408x128-b1-defaults-fp32", BERT_BASE, 408, 128, 1, "fp32", fast_batch=32),
     _synthetic("patching-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="patching"),
+    _synthetic("gates-bert-408x128-b32-fp32", BERT_BASE, 408, 128, 32, "fp32", kind="gates"),
     _synthetic("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
 ]
 
@@ -125,6 +129,7 @@ QUICK_CASES = [  # tiny versions of every case above, the batch-1 cases last
     _synthetic("quick-head-types-gpt2-16x32-b8-fp32", TINY_GPT2, 16, 32, 8, "fp32", kind="head-types"),
     _synthetic("quick-bert-16x16-b1-defaults-fp32", TINY_BERT, 16, 16, 1, "fp32", fast_batch=8),
     _synthetic("quick-patching-gpt2-8x16-b4-fp32", TINY_GPT2, 8, 16, 4, "fp32", kind="patching"),
+    _synthetic("quick-gates-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="gates"),
     _synthetic("quick-bert-16x16-b1-fp32", TINY_BERT, 16, 16, 1, "fp32"),
 ]
 

@@ -42,6 +42,7 @@ import torch
 from .. import patch
 from ..activation_patching import activation_patching
 from ..architectures import heads_per_layer
+from ..gates import learn_gates
 from ..head_types import head_type_scores
 from ..importance import HeadAnalysis, analyze_heads
 from ..kernels import resolve_backend
@@ -56,6 +57,19 @@ from .workloads import Workload
 
 # head-type cases: the induction sequences (2 x 8 tokens fit every workload's positions)
 HEAD_TYPE_OPTIONS = {"induction_period": 8, "induction_count": 32, "seed": 0}
+GATE_STEPS = 40  # gate-learning steps of a gates case (batches, cycled); the target: half the heads
+
+
+def _gates_run(model, batches, task) -> Callable[[], ModeResult]:
+    """A gates case's timed unit on a patched ``model``: :func:`~fastbertology.gates.learn_gates` with frozen
+    weights for :data:`GATE_STEPS` steps towards half the heads."""
+    counts = heads_per_layer(model)
+    target = max(1, len(counts) * counts[0] // 2)
+
+    def run():
+        result = learn_gates(model, batches, task, steps=GATE_STEPS, target=target)
+        return ModeResult(passes=GATE_STEPS, gates=result.gates)  # passes: steps (one batch each)
+    return run
 
 
 @dataclass
@@ -69,6 +83,7 @@ class ModeResult:
     metric: float | None = None
     head_types: dict[str, torch.Tensor] | None = None  # head-type cases: score -> [L, H]
     patching: torch.Tensor | None = None  # patching: the mean batch loss per patched head [L, H]
+    gates: torch.Tensor | None = None  # gates: every head's gate open probability [L, H]
 
 
 @dataclass
@@ -121,6 +136,11 @@ def _reference(case: BenchCase, model, workload: Workload, *, importance: str, *
         def run():
             return ModeResult(passes=1, head_types=reference_head_types(model, batches, **HEAD_TYPE_OPTIONS))
         return PreparedMode(run, lambda: reference_head_types(model, batches[:1], **HEAD_TYPE_OPTIONS), "eager")
+    if case.kind == "gates":  # the eager way: the same training on explicit attention that stores every map
+        handle = patch(model, backend="reference", padding_free=False)
+        run = _gates_run(model, batches, task)
+        return PreparedMode(run, lambda: learn_gates(model, batches[:1], task, steps=1, target=1), "eager",
+                            undo=[handle.remove])
     if case.kind == "patching":
         model.requires_grad_(False)
         paired = corrupted_pairs(model, batches)
@@ -200,6 +220,9 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
         def run():
             return ModeResult(passes=1, head_types=head_type_scores(model, batches, **HEAD_TYPE_OPTIONS).tables())
         return prepared(run, lambda: head_type_scores(model, batches[:1], **HEAD_TYPE_OPTIONS))
+    if case.kind == "gates":
+        return prepared(_gates_run(model, batches, task), lambda: learn_gates(model, batches[:1], task, steps=1,
+                                                                               target=1))
     if case.kind == "patching":
         paired = corrupted_pairs(model, batches)
 

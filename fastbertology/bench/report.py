@@ -11,7 +11,8 @@ LEGEND = (
     "Δimp / ΔH: max relative difference of the raw importance / entropy from the reference loop's; Δmask: heads "
     "whose kept masking mask differs from the reference's; Δsweep: max absolute difference of the per-mask mean "
     "loss (patching: of the per-head patched loss) from the naive eager loop's (one pass per mask or head); "
-    "Δtypes: max absolute difference of the head-type scores from the eager attention maps'; peak: {peak}."
+    "Δtypes: max absolute difference of the head-type scores from the eager attention maps'; Δgates: of the learned "
+    "gates' open probabilities from the same training on eager attention; peak: {peak}."
 )
 PEAK_KINDS = {"cuda-max-allocated": "torch.cuda.max_memory_allocated (MiB, absolute)",
               "cpu-rss-growth": "growth of the process's resident set during the timed pass (MiB)"}
@@ -26,7 +27,7 @@ def _fmt(value, spec: str) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of benchmark rows, one line per (case, mode)."""
     columns = ("case", "mode", "dtype", "passes", "s/pass", "ex/s", "peak MiB", "×ref", "×fwd", "Δimp", "ΔH", "Δmask",
-               "Δsweep", "Δtypes", "metric", "status")
+               "Δsweep", "Δtypes", "Δgates", "metric", "status")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append(
@@ -35,7 +36,7 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{_fmt(row['speedup_vs_reference'], '.2f')} | {_fmt(row['speedup_vs_sdpa_forward'], '.2f')} | "
             f"{_fmt(row['importance_diff'], '.1e')} | {_fmt(row['entropy_diff'], '.1e')} | "
             f"{_fmt(row['mask_mismatch'], 'd')} | {_fmt(row['sweep_loss_diff'], '.1e')} | "
-            f"{_fmt(row['head_types_diff'], '.1e')} | "
+            f"{_fmt(row['head_types_diff'], '.1e')} | {_fmt(row['gates_diff'], '.1e')} | "
             f"{_fmt(row['metric'], '.4g')} | {row['status']} |")
     return "\n".join(lines)
 

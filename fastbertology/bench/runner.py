@@ -4,8 +4,9 @@ A row is a flat dict (one per case and mode, JSON-serialisable); :data:`ROW_KEYS
 
 * identification: case, kind, workload, model_type, layers, heads, examples, seq (widest input), batch, dtype,
   device, backend, padding_free, importance; real_tokens / padded_tokens / real_token_fraction of the batches;
-* timing: passes (over the data; masking: steps, sweep: masks + 1, patching: heads + 2), seconds (the timed run;
-  with ``repeats`` > 1 the median of that many timed runs, ``repeats`` in the row), s_per_pass, ex_per_s
+* timing: passes (over the data; masking: steps, sweep: masks + 1, patching: heads + 2, gates: steps of one
+  batch), seconds (the timed run; with ``repeats`` > 1 the median of that many timed runs, ``repeats`` in the
+  row), s_per_pass, ex_per_s
   (examples per pass per second), peak_mib and peak_kind (see :mod:`fastbertology.bench.memory`),
   speedup_vs_reference / speedup_vs_sdpa_forward (the other mode's seconds per pass over this one's, same run);
 * correctness against the reference loop: importance_diff / entropy_diff (max relative difference of the raw
@@ -41,7 +42,7 @@ ROW_KEYS = (
     "device", "backend", "padding_free", "importance", "real_tokens", "padded_tokens", "real_token_fraction",
     "passes", "repeats", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "peak_kind", "speedup_vs_reference",
     "speedup_vs_sdpa_forward", "importance_diff", "entropy_diff", "metric", "mask_mismatch", "sweep_loss_diff",
-    "head_types_diff",
+    "head_types_diff", "gates_diff",
     "status", "device_name", "threads", "load_average", "torch", "transformers", "triton", "python", "date",
 )
 
@@ -150,7 +151,8 @@ def relative_max_diff(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 def comparison(outcome: ModeOutcome, reference: ModeOutcome | None) -> dict:
     """The correctness columns of ``outcome`` against the reference loop's outcome (None where not comparable)."""
-    columns = dict.fromkeys(("importance_diff", "entropy_diff", "mask_mismatch", "sweep_loss_diff", "head_types_diff"))
+    columns = dict.fromkeys(("importance_diff", "entropy_diff", "mask_mismatch", "sweep_loss_diff", "head_types_diff",
+                             "gates_diff"))
     mine, theirs = outcome.result, reference.result if reference is not None else None
     if outcome.mode == "reference" or mine is None or theirs is None:
         return columns
@@ -164,6 +166,8 @@ def comparison(outcome: ModeOutcome, reference: ModeOutcome | None) -> dict:
     if mine.head_types is not None and theirs.head_types is not None:
         columns["head_types_diff"] = max(float((mine.head_types[name] - theirs.head_types[name]).abs().max())
                                          for name in theirs.head_types)
+    if mine.gates is not None and theirs.gates is not None:
+        columns["gates_diff"] = float((mine.gates - theirs.gates).abs().max())
     if mine.patching is not None and theirs.patching is not None:
         columns["sweep_loss_diff"] = float((mine.patching - theirs.patching).abs().max())
     return columns
