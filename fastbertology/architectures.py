@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -74,6 +74,9 @@ class Projections:
                         ``"projected-list"`` (the same as a list, for modules that take ``output_attentions``
                         themselves) or ``"projected-norm"`` (``residual_norm(hidden + projected)``, ALBERT).
     residual_norm:      the layer norm of ``"projected-norm"`` modules.
+    head_norms:         ``(path, "query" | "key")``: ``nn.ModuleList`` s of the attention module with one module per
+                        query (or key/value) head, e.g. StableLM's per-head q/k layer norms; pruning keeps the
+                        entries of the remaining heads.
     """
 
     layout: str
@@ -90,6 +93,7 @@ class Projections:
     config_head_counts: bool = False
     empty: str = ""
     residual_norm: str = ""
+    head_norms: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -183,6 +187,9 @@ class Architecture:
     head_count:          config -> the original number of query heads of every row.
     attention_outputs:   the fields of the model's output that hold the attention maps (``output_attentions``), in
                          row order (see :func:`row_attentions`).
+    padded_options:      boolean call options (default: the config's) that return per-position outputs of the
+                         layers besides ``output_attentions`` / ``output_hidden_states`` (Mixtral's
+                         ``output_router_logits``): a call with one of them runs padded.
     """
 
     name: str
@@ -199,6 +206,7 @@ class Architecture:
     packed_arguments: tuple[str, ...] = ()
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
     attention_outputs: tuple[str, ...] = ("attentions",)
+    padded_options: tuple[str, ...] = ()
 
     def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
         """The current number of (query) heads of an attention module of this family (``block``: the module that
@@ -289,13 +297,14 @@ def _bert_like(name: str, model_types: tuple[str, ...], usable_positions=_max_po
                         attention_interface=True, builds_cache=_is_decoder, usable_positions=usable_positions)
 
 
-def _llama_like(name: str, model_types: tuple[str, ...], causal=_always) -> Architecture:
+def _llama_like(name: str, model_types: tuple[str, ...], causal=_always, projections=GQA_PROJECTIONS,
+                padded_options: tuple[str, ...] = ()) -> Architecture:
     """Llama's layout: ``layers[i].self_attn.{q,k,v,o}_proj``, grouped-query attention, rotary positions."""
     return Architecture(name=name, model_types=model_types, stacks=(_decoder_stack(lambda base: base.layers,
                                                                                    causal=causal),),
-                        projections=GQA_PROJECTIONS, attention_interface=True, builds_cache=_always,
+                        projections=projections, attention_interface=True, builds_cache=_always,
                         usable_positions=_max_positions, causal_lm=True, model_classes=dict(CAUSAL_KINDS),
-                        packed_arguments=ROTARY)
+                        packed_arguments=ROTARY, padded_options=padded_options)
 
 
 def _vit_like(name: str, model_types: tuple[str, ...]) -> Architecture:
@@ -377,6 +386,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         projections=Projections("fused-qkv", qkv="qkv_proj", output="o_proj", head_dim_attribute="head_dim",
                                 kv_heads_attribute="num_key_value_heads", groups_attribute="num_key_value_groups",
                                 config_head_counts=True, empty="projected"),
+        attention_interface=True, builds_cache=_always, usable_positions=_max_positions, causal_lm=True,
+        model_classes=dict(CAUSAL_KINDS), packed_arguments=ROTARY,
+    ),
+    # Mistral's attention (sliding window included) with a mixture-of-experts MLP; router logits are per position
+    _llama_like("Mixtral", ("mixtral",), padded_options=("output_router_logits",)),
+    # partial rotary (the first partial_rotary_factor of every head); optional q/k layer norms shared by all heads
+    _llama_like("Phi", ("phi",), projections=replace(GQA_PROJECTIONS, output="dense")),
+    # per-layer sliding windows (layer_types) and layers without rotary positions (no_rope_layers)
+    _llama_like("SmolLM3", ("smollm3",)),
+    # partial rotary; optional q/k layer norms with one norm per head (cut with the heads)
+    _llama_like("StableLM", ("stablelm",), projections=replace(
+        GQA_PROJECTIONS, heads_attribute="num_heads", kv_heads_attribute="num_key_value_heads",
+        head_norms=(("q_layernorm.norms", "query"), ("k_layernorm.norms", "key")))),
+    Architecture(
+        name="GPT-J", model_types=("gptj",), stacks=(_decoder_stack(lambda base: base.h, lambda layer: layer.attn),),
+        projections=Projections("separate", query="q_proj", key="k_proj", value="v_proj", output="out_proj",
+                                heads_attribute="num_attention_heads", head_dim_attribute="head_dim",
+                                empty="projected"),
         attention_interface=True, builds_cache=_always, usable_positions=_max_positions, causal_lm=True,
         model_classes=dict(CAUSAL_KINDS), packed_arguments=ROTARY,
     ),

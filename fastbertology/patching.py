@@ -383,7 +383,8 @@ def _packing_for_call(state, call: dict) -> dict[int, PackedBatch]:
     config = state.model.config
     if not state.padding_free:
         return {}
-    if _flag(call, config, "output_attentions") or _flag(call, config, "output_hidden_states"):
+    if any(_flag(call, config, name) for name in ("output_attentions", "output_hidden_states",
+                                                  *state.entry.padded_options)):
         return {}
     if any(call.get(name) is not None for name in ("past_key_values", "cache")):
         return {}

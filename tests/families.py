@@ -34,6 +34,7 @@ class Family:
     attentions:  output field -> the row of its first map (``attentions`` and, for BART, the three kinds).
     gqa:         the tiny model has fewer key/value heads than query heads.
     window:      its sliding window (None: none).
+    load:        keyword arguments for ``load_pruned`` (what ``save_pretrained`` does not keep of the build).
     """
 
     name: str
@@ -43,6 +44,7 @@ class Family:
     attentions: dict = field(default_factory=lambda: {"attentions": 0})
     gqa: bool = False
     window: int | None = None
+    load: dict = field(default_factory=dict)
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -123,6 +125,22 @@ FAMILIES = {
                     "lm", _llama_outputs, gqa=True),
     "phi3": Family("phi3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_decoder(num_key_value_heads=2))),
                    "lm", _llama_outputs, gqa=True),
+    "mixtral": Family("mixtral", lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**_decoder(
+        num_key_value_heads=2, sliding_window=6, num_local_experts=3, num_experts_per_tok=2),
+        experts_implementation="eager")),  # (the grouped matrix products take no float64)
+        "lm", _llama_outputs, gqa=True, window=6, load={"experts_implementation": "eager"}),
+    "phi": Family("phi", lambda: tf.PhiForCausalLM(tf.PhiConfig(**_decoder(num_key_value_heads=2, qk_layernorm=True))),
+                  "lm", lambda m: [layer.self_attn.dense for layer in m.model.layers], gqa=True),
+    # layer 2 has no rotary positions and a sliding window of 6; layers 0 and 1 rotary, full attention
+    "smollm3": Family("smollm3", lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**_decoder(
+        num_key_value_heads=2, no_rope_layer_interval=3, use_sliding_window=True, sliding_window=6))),
+        "lm", _llama_outputs, gqa=True, window=6),
+    "stablelm": Family("stablelm", lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**_decoder(
+        num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True))), "lm", _llama_outputs, gqa=True),
+    "gptj": Family("gptj", lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=HEADS, n_inner=48, n_positions=64, rotary_dim=4,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)),
+        "lm", lambda m: [layer.attn.out_proj for layer in m.transformer.h]),
     # the same layouts with as many key/value heads as query heads (they run on kernels without GQA support too)
     "llama-mha": Family("llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_decoder(num_key_value_heads=HEADS))),
                         "lm", _llama_outputs),

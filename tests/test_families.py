@@ -327,7 +327,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["pruned_heads"] == {str(row): sorted(h) for row, h in heads.items()}
     assert saved.get("fastbertology_unequal_groups", []) == unequal
-    loaded = load_pruned(type(model), tmp_path)
+    loaded = load_pruned(type(model), tmp_path, **spec.load)
     assert architectures.heads_per_layer(loaded) == architectures.heads_per_layer(pruned)
     assert count_parameters(loaded) == count_parameters(pruned)
     with torch.no_grad():
