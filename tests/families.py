@@ -78,6 +78,17 @@ def _vision(**extra):
                 num_attention_heads=HEADS, intermediate_size=48, num_labels=3, **extra)
 
 
+def _random_norms(model):
+    """``model`` with random affine parameters in its q/k layer norms (initialised to the identity, every head's
+    norm would equal every other's, and cutting the wrong one would go unnoticed)."""
+    generator = torch.Generator().manual_seed(3)
+    for name, parameter in model.named_parameters():
+        if "q_layernorm" in name or "k_layernorm" in name:
+            with torch.no_grad():
+                parameter.copy_(parameter + 0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def _llama_outputs(model):
     return [layer.self_attn.o_proj for layer in model.model.layers]
 
@@ -129,14 +140,16 @@ FAMILIES = {
         num_key_value_heads=2, sliding_window=6, num_local_experts=3, num_experts_per_tok=2),
         experts_implementation="eager")),  # (the grouped matrix products take no float64)
         "lm", _llama_outputs, gqa=True, window=6, load={"experts_implementation": "eager"}),
-    "phi": Family("phi", lambda: tf.PhiForCausalLM(tf.PhiConfig(**_decoder(num_key_value_heads=2, qk_layernorm=True))),
+    "phi": Family("phi", lambda: _random_norms(tf.PhiForCausalLM(tf.PhiConfig(**_decoder(num_key_value_heads=2,
+                                                                                     qk_layernorm=True)))),
                   "lm", lambda m: [layer.self_attn.dense for layer in m.model.layers], gqa=True),
     # layer 2 has no rotary positions and a sliding window of 6; layers 0 and 1 rotary, full attention
     "smollm3": Family("smollm3", lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**_decoder(
         num_key_value_heads=2, no_rope_layer_interval=3, use_sliding_window=True, sliding_window=6))),
         "lm", _llama_outputs, gqa=True, window=6),
-    "stablelm": Family("stablelm", lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**_decoder(
-        num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True))), "lm", _llama_outputs, gqa=True),
+    # one q (k) layer norm per query (key/value) head
+    "stablelm": Family("stablelm", lambda: _random_norms(tf.StableLmForCausalLM(tf.StableLmConfig(**_decoder(
+        num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True)))), "lm", _llama_outputs, gqa=True),
     "gptj": Family("gptj", lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=HEADS, n_inner=48, n_positions=64, rotary_dim=4,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)),

@@ -455,6 +455,29 @@ def test_sliding_windows_equal_the_oracle():
         torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
+def test_mixtral_router_logits_run_padded():
+    """A call that returns Mixtral's per-position router logits (``output_router_logits``; its load-balancing loss
+    reads them with the attention mask) runs padded: logits, router logits and both losses equal the oracle's."""
+    spec = FAMILIES["mixtral"]
+    model = spec.model()
+    batch = inputs(spec, LENGTHS)
+    target = labels(spec, batch)
+    mask = _mask("LH", "mixtral", model, len(LENGTHS))
+    options = dict(labels=target, output_router_logits=True, use_cache=False)
+    with torch.no_grad(), oracle_head_mask(spec, model, mask):
+        expected = model(**batch, **options)
+    with fastbertology.patch(model, backend="torch"), torch.no_grad():
+        ours = model(**batch, head_mask=mask, **options)
+    assert len(ours.router_logits) == len(expected.router_logits) == 3
+    for a, b in zip(ours.router_logits, expected.router_logits):
+        torch.testing.assert_close(a.view(*batch["attention_mask"].shape, -1)[batch["attention_mask"].bool()],
+                                   b.view(*batch["attention_mask"].shape, -1)[batch["attention_mask"].bool()],
+                                   atol=ATOL, rtol=0)
+    for name in ("loss", "aux_loss"):
+        torch.testing.assert_close(getattr(ours, name), getattr(expected, name), atol=ATOL, rtol=0, msg=name)
+    torch.testing.assert_close(_real(ours.logits, batch), _real(expected.logits, batch), atol=ATOL, rtol=0)
+
+
 def test_unequal_groups_keep_fastbertology_attention_after_the_patch_is_removed():
     model = FAMILIES["llama"].model()
     prune_heads(model, {0: [1]})
