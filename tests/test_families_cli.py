@@ -69,6 +69,17 @@ LANGUAGE_MODELS = {
                                                            num_key_value_heads=4, pad_token_id=0, **SMALL)),
     "qwen2": lambda vocab: tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=vocab, max_position_embeddings=64,
                                                               num_key_value_heads=2, **SMALL)),
+    "mixtral": lambda vocab: tf.MixtralForCausalLM(tf.MixtralConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, num_local_experts=3,
+        num_experts_per_tok=2, sliding_window=8, **SMALL)),
+    "phi": lambda vocab: tf.PhiForCausalLM(tf.PhiConfig(vocab_size=vocab, max_position_embeddings=64, **SMALL)),
+    "gptj": lambda vocab: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4,
+                                                           n_inner=48, n_positions=64, rotary_dim=4)),
+    "stablelm": lambda vocab: tf.StableLmForCausalLM(tf.StableLmConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, qk_layernorm=True, **SMALL)),
+    "smollm3": lambda vocab: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, no_rope_layer_interval=3,
+        use_sliding_window=True, sliding_window=8, pad_token_id=0, **SMALL)),
 }
 GROUPED = {"qwen2"}
 
