@@ -340,6 +340,24 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     torch.testing.assert_close(patched(), expected, atol=ATOL, rtol=0)
 
 
+def test_load_pruned_refuses_weight_conversions_into_attention_weights(tmp_path, monkeypatch):
+    """``load_pruned`` applies transformers' conversions of other weights (Mixtral's experts, in the round trip
+    above) but refuses one that would produce attention projections, which pruning cut by head."""
+    import transformers.conversion_mapping as mapping
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    model = FAMILIES["llama"].model()
+    prune_heads(model, {0: [1]})
+    model.save_pretrained(tmp_path)
+    stock = mapping.get_model_conversion_mapping
+    merge = WeightConverter(source_patterns=["self_attn.q_proj.weight"], target_patterns="self_attn.q_proj.weight",
+                            operations=[Concatenate(dim=0)])
+    monkeypatch.setattr(mapping, "get_model_conversion_mapping", lambda *a, **k: [*stock(*a, **k), merge])
+    with pytest.raises(ValueError, match=r"self_attn.q_proj.weight needs a weight conversion into the attention "
+                                         r"weight .*cut by head.*from_pretrained and prune it again"):
+        load_pruned(type(model), tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ Triton
 @pytest.mark.parametrize("family", NAMES)
 def test_triton_backend_equals_torch_backend(family):
