@@ -178,8 +178,7 @@ class Architecture:
                          language modelling may project at the predicting positions only.
     model_classes:       task kind (``"classification"``, ``"causal-lm"``, ``"encoder"``) -> the transformers Auto
                          class that loads the family for it.
-    inputs:              ``"text"`` (``input_ids``), ``"image"`` (``pixel_values``, no padding) or ``"audio"``
-                         (``input_features``: log-mel frames of a fixed length, no padding).
+    inputs:              ``"text"`` (``input_ids``) or ``"image"`` (``pixel_values``, no padding).
     mask_arguments:      call argument -> the rows it masks: ``"all"``, a stack name or ``"cross"``. transformers
                          4.x's ``head_mask``, ``decoder_head_mask``, ``cross_attn_head_mask``.
     packed_arguments:    layer call arguments with per-position values ``[B or 1, N, ...]`` (a tensor or a tuple of
@@ -273,12 +272,6 @@ def _albert_layers(base: nn.Module) -> list[nn.Module]:
 
 def _gemma_causal(config) -> bool:
     return not getattr(config, "use_bidirectional_attention", False)
-
-
-def _whisper_decoder_layers(base: nn.Module) -> Sequence[nn.Module]:
-    """Whisper's decoder layers; none for the audio classifier, which has the encoder only."""
-    decoder = getattr(base, "decoder", None)
-    return decoder.layers if decoder is not None else ()
 
 
 def _decoder_stack(layers, self_attention=lambda layer: layer.self_attn, causal=_always) -> Stack:
@@ -436,26 +429,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         head_count=lambda config: config.encoder_attention_heads,
         attention_outputs=("encoder_attentions", "decoder_attentions", "cross_attentions"),
     ),
-    Architecture(
-        name="Whisper", model_types=("whisper",),
-        stacks=(
-            Stack("encoder", lambda base: base.encoder.layers, self_attention=lambda layer: layer.self_attn,
-                  attention_block=lambda layer: layer.self_attn, causal=_never, padding_argument=None),
-            Stack("decoder", _whisper_decoder_layers, self_attention=lambda layer: layer.self_attn,
-                  attention_block=lambda layer: layer.self_attn, causal=_always,
-                  cross_attention=lambda layer: layer.encoder_attn, cross_block=lambda layer: layer.encoder_attn,
-                  padding_argument=None),
-        ),
-        projections=Projections("separate", query="q_proj", key="k_proj", value="v_proj", output="out_proj",
-                                heads_attribute="num_heads", head_dim_attribute="head_dim", empty="projected"),
-        attention_interface=True, builds_cache=lambda config: bool(getattr(config, "use_cache", True)),
-        usable_positions=lambda config: config.max_target_positions,
-        model_classes={"classification": "AutoModelForAudioClassification"}, inputs="audio",
-        mask_arguments=(("head_mask", "encoder"), ("decoder_head_mask", "decoder"),
-                        ("cross_attn_head_mask", "cross")),
-        head_count=lambda config: config.encoder_attention_heads,
-        attention_outputs=("encoder_attentions", "decoder_attentions", "cross_attentions"),
-    ),
 )
 
 # Families whose attention is outside the kernels' contract: refused by name, with the feature.
@@ -568,13 +541,9 @@ def row_parts(model: nn.Module) -> list[str]:
 
 def row_attentions(model: nn.Module, output) -> list:
     """The attention maps of a model output (``output_attentions=True``), one ``[B, H, N_q, N_k]`` tensor per row,
-    in row order (BART's encoder, decoder and cross-attention maps come in three fields; a model of an
-    encoder-decoder family that has the encoder only returns them as ``attentions``)."""
+    in row order (BART's encoder, decoder and cross-attention maps come in three fields)."""
     maps = []
-    names = architecture(model).attention_outputs
-    if not any(hasattr(output, name) for name in names):  # a model of the family with one stack (Whisper's
-        names = ("attentions",)                             # audio classifier): its maps are "attentions"
-    for name in names:
+    for name in architecture(model).attention_outputs:
         field = getattr(output, name, None)
         if field is None:
             raise ValueError(f"the model output has no {name!r}: call the model with output_attentions=True")

@@ -29,9 +29,7 @@ class Family:
     """One family's tiny model and what the oracle needs to know about it.
 
     kind:        ``"classification"`` (``logits [B, C]``), ``"lm"`` (``[B, N, V]``), ``"image"`` (pixel values,
-                 ``[B, C]``), ``"seq2seq"`` (BART sequence classification), ``"audio"`` (Whisper's audio classifier:
-                 ``input_features``, ``[B, C]``) or ``"speech2text"`` (Whisper: ``input_features`` and
-                 ``decoder_input_ids``, ``[B, N, V]``; neither has padding).
+                 ``[B, C]``) or ``"seq2seq"`` (BART sequence classification).
     outputs:     model -> the attention output projection of every row, in row order (a shared one repeated).
     attentions:  output field -> the row of its first map (``attentions`` and, for BART, the three kinds).
     gqa:         the tiny model has fewer key/value heads than query heads.
@@ -61,7 +59,7 @@ class Family:
 
     @property
     def text(self) -> bool:
-        return self.kind not in ("image", "audio", "speech2text")
+        return self.kind != "image"
 
 
 def _encoder(**extra):
@@ -176,32 +174,6 @@ FAMILIES = {
                    + [layer.encoder_attn.out_proj for layer in m.model.decoder.layers]),
         attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
 }
-
-
-def _whisper(**extra):
-    return tf.WhisperConfig(**dict(
-        vocab_size=VOCAB, num_mel_bins=4, d_model=HIDDEN, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=48, decoder_ffn_dim=48,
-        max_source_positions=8, max_target_positions=32, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        decoder_start_token_id=BOS, num_labels=3, classifier_proj_size=16) | extra)
-
-
-def _whisper_rows(model):
-    """Whisper's output projections: encoder | decoder self-attention | cross-attention (the model's ``model`` is
-    the encoder-decoder; the audio classifier has the encoder only)."""
-    base = getattr(model, "model", model)
-    decoder = list(base.decoder.layers) if hasattr(base, "decoder") else []
-    return ([layer.self_attn.out_proj for layer in base.encoder.layers]
-            + [layer.self_attn.out_proj for layer in decoder] + [layer.encoder_attn.out_proj for layer in decoder])
-
-
-FAMILIES |= {
-    "whisper": Family("whisper", lambda: tf.WhisperForConditionalGeneration(_whisper()), "speech2text",
-                      _whisper_rows,
-                      attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
-    "whisper-audio": Family("whisper", lambda: tf.WhisperForAudioClassification(_whisper(encoder_layers=3)),
-                            "audio", _whisper_rows),
-}
 NAMES = list(FAMILIES)
 TEXT_NAMES = [name for name in NAMES if FAMILIES[name].text]
 
@@ -212,15 +184,9 @@ def rows(family: Family, model) -> int:
 
 def inputs(family: Family, lengths, *, seed: int = 1) -> dict:
     """Model inputs for ``len(lengths)`` examples: right-padded text (``input_ids``, ``attention_mask``; BART's
-    sequences end in EOS, as its classifier needs), ``pixel_values [B, 3, 8, 8]`` (images have no padding) or
-    Whisper's ``input_features [B, 4, 16]`` (and ``decoder_input_ids [B, max(lengths)]``, no padding)."""
+    sequences end in EOS, as its classifier needs) or ``pixel_values [B, 3, 8, 8]`` (images have no padding)."""
     generator = torch.Generator().manual_seed(seed)
     batch = len(lengths)
-    if family.kind in ("audio", "speech2text"):  # 16 log-mel frames of 4 bins (2 x max_source_positions)
-        features = {"input_features": torch.randn(batch, 4, 16, generator=generator, dtype=torch.float64)}
-        if family.kind == "audio":
-            return features
-        return features | {"decoder_input_ids": torch.randint(3, VOCAB, (batch, max(lengths)), generator=generator)}
     if not family.text:
         return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=generator, dtype=torch.float64)}
     seq = max(lengths)
@@ -236,8 +202,6 @@ def labels(family: Family, batch: dict) -> torch.Tensor:
     """Class ids ``[B]``, or LM targets (``input_ids`` with -100 at padding)."""
     if family.kind == "lm":
         return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    if family.kind == "speech2text":
-        return batch["decoder_input_ids"]
     size = len(next(iter(batch.values())))
     return torch.arange(size) % 3
 
@@ -307,5 +271,4 @@ def loss_of(output, batch) -> torch.Tensor:
     logits = output.logits
     if logits.dim() == 2:
         return (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum()
-    real = batch.get("attention_mask", torch.ones(logits.shape[:2]))
-    return (torch.tanh(logits) * real[..., None].to(logits.dtype)).sum()
+    return (torch.tanh(logits) * batch["attention_mask"][..., None].to(logits.dtype)).sum()

@@ -41,8 +41,6 @@ EXPECTED = {  # family -> (rows, key/value heads per row, parts, layer applicati
     "bart": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
     "gemma": (3, 1, ["layers"] * 3, [0, 1, 2], True),
     "vit": (3, 4, ["layers"] * 3, [0, 1, 2], False),
-    "whisper": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
-    "whisper-audio": (3, 4, ["encoder"] * 3, [0, 1, 2], False),
 }
 
 

@@ -49,7 +49,7 @@ MAPS_ATOL = 1e-6  # stock eager attention of several families takes its softmax 
 
 
 def _call_options(family) -> dict:
-    return {} if FAMILIES[family].kind in ("image", "audio") else {"use_cache": False}
+    return {} if FAMILIES[family].kind == "image" else {"use_cache": False}
 
 
 def _real(tensor, batch):
@@ -169,10 +169,10 @@ def test_per_example_masks_equal_each_example_alone(family):
         with fastbertology.patch(model, backend="torch"), torch.no_grad():
             together = model(**batch, head_mask=head_mask, **_call_options(family)).logits
             for row, length in enumerate(LENGTHS):
-                alone_inputs = {key: value[row:row + 1, :length] if spec.text else value[row:row + 1]
+                alone_inputs = {key: value[row:row + 1, :length] if key != "pixel_values" else value[row:row + 1]
                                 for key, value in batch.items()}
                 alone = model(**alone_inputs, head_mask=head_mask[row], **_call_options(family)).logits
-                ours = together[row:row + 1, :length] if spec.text and together.dim() == 3 else together[row:row + 1]
+                ours = together[row:row + 1, :length] if together.dim() == 3 else together[row:row + 1]
                 torch.testing.assert_close(ours, alone, atol=ATOL, rtol=0)
         return True
 
@@ -241,8 +241,7 @@ def _batches(spec):
     return batches
 
 
-# (the tasks read input_ids or pixel_values: Whisper's input_features need tasks.py and importance.py to take them)
-@pytest.mark.parametrize("family", [name for name in NAMES if FAMILIES[name].kind not in ("audio", "speech2text")])
+@pytest.mark.parametrize("family", NAMES)
 def test_analyses(family):
     """Importance per batch and per example, entropy, max probability, iterative masking and a heads sweep with
     prefix reuse (against the naive one-mask-per-pass loop), padded and padding-free alike."""
@@ -286,7 +285,6 @@ def test_analyses(family):
 PRUNE = {  # rows -> current heads; ALBERT: the same heads in both applications of each shared layer module
     "albert": {0: [1], 2: [1], 1: [0, 3], 3: [0, 3]},
     "bart": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
-    "whisper": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
 }
 DEFAULT_PRUNE = {0: [1], 1: [0, 1, 2, 3], 2: [0, 1]}  # GQA (2 groups of 2): unequal groups, no heads, equal groups
 
