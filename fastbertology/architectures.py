@@ -321,6 +321,26 @@ def _vit_like(name: str, model_types: tuple[str, ...]) -> Architecture:
     )
 
 
+CLIP_PROJECTIONS = Projections("separate", query="q_proj", key="k_proj", value="v_proj", output="out_proj",
+                               heads_attribute="num_heads", head_dim_attribute="head_dim", empty="projected")
+
+
+def _clip_layers(tower: str) -> Callable[[nn.Module], Sequence[nn.Module]]:
+    """The layers of one CLIP tower (``"text_model"`` or ``"vision_model"``) of a CLIP model; none when the model
+    lacks it (CLIPForImageClassification has the vision tower only)."""
+    def layers(base: nn.Module) -> Sequence[nn.Module]:
+        model = getattr(base, tower, None)
+        return model.encoder.layers if model is not None else ()
+
+    return layers
+
+
+def _clip_stack(name: str, layers, causal) -> Stack:
+    return Stack(name, layers, self_attention=lambda layer: layer.self_attn,
+                 attention_block=lambda layer: layer.self_attn, causal=causal,
+                 padding_argument="attention_mask" if causal is _always else None)
+
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _bert_like("BERT", ("bert",)),
     _bert_like("RoBERTa", ("roberta",), usable_positions=_roberta_positions),
@@ -406,6 +426,31 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                 empty="projected"),
         attention_interface=True, builds_cache=_always, usable_positions=_max_positions, causal_lm=True,
         model_classes=dict(CAUSAL_KINDS), packed_arguments=ROTARY,
+    ),
+    # CLIP's towers, each loadable on its own from a CLIP checkpoint (CLIPTextModel, CLIPVisionModel and their
+    # *WithProjection); the text tower is causal (its encoder passes is_causal=True with the call)
+    Architecture(
+        name="CLIP text", model_types=("clip_text_model",),
+        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, _always),), projections=CLIP_PROJECTIONS,
+        attention_interface=True, builds_cache=_never, usable_positions=_max_positions,
+        model_classes={"encoder": "AutoModel"},
+    ),
+    Architecture(
+        name="CLIP vision", model_types=("clip_vision_model",),
+        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, _never),), projections=CLIP_PROJECTIONS,
+        attention_interface=True, builds_cache=_never, usable_positions=lambda config: None,
+        model_classes={"encoder": "AutoModel"}, inputs="image",
+    ),
+    # CLIPModel runs the vision tower, then the text tower: rows vision | text (one table needs equal head counts);
+    # CLIPForImageClassification has the vision rows only
+    Architecture(
+        name="CLIP", model_types=("clip",),
+        stacks=(_clip_stack("vision", _clip_layers("vision_model"), _never),
+                _clip_stack("text", _clip_layers("text_model"), _always)),
+        projections=CLIP_PROJECTIONS, attention_interface=True, builds_cache=_never,
+        usable_positions=lambda config: config.text_config.max_position_embeddings,
+        model_classes=dict(IMAGE_KINDS), inputs="image",
+        head_count=lambda config: config.vision_config.num_attention_heads,
     ),
     _vit_like("ViT", ("vit",)),
     _vit_like("DeiT", ("deit",)),

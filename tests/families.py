@@ -29,7 +29,8 @@ class Family:
     """One family's tiny model and what the oracle needs to know about it.
 
     kind:        ``"classification"`` (``logits [B, C]``), ``"lm"`` (``[B, N, V]``), ``"image"`` (pixel values,
-                 ``[B, C]``) or ``"seq2seq"`` (BART sequence classification).
+                 ``[B, C]``), ``"seq2seq"`` (BART sequence classification), or a model without a task head:
+                 ``"text-encoder"`` / ``"image-encoder"`` (CLIP's towers: ``last_hidden_state [B, N, D]``).
     outputs:     model -> the attention output projection of every row, in row order (a shared one repeated).
     attentions:  output field -> the row of its first map (``attentions`` and, for BART, the three kinds).
     gqa:         the tiny model has fewer key/value heads than query heads.
@@ -59,7 +60,12 @@ class Family:
 
     @property
     def text(self) -> bool:
-        return self.kind != "image"
+        return self.kind not in ("image", "image-encoder")
+
+    @property
+    def encoder_only(self) -> bool:
+        """A model without a task head (its output is ``last_hidden_state``; no labels, no loss)."""
+        return self.kind.endswith("-encoder")
 
 
 def _encoder(**extra):
@@ -174,6 +180,27 @@ FAMILIES = {
                    + [layer.encoder_attn.out_proj for layer in m.model.decoder.layers]),
         attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
 }
+
+
+def _clip_text(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+                intermediate_size=48, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=EOS, **extra)
+
+
+def _clip_vision():
+    return {key: value for key, value in _vision().items() if key != "num_labels"}
+
+
+FAMILIES |= {
+    "clip-text": Family("clip_text_model", lambda: tf.CLIPTextModel(tf.CLIPTextConfig(**_clip_text())),
+                        "text-encoder", lambda m: [layer.self_attn.out_proj for layer in m.encoder.layers]),
+    "clip-vision": Family("clip_vision_model", lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**_clip_vision())),
+                          "image-encoder", lambda m: [layer.self_attn.out_proj for layer in m.encoder.layers]),
+    "clip": Family("clip", lambda: tf.CLIPForImageClassification(tf.CLIPConfig(
+        text_config=_clip_text(), vision_config=_clip_vision(), num_labels=3)), "image",
+        lambda m: [layer.self_attn.out_proj for layer in m.vision_model.encoder.layers]),
+}
 NAMES = list(FAMILIES)
 TEXT_NAMES = [name for name in NAMES if FAMILIES[name].text]
 
@@ -196,6 +223,17 @@ def inputs(family: Family, lengths, *, seed: int = 1) -> dict:
     if family.kind == "seq2seq":
         input_ids[torch.arange(batch), torch.tensor(lengths) - 1] = EOS
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def main_output(output) -> torch.Tensor:
+    """The logits, or the last hidden states of a model without a task head."""
+    logits = getattr(output, "logits", None)
+    return output.last_hidden_state if logits is None else logits
+
+
+def with_labels(family: Family, batch: dict) -> dict:
+    """``{"labels": ...}`` for the call, or nothing for a model without a task head."""
+    return {} if family.encoder_only else {"labels": labels(family, batch)}
 
 
 def labels(family: Family, batch: dict) -> torch.Tensor:
@@ -268,7 +306,8 @@ def hidden_state_fields(output) -> list[str]:
 
 def loss_of(output, batch) -> torch.Tensor:
     """A scalar depending on every output that is not padding (for gradient checks)."""
-    logits = output.logits
+    logits = main_output(output)
     if logits.dim() == 2:
         return (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum()
-    return (torch.tanh(logits) * batch["attention_mask"][..., None].to(logits.dtype)).sum()
+    real = batch.get("attention_mask", torch.ones(logits.shape[:2]))
+    return (torch.tanh(logits) * real[..., None].to(logits.dtype)).sum()
