@@ -507,6 +507,46 @@ def test_mixtral_router_logits_run_padded():
     torch.testing.assert_close(_real(ours.logits, batch), _real(expected.logits, batch), atol=ATOL, rtol=0)
 
 
+def test_clip_dual_model_rows_are_vision_then_text(tmp_path):
+    """CLIPModel runs its vision tower, then its text tower (causal, padded text): rows vision | text. Image-text
+    logits, the contrastive loss and the mask gradient equal the oracle's (padding-free and padded), and the pruned
+    model round-trips through ``load_pruned``."""
+    from families import Family, _clip_text, _clip_vision
+
+    def outputs(model):
+        return [layer.self_attn.out_proj for tower in (model.vision_model, model.text_model)
+                for layer in tower.encoder.layers]
+
+    spec = Family("clip", lambda: tf.CLIPModel(tf.CLIPConfig(text_config=_clip_text(),
+                                                             vision_config=_clip_vision())), "dual", outputs)
+    model = spec.model()
+    assert architectures.row_parts(model) == ["vision"] * 3 + ["text"] * 3
+    batch = inputs(FAMILIES["clip-text"], LENGTHS) | inputs(FAMILIES["clip"], LENGTHS)
+    mask = torch.rand(6, HEADS, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    oracle_mask = mask.clone().requires_grad_(True)
+    with oracle_head_mask(spec, model, oracle_mask):
+        expected = model(**batch, return_loss=True)
+    expected.loss.backward()
+    for padding_free in (True, False):
+        ours_mask = mask.clone().requires_grad_(True)
+        with fastbertology.patch(model, backend="torch", padding_free=padding_free):
+            ours = model(**batch, return_loss=True, head_mask=ours_mask)
+            ours.loss.backward()
+        torch.testing.assert_close(ours.logits_per_image, expected.logits_per_image, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.loss, expected.loss, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours_mask.grad, oracle_mask.grad, atol=1e-9, rtol=1e-9)
+
+    heads = {0: [1], 4: [0, 1, 2, 3], 5: [2]}
+    with torch.no_grad(), oracle_head_mask(spec, model, _zero_mask(model, spec, heads)):
+        expected = model(**batch).logits_per_image
+    pruned = prune_heads(copy.deepcopy(model), heads)
+    pruned.save_pretrained(tmp_path)
+    loaded = load_pruned(tf.CLIPModel, tmp_path)
+    assert architectures.heads_per_layer(loaded) == [3, 4, 4, 4, 0, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits_per_image, expected, atol=ATOL, rtol=0)
+
+
 def test_unequal_groups_keep_fastbertology_attention_after_the_patch_is_removed():
     model = FAMILIES["llama"].model()
     prune_heads(model, {0: [1]})
