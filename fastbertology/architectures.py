@@ -12,7 +12,8 @@ tasks and the benchmark read these entries through the functions below; no other
 in every ``[L, H]`` table (head masks, importance, entropy, sweeps, ``config.pruned_heads``). Rows run over the
 stacks in order, the self-attention of each layer first, then (encoder-decoder models) the cross-attention of each
 decoder layer: BART's rows are ``encoder 0..Le-1 | decoder self-attention Le..Le+Ld-1 | cross-attention
-Le+Ld..Le+2Ld-1``. For every other family a row is a layer.
+Le+Ld..Le+2Ld-1``; CLIP's dual model's are ``vision | text`` (the order it runs them). For every other family a
+row is a layer.
 
 **Shared layers** (ALBERT). A stack may apply one layer module several times (ALBERT applies one layer
 ``num_hidden_layers`` times): ``Stack.layers`` lists the *applications* in execution order, so the same module
@@ -136,7 +137,8 @@ class Projections:
 class Stack:
     """One stack of transformer layers (a decoder-only or encoder-only model has one; BART two).
 
-    name:              ``"layers"``, ``"encoder"`` or ``"decoder"``: the rows of its self-attention in head tables.
+    name:              ``"layers"``, ``"encoder"`` or ``"decoder"`` (CLIP's dual model: ``"vision"``, ``"text"``):
+                       the rows of its self-attention in head tables.
     layers:            base model -> the layer *applications*, in execution order (a module may appear several
                        times: ALBERT applies one layer repeatedly).
     self_attention:    layer -> the module that computes its self-attention (what the attention function sees).
@@ -222,7 +224,8 @@ class AttentionSite:
     module:      the attention module (what the attention function sees; shared modules appear in several sites).
     block:       the module that owns its projections.
     application: the index of its layer application over all stacks, in execution order (what prefix reuse skips).
-    part:        ``"layers"``, ``"encoder"``, ``"decoder"`` (self-attention of that stack) or ``"cross"``.
+    part:        the name of its stack (``"layers"``, ``"encoder"``, ``"decoder"``, ``"vision"``, ``"text"``: its
+                 self-attention) or ``"cross"``.
     stack:       the index of its stack.
     cross:       a cross-attention site.
     """
