@@ -338,10 +338,11 @@ def _clip_layers(tower: str) -> Callable[[nn.Module], Sequence[nn.Module]]:
     return layers
 
 
-def _clip_stack(name: str, layers, causal) -> Stack:
+def _clip_stack(name: str, layers, *, text: bool) -> Stack:
+    """A CLIP tower: the text tower is causal and reads the padding of ``attention_mask``; images have none."""
     return Stack(name, layers, self_attention=lambda layer: layer.self_attn,
-                 attention_block=lambda layer: layer.self_attn, causal=causal,
-                 padding_argument="attention_mask" if causal is _always else None)
+                 attention_block=lambda layer: layer.self_attn, causal=_always if text else _never,
+                 padding_argument="attention_mask" if text else None)
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -434,13 +435,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # *WithProjection); the text tower is causal (its encoder passes is_causal=True with the call)
     Architecture(
         name="CLIP text", model_types=("clip_text_model",),
-        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, _always),), projections=CLIP_PROJECTIONS,
+        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, text=True),), projections=CLIP_PROJECTIONS,
         attention_interface=True, builds_cache=_never, usable_positions=_max_positions,
         model_classes={"encoder": "AutoModel"},
     ),
     Architecture(
         name="CLIP vision", model_types=("clip_vision_model",),
-        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, _never),), projections=CLIP_PROJECTIONS,
+        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, text=False),), projections=CLIP_PROJECTIONS,
         attention_interface=True, builds_cache=_never, usable_positions=lambda config: None,
         model_classes={"encoder": "AutoModel"}, inputs="image",
     ),
@@ -448,8 +449,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # CLIPForImageClassification has the vision rows only
     Architecture(
         name="CLIP", model_types=("clip",),
-        stacks=(_clip_stack("vision", _clip_layers("vision_model"), _never),
-                _clip_stack("text", _clip_layers("text_model"), _always)),
+        stacks=(_clip_stack("vision", _clip_layers("vision_model"), text=False),
+                _clip_stack("text", _clip_layers("text_model"), text=True)),
         projections=CLIP_PROJECTIONS, attention_interface=True, builds_cache=_never,
         usable_positions=lambda config: config.text_config.max_position_embeddings,
         model_classes=dict(IMAGE_KINDS), inputs="image",

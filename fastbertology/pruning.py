@@ -29,7 +29,8 @@ A layer may lose all of its heads. Its attention module then short-circuits (an 
 returns what its output projection makes of nothing (its bias), and the attention probabilities (when the model
 returns them) are an empty ``[B, 0, N_q, N_k]`` tensor.
 
-``load_pruned`` reads a ``save_pretrained`` checkpoint of a pruned model (safetensors only, no remote code).
+``load_pruned`` reads a ``save_pretrained`` checkpoint of a pruned model (safetensors only, no remote code), with
+transformers' weight conversions of everything but the attention projections (:mod:`fastbertology.pruned_checkpoint`).
 """
 
 from __future__ import annotations
