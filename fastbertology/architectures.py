@@ -12,7 +12,8 @@ tasks and the benchmark read these entries through the functions below; no other
 in every ``[L, H]`` table (head masks, importance, entropy, sweeps, ``config.pruned_heads``). Rows run over the
 stacks in order, the self-attention of each layer first, then (encoder-decoder models) the cross-attention of each
 decoder layer: BART's rows are ``encoder 0..Le-1 | decoder self-attention Le..Le+Ld-1 | cross-attention
-Le+Ld..Le+2Ld-1``. For every other family a row is a layer.
+Le+Ld..Le+2Ld-1``; CLIP's dual model's are ``vision | text`` (the order it runs them). For every other family a
+row is a layer.
 
 **Shared layers** (ALBERT). A stack may apply one layer module several times (ALBERT applies one layer
 ``num_hidden_layers`` times): ``Stack.layers`` lists the *applications* in execution order, so the same module
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -74,6 +75,9 @@ class Projections:
                         ``"projected-list"`` (the same as a list, for modules that take ``output_attentions``
                         themselves) or ``"projected-norm"`` (``residual_norm(hidden + projected)``, ALBERT).
     residual_norm:      the layer norm of ``"projected-norm"`` modules.
+    head_norms:         ``(path, "query" | "key")``: ``nn.ModuleList`` s of the attention module with one module per
+                        query (or key/value) head, e.g. StableLM's per-head q/k layer norms; pruning keeps the
+                        entries of the remaining heads.
     """
 
     layout: str
@@ -90,6 +94,7 @@ class Projections:
     config_head_counts: bool = False
     empty: str = ""
     residual_norm: str = ""
+    head_norms: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -132,7 +137,8 @@ class Projections:
 class Stack:
     """One stack of transformer layers (a decoder-only or encoder-only model has one; BART two).
 
-    name:              ``"layers"``, ``"encoder"`` or ``"decoder"``: the rows of its self-attention in head tables.
+    name:              ``"layers"``, ``"encoder"`` or ``"decoder"`` (CLIP's dual model: ``"vision"``, ``"text"``):
+                       the rows of its self-attention in head tables.
     layers:            base model -> the layer *applications*, in execution order (a module may appear several
                        times: ALBERT applies one layer repeatedly).
     self_attention:    layer -> the module that computes its self-attention (what the attention function sees).
@@ -183,6 +189,9 @@ class Architecture:
     head_count:          config -> the original number of query heads of every row.
     attention_outputs:   the fields of the model's output that hold the attention maps (``output_attentions``), in
                          row order (see :func:`row_attentions`).
+    padded_options:      boolean call options (default: the config's) that return per-position outputs of the
+                         layers besides ``output_attentions`` / ``output_hidden_states`` (Mixtral's
+                         ``output_router_logits``): a call with one of them runs padded.
     """
 
     name: str
@@ -199,6 +208,7 @@ class Architecture:
     packed_arguments: tuple[str, ...] = ()
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
     attention_outputs: tuple[str, ...] = ("attentions",)
+    padded_options: tuple[str, ...] = ()
 
     def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
         """The current number of (query) heads of an attention module of this family (``block``: the module that
@@ -214,7 +224,8 @@ class AttentionSite:
     module:      the attention module (what the attention function sees; shared modules appear in several sites).
     block:       the module that owns its projections.
     application: the index of its layer application over all stacks, in execution order (what prefix reuse skips).
-    part:        ``"layers"``, ``"encoder"``, ``"decoder"`` (self-attention of that stack) or ``"cross"``.
+    part:        the name of its stack (``"layers"``, ``"encoder"``, ``"decoder"``, ``"vision"``, ``"text"``: its
+                 self-attention) or ``"cross"``.
     stack:       the index of its stack.
     cross:       a cross-attention site.
     """
@@ -289,13 +300,14 @@ def _bert_like(name: str, model_types: tuple[str, ...], usable_positions=_max_po
                         attention_interface=True, builds_cache=_is_decoder, usable_positions=usable_positions)
 
 
-def _llama_like(name: str, model_types: tuple[str, ...], causal=_always) -> Architecture:
+def _llama_like(name: str, model_types: tuple[str, ...], causal=_always, projections=GQA_PROJECTIONS,
+                padded_options: tuple[str, ...] = ()) -> Architecture:
     """Llama's layout: ``layers[i].self_attn.{q,k,v,o}_proj``, grouped-query attention, rotary positions."""
     return Architecture(name=name, model_types=model_types, stacks=(_decoder_stack(lambda base: base.layers,
                                                                                    causal=causal),),
-                        projections=GQA_PROJECTIONS, attention_interface=True, builds_cache=_always,
+                        projections=projections, attention_interface=True, builds_cache=_always,
                         usable_positions=_max_positions, causal_lm=True, model_classes=dict(CAUSAL_KINDS),
-                        packed_arguments=ROTARY)
+                        packed_arguments=ROTARY, padded_options=padded_options)
 
 
 def _vit_like(name: str, model_types: tuple[str, ...]) -> Architecture:
@@ -310,6 +322,27 @@ def _vit_like(name: str, model_types: tuple[str, ...]) -> Architecture:
         attention_interface=True, builds_cache=_never, usable_positions=lambda config: None,
         model_classes=dict(IMAGE_KINDS), inputs="image",
     )
+
+
+CLIP_PROJECTIONS = Projections("separate", query="q_proj", key="k_proj", value="v_proj", output="out_proj",
+                               heads_attribute="num_heads", head_dim_attribute="head_dim", empty="projected")
+
+
+def _clip_layers(tower: str) -> Callable[[nn.Module], Sequence[nn.Module]]:
+    """The layers of one CLIP tower (``"text_model"`` or ``"vision_model"``) of a CLIP model; none when the model
+    lacks it (CLIPForImageClassification has the vision tower only)."""
+    def layers(base: nn.Module) -> Sequence[nn.Module]:
+        model = getattr(base, tower, None)
+        return model.encoder.layers if model is not None else ()
+
+    return layers
+
+
+def _clip_stack(name: str, layers, *, text: bool) -> Stack:
+    """A CLIP tower: the text tower is causal and reads the padding of ``attention_mask``; images have none."""
+    return Stack(name, layers, self_attention=lambda layer: layer.self_attn,
+                 attention_block=lambda layer: layer.self_attn, causal=_always if text else _never,
+                 padding_argument="attention_mask" if text else None)
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -379,6 +412,49 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                 config_head_counts=True, empty="projected"),
         attention_interface=True, builds_cache=_always, usable_positions=_max_positions, causal_lm=True,
         model_classes=dict(CAUSAL_KINDS), packed_arguments=ROTARY,
+    ),
+    # Mistral's attention (sliding window included) with a mixture-of-experts MLP; router logits are per position
+    _llama_like("Mixtral", ("mixtral",), padded_options=("output_router_logits",)),
+    # partial rotary (the first partial_rotary_factor of every head); optional q/k layer norms shared by all heads
+    _llama_like("Phi", ("phi",), projections=replace(GQA_PROJECTIONS, output="dense")),
+    # per-layer sliding windows (layer_types) and layers without rotary positions (no_rope_layers)
+    _llama_like("SmolLM3", ("smollm3",)),
+    # partial rotary; optional q/k layer norms with one norm per head (cut with the heads)
+    _llama_like("StableLM", ("stablelm",), projections=replace(
+        GQA_PROJECTIONS, heads_attribute="num_heads", kv_heads_attribute="num_key_value_heads",
+        head_norms=(("q_layernorm.norms", "query"), ("k_layernorm.norms", "key")))),
+    Architecture(
+        name="GPT-J", model_types=("gptj",), stacks=(_decoder_stack(lambda base: base.h, lambda layer: layer.attn),),
+        projections=Projections("separate", query="q_proj", key="k_proj", value="v_proj", output="out_proj",
+                                heads_attribute="num_attention_heads", head_dim_attribute="head_dim",
+                                empty="projected"),
+        attention_interface=True, builds_cache=_always, usable_positions=_max_positions, causal_lm=True,
+        model_classes=dict(CAUSAL_KINDS), packed_arguments=ROTARY,
+    ),
+    # CLIP's towers, each loadable on its own from a CLIP checkpoint (CLIPTextModel, CLIPVisionModel and their
+    # *WithProjection); the text tower is causal (its encoder passes is_causal=True with the call)
+    Architecture(
+        name="CLIP text", model_types=("clip_text_model",),
+        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, text=True),), projections=CLIP_PROJECTIONS,
+        attention_interface=True, builds_cache=_never, usable_positions=_max_positions,
+        model_classes={"encoder": "AutoModel"},
+    ),
+    Architecture(
+        name="CLIP vision", model_types=("clip_vision_model",),
+        stacks=(_clip_stack("layers", lambda base: base.encoder.layers, text=False),), projections=CLIP_PROJECTIONS,
+        attention_interface=True, builds_cache=_never, usable_positions=lambda config: None,
+        model_classes={"encoder": "AutoModel"}, inputs="image",
+    ),
+    # CLIPModel runs the vision tower, then the text tower: rows vision | text (one table needs equal head counts);
+    # CLIPForImageClassification has the vision rows only
+    Architecture(
+        name="CLIP", model_types=("clip",),
+        stacks=(_clip_stack("vision", _clip_layers("vision_model"), text=False),
+                _clip_stack("text", _clip_layers("text_model"), text=True)),
+        projections=CLIP_PROJECTIONS, attention_interface=True, builds_cache=_never,
+        usable_positions=lambda config: config.text_config.max_position_embeddings,
+        model_classes=dict(IMAGE_KINDS), inputs="image",
+        head_count=lambda config: config.vision_config.num_attention_heads,
     ),
     _vit_like("ViT", ("vit",)),
     _vit_like("DeiT", ("deit",)),

@@ -298,9 +298,16 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
     key_padding_mask = None if packed else _key_padding_from_2d(attention_mask, key.shape[2])
     return state.attend(
         binding, module, query, key, value, key_padding_mask,
-        causal=bool(getattr(module, "is_causal", False)) and not binding.cross, scale=scaling, dropout=dropout,
+        causal=_is_causal(module, kwargs) and not binding.cross, scale=scaling, dropout=dropout,
         output_attentions=state.context.output_attentions, window=kwargs.get("sliding_window"),
     )
+
+
+def _is_causal(module, kwargs) -> bool:
+    """Causal attention: the call's ``is_causal`` where given (CLIP's text tower passes it to modules that are not
+    causal themselves), else the module's, as transformers' own attention functions decide."""
+    causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False) if causal is None else causal)
 
 
 def _unpatched_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs):
@@ -318,7 +325,7 @@ def _unpatched_attention(module, query, key, value, attention_mask, scaling, dro
     key, value = key.index_select(1, index), value.index_select(1, index)  # one key/value head per query head
     options = _window_options(kwargs.get("sliding_window"), key.shape[2])
     out, _ = kernels.attention(query, key, value, key_padding_mask=_key_padding_from_2d(attention_mask, key.shape[2]),
-                               causal=bool(getattr(module, "is_causal", False)), scale=scaling, **options)
+                               causal=_is_causal(module, kwargs), scale=scaling, **options)
     return out.transpose(1, 2), None
 
 
@@ -390,7 +397,8 @@ def _packing_for_call(state, call: dict) -> dict[int, PackedBatch]:
     config = state.model.config
     if not state.padding_free:
         return {}
-    if _flag(call, config, "output_attentions") or _flag(call, config, "output_hidden_states"):
+    if any(_flag(call, config, name) for name in ("output_attentions", "output_hidden_states",
+                                                  *state.entry.padded_options)):
         return {}
     if any(call.get(name) is not None for name in ("past_key_values", "cache")):
         return {}

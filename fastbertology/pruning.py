@@ -29,13 +29,13 @@ A layer may lose all of its heads. Its attention module then short-circuits (an 
 returns what its output projection makes of nothing (its bias), and the attention probabilities (when the model
 returns them) are an empty ``[B, 0, N_q, N_k]`` tensor.
 
-``load_pruned`` reads a ``save_pretrained`` checkpoint of a pruned model (safetensors only, no remote code).
+``load_pruned`` reads a ``save_pretrained`` checkpoint of a pruned model (safetensors only, no remote code), with
+transformers' weight conversions of everything but the attention projections (:mod:`fastbertology.pruned_checkpoint`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +46,7 @@ from torch import nn
 
 from .architectures import Architecture, AttentionSite, Projections, architecture, attention_sites
 from .patching import IMPLEMENTATION_NAME, UNEQUAL_GROUPS, register_implementation
+from .pruned_checkpoint import load_state, read_safetensors
 from .pruned_config import read_pruned_heads
 
 __all__ = [
@@ -284,6 +285,11 @@ def _prune_module(entry: Architecture, site: AttentionSite, remove: list[int], b
         _select_linear_inputs(_part(block, projections.output), _head_index(keep, head_dim, device))
     else:  # Projections checks its layout: only a layout added there but not here gets here
         raise ValueError(f"pruning does not know projection layout {projections.layout!r} ({entry.name})")
+    for path, kind in projections.head_norms:
+        norms = _part(module, path)  # an nn.ModuleList, one module per head
+        kept = [norms[h] for h in (keep if kind == "query" else keep_kv)]
+        norms._modules.clear()
+        norms.extend(kept)
     _update_counts(projections, module, after, kv_after, group, head_dim)
     if not keep:
         _install_forward(module, _empty_forward(projections))
@@ -519,28 +525,6 @@ def count_parameters(model: nn.Module, *, attention_heads_only: bool = False) ->
 # Loading a pruned checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 
-_WEIGHTS_NAME = "model.safetensors"
-_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-
-
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The state dict in ``path/model.safetensors`` or in the shards listed by ``model.safetensors.index.json``."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(path, _WEIGHTS_NAME)
-    index = os.path.join(path, _WEIGHTS_INDEX_NAME)
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-        return state
-    raise FileNotFoundError(f"No {_WEIGHTS_NAME} or {_WEIGHTS_INDEX_NAME} in {path} (only safetensors are loaded).")
-
-
 def _build_model(model_class, config, **kwargs) -> nn.Module:
     """Construct a randomly initialised model from ``config`` (a PreTrainedModel class or an Auto class)."""
     from transformers import PreTrainedModel
@@ -550,41 +534,6 @@ def _build_model(model_class, config, **kwargs) -> nn.Module:
     if hasattr(model_class, "from_config"):
         return model_class.from_config(config, **kwargs)
     raise TypeError(f"{model_class!r} is neither a transformers model class nor an Auto model class.")
-
-
-def _renamed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint keys -> the model's parameter names, with the renamings transformers applies when it loads
-    (``save_pretrained`` writes some families' legacy names, e.g. GPT-NeoX's ``embed_out``). Weight conversions
-    beyond renaming (tensors merged or split) are refused: ``load_pruned`` cannot cut them by head."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    expected = model.state_dict()
-    renamed = {}
-    for key, tensor in state.items():
-        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
-        if converted is not None:
-            raise ValueError(f"the checkpoint's {key} needs a weight conversion ({converted}) that load_pruned does "
-                             "not do; load the unpruned model with from_pretrained and prune it again")
-        renamed[name] = tensor
-    return renamed
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``load_state_dict`` (after transformers' key renamings) that tolerates only missing keys aliasing a loaded
-    tensor (tied weights)."""
-    state = _renamed_state(model, state)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"The checkpoint has weights the pruned model does not: {sorted(result.unexpected_keys)}")
-    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    loaded = {id(tensors[name]) for name in state if name in tensors}
-    missing = [name for name in result.missing_keys if id(tensors.get(name)) not in loaded]
-    if missing:
-        raise ValueError(f"The checkpoint lacks weights of the model: {sorted(missing)}")
 
 
 def load_pruned(model_class, path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -626,7 +575,7 @@ def load_pruned(model_class, path: str | os.PathLike, **kwargs) -> nn.Module:
     except ValueError as error:
         raise ValueError(f"{source}: pruned_heads {to_prune} does not fit the model: {error}") from None
     try:
-        _load_state(model, _read_safetensors(path))
+        load_state(model, read_safetensors(path))
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"the weights in {path} do not fit the model that {source} describes (pruned_heads "
                          f"{to_prune}): {_first_line(error)}. Save the pruned model again with save_pretrained"

@@ -29,11 +29,13 @@ class Family:
     """One family's tiny model and what the oracle needs to know about it.
 
     kind:        ``"classification"`` (``logits [B, C]``), ``"lm"`` (``[B, N, V]``), ``"image"`` (pixel values,
-                 ``[B, C]``) or ``"seq2seq"`` (BART sequence classification).
+                 ``[B, C]``), ``"seq2seq"`` (BART sequence classification), or a model without a task head:
+                 ``"text-encoder"`` / ``"image-encoder"`` (CLIP's towers: ``last_hidden_state [B, N, D]``).
     outputs:     model -> the attention output projection of every row, in row order (a shared one repeated).
     attentions:  output field -> the row of its first map (``attentions`` and, for BART, the three kinds).
     gqa:         the tiny model has fewer key/value heads than query heads.
     window:      its sliding window (None: none).
+    load:        keyword arguments for ``load_pruned`` (what ``save_pretrained`` does not keep of the build).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Family:
     attentions: dict = field(default_factory=lambda: {"attentions": 0})
     gqa: bool = False
     window: int | None = None
+    load: dict = field(default_factory=dict)
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -57,7 +60,12 @@ class Family:
 
     @property
     def text(self) -> bool:
-        return self.kind != "image"
+        return self.kind not in ("image", "image-encoder")
+
+    @property
+    def encoder_only(self) -> bool:
+        """A model without a task head (its output is ``last_hidden_state``; no labels, no loss)."""
+        return self.kind.endswith("-encoder")
 
 
 def _encoder(**extra):
@@ -74,6 +82,17 @@ def _decoder(**extra):
 def _vision(**extra):
     return dict(image_size=8, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=3,
                 num_attention_heads=HEADS, intermediate_size=48, num_labels=3, **extra)
+
+
+def _random_norms(model):
+    """``model`` with random affine parameters in its q/k layer norms (initialised to the identity, every head's
+    norm would equal every other's, and cutting the wrong one would go unnoticed)."""
+    generator = torch.Generator().manual_seed(3)
+    for name, parameter in model.named_parameters():
+        if "q_layernorm" in name or "k_layernorm" in name:
+            with torch.no_grad():
+                parameter.copy_(parameter + 0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 def _llama_outputs(model):
@@ -123,6 +142,24 @@ FAMILIES = {
                     "lm", _llama_outputs, gqa=True),
     "phi3": Family("phi3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_decoder(num_key_value_heads=2))),
                    "lm", _llama_outputs, gqa=True),
+    "mixtral": Family("mixtral", lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**_decoder(
+        num_key_value_heads=2, sliding_window=6, num_local_experts=3, num_experts_per_tok=2),
+        experts_implementation="eager")),  # (the grouped matrix products take no float64)
+        "lm", _llama_outputs, gqa=True, window=6, load={"experts_implementation": "eager"}),
+    "phi": Family("phi", lambda: _random_norms(tf.PhiForCausalLM(tf.PhiConfig(**_decoder(num_key_value_heads=2,
+                                                                                     qk_layernorm=True)))),
+                  "lm", lambda m: [layer.self_attn.dense for layer in m.model.layers], gqa=True),
+    # layer 2 has no rotary positions and a sliding window of 6; layers 0 and 1 rotary, full attention
+    "smollm3": Family("smollm3", lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**_decoder(
+        num_key_value_heads=2, no_rope_layer_interval=3, use_sliding_window=True, sliding_window=6))),
+        "lm", _llama_outputs, gqa=True, window=6),
+    # one q (k) layer norm per query (key/value) head
+    "stablelm": Family("stablelm", lambda: _random_norms(tf.StableLmForCausalLM(tf.StableLmConfig(**_decoder(
+        num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True)))), "lm", _llama_outputs, gqa=True),
+    "gptj": Family("gptj", lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=HEADS, n_inner=48, n_positions=64, rotary_dim=4,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)),
+        "lm", lambda m: [layer.attn.out_proj for layer in m.transformer.h]),
     # the same layouts with as many key/value heads as query heads (they run on kernels without GQA support too)
     "llama-mha": Family("llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_decoder(num_key_value_heads=HEADS))),
                         "lm", _llama_outputs),
@@ -142,6 +179,27 @@ FAMILIES = {
                    + [layer.self_attn.out_proj for layer in m.model.decoder.layers]
                    + [layer.encoder_attn.out_proj for layer in m.model.decoder.layers]),
         attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
+}
+
+
+def _clip_text(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+                intermediate_size=48, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=EOS, **extra)
+
+
+def _clip_vision():
+    return {key: value for key, value in _vision().items() if key != "num_labels"}
+
+
+FAMILIES |= {
+    "clip-text": Family("clip_text_model", lambda: tf.CLIPTextModel(tf.CLIPTextConfig(**_clip_text())),
+                        "text-encoder", lambda m: [layer.self_attn.out_proj for layer in m.encoder.layers]),
+    "clip-vision": Family("clip_vision_model", lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**_clip_vision())),
+                          "image-encoder", lambda m: [layer.self_attn.out_proj for layer in m.encoder.layers]),
+    "clip": Family("clip", lambda: tf.CLIPForImageClassification(tf.CLIPConfig(
+        text_config=_clip_text(), vision_config=_clip_vision(), num_labels=3)), "image",
+        lambda m: [layer.self_attn.out_proj for layer in m.vision_model.encoder.layers]),
 }
 NAMES = list(FAMILIES)
 TEXT_NAMES = [name for name in NAMES if FAMILIES[name].text]
@@ -165,6 +223,17 @@ def inputs(family: Family, lengths, *, seed: int = 1) -> dict:
     if family.kind == "seq2seq":
         input_ids[torch.arange(batch), torch.tensor(lengths) - 1] = EOS
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def main_output(output) -> torch.Tensor:
+    """The logits, or the last hidden states of a model without a task head."""
+    logits = getattr(output, "logits", None)
+    return output.last_hidden_state if logits is None else logits
+
+
+def with_labels(family: Family, batch: dict) -> dict:
+    """``{"labels": ...}`` for the call, or nothing for a model without a task head."""
+    return {} if family.encoder_only else {"labels": labels(family, batch)}
 
 
 def labels(family: Family, batch: dict) -> torch.Tensor:
@@ -237,7 +306,8 @@ def hidden_state_fields(output) -> list[str]:
 
 def loss_of(output, batch) -> torch.Tensor:
     """A scalar depending on every output that is not padding (for gradient checks)."""
-    logits = output.logits
+    logits = main_output(output)
     if logits.dim() == 2:
         return (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum()
-    return (torch.tanh(logits) * batch["attention_mask"][..., None].to(logits.dtype)).sum()
+    real = batch.get("attention_mask", torch.ones(logits.shape[:2]))
+    return (torch.tanh(logits) * real[..., None].to(logits.dtype)).sum()

@@ -41,6 +41,8 @@ EXPECTED = {  # family -> (rows, key/value heads per row, parts, layer applicati
     "bart": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
     "gemma": (3, 1, ["layers"] * 3, [0, 1, 2], True),
     "vit": (3, 4, ["layers"] * 3, [0, 1, 2], False),
+    "clip-text": (3, 4, ["layers"] * 3, [0, 1, 2], True),
+    "clip": (3, 4, ["vision"] * 3, [0, 1, 2], False),  # (the image classifier has the vision tower only)
 }
 
 
@@ -60,7 +62,7 @@ def test_every_issue_11_family_resolves(family):
     for block, output in zip(architectures.attention_blocks(model), outputs):
         assert any(child is output for child in block.modules())
     assert len(architectures.transformer_layers(model)) == max(applications) + 1
-    assert entry.model_classes["classification"]
+    assert entry.model_classes["classification" if not spec.encoder_only else "encoder"]
 
 
 def test_unknown_family_is_refused_with_the_entry_to_add():

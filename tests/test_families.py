@@ -29,8 +29,10 @@ from families import (
     inputs,
     labels,
     loss_of,
+    main_output,
     oracle_head_mask,
     rows,
+    with_labels,
 )
 
 import fastbertology
@@ -39,7 +41,7 @@ from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.masking import iterative_masking
 from fastbertology.pruning import count_parameters, load_pruned, prune_heads, requires_patch
 from fastbertology.sweeps import ablation_sweep, naive_sweep
-from fastbertology.tasks import ClassificationTask, LanguageModelingTask
+from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RetrievalTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +51,7 @@ MAPS_ATOL = 1e-6  # stock eager attention of several families takes its softmax 
 
 
 def _call_options(family) -> dict:
-    return {} if FAMILIES[family].kind == "image" else {"use_cache": False}
+    return {} if not FAMILIES[family].text else {"use_cache": False}
 
 
 def _real(tensor, batch):
@@ -87,13 +89,13 @@ def test_patched_equals_the_oracle(family, mask_kind):
     spec = FAMILIES[family]
     model = spec.model()
     batch = inputs(spec, LENGTHS)
-    target = labels(spec, batch)
+    target = with_labels(spec, batch)
     head_mask = _mask(mask_kind, family, model, len(LENGTHS))
     options = _call_options(family)
 
     oracle_mask = head_mask.clone().requires_grad_(True)
     with oracle_head_mask(spec, model, oracle_mask):
-        reference = model(**batch, labels=target, output_hidden_states=True, **options)
+        reference = model(**batch, **target, output_hidden_states=True, **options)
     loss_of(reference, batch).backward()
     with torch.no_grad(), oracle_head_mask(spec, model, head_mask, implementation="eager"):
         maps = expected_attentions(spec, model(**batch, output_attentions=True, **options), head_mask)
@@ -104,7 +106,7 @@ def test_patched_equals_the_oracle(family, mask_kind):
             for name, extra in (("padded", dict(output_attentions=True, output_hidden_states=True)),
                                 ("padding-free", {})):
                 mask = head_mask.clone().requires_grad_(True)
-                output = model(**batch, labels=target, head_mask=mask, **extra, **options)
+                output = model(**batch, **target, head_mask=mask, **extra, **options)
                 loss_of(output, batch).backward()
                 results[name] = (output, mask.grad)
         return results
@@ -112,9 +114,10 @@ def test_patched_equals_the_oracle(family, mask_kind):
     results = patched()
     assert oracle_mask.grad.abs().sum() > 0
     for name, (output, gradient) in results.items():
-        torch.testing.assert_close(_real(output.logits, batch), _real(reference.logits, batch), atol=ATOL, rtol=0,
-                                   msg=f"{name} logits")
-        torch.testing.assert_close(output.loss, reference.loss, atol=ATOL, rtol=0, msg=f"{name} loss")
+        torch.testing.assert_close(_real(main_output(output), batch), _real(main_output(reference), batch),
+                                   atol=ATOL, rtol=0, msg=f"{name} logits")
+        if not spec.encoder_only:  # (a model without a task head has no loss)
+            torch.testing.assert_close(output.loss, reference.loss, atol=ATOL, rtol=0, msg=f"{name} loss")
         torch.testing.assert_close(gradient, oracle_mask.grad, atol=1e-9, rtol=1e-9, msg=f"{name} mask gradient")
     padded = results["padded"][0]
     for field in hidden_state_fields(reference):
@@ -167,12 +170,12 @@ def test_per_example_masks_equal_each_example_alone(family):
 
     def compare():
         with fastbertology.patch(model, backend="torch"), torch.no_grad():
-            together = model(**batch, head_mask=head_mask, **_call_options(family)).logits
+            together = main_output(model(**batch, head_mask=head_mask, **_call_options(family)))
             for row, length in enumerate(LENGTHS):
-                alone_inputs = {key: value[row:row + 1, :length] if key != "pixel_values" else value[row:row + 1]
+                alone_inputs = {key: value[row:row + 1, :length] if spec.text else value[row:row + 1]
                                 for key, value in batch.items()}
-                alone = model(**alone_inputs, head_mask=head_mask[row], **_call_options(family)).logits
-                ours = together[row:row + 1, :length] if together.dim() == 3 else together[row:row + 1]
+                alone = main_output(model(**alone_inputs, head_mask=head_mask[row], **_call_options(family)))
+                ours = together[row:row + 1, :length] if spec.text and together.dim() == 3 else together[row:row + 1]
                 torch.testing.assert_close(ours, alone, atol=ATOL, rtol=0)
         return True
 
@@ -213,11 +216,11 @@ def test_padding_free_equals_padded(family):
         with fastbertology.patch(model, backend="torch", padding_free=padding_free):
             counter = RowCounter(spec, model)
             with fastbertology.record(model) as stats:
-                output = model(**batch, labels=labels(spec, batch), head_mask=mask, use_cache=False)
+                output = model(**batch, **with_labels(spec, batch), head_mask=mask, use_cache=False)
             counter.remove()
-            loss = output.loss + loss_of(output, batch)
+            loss = loss_of(output, batch) + (0 if spec.encoder_only else output.loss)
             loss.backward()
-        return _real(output.logits.detach(), batch), loss.detach(), mask.grad, stats.entropy(), counter.rows
+        return _real(main_output(output).detach(), batch), loss.detach(), mask.grad, stats.entropy(), counter.rows
 
     padded, packed = run(False), run(True)
     for name, a, b in zip(["logits", "loss", "mask grad", "entropy"], packed[:4], padded[:4]):
@@ -228,6 +231,8 @@ def test_padding_free_equals_padded(family):
 
 # ------------------------------------------------------------------------------------------------ analyses
 def _task(spec):
+    if spec.kind == "text-encoder":  # (a sentence-embedding task: mean-pooled last hidden states)
+        return RetrievalTask(group_size=None)
     return LanguageModelingTask() if spec.kind == "lm" else ClassificationTask(num_labels=3)
 
 
@@ -235,13 +240,18 @@ def _batches(spec):
     batches = []
     for index, lengths in enumerate(([9, 5, 7], [3, 8, 6, 4])):
         batch = inputs(spec, lengths, seed=10 + index)
-        batch["labels"] = labels(spec, batch) if spec.kind != "lm" else batch["input_ids"].masked_fill(
-            batch["attention_mask"] == 0, -100)
+        if spec.kind == "text-encoder":  # (query, positive) pairs
+            pairs = inputs(spec, lengths[::-1], seed=20 + index)
+            batch |= {"pair_input_ids": pairs["input_ids"], "pair_attention_mask": pairs["attention_mask"]}
+        else:
+            batch["labels"] = labels(spec, batch) if spec.kind != "lm" else batch["input_ids"].masked_fill(
+                batch["attention_mask"] == 0, -100)
         batches.append(batch)
     return batches
 
 
-@pytest.mark.parametrize("family", NAMES)
+# (CLIP's vision tower has no task head: its layers are analysed through CLIPForImageClassification, "clip")
+@pytest.mark.parametrize("family", [name for name in NAMES if FAMILIES[name].kind != "image-encoder"])
 def test_analyses(family):
     """Importance per batch and per example, entropy, max probability, iterative masking and a heads sweep with
     prefix reuse (against the naive one-mask-per-pass loop), padded and padding-free alike."""
@@ -304,7 +314,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     batch = inputs(spec, LENGTHS)
     options = _call_options(family)
     with torch.no_grad(), oracle_head_mask(spec, model, _zero_mask(model, spec, heads)):
-        expected = _real(model(**batch, **options).logits, batch)
+        expected = _real(main_output(model(**batch, **options)), batch)
     before = count_parameters(model, attention_heads_only=True)
 
     pruned = prune_heads(copy.deepcopy(model), heads)
@@ -317,7 +327,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
 
     def run_pruned():
         with torch.no_grad():
-            return _real(pruned(**batch, **options).logits, batch)
+            return _real(main_output(pruned(**batch, **options)), batch)
 
     # unequal groups run through fastbertology's attention, which gathers each query head's key/value head
     ours = run_pruned()
@@ -327,17 +337,36 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["pruned_heads"] == {str(row): sorted(h) for row, h in heads.items()}
     assert saved.get("fastbertology_unequal_groups", []) == unequal
-    loaded = load_pruned(type(model), tmp_path)
+    loaded = load_pruned(type(model), tmp_path, **spec.load)
     assert architectures.heads_per_layer(loaded) == architectures.heads_per_layer(pruned)
     assert count_parameters(loaded) == count_parameters(pruned)
     with torch.no_grad():
-        torch.testing.assert_close(_real(loaded(**batch, **options).logits, batch), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(_real(main_output(loaded(**batch, **options)), batch), expected, atol=ATOL,
+                                   rtol=0)
 
     def patched():  # the pruned model through the patch (no head mask: its rows have different head counts)
         with fastbertology.patch(loaded, backend="torch"), torch.no_grad():
-            return _real(loaded(**batch, **options).logits, batch)
+            return _real(main_output(loaded(**batch, **options)), batch)
 
     torch.testing.assert_close(patched(), expected, atol=ATOL, rtol=0)
+
+
+def test_load_pruned_refuses_weight_conversions_into_attention_weights(tmp_path, monkeypatch):
+    """``load_pruned`` applies transformers' conversions of other weights (Mixtral's experts, in the round trip
+    above) but refuses one that would produce attention projections, which pruning cut by head."""
+    import transformers.conversion_mapping as mapping
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    model = FAMILIES["llama"].model()
+    prune_heads(model, {0: [1]})
+    model.save_pretrained(tmp_path)
+    stock = mapping.get_model_conversion_mapping
+    merge = WeightConverter(source_patterns=["self_attn.q_proj.weight"], target_patterns="self_attn.q_proj.weight",
+                            operations=[Concatenate(dim=0)])
+    monkeypatch.setattr(mapping, "get_model_conversion_mapping", lambda *a, **k: [*stock(*a, **k), merge])
+    with pytest.raises(ValueError, match=r"self_attn.q_proj.weight needs a weight conversion into the attention "
+                                         r"weight .*cut by head.*from_pretrained and prune it again"):
+        load_pruned(type(model), tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ Triton
@@ -355,7 +384,7 @@ def test_triton_backend_equals_torch_backend(family):
         with fastbertology.patch(model, backend=backend), fastbertology.record(model) as stats:
             output = model(**batch, head_mask=mask, **_call_options(family))
             loss_of(output, batch).backward()
-        return _real(output.logits.detach(), batch), mask.grad, stats.entropy(), stats.max_prob()
+        return _real(main_output(output).detach(), batch), mask.grad, stats.entropy(), stats.max_prob()
 
     results = run("torch"), run("triton")
     for name, ours, theirs in zip(["logits", "mask grad", "entropy", "max prob"], results[1], results[0]):
@@ -453,6 +482,69 @@ def test_sliding_windows_equal_the_oracle():
         with fastbertology.patch(model, backend="torch"), torch.no_grad():
             ours = _real(model(**batch, head_mask=mask, use_cache=False).logits, batch)
         torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_mixtral_router_logits_run_padded():
+    """A call that returns Mixtral's per-position router logits (``output_router_logits``; its load-balancing loss
+    reads them with the attention mask) runs padded: logits, router logits and both losses equal the oracle's."""
+    spec = FAMILIES["mixtral"]
+    model = spec.model()
+    batch = inputs(spec, LENGTHS)
+    target = labels(spec, batch)
+    mask = _mask("LH", "mixtral", model, len(LENGTHS))
+    options = dict(labels=target, output_router_logits=True, use_cache=False)
+    with torch.no_grad(), oracle_head_mask(spec, model, mask):
+        expected = model(**batch, **options)
+    with fastbertology.patch(model, backend="torch"), torch.no_grad():
+        ours = model(**batch, head_mask=mask, **options)
+    assert len(ours.router_logits) == len(expected.router_logits) == 3
+    for a, b in zip(ours.router_logits, expected.router_logits):
+        torch.testing.assert_close(a.view(*batch["attention_mask"].shape, -1)[batch["attention_mask"].bool()],
+                                   b.view(*batch["attention_mask"].shape, -1)[batch["attention_mask"].bool()],
+                                   atol=ATOL, rtol=0)
+    for name in ("loss", "aux_loss"):
+        torch.testing.assert_close(getattr(ours, name), getattr(expected, name), atol=ATOL, rtol=0, msg=name)
+    torch.testing.assert_close(_real(ours.logits, batch), _real(expected.logits, batch), atol=ATOL, rtol=0)
+
+
+def test_clip_dual_model_rows_are_vision_then_text(tmp_path):
+    """CLIPModel runs its vision tower, then its text tower (causal, padded text): rows vision | text. Image-text
+    logits, the contrastive loss and the mask gradient equal the oracle's (padding-free and padded), and the pruned
+    model round-trips through ``load_pruned``."""
+    from families import Family, _clip_text, _clip_vision
+
+    def outputs(model):
+        return [layer.self_attn.out_proj for tower in (model.vision_model, model.text_model)
+                for layer in tower.encoder.layers]
+
+    spec = Family("clip", lambda: tf.CLIPModel(tf.CLIPConfig(text_config=_clip_text(),
+                                                             vision_config=_clip_vision())), "dual", outputs)
+    model = spec.model()
+    assert architectures.row_parts(model) == ["vision"] * 3 + ["text"] * 3
+    batch = inputs(FAMILIES["clip-text"], LENGTHS) | inputs(FAMILIES["clip"], LENGTHS)
+    mask = torch.rand(6, HEADS, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    oracle_mask = mask.clone().requires_grad_(True)
+    with oracle_head_mask(spec, model, oracle_mask):
+        expected = model(**batch, return_loss=True)
+    expected.loss.backward()
+    for padding_free in (True, False):
+        ours_mask = mask.clone().requires_grad_(True)
+        with fastbertology.patch(model, backend="torch", padding_free=padding_free):
+            ours = model(**batch, return_loss=True, head_mask=ours_mask)
+            ours.loss.backward()
+        torch.testing.assert_close(ours.logits_per_image, expected.logits_per_image, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.loss, expected.loss, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours_mask.grad, oracle_mask.grad, atol=1e-9, rtol=1e-9)
+
+    heads = {0: [1], 4: [0, 1, 2, 3], 5: [2]}
+    with torch.no_grad(), oracle_head_mask(spec, model, _zero_mask(model, spec, heads)):
+        expected = model(**batch).logits_per_image
+    pruned = prune_heads(copy.deepcopy(model), heads)
+    pruned.save_pretrained(tmp_path)
+    loaded = load_pruned(tf.CLIPModel, tmp_path)
+    assert architectures.heads_per_layer(loaded) == [3, 4, 4, 4, 0, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits_per_image, expected, atol=ATOL, rtol=0)
 
 
 def test_unequal_groups_keep_fastbertology_attention_after_the_patch_is_removed():

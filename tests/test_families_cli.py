@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from cli_models import WORDS, sentences, write_csv
+from cli_models import WORDS, sentences, write_csv, write_jsonl
 
 from fastbertology.cli import main
 from fastbertology.loading import ModelLoadingError, load_model
@@ -69,6 +69,17 @@ LANGUAGE_MODELS = {
                                                            num_key_value_heads=4, pad_token_id=0, **SMALL)),
     "qwen2": lambda vocab: tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=vocab, max_position_embeddings=64,
                                                               num_key_value_heads=2, **SMALL)),
+    "mixtral": lambda vocab: tf.MixtralForCausalLM(tf.MixtralConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, num_local_experts=3,
+        num_experts_per_tok=2, sliding_window=8, **SMALL)),
+    "phi": lambda vocab: tf.PhiForCausalLM(tf.PhiConfig(vocab_size=vocab, max_position_embeddings=64, **SMALL)),
+    "gptj": lambda vocab: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4,
+                                                           n_inner=48, n_positions=64, rotary_dim=4)),
+    "stablelm": lambda vocab: tf.StableLmForCausalLM(tf.StableLmConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, qk_layernorm=True, **SMALL)),
+    "smollm3": lambda vocab: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, no_rope_layer_interval=3,
+        use_sliding_window=True, sliding_window=8, pad_token_id=0, **SMALL)),
 }
 GROUPED = {"qwen2"}
 
@@ -125,6 +136,30 @@ def test_language_model_masking(family, tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["setup"]["metric"] == "perplexity" and summary["importance"]["metric"] > 1
     assert np.load(tmp_path / "out" / "head_mask.npy").shape == (3, 4)
+
+
+def test_clip_text_tower_retrieval_importance_and_pruning(tmp_path):
+    """CLIP's text tower (no task head) runs the retrieval task: mean-pooled embeddings of (text, text_pair)."""
+    tokenizer = _bpe_tokenizer()
+    torch.manual_seed(0)
+    model = tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=len(tokenizer) + 16, max_position_embeddings=64, **SMALL))
+    model_dir = _save(model, tokenizer, tmp_path / "m")
+    data = write_jsonl(tmp_path / "pairs.jsonl", count=16)
+    head_mask = np.ones((3, 4), dtype=np.float32)
+    head_mask[0, 1] = head_mask[2, 3] = 0
+    np.save(tmp_path / "mask.npy", head_mask)
+    assert _run("importance", "--model", model_dir, "--data", data, "--task", "retrieval", "--batch-size", 8,
+                "--group-size", 4, "--output-dir", tmp_path / "tables") == 0
+    assert np.isfinite(np.load(tmp_path / "tables" / "head_importance.npy")).all()
+    output = tmp_path / "out"
+    assert _run("prune", "--model", model_dir, "--data", data, "--task", "retrieval", "--batch-size", 8,
+                "--group-size", 4, "--output-dir", output, "--head-mask", tmp_path / "mask.npy") == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["pruning"]["pruned_score"] == pytest.approx(summary["pruning"]["masked_score"])
+    loaded, _ = load_model(output / "pruned_model", kind="encoder", device=torch.device("cpu"))
+    from fastbertology.architectures import heads_per_layer
+
+    assert heads_per_layer(loaded) == [3, 4, 3]
 
 
 def test_image_models_are_refused_with_the_python_api_named(tmp_path):
