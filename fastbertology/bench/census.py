@@ -506,7 +506,13 @@ def kernel_modules() -> list:
 
 
 def _is_triton_kernel(value) -> bool:
-    return type(value).__module__.startswith("triton") and hasattr(type(value), "__getitem__")
+    """A ``@triton.jit`` kernel (compiled or under the interpreter), not the interpreter's own objects that it leaves
+    in a kernel module's namespace while it runs (its builder, its semantic)."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:  # pragma: no cover - triton missing: nothing to record
+        return False
+    return isinstance(value, KernelInterface)
 
 
 @contextlib.contextmanager

@@ -160,7 +160,13 @@ def _timed_steps(run_step, warm: dict, batch: dict, repeats: int) -> float:
             yield batch
             times.append(time.thread_time() - start)
 
-    run_step(batches())
+    try:
+        run_step(batches())
+    except ValueError:
+        # the recorded launches compute nothing: the pass end may refuse the non-finite loss or importance it finds;
+        # the timed steps ran through
+        if len(times) < repeats:
+            raise
     return min(times)
 
 
