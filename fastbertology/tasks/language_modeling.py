@@ -1,0 +1,136 @@
+"""Language modelling (the registry's causal language models): :class:`LanguageModelingTask`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..architectures import architecture
+from .base import Task, TaskResult, _at_least_float32, _mask_kwargs
+
+
+@dataclass
+class PredictedLogits:
+    """Language-model logits at the predicted positions only: ``logits [K, V]`` for the K positions where
+    ``positions [B, N]`` (bool) is True, in row-major order. What :class:`LanguageModelingTask` computes instead of
+    ``[B, N, V]`` when it can: no vocabulary projection for padding or for positions that predict nothing."""
+
+    logits: torch.Tensor
+    positions: torch.Tensor
+
+    def split(self, k: int) -> list[PredictedLogits]:
+        """k outputs for k equal row blocks of ``positions``."""
+        if self.positions.shape[0] % k:
+            raise ValueError(f"output batch {self.positions.shape[0]} is not a multiple of the {k} copies")
+        blocks = self.positions.chunk(k, dim=0)
+        rows = self.logits.split([int(block.sum()) for block in blocks], dim=0)
+        return [PredictedLogits(logits, block) for logits, block in zip(rows, blocks)]
+
+
+def _output_projection(model) -> torch.nn.Linear | None:
+    """The vocabulary projection of a causal LM whose logits are exactly ``projection(base model hidden states)``
+    (the registry's ``causal_lm`` families), else None."""
+    projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", model)
+    if not isinstance(projection, torch.nn.Linear) or base is model:
+        return None
+    try:
+        causal_lm = architecture(model).causal_lm
+    except ValueError:
+        return None
+    return projection if causal_lm else None
+
+
+class LanguageModelingTask(Task):
+    """Causal language modelling: ``model(input_ids, attention_mask).logits [B, N, V]``; token t+1 is predicted
+    from tokens <= t. For the registry's causal LMs (``causal_lm``), :meth:`forward` runs the base model and applies
+    the vocabulary projection only at the positions that predict a counted token (:class:`PredictedLogits`): the
+    same numbers, without the projection (the largest layer of a small LM) for padding.
+
+    Targets: ``batch["labels"] [B, N]`` if present (ignored positions -100), else ``input_ids`` with padding
+    (``attention_mask == 0``) set to -100. The shift happens here; the model is not given labels.
+    loss:           total NLL of the counted tokens of the batch / their number (transformers' LM loss).
+    example_losses: ``[B]`` each example's mean NLL over its counted tokens (0 for an example with none).
+    metric:         ``"perplexity"`` = exp(total token NLL / total counted tokens) over the whole data; lower is
+                    better. Also reported: ``"nll"`` (mean per token) and ``"tokens"``.
+    """
+
+    name = "language_modeling"
+    metric_name = "perplexity"
+    higher_is_better = False
+
+    def forward(self, model, batch, *, head_mask=None):
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+        projection = _output_projection(model)
+        if projection is None:
+            return model(**inputs, **_mask_kwargs(head_mask))
+        hidden = model.base_model(**inputs, **_mask_kwargs(head_mask)).last_hidden_state  # [B, N, D]
+        positions = self._predicting(self.targets(batch)).to(hidden.device)  # [B, N]
+        return PredictedLogits(projection(hidden[positions]), positions)
+
+    @staticmethod
+    def _predicting(labels: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, N]``: position t predicts a counted token t+1 (the last position predicts nothing)."""
+        return F.pad(labels[:, 1:], (0, 1), value=-100) != -100
+
+    def split(self, output, k):
+        if isinstance(output, PredictedLogits):
+            return output.split(k)
+        return super().split(output, k)
+
+    @staticmethod
+    def targets(batch: dict) -> torch.Tensor:
+        """``[B, N]`` target ids: ``batch["labels"]`` or ``input_ids`` with padding set to -100."""
+        if "labels" in batch and batch["labels"].shape == batch["input_ids"].shape:
+            return batch["labels"]
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        return labels
+
+    def result(self, output, batch):
+        if isinstance(output, PredictedLogits):
+            return self._predicted_result(output, batch)
+        logits = output.logits if hasattr(output, "logits") else output  # [B, N, V]
+        batch_size, length, vocab = logits.shape
+        labels = self.targets(batch).to(logits.device)  # [B, N]
+        # Shift the labels, not the logits (no copy of the [B, N, V] logits): position t predicts token t+1.
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], the last position predicts nothing
+        token_losses = F.cross_entropy(_at_least_float32(logits).reshape(-1, vocab), shifted.reshape(-1),
+                                       ignore_index=-100, reduction="none")
+        token_losses = token_losses.view(batch_size, length)[:, :-1]  # [B, N-1], 0 where ignored
+        token_mask = shifted[:, :-1] != -100  # [B, N-1]
+        counts = token_mask.sum(-1)  # [B]
+        example_losses = token_losses.sum(-1) / counts.clamp(min=1)
+        loss = token_losses.sum() / counts.sum().clamp(min=1)
+        return TaskResult(loss=loss, example_losses=example_losses, logits=logits, token_losses=token_losses,
+                          token_mask=token_mask)
+
+    def _predicted_result(self, output: PredictedLogits, batch) -> TaskResult:
+        """The same losses from logits at the predicted positions only."""
+        labels = self.targets(batch).to(output.logits.device)  # [B, N]
+        positions = output.positions
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
+        losses = F.cross_entropy(_at_least_float32(output.logits), shifted[positions], reduction="none")  # [K]
+        token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)[:, :-1]  # [B, N-1]
+        token_mask = positions[:, :-1]
+        counts = token_mask.sum(-1)
+        return TaskResult(loss=losses.sum() / counts.sum().clamp(min=1),
+                          example_losses=token_losses.sum(-1) / counts.clamp(min=1), logits=output.logits,
+                          token_losses=token_losses, token_mask=token_mask)
+
+    def metric_state(self):
+        return {"nll": 0.0, "tokens": 0}
+
+    def update_metric(self, state, result, batch):
+        state["nll"] += float(result.token_losses.detach().double()[result.token_mask].sum())
+        state["tokens"] += int(result.token_mask.sum())
+
+    def compute_metrics(self, state):
+        if state["tokens"] == 0:
+            raise ValueError("no tokens were accumulated: perplexity is undefined")
+        nll = state["nll"] / state["tokens"]
+        return {"perplexity": math.exp(nll), "nll": nll, "tokens": float(state["tokens"])}
