@@ -210,11 +210,11 @@ def _head_types(run: RunFiles) -> str:
     figures = []
     for name, values in run.head_scores.items():
         heading = f"{name.replace('_', '-')}: {HEAD_TYPE_NOTES.get(name, '')}"
-        figures.append(f"<div><h3>{escape(heading)}</h3>{_readout('head_' + name)}<div class=\"figure\">"
+        figures.append(f"<div><h3>{_text(heading)}</h3>{_readout('head_' + name)}<div class=\"figure\">"
                        f"{svg.head_heatmap(values, table='head_' + name, colormap='viridis', what=name)}</div></div>")
     period, count = info.get("induction_period", "P"), info.get("induction_sequences", "?")
     return ('<p class="note">Mean attention probability per head, over the real query tokens i of the data '
-            f"(induction: over the second copy of {escape(str(count))} made-up sequences, P = {escape(str(period))}), "
+            f"(induction: over the second copy of {_text(count)} made-up sequences, P = {_text(period)}), "
             "from the fused pass's queries, keys and log-sum-exps (no attention maps); the "
             "softmax before any head mask. Empty cells: rows not scored (cross-attention, decoder of an "
             'encoder-decoder model). Definitions: docs/head-types.md.</p><div class="pair">'
@@ -236,20 +236,21 @@ def _gates(run: RunFiles) -> str:
     else:
         goal = f"loss + {_fmt(gates['l0_penalty'])} × L0; the mask keeps the gates with log_alpha > 0"
     unit = "key/value group" if gates.get("per_kv_group") else "head"
-    body = [f'<p class="note">One hard-concrete gate per {unit} (Louizos et al. 2018, as Voita et al. 2019; '
-            f"temperature 2/3, stretch (−0.1, 1.1)) learned with frozen weights over {gates['steps']} steps: {goal}. "
+    note = (f"One hard-concrete gate per {unit} (Louizos et al. 2018, as Voita et al. 2019; temperature 2/3, "
+            f"stretch (−0.1, 1.1)) learned with frozen weights over {gates['steps']} steps: {goal}. ")
+    body = [f'<p class="note">{_text(note)}'
             "Shown: each gate's probability of being open, P(z ≠ 0).</p>",
             _heatmap(run, "head_gates", colormap="viridis", what="open probability")]
     rows = [("all heads", "", _fmt(gates["original_score"], 6)),
             ("gate mask", gates["heads_kept"], _fmt(gates["masked_score"], 6)),
             ("the same number of heads by importance", gates["heads_kept"],
              _fmt(gates["importance_masked_score"], 6))]
-    cells = "".join(f"<tr><th>{escape(a)}</th><td class=\"num\">{escape(str(b))}</td><td class=\"num\">"
-                    f"{escape(c)}</td></tr>" for a, b, c in rows)
+    cells = "".join(f"<tr><th>{_text(a)}</th><td class=\"num\">{_text(b)}</td><td class=\"num\">"
+                    f"{_text(c)}</td></tr>" for a, b, c in rows)
     body.append(f"<h3>Gate mask against importance-based masking</h3><p class=\"note\">The importance mask keeps the "
-                f"{gates['heads_kept']} heads ranked highest by this run's importance table (same count as the gate "
-                f"mask); {gates['heads_in_common']} heads are in both.</p><table class=\"kv\"><tr><th>mask</th>"
-                f"<th>heads kept</th><th>{escape(metric)}</th></tr>{cells}</table>")
+                f"{_text(gates['heads_kept'])} heads ranked highest by this run's importance table (same count as the "
+                f"gate mask); {_text(gates['heads_in_common'])} heads are in both.</p><table class=\"kv\"><tr>"
+                f"<th>mask</th><th>heads kept</th><th>{_text(metric)}</th></tr>{cells}</table>")
     if "head_mask" in run.tables:
         body.append("<h3>Gate mask (1 = kept; head_mask.npy, for prune --head-mask)</h3>"
                     + _heatmap(run, "head_mask", colormap="Blues", what="kept"))
@@ -268,13 +269,14 @@ def _patching(run: RunFiles) -> str:
     if not patching or "patching_scores" not in run.tables:
         return ""
     base, source = ("corrupted", "clean") if patching["direction"] == "denoising" else ("clean", "corrupted")
-    body = [f'<p class="note">{escape(patching["direction"].capitalize())}: the {base} input is run with one head\'s '
+    metric = _text(patching["metric"])
+    body = [f'<p class="note">{_text(patching["direction"].capitalize())}: the {base} input is run with one head\'s '
             f"output (its context vector before the output projection) taken from the {source} run, for every head. "
-            f"Score: (value patched − value {base}) / (value {source} − value {base}) of the {patching['score']}, "
-            "scored against the clean targets: the share of the gap this head carries (1: all of it). "
-            f"Clean: loss {_fmt(patching['clean_loss'])}, {escape(patching['metric'])} "
-            f"{_fmt(patching['clean_metric'])}; corrupted: loss {_fmt(patching['corrupted_loss'])}, "
-            f"{escape(patching['metric'])} {_fmt(patching['corrupted_metric'])}.</p>"]
+            f"Score: (value patched − value {base}) / (value {source} − value {base}) of the "
+            f"{_text(patching['score'])}, scored against the clean targets: the share of the gap this head carries "
+            f"(1: all of it). Clean: loss {_text(_fmt(patching['clean_loss']))}, {metric} "
+            f"{_text(_fmt(patching['clean_metric']))}; corrupted: loss {_text(_fmt(patching['corrupted_loss']))}, "
+            f"{metric} {_text(_fmt(patching['corrupted_metric']))}.</p>"]
     figures = [("Activation patching", _heatmap(run, "patching_scores", colormap="RdBu_r", centre=0.0,
                                                 what="share recovered"))]
     if "attribution_scores" in run.tables:
@@ -284,8 +286,8 @@ def _patching(run: RunFiles) -> str:
         correlation = patching.get("rank_correlation")
         body.append('<p class="note">Attribution patching: (source − base head output) · dL/d(head output) summed '
                     "over tokens, from one forward and one backward pass of the base input, divided by the loss gap. "
-                    f"Spearman rank correlation with activation patching: {_fmt(correlation, 3)}.</p>")
-    body.append('<div class="pair">' + "".join(f"<div><h3>{escape(title)}</h3>{figure}</div>"
+                    f"Spearman rank correlation with activation patching: {_text(_fmt(correlation, 3))}.</p>")
+    body.append('<div class="pair">' + "".join(f"<div><h3>{_text(title)}</h3>{figure}</div>"
                                                for title, figure in figures) + "</div>")
     return "".join(body)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..npy_files import NpyFileError, read_numeric_npy
-from .schema import FIX, RunFilesError, check_patterns, check_summary, check_table, check_tables
+from .schema import FIX, RunFilesError, check_head_scores, check_patterns, check_summary, check_table, check_tables
 
 # Table name -> file, in the order the report shows them.
 TABLE_FILES = {
@@ -98,20 +98,19 @@ def read_run(directory) -> RunFiles:
         run.patterns = _read_json(path / PATTERNS_FILE)
         check_patterns(run.patterns, path / PATTERNS_FILE)
     if _present(path, HEAD_SCORES_FILE):
-        run.head_scores = _head_scores(path / HEAD_SCORES_FILE)
+        run.head_scores = _head_scores(path / HEAD_SCORES_FILE, run.tables)
     return run
 
 
-def _head_scores(path: Path) -> dict[str, np.ndarray]:
-    """``head_scores.json`` -> ``{score: [L, H] float64}`` (null read as NaN)."""
-    scores = {}
-    for name, rows in _read_json(path).items():
-        try:
-            table = np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: {name!r} is not a [layers][heads] table of numbers; rerun the command that "
-                             "wrote it") from None
-        if table.ndim != 2:
-            raise ValueError(f"{path}: {name!r} is not a [layers][heads] table; rerun the command that wrote it")
-        scores[name] = table
+def _head_scores(path: Path, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``head_scores.json`` -> ``{score: [L, H] float64}`` (null read as NaN), of the other tables' shape."""
+    payload = _read_json(path)
+    if not payload:
+        raise RunFilesError(f"{path} holds no scores; {FIX}")
+    scores = check_head_scores(payload, path, tuple(payload))
+    shape = next(iter(scores.values())).shape
+    others = {array.shape for name, array in tables.items() if array.ndim == 2 and not name.startswith("sweep")}
+    if others and others != {shape}:
+        raise RunFilesError(f"{path} holds tables of shape {shape}, but the run's other tables have shape "
+                            f"{others.pop()}: the files come from different runs; rerun the command that wrote them")
     return scores

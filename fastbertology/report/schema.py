@@ -2,11 +2,13 @@
 else (a shared folder, an archive) or from an older or damaged run, so nothing in it is trusted.
 
 * ``summary.json``: every section the report reads (``importance``, ``masking``, ``pruning``, ``sweep``,
-  ``patterns``, timings) has its keys, with numbers where numbers are computed with; free text (setup, options,
+  ``patterns``, ``head_types``, ``gates``, ``patching``, ``setup.warnings``, timings) has its keys, with numbers
+  where numbers are computed with; free text (setup, options,
   environment) may be anything, since the page shows it as text.
 * the ``.npy`` tables: real numbers, ``[layers, heads]`` (sweeps of layers or masks: one value per layer / mask),
   not empty, all of one ``[layers, heads]`` shape, and equal to the copy summary.json holds, so that tables from
   one run beside the summary of another (an interrupted ``--overwrite`` of an older version) are refused.
+* ``head_scores.json``: one ``[layers, heads]`` table per head type, of one shape (and of the other tables').
 * ``attention_patterns.json``: heads, examples, tokens and maps of matching sizes.
 
 Every problem is a :class:`RunFilesError` naming the file and the field (``summary.json: masking.heads_remaining
@@ -36,6 +38,8 @@ TABLE_COPIES = {
     "attribution_scores.npy": (("patching", "attribution"),),
 }
 SWEEP_KINDS = ("heads", "layers", "masks")
+GATE_MODES = ("target", "penalty")
+PATCHING_DIRECTIONS = ("noising", "denoising")
 
 
 class RunFilesError(ValueError):
@@ -174,8 +178,82 @@ def check_summary(summary: dict, file: Path) -> None:
         sweep.boolean("higher_is_better")
         sweep.number("baseline_score", null=True)
         sweep.integer("masks")
+        sweep.text("ablation", required=False)
         for entry in sweep.objects("most_harmful", required=False):
             entry.number("delta", null=True)
+    _check_warnings(top)
+    _check_head_types(top.section("head_types"))
+    _check_gates(top.section("gates"))
+    _check_patching(top.section("patching"))
+
+
+def _check_warnings(top: Fields) -> None:
+    """``setup.warnings``: a list of strings (shown as text)."""
+    setup = top.section("setup")
+    if setup is None:
+        return
+    for index, warning in enumerate(setup.items("warnings", required=False)):
+        if not isinstance(warning, str):
+            setup.fail(f"warnings[{index}]", f"must be a string, got {_show(warning)}")
+
+
+def _check_head_types(head_types: Fields | None) -> None:
+    if head_types is None:
+        return
+    head_types.number("seconds", required=False, minimum=0)
+    head_types.integer("induction_period", minimum=1)
+    head_types.integer("induction_sequences", minimum=1)
+
+
+def _check_gates(gates: Fields | None) -> None:
+    if gates is None:
+        return
+    mode = gates.text("mode", choices=GATE_MODES)
+    if mode == "target":
+        gates.integer("target_heads", minimum=1)
+    else:
+        gates.number("l0_penalty", minimum=0)
+    gates.get("per_kv_group", False)
+    gates.integer("steps", minimum=1)
+    for key in ("seconds", "evaluation_seconds"):
+        gates.number(key, required=False, minimum=0)
+    gates.text("metric")
+    for key in ("original_score", "masked_score", "importance_masked_score"):
+        gates.number(key, null=True)
+    gates.integer("heads_kept")
+    gates.integer("heads_total", minimum=1)
+    gates.integer("heads_in_common")
+    for point in gates.objects("curve", required=False):
+        point.integer("step")
+        point.number("l0", null=True)
+
+
+def _check_patching(patching: Fields | None) -> None:
+    if patching is None:
+        return
+    patching.text("direction", choices=PATCHING_DIRECTIONS)
+    patching.text("score")
+    patching.text("metric")
+    for key in ("clean_loss", "corrupted_loss", "clean_metric", "corrupted_metric"):
+        patching.number(key, null=True)
+    patching.number("rank_correlation", required=False, null=True)
+    patching.number("seconds", required=False, minimum=0)
+
+
+# ---------------------------------------------------------------------------------------------- head_scores.json
+def check_head_scores(payload: dict, file: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``head_scores.json``: one ``[layers, heads]`` table of numbers (null: NaN) per score in ``names``, all of
+    one shape -> ``{score: [L, H] float64}``."""
+    top = Fields(payload, file)
+    scores, shape = {}, None
+    for name in names:
+        array = number_array(top.get(name, True))
+        if array is None or array.ndim != 2 or array.size == 0 or np.isinf(array).any():
+            top.fail(name, "must be a non-empty [layers][heads] table of numbers (null: not scored)")
+        if shape is not None and array.shape != shape:
+            top.fail(name, f"has shape {array.shape}, but the other scores have {shape}")
+        scores[name], shape = array, array.shape
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------------- tables
