@@ -329,3 +329,64 @@ def test_the_hover_readout_works_under_the_policy(tmp_path, browser):
     page.write_text(html.replace("</body>", f"<script>{probe}</script></body>"))
     body = _body(_dump_dom(page).stdout)
     assert body.body.get("data-readout", "").startswith("layer 0, head 0: importance ")
+
+
+# ------------------------------------------------------------------ the gates, patching and warnings sections
+def _analyses_run() -> tuple[dict, dict]:
+    """A summary with the ``gates`` and ``patching`` sections and ``setup.warnings`` as the commands write them,
+    and the tables, their copies, that go with it."""
+    from report_runs import TABLES, _table
+
+    gates, scores, attribution = _table(5), _table(6, -1.0, 1.0), _table(7, -1.0, 1.0)
+    document = summary()
+    document["setup"]["warnings"] = ["the data holds one class only"]
+    document["gates"] = {"mode": "target", "target_heads": 4, "per_kv_group": False, "steps": 30, "seconds": 1.5,
+                         "metric": "accuracy", "original_score": 0.9, "masked_score": 0.8,
+                         "importance_masked_score": 0.7, "heads_kept": 4, "heads_total": 12, "heads_in_common": 3,
+                         "curve": [{"step": 1, "l0": 11.5}, {"step": 2, "l0": 10.0}], "gates": gates.tolist(),
+                         "head_mask": document["masking"]["head_mask"]}
+    document["patching"] = {"direction": "denoising", "score": "loss", "metric": "accuracy", "clean_loss": 0.1,
+                            "corrupted_loss": 0.9, "clean_metric": 1.0, "corrupted_metric": 0.5,
+                            "rank_correlation": 0.8, "seconds": 2.0, "scores": scores.tolist(),
+                            "attribution": attribution.tolist()}
+    tables = {**TABLES, "head_gates.npy": gates, "patching_scores.npy": scores,
+              "attribution_scores.npy": attribution}
+    return document, tables
+
+
+def test_gates_patching_and_warnings_fields_are_shown_as_text_or_refused(tmp_path):
+    """The sections of the gates and patching commands and the run's warnings: a payload in any of their fields is
+    shown as text or refused naming summary.json and the field."""
+    document, tables = _analyses_run()
+    html = build_html(read_run(write_run(tmp_path / "plain", summary_payload=document, tables=tables)))
+    assert "Learned head gates" in html and "Activation patching" in html
+    shown = refused = 0
+    for index, (path, kind) in enumerate(_leaves(document)):
+        if path[0] not in ("gates", "patching") and path[:2] != ("setup", "warnings"):
+            continue
+        if path[-1] in ("gates", "scores", "attribution", "head_mask") or "gates" in path[1:2] and \
+                isinstance(path[-1], int) and len(path) > 3:
+            continue  # the table copies: checked against their .npy files (test_a_mix_of_two_runs_is_refused)
+        changed = _replaced(document, path, kind)
+        directory = write_run(tmp_path / f"run-{index}", summary_payload=changed, tables=tables)
+        try:
+            run = read_run(directory)
+        except ValueError as error:
+            assert "summary.json" in str(error), (path, str(error))
+            refused += 1
+            continue
+        _assert_inert(build_html(run))
+        shown += 1
+    assert shown >= 5 and refused >= 10, (shown, refused)
+
+
+def test_the_new_sections_without_their_keys_name_the_file_and_field(tmp_path):
+    for section, key in (("gates", "heads_kept"), ("gates", "mode"), ("patching", "direction"),
+                         ("patching", "clean_loss")):
+        document, tables = _analyses_run()
+        del document[section][key]
+        _refused(tmp_path, f"{section}-{key}", ["summary.json", f"{section}.{key}"], summary_payload=document,
+                 tables=tables)
+    document, tables = _analyses_run()
+    document["setup"]["warnings"] = [3]
+    _refused(tmp_path, "warnings", ["summary.json", "warnings[0]"], summary_payload=document, tables=tables)
