@@ -85,6 +85,10 @@ def sum_metric_states(states: list[dict]) -> dict:
     merged = {}
     for key in states[0]:
         values = [state[key] for state in states]
+        if any(isinstance(v, torch.Tensor) for v in values):  # a state that saw no batch may still hold a number
+            values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in values]
+            if all(v.dim() == 0 for v in values):
+                values = [v.cpu() for v in values]
         if isinstance(values[0], torch.Tensor):
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:

@@ -92,11 +92,18 @@ class ClassificationTask(Task):
         return {"confusion": torch.zeros(size, size, dtype=torch.long)}
 
     def update_metric(self, state, result, batch):
-        predictions = result.logits.detach().argmax(-1).cpu()
-        labels = batch["labels"].detach().long().cpu()
-        size = max(state["confusion"].shape[0], result.logits.shape[-1], int(labels.max()) + 1)
-        state["confusion"] = _grown_confusion(state["confusion"], size)
-        state["confusion"] += torch.bincount(labels * size + predictions, minlength=size * size).view(size, size)
+        """Adds the batch to the confusion matrix, which lives on the logits' device: no host-device sync. The
+        matrix has ``max(num_labels, C)`` classes for ``[B, C]`` logits (a label the logits have no class for
+        fails the loss first)."""
+        logits = result.logits.detach()
+        confusion = state["confusion"]
+        size = max(confusion.shape[0], logits.shape[-1])
+        if confusion.device != logits.device or size != confusion.shape[0]:  # the first batch, or more classes
+            confusion = _grown_confusion(confusion.cpu(), size).to(logits.device)
+        predictions = logits.argmax(-1)
+        labels = batch["labels"].detach().to(logits.device).long()
+        cells = labels * size + predictions  # [B] flat cells of the [size, size] matrix
+        state["confusion"] = confusion.view(-1).index_add_(0, cells, torch.ones_like(cells)).view(size, size)
 
     def merge_metric_states(self, states):
         """Confusion matrices that may have grown to different sizes: padded to the largest, then added."""
@@ -162,14 +169,16 @@ class RegressionTask(Task):
         return {"n": 0, "mean_x": 0.0, "mean_y": 0.0, "m2_x": 0.0, "m2_y": 0.0, "c_xy": 0.0, "sse": 0.0}
 
     def update_metric(self, state, result, batch):
-        x = result.logits.detach().double().cpu()
-        y = batch["labels"].detach().double().cpu()
+        """Chan et al.'s update with the batch's moments, kept as float64 0-d tensors on the logits' device (the
+        count ``n`` is a host int): no host-device sync."""
+        x = result.logits.detach().double()
+        y = batch["labels"].detach().to(x.device).double()
         if len(x) == 0:
             return
-        mean_x, mean_y = float(x.mean()), float(y.mean())
-        batch_state = {"n": len(x), "mean_x": mean_x, "mean_y": mean_y, "m2_x": float(((x - mean_x) ** 2).sum()),
-                       "m2_y": float(((y - mean_y) ** 2).sum()), "c_xy": float(((x - mean_x) * (y - mean_y)).sum()),
-                       "sse": float(((x - y) ** 2).sum())}
+        mean_x, mean_y = x.mean(), y.mean()
+        dx, dy = x - mean_x, y - mean_y
+        batch_state = {"n": len(x), "mean_x": mean_x, "mean_y": mean_y, "m2_x": dx.square().sum(),
+                       "m2_y": dy.square().sum(), "c_xy": (dx * dy).sum(), "sse": (x - y).square().sum()}
         state.update(_combined_moments(state, batch_state))
 
     def merge_metric_states(self, states):
@@ -182,6 +191,7 @@ class RegressionTask(Task):
     def compute_metrics(self, state):
         if state["n"] == 0:
             raise ValueError("no examples were accumulated: the metric is undefined")
+        state = {key: float(value) for key, value in state.items()}  # read once, at the end
         denominator = math.sqrt(state["m2_x"] * state["m2_y"])
         pearson = state["c_xy"] / denominator if denominator > 0 else 0.0
         return {"pearson": pearson, "mse": state["sse"] / state["n"], "examples": float(state["n"])}

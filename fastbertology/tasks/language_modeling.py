@@ -126,11 +126,14 @@ class LanguageModelingTask(Task):
         return {"nll": 0.0, "tokens": 0}
 
     def update_metric(self, state, result, batch):
-        state["nll"] += float(result.token_losses.detach().double()[result.token_mask].sum())
-        state["tokens"] += int(result.token_mask.sum())
+        """Sums on the device (0-d tensors after the first batch): no host-device sync. ``token_losses`` is 0
+        where nothing is predicted."""
+        state["nll"] = state["nll"] + result.token_losses.detach().double().sum()
+        state["tokens"] = state["tokens"] + result.token_mask.sum()
 
     def compute_metrics(self, state):
-        if state["tokens"] == 0:
+        tokens = int(state["tokens"])
+        if tokens == 0:
             raise ValueError("no tokens were accumulated: perplexity is undefined")
-        nll = state["nll"] / state["tokens"]
-        return {"perplexity": math.exp(nll), "nll": nll, "tokens": float(state["tokens"])}
+        nll = float(state["nll"]) / tokens
+        return {"perplexity": math.exp(nll), "nll": nll, "tokens": float(tokens)}
