@@ -177,7 +177,7 @@ def test_cuda_runtime_queries_are_answered_and_restored():
 
 def test_report_of_the_script(small_bert_census, capsys):
     report = host_census.format_report(small_bert_census)
-    assert "layers 1+ (inside, mean)" in report and "fastbertology/tasks/" in report
+    assert "layers 1+ (inside, mean)" in report and "fastbertology/importance.py" in report
     assert f"syncs per batch: {len([s for s in small_bert_census['syncs'] if s['phase'] == 'step'])}" in report
     with pytest.raises(SystemExit):
         host_census.main(["--batch", "0"])

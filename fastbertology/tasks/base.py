@@ -114,6 +114,10 @@ class Task:
     name = "task"
     metric_name = "metric"
     higher_is_better = True
+    # None when a step (forward, loss, metric update) can be captured as a CUDA graph: shapes fixed by the batch's
+    # shapes, no host reads, and update_metric changing device tensors in place after the first batch; else why
+    # not (fastbertology.step_graphs runs such steps eagerly and says so)
+    cuda_graph_refusal: str | None = "its step is not declared capturable (cuda_graph_refusal = None)"
 
     def forward(self, model, batch: dict, *, head_mask: torch.Tensor | None = None):
         """Run ``model`` on ``batch`` (``head_mask`` ``[L, H]`` or ``[B, L, H]`` given to the patched model)."""

@@ -68,6 +68,7 @@ class ClassificationTask(Task):
     name = "classification"
     higher_is_better = True
     METRICS = ("accuracy", "f1", "mcc")
+    cuda_graph_refusal = None  # fixed shapes, device-side metric updated in place: steps replay as CUDA graphs
 
     def __init__(self, *, metric: str = "accuracy", num_labels: int | None = None, positive_label: int = 1):
         if metric not in self.METRICS:
@@ -99,11 +100,11 @@ class ClassificationTask(Task):
         confusion = state["confusion"]
         size = max(confusion.shape[0], logits.shape[-1])
         if confusion.device != logits.device or size != confusion.shape[0]:  # the first batch, or more classes
-            confusion = _grown_confusion(confusion.cpu(), size).to(logits.device)
+            state["confusion"] = confusion = _grown_confusion(confusion.cpu(), size).to(logits.device)
         predictions = logits.argmax(-1)
         labels = batch["labels"].detach().to(logits.device).long()
         cells = labels * size + predictions  # [B] flat cells of the [size, size] matrix
-        state["confusion"] = confusion.view(-1).index_add_(0, cells, torch.ones_like(cells)).view(size, size)
+        confusion.view(-1).index_add_(0, cells, torch.ones_like(cells))  # in place (a CUDA graph replays it)
 
     def merge_metric_states(self, states):
         """Confusion matrices that may have grown to different sizes: padded to the largest, then added."""
@@ -123,6 +124,13 @@ def _combined_moments(a: dict, b: dict) -> dict:
         return dict(a)
     if n_a == 0:
         return dict(b)
+    return _union_moments(a, b)
+
+
+def _union_moments(a: dict, b: dict) -> dict:
+    """:func:`_combined_moments` without its checks for empty states (the counts may be device tensors: no sync;
+    ``a["n"] + b["n"]`` must be positive)."""
+    n_a, n_b = a["n"], b["n"]
     n = n_a + n_b
     dx, dy = b["mean_x"] - a["mean_x"], b["mean_y"] - a["mean_y"]
     return {
@@ -145,6 +153,7 @@ class RegressionTask(Task):
     name = "regression"
     higher_is_better = True
     METRICS = ("pearson", "mse")
+    cuda_graph_refusal = None  # as classification
 
     def __init__(self, *, metric: str = "pearson"):
         if metric not in self.METRICS:
@@ -169,17 +178,24 @@ class RegressionTask(Task):
         return {"n": 0, "mean_x": 0.0, "mean_y": 0.0, "m2_x": 0.0, "m2_y": 0.0, "c_xy": 0.0, "sse": 0.0}
 
     def update_metric(self, state, result, batch):
-        """Chan et al.'s update with the batch's moments, kept as float64 0-d tensors on the logits' device (the
-        count ``n`` is a host int): no host-device sync."""
+        """Chan et al.'s update with the batch's moments. The state's entries are float64 0-d tensors on the
+        logits' device after the first batch, updated in place from then on: no host-device sync (and a CUDA graph
+        replays the update)."""
         x = result.logits.detach().double()
         y = batch["labels"].detach().to(x.device).double()
         if len(x) == 0:
             return
         mean_x, mean_y = x.mean(), y.mean()
         dx, dy = x - mean_x, y - mean_y
-        batch_state = {"n": len(x), "mean_x": mean_x, "mean_y": mean_y, "m2_x": dx.square().sum(),
+        batch_state = {"n": torch.full((), float(len(x)), dtype=torch.float64, device=x.device),
+                       "mean_x": mean_x, "mean_y": mean_y, "m2_x": dx.square().sum(),
                        "m2_y": dy.square().sum(), "c_xy": (dx * dy).sum(), "sse": (x - y).square().sum()}
-        state.update(_combined_moments(state, batch_state))
+        for key, value in _union_moments(state, batch_state).items():
+            current = state[key]
+            if isinstance(current, torch.Tensor) and current.device == x.device and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                state[key] = value
 
     def merge_metric_states(self, states):
         """Counts, means and co-moments combined with Chan et al.'s pairwise update (in order)."""
@@ -189,9 +205,9 @@ class RegressionTask(Task):
         return merged
 
     def compute_metrics(self, state):
+        state = {key: float(value) for key, value in state.items()}  # read once, at the end
         if state["n"] == 0:
             raise ValueError("no examples were accumulated: the metric is undefined")
-        state = {key: float(value) for key, value in state.items()}  # read once, at the end
         denominator = math.sqrt(state["m2_x"] * state["m2_y"])
         pearson = state["c_xy"] / denominator if denominator > 0 else 0.0
         return {"pearson": pearson, "mse": state["sse"] / state["n"], "examples": float(state["n"])}

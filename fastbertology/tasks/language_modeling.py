@@ -61,6 +61,7 @@ class LanguageModelingTask(Task):
     name = "language_modeling"
     metric_name = "perplexity"
     higher_is_better = False
+    cuda_graph_refusal = "its loss selects the predicted positions (shapes that depend on the data)"
 
     def forward(self, model, batch, *, head_mask=None):
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}

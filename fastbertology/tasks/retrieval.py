@@ -68,6 +68,7 @@ class RetrievalTask(Task):
     name = "retrieval"
     metric_name = "accuracy@1"
     higher_is_better = True
+    cuda_graph_refusal = "it embeds two inputs per example (two packed calls per step)"
 
     def __init__(self, *, group_size: int | None = 32, scale: float = 20.0, symmetric: bool = True):
         if group_size is not None and group_size < 2:
