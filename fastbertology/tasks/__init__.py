@@ -34,7 +34,7 @@ Tasks:
 
 from __future__ import annotations
 
-from .base import MODEL_INPUT_KEYS, Task, TaskProtocol, TaskResult, sum_metric_states
+from .base import EXAMPLE_KEYS, MODEL_INPUT_KEYS, Task, TaskProtocol, TaskResult, count_examples, sum_metric_states
 from .glue import GLUE_METRICS, ClassificationTask, RegressionTask, confusion_metrics
 from .language_modeling import LanguageModelingTask, PredictedLogits
 from .retrieval import RetrievalTask, embed, mean_pool, retrieval_ranks
@@ -43,7 +43,7 @@ __all__ = [
     "TaskResult", "Task", "TaskProtocol", "sum_metric_states", "PredictedLogits", "ClassificationTask",
     "RegressionTask", "LanguageModelingTask", "RetrievalTask",
     "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
-    "confusion_metrics", "MODEL_INPUT_KEYS",
+    "confusion_metrics", "MODEL_INPUT_KEYS", "EXAMPLE_KEYS", "count_examples",
 ]
 
 
