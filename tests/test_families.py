@@ -416,13 +416,14 @@ def test_albert_prunes_a_shared_layer_in_every_application_or_not_at_all():
     assert architectures.heads_per_layer(model) == [4, 3, 4, 3]
 
 
-def test_bart_takes_the_three_4x_masks_or_one_table():
+@pytest.mark.parametrize("family", ["bart", "whisper"])
+def test_encoder_decoders_take_the_three_4x_masks_or_one_table(family):
     """``head_mask`` [Le, H] (encoder), ``decoder_head_mask`` and ``cross_attn_head_mask`` [Ld, H] equal one
     ``head_mask`` [Le + 2 Ld, H] over all rows, gradients included; ``[H]`` is the encoder's, as in 4.x."""
-    spec = FAMILIES["bart"]
+    spec = FAMILIES[family]
     model = spec.model()
     batch = inputs(spec, LENGTHS)
-    table = _mask("LH", "bart", model, 3)
+    table = _mask("LH", family, model, 3)
     parts = [table[0:2].clone().requires_grad_(True), table[2:4].clone().requires_grad_(True),
              table[4:6].clone().requires_grad_(True)]
     whole = table.clone().requires_grad_(True)
