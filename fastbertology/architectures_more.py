@@ -74,7 +74,7 @@ def more_architectures() -> tuple:
                                 heads_attribute="num_heads", head_dim_attribute="head_dim", empty="projected"),
         attention_interface=True, builds_cache=lambda config: bool(getattr(config, "use_cache", True)),
         usable_positions=lambda config: config.max_target_positions,
-        model_classes={"classification": "AutoModelForAudioClassification", "encoder": "AutoModel"},
+        model_classes={"classification": "AutoModelForAudioClassification"},  # (the command line refuses audio)
         inputs="audio",
         mask_arguments=(("head_mask", "encoder"), ("decoder_head_mask", "decoder"),
                         ("cross_attn_head_mask", "cross")),

@@ -26,8 +26,9 @@ Tasks:
 * :class:`ClassificationTask` — ``model(...).logits [B, C]``, mean cross-entropy; accuracy, F1 (MRPC), Matthews
   correlation (CoLA).
 * :class:`RegressionTask` — ``logits [B, 1]``, mean squared error; Pearson correlation (STS-B).
-* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens;
-  perplexity (lower is better).
+* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens, and an
+  encoder-decoder's decoder text given its input (Whisper: the sequence-to-sequence loss); perplexity (lower is
+  better).
 * :class:`RetrievalTask` — sentence-embedding models (MiniLM): symmetric contrastive loss and accuracy@1 / MRR
   within fixed groups of examples, so results do not depend on the batch size.
 """
