@@ -2,9 +2,9 @@
 so that the registry module stays small. :mod:`fastbertology.architectures` adds them to ``ARCHITECTURES`` and
 ``REFUSED``; nothing else imports this module.
 
-* **Whisper** (``whisper``: ``WhisperForConditionalGeneration``, ``WhisperModel``, ``WhisperForAudioClassification``)
-  reads audio: ``input_features [B, n_mels, 2 * max_source_positions]`` (log-mel frames, always of that length:
-  the encoder has no padding). Rows as BART's: encoder | decoder self-attention | cross-attention; the audio
+* **Whisper** (``whisper``: ``WhisperForConditionalGeneration``, ``WhisperForAudioClassification``) reads audio:
+  ``input_features [B, n_mels, 2 * max_source_positions]`` (log-mel frames, always of that length: the encoder has
+  no padding). Rows as BART's: encoder | decoder self-attention | cross-attention; the audio
   classifier has the encoder rows only. The decoder reads ``decoder_input_ids`` and runs padded (its padding is
   ``decoder_attention_mask``), as BART's.
 * **Gemma 3** (``gemma3_text``: ``Gemma3ForCausalLM``, ``Gemma3TextModel``, ``Gemma3TextForSequenceClassification``):

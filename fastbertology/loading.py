@@ -32,7 +32,7 @@ MODEL_KINDS = ("classification", "causal-lm", "encoder")
 # tokenizer of a handful of special tokens and turns every word into [UNK]).
 _VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 _BPE_FILES = ("vocab.json", "merges.txt")
-_NOT_TEXT = {"image": "images (pixel_values)", "audio": "audio (input_features)"}  # the registry's other inputs
+_NOT_TEXT = {"image": ("images", "pixel_values"), "audio": ("audio", "input_features")}  # the registry's other inputs
 _WEIGHTS_NAME = "model.safetensors"
 _WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -212,11 +212,11 @@ def check_model_dir(directory: str) -> dict:
     except ValueError as error:
         raise ModelLoadingError(f"model {directory}: {error}") from None
     if entry.inputs != "text":
-        reads = _NOT_TEXT[entry.inputs]
+        what, key = _NOT_TEXT[entry.inputs]
         raise ModelLoadingError(
-            f"model {directory} is a {entry.name} model, which reads {reads}: the command line and load_model read "
-            f"text. Analyse it through the Python API (load it with transformers, fastbertology.patch(model), "
-            f"batches of {reads.split('(')[1].rstrip(')')}; see docs/models.md)")
+            f"model {directory} is a {entry.name} model, which reads {what} ({key}): the command line and load_model "
+            f"read text. Analyse it through the Python API (load it with transformers, fastbertology.patch(model), "
+            f"batches of {key}; see docs/models.md)")
     check_weight_files(_weight_files(directory))
     _check_tokenizer_files(directory)
     return config
