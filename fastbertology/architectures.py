@@ -180,7 +180,8 @@ class Architecture:
                          language modelling may project at the predicting positions only.
     model_classes:       task kind (``"classification"``, ``"causal-lm"``, ``"encoder"``) -> the transformers Auto
                          class that loads the family for it.
-    inputs:              ``"text"`` (``input_ids``) or ``"image"`` (``pixel_values``, no padding).
+    inputs:              ``"text"`` (``input_ids``), ``"image"`` (``pixel_values``, no padding) or ``"audio"``
+                         (``input_features``: log-mel frames of a fixed length, no padding).
     mask_arguments:      call argument -> the rows it masks: ``"all"``, a stack name or ``"cross"``. transformers
                          4.x's ``head_mask``, ``decoder_head_mask``, ``cross_attn_head_mask``.
     packed_arguments:    layer call arguments with per-position values ``[B or 1, N, ...]`` (a tensor or a tuple of
@@ -192,6 +193,8 @@ class Architecture:
     padded_options:      boolean call options (default: the config's) that return per-position outputs of the
                          layers besides ``output_attentions`` / ``output_hidden_states`` (Mixtral's
                          ``output_router_logits``): a call with one of them runs padded.
+    refuses:             config -> a setting of this config that the kernels do not compute (refused by name), or
+                         None (Gemma 3's ``attn_logit_softcapping``).
     """
 
     name: str
@@ -209,6 +212,7 @@ class Architecture:
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
     attention_outputs: tuple[str, ...] = ("attentions",)
     padded_options: tuple[str, ...] = ()
+    refuses: Callable[[object], str | None] = lambda config: None
 
     def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
         """The current number of (query) heads of an attention module of this family (``block``: the module that
@@ -492,6 +496,10 @@ REFUSED = {
     "deberta-v2": "disentangled relative position attention (position terms added to the scores)",
 }
 
+from .architectures_more import MORE_REFUSED, more_architectures  # noqa: E402 (they use the classes above)
+
+ARCHITECTURES += more_architectures()
+REFUSED |= MORE_REFUSED
 _BY_MODEL_TYPE = {model_type: entry for entry in ARCHITECTURES for model_type in entry.model_types}
 
 
@@ -503,6 +511,7 @@ def supported_model_types() -> tuple[str, ...]:
 def architecture(model_or_config) -> Architecture:
     """The registry entry of a model (or of its config / a ``model_type`` string). ValueError naming the feature
     for refused families, and the supported types and what adding one takes otherwise."""
+    config = None
     if isinstance(model_or_config, str):
         model_type = model_or_config
     else:
@@ -518,7 +527,13 @@ def architecture(model_or_config) -> Architecture:
             f"{', '.join(sorted(_BY_MODEL_TYPE))}. A new family is one Architecture entry in "
             "fastbertology/architectures.py (where its layers, attention modules and projections are)."
         )
-    return _BY_MODEL_TYPE[model_type]
+    entry = _BY_MODEL_TYPE[model_type]
+    feature = entry.refuses(config) if config is not None else None
+    if feature:
+        raise ValueError(f"fastbertology does not support this {entry.name} model: its config sets {feature}, which "
+                         "the attention kernels do not compute (a head mask there would not mean what it means "
+                         "elsewhere)")
+    return entry
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -590,9 +605,11 @@ def row_parts(model: nn.Module) -> list[str]:
 
 def row_attentions(model: nn.Module, output) -> list:
     """The attention maps of a model output (``output_attentions=True``), one ``[B, H, N_q, N_k]`` tensor per row,
-    in row order (BART's encoder, decoder and cross-attention maps come in three fields)."""
+    in row order (BART's encoder, decoder and cross-attention maps come in three fields; a model of such a family
+    with the encoder only, Whisper's audio classifier, returns its maps as ``attentions``)."""
     maps = []
-    for name in architecture(model).attention_outputs:
+    names = architecture(model).attention_outputs
+    for name in names if any(hasattr(output, name) for name in names) else ("attentions",):
         field = getattr(output, name, None)
         if field is None:
             raise ValueError(f"the model output has no {name!r}: call the model with output_attentions=True")

@@ -31,7 +31,7 @@ from .head_mask import checked_head_masks
 from .patching import is_patched
 from .recording import record
 from .step_graphs import GraphUse, graph_refusal
-from .tasks import TaskProtocol
+from .tasks import TaskProtocol, count_examples
 
 IMPORTANCE_MODES = ("per_batch", "per_example")
 
@@ -61,12 +61,10 @@ def require_patched(model: nn.Module) -> None:
 
 
 def examples_in(task: TaskProtocol, batch: dict) -> int:
-    """Number of examples in ``batch``: the rows of ``input_ids`` (or ``pixel_values``), else what
-    ``task.batch_size`` says."""
-    for key in ("input_ids", "pixel_values"):
-        if key in batch:
-            return len(batch[key])
-    return task.batch_size(batch)
+    """Number of examples in ``batch``: the rows of ``input_ids`` (or ``pixel_values``, ``input_features``), else
+    what ``task.batch_size`` says."""
+    size = count_examples(batch)
+    return task.batch_size(batch) if size is None else size
 
 
 def full_head_mask(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

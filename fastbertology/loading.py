@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ MODEL_KINDS = ("classification", "causal-lm", "encoder")
 # tokenizer of a handful of special tokens and turns every word into [UNK]).
 _VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 _BPE_FILES = ("vocab.json", "merges.txt")
+_NOT_TEXT = {"image": ("images", "pixel_values"), "audio": ("audio", "input_features")}  # the registry's other inputs
 _WEIGHTS_NAME = "model.safetensors"
 _WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -205,15 +207,16 @@ def check_model_dir(directory: str) -> dict:
     """Everything about a model directory that can be checked without building the model: config.json, the
     safetensors files (complete), the tokenizer files. Returns the config as a dict."""
     config = _read_config_json(directory)
-    try:
-        entry = architecture(config["model_type"])
+    try:  # (the config's settings too: some are refused by name, as Gemma 3's attention soft-capping)
+        entry = architecture(types.SimpleNamespace(**config))
     except ValueError as error:
         raise ModelLoadingError(f"model {directory}: {error}") from None
     if entry.inputs != "text":
+        what, key = _NOT_TEXT[entry.inputs]
         raise ModelLoadingError(
-            f"model {directory} is a {entry.name} model, which reads {entry.inputs}s: the command line and "
-            "load_model read text. Analyse it through the Python API (load it with transformers, "
-            "fastbertology.patch(model), batches of pixel_values; see docs/models.md)")
+            f"model {directory} is a {entry.name} model, which reads {what} ({key}): the command line and load_model "
+            f"read text. Analyse it through the Python API (load it with transformers, fastbertology.patch(model), "
+            f"batches of {key}; see docs/models.md)")
     check_weight_files(_weight_files(directory))
     _check_tokenizer_files(directory)
     return config

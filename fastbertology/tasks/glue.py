@@ -55,8 +55,8 @@ def _grown_confusion(confusion: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ClassificationTask(Task):
-    """Sequence (or image) classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` (or
-    ``model(pixel_values).logits``) against ``batch["labels"] [B]`` (class ids).
+    """Sequence (image, audio) classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` (or
+    ``model(pixel_values).logits``, ``model(input_features).logits``) against ``batch["labels"] [B]`` (class ids).
 
     loss:           mean over the batch of the per-example cross-entropy (as transformers' and run_bertology's
                     loss); ``example_losses [B]`` the per-example cross-entropy. Computed in float32 or wider.

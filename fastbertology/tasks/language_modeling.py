@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..architectures import architecture
-from .base import Task, TaskResult, _at_least_float32, _mask_kwargs
+from .base import Task, TaskResult, _at_least_float32, _mask_kwargs, _model_inputs
+
+DECODER_TEXT = ("decoder_input_ids", "decoder_attention_mask")  # an encoder-decoder model's text (its decoder's)
 
 
 @dataclass
@@ -32,10 +34,13 @@ class PredictedLogits:
 
 def _output_projection(model) -> torch.nn.Linear | None:
     """The vocabulary projection of a causal LM whose logits are exactly ``projection(base model hidden states)``
-    (the registry's ``causal_lm`` families), else None."""
+    (the registry's ``causal_lm`` families), else None: also for a model that soft-caps its logits after the
+    projection (Gemma 3's ``final_logit_softcapping``)."""
     projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", model)
     if not isinstance(projection, torch.nn.Linear) or base is model:
+        return None
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
         return None
     try:
         causal_lm = architecture(model).causal_lm
@@ -52,6 +57,12 @@ class LanguageModelingTask(Task):
 
     Targets: ``batch["labels"] [B, N]`` if present (ignored positions -100), else ``input_ids`` with padding
     (``attention_mask == 0``) set to -100. The shift happens here; the model is not given labels.
+
+    Encoder-decoder models (Whisper's speech recognition; batches with ``decoder_input_ids``): the decoder's text
+    is modelled given the encoder's input (the batch's model inputs: ``input_features``, or ``input_ids``), teacher
+    forced: ``model(<encoder inputs>, decoder_input_ids, decoder_attention_mask).logits [B, N, V]``, token t+1 of
+    ``decoder_input_ids`` predicted from its tokens <= t (padding: ``decoder_attention_mask == 0``). That is the
+    sequence-to-sequence loss, without the prediction of the decoder's first (start) token.
     loss:           total NLL of the counted tokens of the batch / their number (transformers' LM loss).
     example_losses: ``[B]`` each example's mean NLL over its counted tokens (0 for an example with none).
     metric:         ``"perplexity"`` = exp(total token NLL / total counted tokens) over the whole data; lower is
@@ -64,6 +75,9 @@ class LanguageModelingTask(Task):
     cuda_graph_refusal = "its loss selects the predicted positions (shapes that depend on the data)"
 
     def forward(self, model, batch, *, head_mask=None):
+        if DECODER_TEXT[0] in batch:  # encoder-decoder: the encoder's inputs and the decoder's text
+            inputs = _model_inputs(batch) | {key: batch[key] for key in DECODER_TEXT if key in batch}
+            return model(**inputs, **_mask_kwargs(head_mask))
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
         projection = _output_projection(model)
         if projection is None:
@@ -84,12 +98,14 @@ class LanguageModelingTask(Task):
 
     @staticmethod
     def targets(batch: dict) -> torch.Tensor:
-        """``[B, N]`` target ids: ``batch["labels"]`` or ``input_ids`` with padding set to -100."""
-        if "labels" in batch and batch["labels"].shape == batch["input_ids"].shape:
+        """``[B, N]`` target ids: ``batch["labels"]`` or the modelled text (``input_ids``; ``decoder_input_ids`` for
+        encoder-decoder batches) with padding set to -100."""
+        ids, mask = DECODER_TEXT if DECODER_TEXT[0] in batch else ("input_ids", "attention_mask")
+        if "labels" in batch and batch["labels"].shape == batch[ids].shape:
             return batch["labels"]
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
+        labels = batch[ids].clone()
+        if mask in batch:
+            labels[batch[mask] == 0] = -100
         return labels
 
     def result(self, output, batch):
