@@ -125,6 +125,10 @@ def _analysis(parser) -> None:
                        help="keep the raw importance instead of dividing each layer by its L2 norm")
     group.add_argument("--dont-normalize-global-importance", action="store_true",
                        help="skip the final min-max scaling of the whole table to [0, 1]")
+    group.add_argument("--cuda-graphs", choices=["auto", "off"], default="auto",
+                       help="auto: replay each analysis step as a CUDA graph where it can (CUDA, the Triton kernels, "
+                            "classification or regression; the same numbers; summary.json says what ran and why "
+                            "not); off: always eager")
 
 
 def _head_types(parser) -> None:

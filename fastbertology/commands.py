@@ -97,7 +97,18 @@ def _open_output(args) -> RunDirectory | None:
 # --------------------------------------------------------------------------------------------------------------
 def _analysis_options(args) -> dict:
     return dict(importance=args.importance, normalize_by_layer=not args.dont_normalize_importance_by_layer,
-                normalize_global=not args.dont_normalize_global_importance)
+                normalize_global=not args.dont_normalize_global_importance, cuda_graphs=args.cuda_graphs)
+
+
+def _say_graphs(console: Console, use: dict | None) -> None:
+    """One line on the CUDA graphs of a pass, where they were asked for and a GPU is there (not on the CPU)."""
+    if not use or use["mode"] == "off" or (not use["enabled"] and use["reason"].startswith("no CUDA device")):
+        return
+    if use["enabled"]:
+        console.say(f"CUDA graphs: {use['replays']} steps replayed, {use['eager_steps']} eager "
+                    f"({use['captured']} graphs captured)")
+    else:
+        console.warn(f"CUDA graphs off, steps ran eagerly: {use['reason']}")
 
 
 def _heatmaps(output: Path, analysis, description: dict) -> None:
@@ -138,7 +149,9 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
         "metric": analysis.metric, "loss": analysis.loss, "tokens": analysis.tokens, "examples": analysis.examples,
         "seconds": seconds, "mode": args.importance, "importance": analysis.importance,
         "raw_importance": analysis.raw_importance, "entropy": analysis.entropy, "max_prob": analysis.max_prob,
+        "cuda_graphs": analysis.cuda_graphs,
     }
+    _say_graphs(console, analysis.cuda_graphs)
     console.say(format_table(analysis.importance, title="Head importance (normalised; rows = layers)"))
     console.say(format_table(analysis.entropy, title="\nAttention entropy (nats per token)"))
     console.say(format_table(analysis.max_prob, title="\nMax attention probability (mean per token)"))
@@ -191,7 +204,9 @@ def masking_step(args, console: Console, run: Run, output: RunDirectory | None, 
                           "threshold_score": threshold_score, "higher_is_better": result.higher_is_better,
                           "heads_remaining": int(result.head_mask.sum()), "heads_total": result.head_mask.numel(),
                           "curve": result.curve, "seconds": seconds, "threshold": args.masking_threshold,
-                          "amount": args.masking_amount, "head_mask": result.head_mask}
+                          "amount": args.masking_amount, "head_mask": result.head_mask,
+                          "cuda_graphs": result.cuda_graphs}
+    _say_graphs(console, result.cuda_graphs)
     console.say("\nIterative masking: heads remaining -> " + metric)
     for point in result.curve:
         console.say(f"  {point['heads_remaining']:>4d}  {point['score']:.4f}")
