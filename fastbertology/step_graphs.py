@@ -209,7 +209,7 @@ class StepRunner:
         self.limit = limit
         self.graph_type = graph_type
         self.graphs: dict[Bucket, tuple[StaticBatch, object]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if graph_type is CudaGraph and use.enabled else None
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
 
     def run(self, batch: dict) -> torch.Tensor:
         """One step over ``batch`` (on the model's device); returns its loss (a fresh 0-d tensor)."""
@@ -249,6 +249,8 @@ class StepRunner:
         self.use.eager_steps += 1
         after = _values(self.accumulators)
         identities = _identities(self.accumulators)
+        if self.pool is None and self.graph_type is CudaGraph:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = self.graph_type(self.pool)
         try:
             graph.capture(lambda: self.body(inputs))

@@ -85,6 +85,9 @@ def _batches(lengths_per_batch=BUCKET_BATCHES, labels="classes"):
 
 @pytest.fixture
 def graphs_on_the_cpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test on CPU tensors; on CUDA: tests/test_triton_gpu.py::"
+                    "test_cuda_graph_replay_equals_eager")
     """Lift the refusal that keeps the CPU eager (no CUDA): the runner then replays EmulatedGraph."""
     monkeypatch.setattr(importance_module, "graph_refusal",
                         lambda model, task, mode, device: None if mode == "auto" else graph_refusal(model, task, mode,
@@ -249,3 +252,26 @@ def test_a_failed_capture_or_a_replay_that_differs_turns_graphs_off(graphs_on_th
     for result in (failed, differing):
         assert not result.cuda_graphs["enabled"] and result.cuda_graphs["replays"] == 0
         _assert_same_analysis(result, expected)
+
+
+def test_the_step_a_graph_captures_reads_nothing_back(monkeypatch):
+    """The body a graph captures, run on a bucketed batch through the GPU code path under the census (Triton
+    launches recorded, CPU tensors posing as CUDA): no host-device sync, which would make a capture fail."""
+    from fastbertology.bench.census_step import census_batches, count_step
+    from fastbertology.bench.workloads import TINY_BERT, SyntheticWorkload, build_model
+    from fastbertology.step_graphs import StepRunner
+
+    def bucketed_body(self, batch):
+        plan = self._plan(batch)
+        assert plan is not None, "the census batch should be bucketed"
+        static = StaticBatch(batch, plan, batch["attention_mask"].device)
+        return self.body(static.fill(batch, plan))
+
+    monkeypatch.setattr(importance_module, "graph_refusal", lambda *args: None)
+    monkeypatch.setattr(StepRunner, "run", bucketed_body)
+    warm, counted = census_batches(TINY_BERT, 4, 16)
+    events = count_step(build_model(TINY_BERT), warm, counted, SyntheticWorkload(TINY_BERT, 4, 16).task(),
+                        cuda_graphs="auto")
+    step = [event for event in events if event.phase == "step"]
+    assert sum(event.kind == "triton" for event in step) >= 4  # the attention kernels ran (were recorded)
+    assert tally(step).syncs == 0, [(event.name, event.location) for event in step if event.sync]
