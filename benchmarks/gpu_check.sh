@@ -50,7 +50,7 @@ profile_rc=$?
 grep "^|" "$(dirname "$RESULTS")/gpu_profile.log" >> "$table"
 echo "   profile: rc=$profile_rc in $((SECONDS - start)) s (log: $(dirname "$RESULTS")/gpu_profile.log)"
 
-echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology, padding-free and padded)"
+echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology: CUDA graphs, eager (the A/B), padded)"
 # Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
 # "skipped"), and the step is killed after E2E_TIMEOUT seconds: with the default limits (100 + 100 + 90 + 180 s)
 # the whole script stays under 8 minutes (run 1 on an H200, before the profile step: 305 s).
