@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import heads_per_layer
+from .checkpointing import checkpointed_layers
 from .head_mask import checked_head_masks
 from .patching import is_patched
 from .recording import record
@@ -118,7 +119,7 @@ def check_finite_table(table: torch.Tensor, what: str) -> None:
 def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
                   head_mask: torch.Tensor | None = None, importance: str = "per_batch",
                   normalize_by_layer: bool = True, normalize_global: bool = True, progress: bool = False,
-                  reduce: Callable[[dict], dict] | None = None) -> HeadAnalysis:
+                  reduce: Callable[[dict], dict] | None = None, checkpoint_layers: bool = False) -> HeadAnalysis:
     """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
 
     model:     a patched model (:func:`fastbertology.patch`), in eval mode.
@@ -133,6 +134,9 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
                ``totals``: ``raw_importance`` ``[L, H]`` float64 sum of |gradient| (not yet divided by tokens),
                ``metric_state``, ``loss_sum``, ``batches``, ``examples`` and ``statistics`` (the
                :class:`~fastbertology.recording.HeadStatistics`, whose per-layer sums it may replace).
+    checkpoint_layers: keep only each layer's input for the backward and recompute the layer there
+               (:mod:`fastbertology.checkpointing`); the results are the same, the memory is that of one layer's
+               activations instead of all of them (see :mod:`fastbertology.memory_plan`).
     """
     require_patched(model)
     if importance not in IMPORTANCE_MODES:
@@ -142,7 +146,8 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     metric_state = task.metric_state()
     batches_seen, examples = 0, 0
     losses = []  # the batch losses (0-d, on the device): read once, after the pass
-    with frozen_parameters(model), record(model) as stats, checked_head_masks(base_mask):
+    with frozen_parameters(model), record(model) as stats, checked_head_masks(base_mask), \
+            checkpointed_layers(model, checkpoint_layers):
         for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
             size = examples_in(task, batch)
             if importance == "per_example":

@@ -131,6 +131,7 @@ class PatchState:
     context: _CallContext = field(default_factory=_CallContext)
     depth: int = 0
     calls: int = 0  # model calls so far (a call of the model and the base model inside it counts once)
+    replaying: bool = False  # a checkpointed layer's forward is being recomputed (see fastbertology.checkpointing)
 
     def __deepcopy__(self, memo):  # copies of a patched model are patched (see fastbertology.patch_copies)
         return copy_state(self, memo, _CallContext)
@@ -192,7 +193,7 @@ class PatchState:
         return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):
-        if not self.recorders:
+        if not self.recorders or self.replaying:  # a recomputed forward was recorded when it first ran
             return
         sums, tokens = head_sums(stats.entropy, stats.max_prob, query_mask)  # once, whatever the recorders
         for recorder in self.recorders:
