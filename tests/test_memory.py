@@ -257,7 +257,7 @@ def test_plan_chooses_checkpointing_only_when_needed():
     model = _llama()
     roomy = _plan(model, 8 << 30)
     assert not roomy.checkpointing and roomy.estimated_peak <= 8 << 30
-    tight_budget = roomy.in_use + (roomy.estimated_peak - roomy.in_use) // 2
+    tight_budget = roomy.in_use + int(0.8 * (roomy.estimated_peak - roomy.in_use))
     tight = _plan(model, tight_budget)
     assert tight.checkpointing and tight.estimated_peak <= tight_budget < tight.estimated_peak_without_checkpointing
     text = "\n".join(tight.lines())
