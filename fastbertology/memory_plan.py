@@ -126,8 +126,8 @@ def layer_shape(model: nn.Module) -> LayerShape:
     """The :class:`LayerShape` of ``model``'s first layer (its config and its modules)."""
     config = model.config
     config = getattr(config, "text_config", None) or config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden

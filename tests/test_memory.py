@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from fastbertology.kernels import Packing
+from fastbertology.kernels import torch_attention as torch_backend
 
 import fastbertology
 from fastbertology import kernels
 from fastbertology.architectures import stack_layers
 from fastbertology.importance import analyze_heads
-from fastbertology.kernels import Packing
-from fastbertology.kernels import torch_attention as torch_backend
 from fastbertology.memory_plan import (
     MemoryPlanError,
     activation_bytes_per_token,
@@ -63,7 +63,7 @@ def _attention_calls(model) -> list[int]:
     """A counter of attention-module forwards (it sees recomputations too)."""
     calls = [0]
     for layer in stack_layers(model)[0]:
-        module = getattr(layer, "self_attn", None) or getattr(layer, "attn")
+        module = getattr(layer, "self_attn", None) or layer.attn
         module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 

@@ -81,6 +81,13 @@ def _output_projection(model) -> torch.nn.Linear | None:
     return projection if causal_lm else None
 
 
+def chunkable_vocabulary(task, model) -> int | None:
+    """The vocabulary size of ``model``'s LM head when ``task`` is language modelling whose loss it can compute in
+    chunks (:class:`LanguageModelingTask` on a registry causal LM); else None."""
+    projection = _output_projection(model) if isinstance(task, LanguageModelingTask) else None
+    return None if projection is None else projection.out_features
+
+
 class LanguageModelingTask(Task):
     """Causal language modelling: ``model(input_ids, attention_mask).logits [B, N, V]``; token t+1 is predicted
     from tokens <= t. For the registry's causal LMs (``causal_lm``), :meth:`forward` runs the base model and applies
