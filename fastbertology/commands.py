@@ -292,7 +292,7 @@ def memory_plan_step(console: Console, run: Run, limit: int | None, summary: dic
     budget, source = (limit, "--max-memory") if limit is not None else (
         device_memory(run.device), "the GPU's memory" if run.device.type == "cuda" else "memory available")
     plan = plan_memory(run.model, run.batches, vocabulary=vocabulary, device=run.device, budget=budget,
-                       budget_source=source, in_use=current_memory(run.device))
+                       budget_source=source, in_use=current_memory(run.device), peak_so_far=peak_memory(run.device))
     console.say("Memory plan: " + "\n  ".join(plan.lines()))
     run.checkpoint_layers = plan.checkpointing
     if vocabulary is not None:

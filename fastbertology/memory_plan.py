@@ -41,6 +41,8 @@ LOSS_SLAB_BYTES = 256 << 20
 MIN_LOSS_CHUNK = 128
 # Allowance on the estimated working memory for allocator slack and small temporaries
 MARGIN = 0.10
+# On the CPU, resident memory the outputs add after the pass (plots, the report)
+OUTPUT_ALLOWANCE = 64 << 20
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -260,11 +262,16 @@ def default_loss_chunk(vocabulary: int) -> int:
 
 
 def plan_memory(model: nn.Module, batches, *, vocabulary: int | None, device: torch.device, budget: int,
-                budget_source: str, in_use: int) -> MemoryPlan:
+                budget_source: str, in_use: int, peak_so_far: int = 0) -> MemoryPlan:
     """The plan for an importance pass of ``model`` over ``batches`` (dicts with ``input_ids`` ``[B, N]`` and
-    ``attention_mask``) within ``budget`` bytes, ``in_use`` bytes being in use already. ``vocabulary``: the LM
-    head's size when the task is language modelling with a chunkable loss (else None). MemoryPlanError when even
-    checkpointing and the smallest loss chunk do not fit."""
+    ``attention_mask``) within ``budget`` bytes, ``in_use`` bytes being in use already and the process's peak
+    having been ``peak_so_far`` (loading). ``vocabulary``: the LM head's size when the task is language modelling
+    with a chunkable loss (else None). MemoryPlanError when even checkpointing and the smallest loss chunk do not
+    fit."""
+    if peak_so_far > budget:
+        raise MemoryPlanError(f"--max-memory: the process already reached {format_bytes(peak_so_far)} before the "
+                              f"analysis (loading the model and the data), more than {format_bytes(budget)} "
+                              f"({budget_source}); raise --max-memory above {format_bytes(peak_so_far)}")
     shape = layer_shape(model)
     layers = sum(len(stack) for stack in stack_layers(model))
     sizes = _batch_sizes(batches, shape.heads)
@@ -273,15 +280,17 @@ def plan_memory(model: nn.Module, batches, *, vocabulary: int | None, device: to
     per_token = activation_bytes_per_token(shape)
 
     def peak(checkpointing, chunk):
-        return in_use + _estimate(shape, layers, sizes, checkpointing=checkpointing, chunk=chunk,
-                                  vocabulary=vocabulary, cpu_attention=cpu_attention)
+        work = _estimate(shape, layers, sizes, checkpointing=checkpointing, chunk=chunk, vocabulary=vocabulary,
+                         cpu_attention=cpu_attention)
+        return max(peak_so_far, in_use + work + (OUTPUT_ALLOWANCE if cpu_attention else 0))
 
     chunks = [None]
     if vocabulary is not None:
         chunk = default_loss_chunk(vocabulary)
         chunks = []
         while chunk >= MIN_LOSS_CHUNK:
-            chunks.append(chunk if chunk < sizes.predicted else None)
+            if (chunk if chunk < sizes.predicted else None) not in chunks:
+                chunks.append(chunk if chunk < sizes.predicted else None)
             chunk //= 2
     choice = next(((checkpointing, chunk) for checkpointing in (False, True) for chunk in chunks
                    if peak(checkpointing, chunk) <= budget), None)

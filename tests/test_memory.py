@@ -14,6 +14,7 @@ from fastbertology import kernels
 from fastbertology.architectures import stack_layers
 from fastbertology.importance import analyze_heads
 from fastbertology.memory_plan import (
+    OUTPUT_ALLOWANCE,
     MemoryPlanError,
     activation_bytes_per_token,
     layer_shape,
@@ -257,7 +258,8 @@ def test_plan_chooses_checkpointing_only_when_needed():
     model = _llama()
     roomy = _plan(model, 8 << 30)
     assert not roomy.checkpointing and roomy.estimated_peak <= 8 << 30
-    tight_budget = roomy.in_use + int(0.8 * (roomy.estimated_peak - roomy.in_use))
+    work = roomy.estimated_peak - roomy.in_use - OUTPUT_ALLOWANCE  # the pass's own estimate
+    tight_budget = roomy.in_use + OUTPUT_ALLOWANCE + int(0.8 * work)
     tight = _plan(model, tight_budget)
     assert tight.checkpointing and tight.estimated_peak <= tight_budget < tight.estimated_peak_without_checkpointing
     text = "\n".join(tight.lines())
@@ -277,3 +279,9 @@ def test_plan_refuses_with_numbers_and_a_fix():
     with pytest.raises(MemoryPlanError, match=r"does not fit in 101 MiB .*estimated peak .*--batch-size.*"
                                               r"--max-memory \(at least"):
         _plan(_llama(), 101 << 20)
+
+
+def test_plan_refuses_when_loading_already_exceeded_the_budget():
+    with pytest.raises(MemoryPlanError, match=r"already reached 2\.0 GiB before the analysis .*raise --max-memory"):
+        plan_memory(_llama(), _batches(), vocabulary=VOCAB, device=torch.device("cpu"), budget=1 << 30,
+                    budget_source="--max-memory", in_use=100 << 20, peak_so_far=2 << 30)
