@@ -239,16 +239,15 @@ def _batch_sizes(batches, heads: int) -> _Pass:
 def _estimate(shape: LayerShape, layers: int, sizes: _Pass, *, checkpointing: bool, chunk: int | None,
               vocabulary: int | None, cpu_attention: bool) -> int:
     """Bytes the pass adds to what is in use (see the module docstring), with the margin."""
-    per_layer = activation_bytes_per_token(shape) * sizes.tokens
-    if cpu_attention:  # the CPU backend keeps small probabilities per layer; one block of scores, its gradient
-        per_layer += 4 * sizes.score_elements if sizes.score_elements <= KEEP_PROBS_ELEMENTS else 0
-        transient = 3 * 4 * min(sizes.score_elements, CHUNK_ELEMENTS)
+    activations = activation_bytes_per_token(shape) * sizes.tokens  # one layer's
+    kept = transient = 0
+    if cpu_attention:  # the CPU backend keeps small probabilities per layer; one block of scores and its gradient
+        kept = 4 * sizes.score_elements if sizes.score_elements <= KEEP_PROBS_ELEMENTS else 0
+        transient = 2 * 4 * min(sizes.score_elements, CHUNK_ELEMENTS)
+    if checkpointing:  # every layer's input; one layer's activations (recomputed) and their gradients
+        held = layers * sizes.tokens * shape.hidden * shape.dtype_bytes + 2 * activations + kept
     else:
-        transient = 0
-    if checkpointing:  # layer inputs; one layer's activations and their gradients
-        held = layers * sizes.tokens * shape.hidden * shape.dtype_bytes + 2 * per_layer
-    else:
-        held = layers * per_layer + per_layer
+        held = layers * (activations + kept) + activations
     loss = 0
     if vocabulary is not None:  # logits (model dtype), a float32 copy for half types, log-probabilities, gradient
         per_logit = shape.dtype_bytes + (4 if shape.dtype_bytes < 4 else 0) + 8
