@@ -30,7 +30,8 @@ a large finite negative number, not ``-inf``, so no element-wise ``where`` is ne
 without any visible key are detected from their maximum and given zeros.
 
 The head mask multiplies the (unmasked) output through autograd, which gives its gradient
-``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``.
+``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``; for half-precision outputs and a float32 mask
+that sum is accumulated and returned in float32 (:class:`_ScaleHeads`), as the Triton backward does.
 """
 
 from __future__ import annotations
@@ -295,6 +296,27 @@ class _TorchAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
+class _ScaleHeads(torch.autograd.Function):
+    """``out * mask`` in ``out``'s (half) dtype, with the mask's gradient ``sum(dO * out)`` accumulated in float32
+    (or the mask's wider dtype) instead of being rounded to the half dtype. out ``[B, H, N, D]``; mask
+    broadcastable to it (see :func:`_token_head_mask`)."""
+
+    @staticmethod
+    def forward(ctx, out, mask):
+        ctx.save_for_backward(out, mask)
+        return out * mask.to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, mask = ctx.saved_tensors
+        grad_out = grad * mask.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.promote_types(mask.dtype, torch.float32)
+            grad_mask = (grad.to(acc) * out.to(acc)).sum_to_size(mask.shape).to(mask.dtype)
+        return grad_out, grad_mask
+
+
 def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int):
     """The head mask broadcastable to the output ``[B, H, N, D]``: ``[B, H, 1, 1]``, or for packed sequences
     ``[1, H, 1, 1]`` (``[H]`` masks) or ``[1, H, T, 1]`` (``[S, H]``: each token takes its sequence's row)."""
@@ -325,7 +347,8 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
     out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
-        out = out * mask.to(out.dtype)
+        half = out.dtype in (torch.float16, torch.bfloat16) and mask.dtype != out.dtype
+        out = _ScaleHeads.apply(out, mask) if half else out * mask.to(out.dtype)
         if probs is not None:
             probs = probs * mask.detach().to(probs.dtype)
     if probs is not None:

@@ -285,3 +285,43 @@ def test_plan_refuses_when_loading_already_exceeded_the_budget():
     with pytest.raises(MemoryPlanError, match=r"already reached 2\.0 GiB before the analysis .*raise --max-memory"):
         plan_memory(_llama(), _batches(), vocabulary=VOCAB, device=torch.device("cpu"), budget=1 << 30,
                     budget_source="--max-memory", in_use=100 << 20, peak_so_far=2 << 30)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Half-precision weights, float32 statistics
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_half_precision_head_mask_gradient_is_accumulated_in_float32(dtype, packed):
+    """The CPU backend's head-mask gradient of bf16 / fp16 attention is ``sum(dO * PV)`` in float32 (not rounded
+    to the half type), and its statistics come in float32."""
+    generator = torch.Generator().manual_seed(0)
+    n, lengths = 64, [40, 24]
+    shape = (1, 4, n, 16) if packed else (2, 4, n, 16)
+    q, k, v = (torch.randn(shape, generator=generator).to(dtype) for _ in range(3))
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    mask = torch.rand(2, 4, generator=generator, dtype=torch.float32).add_(0.5).requires_grad_(True)
+    options = dict(packing=Packing.from_lengths(lengths, "cpu")) if packed else {}
+    out, stats = kernels.attention(q, k, v, head_mask=mask, causal=True, backend="torch", **options)
+    (got,) = torch.autograd.grad(out, mask, grad)
+    plain, _ = kernels.attention(q, k, v, causal=True, backend="torch", **options)  # P V, in the half dtype
+    product = grad.float() * plain.float()  # [B or 1, H, N, D]
+    if packed:
+        expected = torch.stack([part.sum((0, 2, 3)) for part in product.split(lengths, dim=2)])
+    else:
+        expected = product.sum((2, 3))
+    assert got.dtype == torch.float32 and stats.entropy.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_model_statistics_and_importance_are_float64_sums():
+    """A bf16 Llama: the analysis' tables are float64, close to the float32 model's (bf16 weights' precision)."""
+    tables = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _llama(dtype)
+        fastbertology.patch(model, backend="torch")
+        tables[dtype] = analyze_heads(model, _batches(), LanguageModelingTask())
+    half, full = tables[torch.bfloat16], tables[torch.float32]
+    assert half.raw_importance.dtype == half.entropy.dtype == torch.float64
+    torch.testing.assert_close(half.entropy, full.entropy, rtol=2e-2, atol=0)
+    torch.testing.assert_close(half.raw_importance, full.raw_importance, rtol=0.1, atol=0)
