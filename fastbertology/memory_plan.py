@@ -154,14 +154,15 @@ def activation_bytes_per_token(shape: LayerShape) -> int:
 
     * the input of each norm (``D`` values; float32 for RMSNorm, which upcasts) and its statistics (float32: 1 per
       norm for RMSNorm, 2 for LayerNorm);
-    * what attention keeps: ``q``, ``k``, ``v`` and the output, ``(2 H + 2 H_kv) d`` values, and the float32
-      log-sum-exp per head; with rotary embeddings, cos and sin (``2 d``);
+    * what attention keeps: ``q``, ``k``, ``v`` and the output, ``(2 H + 2 H_kv) d`` values (the output in float32
+      for half types: it is masked before it is rounded), and the float32 log-sum-exp per head; with rotary
+      embeddings, cos and sin (``2 d``);
     * the MLP: its activation's input (and what the activation keeps: 4 tensors for gelu_new's tanh formula, 1 for
       ReLU, GELU, SiLU), plus for gated MLPs the activation's output and the up projection: ``3 I`` values.
     """
     b, norm_b = shape.dtype_bytes, 4 if shape.norm_upcast else shape.dtype_bytes
     norms = shape.norms * (shape.hidden * norm_b + 4 * (1 if shape.norm_upcast else 2))
-    attention = (2 * shape.heads + 2 * shape.kv_heads) * shape.head_dim * b + 4 * shape.heads
+    attention = ((shape.heads + 2 * shape.kv_heads) * b + shape.heads * max(b, 4)) * shape.head_dim + 4 * shape.heads
     rotary = 2 * shape.head_dim * b if shape.rotary else 0
     mlp = (2 + shape.activation_saves if shape.gated else shape.activation_saves) * shape.intermediate * b
     return norms + attention + rotary + mlp

@@ -30,8 +30,9 @@ a large finite negative number, not ``-inf``, so no element-wise ``where`` is ne
 without any visible key are detected from their maximum and given zeros.
 
 The head mask multiplies the (unmasked) output through autograd, which gives its gradient
-``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``; for half-precision outputs and a float32 mask
-that sum is accumulated and returned in float32 (:class:`_ScaleHeads`), as the Triton backward does.
+``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``; for half-precision inputs and a float32 mask
+this sum is taken in float32 of the unrounded ``P V`` (:class:`_MaskedHalfOutput`; as the Triton backward's float32
+``Delta``), the output itself being what half-precision attention gives.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class _TorchAttention(torch.autograd.Function):
     :func:`_grouped`); probabilities and scores are ``[B, H, n, N]`` either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces, scale, return_probs):
+    def forward(ctx, q, k, v, pieces, scale, return_probs, wide_out=False):
         acc = accumulation_dtype(q.dtype)
         probs_all = q.new_zeros((*q.shape[:3], k.shape[2]), dtype=acc) if return_probs else None
         keep_probs = any(ctx.needs_input_grad[:3]) and pieces.score_elements <= KEEP_PROBS_ELEMENTS
@@ -248,7 +249,8 @@ class _TorchAttention(torch.autograd.Function):
                 probs_all[:, :, piece[0]:piece[1]] = probs
             if keep_probs:
                 kept.append(probs)
-        out = pieces.assemble(q, outs).to(q.dtype)
+        out = pieces.assemble(q, outs)
+        out = out if wide_out else out.to(q.dtype)  # wide_out: float32 (the accumulation dtype)
         row_max, total, weighted_shift = (pieces.assemble(q, parts) for parts in (maxes, totals, shifts))
         lse, entropy, max_prob = _statistics(row_max, total.clamp(min=1.0), weighted_shift, pieces.has_keys(q))
         ctx.pieces, ctx.scale, ctx.kept = pieces, scale, kept if keep_probs else None
@@ -293,28 +295,28 @@ class _TorchAttention(torch.autograd.Function):
         grad_q = pieces.assemble(q, grads_q).to(q.dtype) if need_q else None
         grad_k = grad_k.to(k.dtype) if need_k else None
         grad_v = grad_v.to(v.dtype) if need_v else None
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
-class _ScaleHeads(torch.autograd.Function):
-    """``out * mask`` in ``out``'s (half) dtype, with the mask's gradient ``sum(dO * out)`` accumulated in float32
-    (or the mask's wider dtype) instead of being rounded to the half dtype. out ``[B, H, N, D]``; mask
-    broadcastable to it (see :func:`_token_head_mask`)."""
+class _MaskedHalfOutput(torch.autograd.Function):
+    """``out.to(dtype) * mask.to(dtype)`` for a float32 ``out`` ``[B, H, N, D]`` (``P V`` before rounding) and a
+    float32 (or wider) mask broadcastable to it: the forward is that of half-precision attention, and the mask's
+    gradient ``sum(dO * P V)`` is accumulated in float32 from the unrounded ``P V``."""
 
     @staticmethod
-    def forward(ctx, out, mask):
+    def forward(ctx, out, mask, dtype):
         ctx.save_for_backward(out, mask)
-        return out * mask.to(out.dtype)
+        return out.to(dtype) * mask.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
         out, mask = ctx.saved_tensors
-        grad_out = grad * mask.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_out = (grad * mask.to(grad.dtype)).to(out.dtype) if ctx.needs_input_grad[0] else None
         grad_mask = None
         if ctx.needs_input_grad[1]:
             acc = torch.promote_types(mask.dtype, torch.float32)
             grad_mask = (grad.to(acc) * out.to(acc)).sum_to_size(mask.shape).to(mask.dtype)
-        return grad_out, grad_mask
+        return grad_out, grad_mask, None
 
 
 def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int):
@@ -344,11 +346,13 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
         probs = q.new_zeros((*q.shape[:3], k.shape[2])) if return_probs else None
         return q.new_zeros(q.shape), AttentionStats(empty, empty.clone(), empty.clone(), probs)
     pieces = _pieces(q, causal, key_padding_mask, packing, window)
-    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs)
+    # half-precision inputs with a wider head mask: the output comes in float32, so that the mask's gradient
+    # sum(dO * P V) is accumulated in float32 from the unrounded P V (:class:`_MaskedHalfOutput`)
+    wide = head_mask is not None and q.dtype in (torch.float16, torch.bfloat16) and head_mask.dtype != q.dtype
+    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs, wide)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
-        half = out.dtype in (torch.float16, torch.bfloat16) and mask.dtype != out.dtype
-        out = _ScaleHeads.apply(out, mask) if half else out * mask.to(out.dtype)
+        out = _MaskedHalfOutput.apply(out, mask, q.dtype) if wide else out * mask.to(out.dtype)
         if probs is not None:
             probs = probs * mask.detach().to(probs.dtype)
     if probs is not None:

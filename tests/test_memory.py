@@ -293,8 +293,8 @@ def test_plan_refuses_when_loading_already_exceeded_the_budget():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("packed", [False, True])
 def test_half_precision_head_mask_gradient_is_accumulated_in_float32(dtype, packed):
-    """The CPU backend's head-mask gradient of bf16 / fp16 attention is ``sum(dO * PV)`` in float32 (not rounded
-    to the half type), and its statistics come in float32."""
+    """The CPU backend's head-mask gradient of bf16 / fp16 attention is ``sum(dO * PV)`` in float32 of the float32
+    ``PV`` (neither rounded to the half type), and its statistics come in float32."""
     generator = torch.Generator().manual_seed(0)
     n, lengths = 64, [40, 24]
     shape = (1, 4, n, 16) if packed else (2, 4, n, 16)
@@ -304,7 +304,7 @@ def test_half_precision_head_mask_gradient_is_accumulated_in_float32(dtype, pack
     options = dict(packing=Packing.from_lengths(lengths, "cpu")) if packed else {}
     out, stats = kernels.attention(q, k, v, head_mask=mask, causal=True, backend="torch", **options)
     (got,) = torch.autograd.grad(out, mask, grad)
-    plain, _ = kernels.attention(q, k, v, causal=True, backend="torch", **options)  # P V, in the half dtype
+    plain, _ = kernels.attention(q.float(), k.float(), v.float(), causal=True, backend="torch", **options)  # P V
     product = grad.float() * plain.float()  # [B or 1, H, N, D]
     if packed:
         expected = torch.stack([part.sum((0, 2, 3)) for part in product.split(lengths, dim=2)])
