@@ -325,3 +325,15 @@ def test_bf16_model_statistics_and_importance_are_float64_sums():
     assert half.raw_importance.dtype == half.entropy.dtype == torch.float64
     torch.testing.assert_close(half.entropy, full.entropy, rtol=2e-2, atol=0)
     torch.testing.assert_close(half.raw_importance, full.raw_importance, rtol=0.1, atol=0)
+
+
+def test_longest_length_search_reports_every_mode():
+    """The longest-length search of the GPU case, at a tiny size on the CPU (every length survives here)."""
+    from fastbertology.bench.longest import longest_rows, longest_table
+    from fastbertology.bench.workloads import TINY_LLAMA
+
+    rows = longest_rows(TINY_LLAMA, [16, 32], dtype="fp32", device="cpu")
+    assert [(row["length"], row["mode"]) for row in rows] == [(n, m) for n in (16, 32)
+                                                              for m in ("reference", "sdpa-forward", "fastbertology")]
+    assert all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in rows)
+    assert "Longest length survived: reference 32, sdpa-forward 32, fastbertology 32" in longest_table(rows)
