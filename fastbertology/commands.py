@@ -37,7 +37,15 @@ from .importance import analyze_heads, evaluate_metric
 from .loading import minilm_path
 from .mask_files import check_mask_shape, read_pruning_mask
 from .masking import iterative_masking
-from .memory_plan import current_memory, device_memory, format_bytes, parse_memory_size, peak_memory, plan_memory
+from .memory_plan import (
+    current_memory,
+    device_memory,
+    format_bytes,
+    parse_memory_size,
+    peak_memory,
+    plan_memory,
+    return_freed_memory,
+)
 from .outputs import OutputWriteError, apply_umask, check_output_dir, make_temporary_dir, write_json, write_npy
 from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
 from .report import write_report
@@ -288,6 +296,8 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
 def memory_plan_step(console: Console, run: Run, limit: int | None, summary: dict) -> None:
     """The memory plan (:mod:`fastbertology.memory_plan`), printed and in ``summary.json`` before any work; it sets
     the run's layer checkpointing and the language-model loss chunk."""
+    if run.device.type == "cpu":
+        return_freed_memory()  # resident memory then follows the live tensors (heap holes are not given back)
     vocabulary = chunkable_vocabulary(run.task, run.model)
     budget, source = (limit, "--max-memory") if limit is not None else (
         device_memory(run.device), "the GPU's memory" if run.device.type == "cuda" else "memory available")

@@ -19,11 +19,14 @@ peak resident memory on the CPU), else the device's memory (the GPU's total; on 
 plus what the process holds). The plan keeps every layer's activations when that fits, else turns checkpointing
 on; it chunks the loss in slabs of at most ``LOSS_SLAB_BYTES`` and smaller while that helps; when nothing fits it
 refuses with the numbers and a fix (:class:`MemoryPlanError`). The run then records the measured peak
-(:func:`peak_memory`) beside the estimate in ``summary.json``.
+(:func:`peak_memory`) beside the estimate in ``summary.json``. On the CPU the commands first make freed tensors'
+memory go back to the system at once (:func:`return_freed_memory`), so that resident memory follows the tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import re
 import resource
@@ -91,6 +94,24 @@ def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+# glibc's mallopt parameter M_MMAP_THRESHOLD, and the size from which allocations get their own mapping
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Make resident memory follow the live tensors on the CPU: glibc serves allocations of at least
+    ``MMAP_THRESHOLD`` bytes from their own mappings (a fixed ``M_MMAP_THRESHOLD``), which go back to the system
+    when the tensor is freed. With glibc's default (a threshold that grows up to 32 MiB as large blocks are freed),
+    the pass's many tensors of 1 to 32 MiB come from the heap, whose holes are not given back: measured on the
+    Llama twin, 670 MiB of resident memory above the live tensors. False where there is no glibc ``mallopt``."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def device_memory(device: torch.device) -> int:
