@@ -17,7 +17,8 @@ to the head mask, with frozen weights) from the model, the batches and what is i
 The budget is ``--max-memory`` (the process's peak GPU memory on CUDA, ``torch.cuda.max_memory_allocated``; its
 peak resident memory on the CPU), else the device's memory (the GPU's total; on the CPU the memory available now
 plus what the process holds). The plan keeps every layer's activations when that fits, else turns checkpointing
-on; it chunks the loss in slabs of at most ``LOSS_SLAB_BYTES`` and smaller while that helps; when nothing fits it
+on; it takes the loss over all tokens at once when that fits, else in chunks of at most ``LOSS_SLAB_BYTES`` of
+logits and smaller while that helps (checkpointing comes after the smallest chunk); when nothing fits it
 refuses with the numbers and a fix (:class:`MemoryPlanError`). The run then records the measured peak
 (:func:`peak_memory`) beside the estimate in ``summary.json``. On the CPU the commands first make freed tensors'
 memory go back to the system at once (:func:`return_freed_memory`), so that resident memory follows the tensors.
@@ -305,13 +306,12 @@ def plan_memory(model: nn.Module, batches, *, vocabulary: int | None, device: to
                          cpu_attention=cpu_attention)
         return max(peak_so_far, in_use + work + (OUTPUT_ALLOWANCE if cpu_attention else 0))
 
-    chunks = [None]
+    chunks = [None]  # the loss over all tokens at once first (no recomputed logits), then ever smaller chunks
     if vocabulary is not None:
         chunk = default_loss_chunk(vocabulary)
-        chunks = []
         while chunk >= MIN_LOSS_CHUNK:
-            if (chunk if chunk < sizes.predicted else None) not in chunks:
-                chunks.append(chunk if chunk < sizes.predicted else None)
+            if chunk < sizes.predicted:
+                chunks.append(chunk)
             chunk //= 2
     choice = next(((checkpointing, chunk) for checkpointing in (False, True) for chunk in chunks
                    if peak(checkpointing, chunk) <= budget), None)

@@ -270,9 +270,10 @@ def test_plan_chooses_checkpointing_only_when_needed():
 def test_plan_chunks_the_loss_for_large_vocabularies():
     model = _llama()
     batches = _batches(((256,) * 8,))
-    plan = plan_memory(model, batches, vocabulary=128256, device=torch.device("cpu"), budget=8 << 30,
-                       budget_source="test", in_use=0)
-    assert plan.loss_chunk_tokens is not None and plan.loss_chunk_tokens * 128256 * 4 <= 256 << 20
+    roomy, tight = (plan_memory(model, batches, vocabulary=128256, device=torch.device("cpu"), budget=budget,
+                                budget_source="test", in_use=0) for budget in (8 << 30, 2 << 30))
+    assert roomy.loss_chunk_tokens is None  # 2048 x 128256 logits fit in 8 GiB: no recomputation
+    assert not tight.checkpointing and tight.loss_chunk_tokens * 128256 * 4 <= 256 << 20
 
 
 def test_plan_refuses_with_numbers_and_a_fix():
