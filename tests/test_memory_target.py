@@ -22,10 +22,10 @@ def test_half_the_memory_gives_the_same_importance(tmp_path):
     model = save_random_llama(tmp_path / "model", SMALL_LLAMA, text)
     free, bounded = memory_target(model, data, tmp_path, seq=1024, batch=2, blocks=2, threads=1)
     assert not free["checkpointing"] and free["loss_chunk_tokens"] is None
-    assert bounded["checkpointing"] and bounded["loss_chunk_tokens"] is not None
+    assert bounded["loss_chunk_tokens"] is not None  # (and checkpointing, when chunks alone do not fit)
     assert bounded["within_limit"] and bounded["peak"] <= bounded["max_memory"] < free["peak"]
     assert bounded["importance_diff"] <= 1e-6
-    assert "Memory plan: weights" in bounded["stdout"] and "checkpointing on" in bounded["stdout"]
+    assert "Memory plan: weights" in bounded["stdout"] and "language-model loss in chunks of" in bounded["stdout"]
 
 
 def _importance(tmp_path, *extra):
