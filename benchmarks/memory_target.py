@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    parser.add_argument("--fractions", default="0.5",
+                        help="--max-memory of the bounded runs, as fractions of the unconstrained peak")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work or temporary)
@@ -32,7 +34,8 @@ def main() -> None:
         data = work / "pydoc.txt"
         data.write_text(text)
         model = save_random_llama(work / "llama-twin", LLAMA_TWIN, text)
-        rows = memory_target(model, data, work, seq=args.seq, batch=args.batch, blocks=args.blocks)
+        rows = memory_target(model, data, work, seq=args.seq, batch=args.batch, blocks=args.blocks,
+                             fractions=tuple(float(f) for f in args.fractions.split(",")))
     import torch
 
     env = environment(torch.device("cpu"))
@@ -42,6 +45,9 @@ def main() -> None:
     print(f"* Case: {LLAMA_TWIN.describe()} (vocabulary {LLAMA_TWIN.vocab}), {args.blocks} blocks of {args.seq} "
           f"tokens, batch {args.batch}, fp32, `--task lm`.\n")
     print(table(rows))
+    for row in rows[1:]:  # the plan each bounded run printed
+        plan = [line for line in row["stdout"].splitlines() if line.startswith(("Memory plan", "  "))][:6]
+        print("\n```\n" + "\n".join(plan) + "\n```")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ half of that run's peak resident memory; each run in a fresh process (its peak i
 What a row holds: the run's ``--max-memory`` (or None), the plan (checkpointing, loss chunk, estimated peak), the
 measured peak (``summary.json``'s ``memory.peak``: the process's peak RSS), seconds and tokens per second of the
 importance pass, and for the constrained run the largest relative difference of its raw importance from the
-unconstrained run's (``max |a - b| / max |b|``).
+unconstrained run's (``max |a - b| / max |b|``); each run's printed memory plan is in its row's ``stdout``.
 """
 
 from __future__ import annotations
@@ -74,17 +74,20 @@ def run_importance(model_dir: Path, data: Path, output_dir: Path, *, seq: int, b
 
 
 def memory_target(model_dir: Path, data: Path, work: Path, *, seq: int, batch: int, blocks: int,
-                  threads: int | None = None) -> list[dict]:
-    """The unconstrained run, then the run under ``--max-memory`` = half its peak (in MiB); the second row has
-    ``importance_diff`` against the first."""
+                  threads: int | None = None, fractions: tuple[float, ...] = (0.5,)) -> list[dict]:
+    """The unconstrained run, then one run under ``--max-memory`` = each of ``fractions`` of its peak (in MiB);
+    every row has ``importance_diff`` against the unconstrained run's."""
     options = dict(seq=seq, batch=batch, blocks=blocks, threads=threads)
     free = run_importance(model_dir, data, work / "unconstrained", **options)
-    limit = f"{free['peak'] // 2 // 2**20}MiB"
-    bounded = run_importance(model_dir, data, work / "half", max_memory=limit, **options)
-    reference = free["raw_importance"]
-    bounded["importance_diff"] = float(np.abs(bounded["raw_importance"] - reference).max() / np.abs(reference).max())
     free["importance_diff"] = 0.0
-    return [free, bounded]
+    rows, reference = [free], free["raw_importance"]
+    for index, fraction in enumerate(fractions):
+        limit = f"{int(free['peak'] * fraction) // 2**20}MiB"
+        bounded = run_importance(model_dir, data, work / f"bounded-{index}", max_memory=limit, **options)
+        bounded["importance_diff"] = float(np.abs(bounded["raw_importance"] - reference).max()
+                                           / np.abs(reference).max())
+        rows.append(bounded)
+    return rows
 
 
 def _mib(value) -> str:
