@@ -46,7 +46,7 @@ def main() -> None:
           f"tokens, batch {args.batch}, fp32, `--task lm`.\n")
     print(table(rows))
     for row in rows[1:]:  # the plan each bounded run printed
-        plan = [line for line in row["stdout"].splitlines() if line.startswith(("Memory plan", "  "))][:6]
+        plan = [line for line in row["stdout"].splitlines() if line.startswith(("Memory plan", "  "))][:5]
         print("\n```\n" + "\n".join(plan) + "\n```")
 
 
