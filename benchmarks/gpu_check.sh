@@ -63,6 +63,13 @@ echo "   end-to-end benchmark: rc=$e2e_rc"
 { echo; echo "end-to-end benchmark rc=$e2e_rc, JSON lines in $E2E_RESULTS"; cat "$e2e_table"; } >> "$table"
 bench_rc=$(( bench_rc != 0 || e2e_rc != 0 ))
 
+if [ -n "${LLAMA:-}" ]; then  # opt-in (minutes): issue 20's Llama-3-8B-shaped case and the longest-length search
+  echo "== Llama-3-8B-shaped case (bf16, up to 4096 tokens) and the longest sequence each mode survives"
+  timeout "${LLAMA_TIMEOUT:-300}" "$PYTHON" -m fastbertology.bench --cases llama3-8b-shaped --out "$E2E_RESULTS" \
+    | tee -a "$table"
+  timeout "${LONGEST_TIMEOUT:-300}" "$PYTHON" benchmarks/longest_length.py --size llama3-8b | tee -a "$table"
+fi
+
 echo
 echo "== summary: kernel tests rc=$tests_rc, benchmark rc=$bench_rc, JSON lines in $RESULTS"
 cat "$table"

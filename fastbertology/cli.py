@@ -212,6 +212,14 @@ def _patching(parser) -> None:
                             "patched layer return what they returned in the unpatched run)")
 
 
+def _memory(parser) -> None:
+    parser.add_argument_group("memory").add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="bound on the process's peak memory (GPU memory on CUDA, resident memory on the CPU), e.g. 24GiB or "
+             "3000MiB; the memory plan printed before the work turns per-layer activation checkpointing on and "
+             "chunks the language-model loss to fit, or refuses (default: the device's memory; docs/memory.md)")
+
+
 def _run(parser) -> None:
     group = parser.add_argument_group("output and execution")
     group.add_argument("--output-dir", default=None, metavar="DIR",
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_data(demo, demo=True)
     _analysis(demo)
     _masking(demo)
+    _memory(demo)
     _run(demo)
     demo.set_defaults(batch_size=64, importance="per_example")
 
@@ -261,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument_group("pruning").add_argument(
                 "--head-mask", default=None, metavar="FILE",
                 help="a head_mask.npy [layers, heads] (0 = prune, 1 = keep) instead of iterative masking")
+        _memory(command)
         _run(command)
 
     sweep = _command(commands, "sweep")

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import heads_per_layer
+from .checkpointing import checkpointed_layers
 from .graph_passes import evaluation_runner, importance_runner
 from .head_mask import checked_head_masks
 from .patching import is_patched
@@ -119,7 +120,8 @@ def check_finite_table(table: torch.Tensor, what: str) -> None:
 def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
                   head_mask: torch.Tensor | None = None, importance: str = "per_batch",
                   normalize_by_layer: bool = True, normalize_global: bool = True, progress: bool = False,
-                  reduce: Callable[[dict], dict] | None = None, cuda_graphs: str = "auto") -> HeadAnalysis:
+                  reduce: Callable[[dict], dict] | None = None, cuda_graphs: str = "auto",
+                  checkpoint_layers: bool = False) -> HeadAnalysis:
     """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
 
     model:     a patched model (:func:`fastbertology.patch`), in eval mode.
@@ -137,6 +139,9 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     cuda_graphs: ``"auto"`` (replay each step as a CUDA graph where :mod:`fastbertology.step_graphs` allows: CUDA,
                the Triton backend, a task that declares its step capturable; the same numbers) or ``"off"``.
                ``HeadAnalysis.cuda_graphs`` says what ran, and why graphs did not.
+    checkpoint_layers: keep only each layer's input for the backward and recompute the layer there
+               (:mod:`fastbertology.checkpointing`); the results are the same, the memory is that of one layer's
+               activations instead of all of them (see :mod:`fastbertology.memory_plan`). Steps run eagerly.
     """
     require_patched(model)
     if importance not in IMPORTANCE_MODES:
@@ -146,6 +151,8 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     use = GraphUse(cuda_graphs, enabled=refusal is None, reason=refusal)
     if refusal is None and base_mask.dim() != 2:
         use.turn_off("a per-example base head mask runs eagerly")
+    if use.enabled and checkpoint_layers:
+        use.turn_off("per-layer activation checkpointing (the memory plan) runs eagerly")
     through_runner = use.enabled  # its sums hold the results, even if graphs are turned off during the pass
     if through_runner:
         runner, sums = importance_runner(model, task, importance, base_mask, use, examples_in)
@@ -171,7 +178,8 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     batches_seen, examples = 0, 0
     losses = []  # the batch losses (0-d, on the device): read once, after the pass
     recording = contextlib.nullcontext(None) if through_runner else record(model)
-    with frozen_parameters(model), recording as stats, checked_head_masks(base_mask):
+    with frozen_parameters(model), recording as stats, checked_head_masks(base_mask), \
+            checkpointed_layers(model, checkpoint_layers):
         for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
             losses.append(run_step(batch))
             batches_seen += 1

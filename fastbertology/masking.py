@@ -46,7 +46,7 @@ def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProto
                       masking_threshold: float = 0.9, importance: str = "per_batch",
                       normalize_by_layer: bool = True, normalize_global: bool = True,
                       initial: HeadAnalysis | None = None, reduce=None, progress: bool = False,
-                      cuda_graphs: str = "auto") -> MaskingResult:
+                      cuda_graphs: str = "auto", checkpoint_layers: bool = False) -> MaskingResult:
     """Mask the ``masking_amount`` fraction (of all heads) least important remaining heads, recompute importance
     and the metric under the new mask, and repeat until the metric falls below ``masking_threshold`` times the
     original (for lower-is-better metrics: until ``original / score`` falls below it).
@@ -54,8 +54,8 @@ def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProto
     Returns the last mask that stayed within the threshold and the whole curve (heads remaining -> score).
     ``batches`` is iterated once per step, so it must be a sequence (a list of batches), not a generator.
     ``initial``: the unmasked model's :func:`analyze_heads` result with the same options, if already computed
-    (saves one pass). ``reduce`` and ``cuda_graphs``: passed to every :func:`analyze_heads` call (data-parallel
-    runs; CUDA-graph replay, whose graphs the passes share).
+    (saves one pass). ``reduce``, ``cuda_graphs`` and ``checkpoint_layers``: passed to every :func:`analyze_heads`
+    call (data-parallel runs; CUDA-graph replay, whose graphs the passes share; the memory plan's checkpointing).
     """
     if not 0 < masking_amount < 1:
         raise ValueError(f"masking_amount must be in (0, 1), got {masking_amount}")
@@ -63,7 +63,7 @@ def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProto
         raise ValueError(f"masking_threshold must be in (0, 1], got {masking_threshold}")
     higher_is_better = bool(task.higher_is_better)
     options = dict(importance=importance, normalize_by_layer=normalize_by_layer, normalize_global=normalize_global,
-                   reduce=reduce, cuda_graphs=cuda_graphs)
+                   reduce=reduce, cuda_graphs=cuda_graphs, checkpoint_layers=checkpoint_layers)
     mask = full_head_mask(model)
     analysis = initial if initial is not None else analyze_heads(model, batches, task, head_mask=mask, **options)
     original = analysis.metric

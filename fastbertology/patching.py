@@ -135,6 +135,7 @@ class PatchState:
     depth: int = 0
     calls: int = 0  # model calls so far (a call of the model and the base model inside it counts once)
     step_runners: dict = field(default_factory=dict)  # CUDA-graph step runners of the analyses (graph_passes)
+    replaying: bool = False  # a checkpointed layer's forward is being recomputed (see fastbertology.checkpointing)
 
     def __deepcopy__(self, memo):  # copies of a patched model are patched (see fastbertology.patch_copies)
         return copy_state(self, memo, _CallContext)
@@ -196,7 +197,7 @@ class PatchState:
         return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):
-        if not self.recorders:
+        if not self.recorders or self.replaying:  # a recomputed forward was recorded when it first ran
             return
         sums, tokens = head_sums(stats.entropy, stats.max_prob, query_mask)  # once, whatever the recorders
         for recorder in self.recorders:

@@ -13,7 +13,8 @@
     that requires grad); no head mask, no statistics, no metric.
 ``fastbertology``
     :func:`~fastbertology.importance.analyze_heads` (importance + entropy + max probability + metric in one pass)
-    on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default);
+    on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default), with the
+    layer checkpointing and loss chunk of the memory plan (:mod:`fastbertology.memory_plan`) for the device's memory;
     masking cases run :func:`~fastbertology.masking.iterative_masking`, sweep cases
     :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse; the case's ablation kind, whose
     reference is the hook loop of :mod:`fastbertology.bench.ablation_reference`), head-type cases
@@ -51,7 +52,9 @@ from ..importance import HeadAnalysis, analyze_heads
 from ..kernels import resolve_backend
 from ..loading import DTYPES
 from ..masking import iterative_masking
+from ..memory_plan import current_memory, device_memory, plan_memory
 from ..sweeps import SweepResult, ablation_sweep, single_head_masks
+from ..tasks.language_modeling import chunkable_vocabulary
 from .ablation_reference import reference_ablation_sweep
 from .cases import BenchCase
 from .head_types_reference import reference_head_types
@@ -240,8 +243,14 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
             return ModeResult(passes=len(sweep.scores) + 1, sweep=sweep, metric=sweep.baseline_score)
         return prepared(run, lambda: ablation_sweep(model, batches[:1], task, kind="layers"))
 
+    if case.kind == "analysis":  # the memory plan of the command line, within the device's memory
+        task, checkpoint_layers = planned_task(model, batches, task)
+    else:
+        checkpoint_layers = False
+
     def analysis_pass():
-        return analyze_heads(model, batches, task, importance=importance, cuda_graphs=cuda_graphs)
+        return analyze_heads(model, batches, task, importance=importance, cuda_graphs=cuda_graphs,
+                             checkpoint_layers=checkpoint_layers)
 
     if case.kind == "masking":
         def run():
@@ -252,6 +261,19 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
                               cuda_graphs=result.cuda_graphs)
         return prepared(run, analysis_pass)
     return prepared(lambda: _analysis_result(analysis_pass()), analysis_pass)
+
+
+def planned_task(model, batches, task):
+    """``(task, checkpoint_layers)`` as the memory plan sets them within the device's memory (a copy of ``task``
+    with the plan's language-model loss chunk; the other modes keep the workload's task)."""
+    device = next(model.parameters()).device
+    vocabulary = chunkable_vocabulary(task, model)
+    plan = plan_memory(model, batches, vocabulary=vocabulary, device=device, budget=device_memory(device),
+                       budget_source="device memory", in_use=current_memory(device))
+    if vocabulary is not None:
+        task = copy.copy(task)
+        task.loss_chunk_tokens = plan.loss_chunk_tokens
+    return task, plan.checkpointing
 
 
 PREPARERS = {

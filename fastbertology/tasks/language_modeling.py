@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..architectures import architecture
 from .base import Task, TaskResult, _at_least_float32, _mask_kwargs, _model_inputs
@@ -32,6 +33,42 @@ class PredictedLogits:
         return [PredictedLogits(logits, block) for logits, block in zip(rows, blocks)]
 
 
+@dataclass
+class PredictedLosses:
+    """Token losses at the predicted positions only: ``losses [K]`` (float32 or wider) for the K positions where
+    ``positions [B, N]`` (bool) is True, in row-major order; what the chunked loss computes (no logits are kept)."""
+
+    losses: torch.Tensor
+    positions: torch.Tensor
+
+    def split(self, k: int) -> list[PredictedLosses]:
+        """k outputs for k equal row blocks of ``positions``."""
+        parts = PredictedLogits(self.losses, self.positions).split(k)
+        return [PredictedLosses(part.logits, part.positions) for part in parts]
+
+
+def _chunk_losses(projection: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL ``[k]`` of ``targets [k]`` under ``projection(hidden [k, D])`` (logits ``[k, V]`` in float32 or wider)."""
+    return F.cross_entropy(_at_least_float32(projection(hidden)), targets, reduction="none")
+
+
+def chunked_token_losses(projection: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """NLL ``[K]`` of ``targets [K]`` given final hidden states ``hidden [K, D]``, ``chunk`` tokens at a time.
+
+    With autograd on, each chunk runs under ``torch.utils.checkpoint``: its logits ``[chunk, V]`` are dropped after
+    its losses are taken and recomputed, one chunk at a time, in the backward, so that no ``K x V`` tensor (logits,
+    probabilities or their gradient) ever exists whole. The gradient of every chunk flows back to ``hidden``."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        rows, wanted = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_losses, projection, rows, wanted, use_reentrant=False))
+        else:
+            parts.append(_chunk_losses(projection, rows, wanted))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def _output_projection(model) -> torch.nn.Linear | None:
     """The vocabulary projection of a causal LM whose logits are exactly ``projection(base model hidden states)``
     (the registry's ``causal_lm`` families), else None: also for a model that soft-caps its logits after the
@@ -47,6 +84,13 @@ def _output_projection(model) -> torch.nn.Linear | None:
     except ValueError:
         return None
     return projection if causal_lm else None
+
+
+def chunkable_vocabulary(task, model) -> int | None:
+    """The vocabulary size of ``model``'s LM head when ``task`` is language modelling whose loss it can compute in
+    chunks (:class:`LanguageModelingTask` on a registry causal LM); else None."""
+    projection = _output_projection(model) if isinstance(task, LanguageModelingTask) else None
+    return None if projection is None else projection.out_features
 
 
 class LanguageModelingTask(Task):
@@ -67,12 +111,20 @@ class LanguageModelingTask(Task):
     example_losses: ``[B]`` each example's mean NLL over its counted tokens (0 for an example with none).
     metric:         ``"perplexity"`` = exp(total token NLL / total counted tokens) over the whole data; lower is
                     better. Also reported: ``"nll"`` (mean per token) and ``"tokens"``.
+
+    ``loss_chunk_tokens``: with a causal LM's projection, compute the losses this many predicted tokens at a time
+    (:func:`chunked_token_losses`: no ``tokens x vocabulary`` tensor is ever whole; the same losses); None: at once.
     """
 
     name = "language_modeling"
     metric_name = "perplexity"
     higher_is_better = False
     cuda_graph_refusal = "its loss selects the predicted positions (shapes that depend on the data)"
+
+    def __init__(self, loss_chunk_tokens: int | None = None):
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be a positive number of tokens, got {loss_chunk_tokens}")
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, model, batch, *, head_mask=None):
         if DECODER_TEXT[0] in batch:  # encoder-decoder: the encoder's inputs and the decoder's text
@@ -83,7 +135,13 @@ class LanguageModelingTask(Task):
         if projection is None:
             return model(**inputs, **_mask_kwargs(head_mask))
         hidden = model.base_model(**inputs, **_mask_kwargs(head_mask)).last_hidden_state  # [B, N, D]
-        positions = self._predicting(self.targets(batch)).to(hidden.device)  # [B, N]
+        labels = self.targets(batch).to(hidden.device)
+        positions = self._predicting(labels)  # [B, N]
+        chunk = self.loss_chunk_tokens
+        if chunk is not None and positions.numel() > chunk:  # (no sync: hidden[positions] takes the count)
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
+            return PredictedLosses(chunked_token_losses(projection, hidden[positions], shifted[positions], chunk),
+                                   positions)
         return PredictedLogits(projection(hidden[positions]), positions)
 
     @staticmethod
@@ -92,7 +150,7 @@ class LanguageModelingTask(Task):
         return F.pad(labels[:, 1:], (0, 1), value=-100) != -100
 
     def split(self, output, k):
-        if isinstance(output, PredictedLogits):
+        if isinstance(output, (PredictedLogits, PredictedLosses)):
             return output.split(k)
         return super().split(output, k)
 
@@ -109,7 +167,7 @@ class LanguageModelingTask(Task):
         return labels
 
     def result(self, output, batch):
-        if isinstance(output, PredictedLogits):
+        if isinstance(output, (PredictedLogits, PredictedLosses)):
             return self._predicted_result(output, batch)
         logits = output.logits if hasattr(output, "logits") else output  # [B, N, V]
         batch_size, length, vocab = logits.shape
@@ -126,17 +184,21 @@ class LanguageModelingTask(Task):
         return TaskResult(loss=loss, example_losses=example_losses, logits=logits, token_losses=token_losses,
                           token_mask=token_mask)
 
-    def _predicted_result(self, output: PredictedLogits, batch) -> TaskResult:
-        """The same losses from logits at the predicted positions only."""
-        labels = self.targets(batch).to(output.logits.device)  # [B, N]
+    def _predicted_result(self, output: PredictedLogits | PredictedLosses, batch) -> TaskResult:
+        """The same losses from logits (or losses) at the predicted positions only."""
         positions = output.positions
-        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
-        losses = F.cross_entropy(_at_least_float32(output.logits), shifted[positions], reduction="none")  # [K]
+        if isinstance(output, PredictedLosses):
+            losses, logits = output.losses, None
+        else:
+            labels = self.targets(batch).to(output.logits.device)  # [B, N]
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
+            logits = output.logits
+            losses = F.cross_entropy(_at_least_float32(logits), shifted[positions], reduction="none")  # [K]
         token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)[:, :-1]  # [B, N-1]
         token_mask = positions[:, :-1]
         counts = token_mask.sum(-1)
         return TaskResult(loss=losses.sum() / counts.sum().clamp(min=1),
-                          example_losses=token_losses.sum(-1) / counts.clamp(min=1), logits=output.logits,
+                          example_losses=token_losses.sum(-1) / counts.clamp(min=1), logits=logits,
                           token_losses=token_losses, token_mask=token_mask)
 
     def metric_state(self):
