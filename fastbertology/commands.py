@@ -303,6 +303,11 @@ def head_types_step(args, console: Console, run: Run, output: Path | None, summa
 
 
 def run_importance(args, console: Console) -> int:
+    if getattr(args, "stream", False):
+        from .stream_command import run_streamed_importance
+
+        return run_streamed_importance(args, console)
+
     def steps(run, inputs, output, summary):
         if args.head_types:  # before the importance pass: a bad option fails at once
             check_head_type_options(run.model, induction_period=args.induction_period)

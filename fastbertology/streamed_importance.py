@@ -116,7 +116,8 @@ def analyze_stream(model: nn.Module, batches: Iterable[tuple[dict, object]], tas
     if resume is not None:
         raw = resume["raw_importance"].to(device).clone()
         loss_sum = resume["loss_sum"].to(device).clone()
-        metric_state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in resume["metric_state"].items()}
+        metric_state = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                        for key, value in resume["metric_state"].items()}
         batches_seen, examples = resume["batches"], resume["examples"]
     position = None
     with frozen_parameters(model), record(model) as stats, checked_head_masks(base_mask):

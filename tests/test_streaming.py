@@ -221,3 +221,64 @@ def test_streamed_importance_equals_in_memory_and_resumes_to_the_same_bits(tmp_p
         decode_totals({**totals, "raw_importance": encode_totals({**snapshots[0][0],
                                                                   "raw_importance": torch.zeros(2, 2)})[
             "raw_importance"]}, model=model, task=task)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line: fastbertology importance --stream, interrupted and resumed
+# ------------------------------------------------------------------------------------------------------------------
+def run_cli(*argv, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fastbertology", *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+def test_cli_stream_interrupted_and_resumed_gives_the_same_bytes(tmp_path, gpt2_dir):
+    import numpy as np
+
+    from fastbertology.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": random_text(40, seed)}) for seed in range(30)), encoding="utf-8")
+    common = ["importance", "--model", str(gpt2_dir), "--data", str(corpus), "--stream", "--max-seq-length", "16",
+              "--batch-size", "3", "--checkpoint-every", "2", "--no-progress"]
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+    stopped = run_cli(*common, "--output-dir", str(tmp_path / "resumed"),
+                      env={"FASTBERTOLOGY_STREAM_STOP_AFTER_CHECKPOINTS": "2"})
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    checkpoint = json.loads((tmp_path / "resumed" / "stream_checkpoint.json").read_text())
+    assert checkpoint["totals"]["batches"] == 4 and not (tmp_path / "resumed" / "head_importance.npy").exists()
+    assert main([*common, "--output-dir", str(tmp_path / "resumed")]) == 2  # a checkpoint there: --resume needed
+    assert main([*common, "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    for name in ("head_importance.npy", "attn_entropy.npy", "attn_max_prob.npy"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())["importance"]
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())["importance"]
+    assert resumed["resumed_after_batches"] == 4 and whole["resumed_after_batches"] == 0
+    for key in ("metric", "loss", "tokens", "examples", "raw_importance"):
+        assert resumed[key] == whole[key], key
+    assert np.load(tmp_path / "whole" / "head_importance.npy").shape == (3, 4)
+    # a different corpus cannot resume this checkpoint
+    corpus.write_text(corpus.read_text() + "\n" + json.dumps({"text": "the cat"}), encoding="utf-8")
+    stopped = run_cli(*common, "--output-dir", str(tmp_path / "other"),
+                      env={"FASTBERTOLOGY_STREAM_STOP_AFTER_CHECKPOINTS": "1"})
+    assert stopped.returncode == 75
+    corpus.write_text(corpus.read_text() + "\n" + json.dumps({"text": "the mat"}), encoding="utf-8")
+    assert main([*common, "--output-dir", str(tmp_path / "other"), "--resume"]) == 2
+
+
+def test_cli_stream_refuses_bad_options(tmp_path, gpt2_dir, capsys):
+    from fastbertology.cli import main
+
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("text\nthe cat\n", encoding="utf-8")
+    base = ["importance", "--model", str(gpt2_dir), "--stream", "--no-progress", "--output-dir", str(tmp_path / "o")]
+    assert main([*base, "--data", str(corpus)]) == 2
+    assert "--stream reads .txt, .jsonl, .parquet files, not '.csv'" in capsys.readouterr().err
+    corpus = corpus.with_suffix(".txt")
+    corpus.write_text("the cat sat", encoding="utf-8")
+    assert main([*base, "--data", str(corpus), "--task", "mrpc"]) == 2
+    assert "leave --task out or give --task lm" in capsys.readouterr().err
+    assert main([*base, "--data", str(corpus), "--head-types"]) == 2
+    assert "--head-types does not combine with --stream" in capsys.readouterr().err
