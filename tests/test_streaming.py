@@ -282,3 +282,92 @@ def test_cli_stream_refuses_bad_options(tmp_path, gpt2_dir, capsys):
     assert "leave --task out or give --task lm" in capsys.readouterr().err
     assert main([*base, "--data", str(corpus), "--head-types"]) == 2
     assert "--head-types does not combine with --stream" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bounded memory: a corpus larger than the process's address-space limit
+# ------------------------------------------------------------------------------------------------------------------
+LIMITED = r'''
+import json, os, resource, sys
+import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+from fastbertology import patch
+from fastbertology.batching import make_batches
+from fastbertology.data import Example
+from fastbertology.data.stream_batches import open_tokens, stream_batches
+from fastbertology.streamed_importance import analyze_stream
+from fastbertology.tasks import LanguageModelingTask
+
+torch.set_num_threads(1)
+model_dir, small, big, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+patch(model)
+task = LanguageModelingTask()
+
+def collate(blocks):
+    (batch,) = make_batches([Example(text=None, input_ids=b) for b in blocks], tokenizer, max_seq_length=64,
+                            batch_size=len(blocks))
+    return batch
+
+def analyse(path):
+    return analyze_stream(model, stream_batches(open_tokens(path, tokenizer), collate, block=64, batch_size=32), task)
+
+analyse(small)  # everything that is set up once (threads, allocator pools) is set up before the limit
+
+def vm_size():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+limit = vm_size() + headroom
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    open(big, "rb").read()
+    whole = "fits"
+except MemoryError:
+    whole = "MemoryError"
+result = analyse(big)
+print(json.dumps({"whole_file": whole, "tokens": result.tokens, "examples": result.examples,
+                  "finite": bool(torch.isfinite(result.importance).all()), "limit": limit,
+                  "peak_above_start": [int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                                       if line.startswith("VmPeak:")][0] - (limit - headroom)}))
+'''
+
+
+def test_streamed_corpus_larger_than_the_memory_limit_completes(tmp_path):
+    """A 112 MiB corpus streamed by a process allowed 48 MiB of address space beyond what it had after setup:
+    reading the whole file fails there with MemoryError, the streamed analysis completes."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["a" * 512, "b" * 512, "c" * 512]  # long tokens: many bytes, few tokens, a quick model pass
+    vocab = {"<unk>": 0, "<eos>": 1, **{word: i + 2 for i, word in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    model_dir = tmp_path / "model"
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(model_dir)
+    line = (" ".join(words[i % 3] for i in range(8)) + "\n").encode()
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_bytes(line * 300)
+    size = 112 << 20
+    with open(big, "wb") as handle:
+        chunk = line * 1024
+        for _ in range(size // len(chunk)):
+            handle.write(chunk)
+    headroom = 48 << 20
+    assert big.stat().st_size > 1.9 * headroom
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(model_dir), str(small), str(big), str(headroom)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1",
+                               "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["whole_file"] == "MemoryError"
+    assert result["tokens"] == big.stat().st_size // len(line) * 8 and result["finite"]
