@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
             _stream(command)
         else:
             _masking(command)
+        if name in ("importance", "mask"):
+            command.add_argument_group("models larger than one GPU (docs/large-models.md)").add_argument(
+                "--shard-model", action="store_true",
+                help="under torchrun: shard the transformer layers over the processes (PyTorch FSDP2), each "
+                     "process still taking its share of the batches")
         if name == "prune":
             command.add_argument_group("pruning").add_argument(
                 "--head-mask", default=None, metavar="FILE",
