@@ -37,6 +37,7 @@ from .importance import analyze_heads, evaluate_metric
 from .loading import minilm_path, resolve_device
 from .mask_files import check_mask_shape, read_pruning_mask
 from .masking import iterative_masking
+from .model_sharding import join_patterns, loading_options, shard_run
 from .outputs import OutputWriteError, apply_umask, check_output_dir, make_temporary_dir, write_json, write_npy
 from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
 from .report import write_report
@@ -126,8 +127,6 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
     seconds = time.perf_counter() - started
     if output is None:  # not rank 0
         if getattr(run.model, "_fastbertology_sharded", False):  # rank 0's pattern pass needs every process
-            from .model_sharding import join_patterns
-
             join_patterns(run, analysis.importance)
         return analysis
     write_npy(output / "head_importance.npy", analysis.importance.numpy())
@@ -264,8 +263,6 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
     inputs = check_inputs(args, options, model_path=model_path)  # fail fast, before the slow setup
     output = _open_output(args)  # locked from here to the end, whatever the end
     sharded = getattr(args, "shard_model", False)  # docs/large-models.md
-    if sharded:
-        from .model_sharding import loading_options, shard_run
     with output if output is not None else contextlib.nullcontext():
         interrupts.stage("setup")
         run = setup(loading_options(options) if sharded else options, examples=examples, model_path=inputs.model_path)
@@ -312,11 +309,6 @@ def head_types_step(args, console: Console, run: Run, output: Path | None, summa
 
 
 def run_importance(args, console: Console) -> int:
-    if getattr(args, "stream", False):
-        from .stream_command import run_streamed_importance
-
-        return run_streamed_importance(args, console)
-
     def steps(run, inputs, output, summary):
         if args.head_types:  # before the importance pass: a bad option fails at once
             check_head_type_options(run.model, induction_period=args.induction_period)

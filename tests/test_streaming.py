@@ -234,7 +234,7 @@ def run_cli(*argv, env=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
 
 
-def test_cli_stream_interrupted_and_resumed_gives_the_same_bytes(tmp_path, gpt2_dir):
+def test_cli_stream_interrupted_and_resumed_gives_the_same_bytes(tmp_path, gpt2_dir, capsys):
     import numpy as np
 
     from fastbertology.cli import main
@@ -264,8 +264,16 @@ def test_cli_stream_interrupted_and_resumed_gives_the_same_bytes(tmp_path, gpt2_
     stopped = run_cli(*common, "--output-dir", str(tmp_path / "other"),
                       env={"FASTBERTOLOGY_STREAM_STOP_AFTER_CHECKPOINTS": "1"})
     assert stopped.returncode == 75
+    saved = tmp_path / "other" / "stream_checkpoint.json"
+    original = saved.read_text()
+    saved.write_text(original.replace('"batches":2', '"batches":3'))  # an edited checkpoint
+    capsys.readouterr()
+    assert main([*common, "--output-dir", str(tmp_path / "other"), "--resume"]) == 2
+    assert "was modified or damaged" in capsys.readouterr().err
+    saved.write_text(original)
     corpus.write_text(corpus.read_text() + "\n" + json.dumps({"text": "the mat"}), encoding="utf-8")
     assert main([*common, "--output-dir", str(tmp_path / "other"), "--resume"]) == 2
+    assert "belongs to a different run, so it cannot be resumed: data: checkpoint" in capsys.readouterr().err
 
 
 def test_cli_stream_refuses_bad_options(tmp_path, gpt2_dir, capsys):
