@@ -85,7 +85,7 @@ class ParquetDocuments:
     batches of :data:`PARQUET_BATCH_ROWS` rows."""
 
     def __init__(self, path, tokenizer, *, text_field: str = "text", start: dict | None = None):
-        try:
+        try:  # lazy: pyarrow is optional (the parquet extra) and only Parquet corpora need it
             import pyarrow.parquet as parquet
         except ImportError:
             raise ValueError(PARQUET_MISSING) from None
