@@ -37,7 +37,7 @@ from .importance import analyze_heads, evaluate_metric
 from .loading import minilm_path, resolve_device
 from .mask_files import check_mask_shape, read_pruning_mask
 from .masking import iterative_masking
-from .model_sharding import join_patterns, loading_options, shard_run
+from .model_sharding import check_sharding, join_patterns, loading_options, shard_run
 from .outputs import OutputWriteError, apply_umask, check_output_dir, make_temporary_dir, write_json, write_npy
 from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
 from .report import write_report
@@ -262,7 +262,7 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
     options = RunOptions.pick(vars(args), **labels)
     inputs = check_inputs(args, options, model_path=model_path)  # fail fast, before the slow setup
     output = _open_output(args)  # locked from here to the end, whatever the end
-    sharded = getattr(args, "shard_model", False)  # docs/large-models.md
+    sharded = check_sharding(args)  # --shard-model: docs/large-models.md
     with output if output is not None else contextlib.nullcontext():
         interrupts.stage("setup")
         run = setup(loading_options(options) if sharded else options, examples=examples, model_path=inputs.model_path)

@@ -27,6 +27,19 @@ from .architectures import transformer_layers
 from .batching import move_batch
 
 
+def check_sharding(args) -> bool:
+    """Whether the command asks for ``--shard-model``; ValueError, before any work, where it cannot run."""
+    if not getattr(args, "shard_model", False):
+        return False
+    if not distributed.is_distributed():
+        raise ValueError("--shard-model shards the model over the processes of a torchrun job: start it with "
+                         "torchrun --nproc-per-node N (N >= 2)")
+    if getattr(args, "head_types", False):
+        raise ValueError("--head-types does not combine with --shard-model (its passes are not matched across the "
+                         "processes); score head types on one GPU, or without --shard-model")
+    return True
+
+
 def device_mesh(device: torch.device):
     """The device mesh for sharding: 1-D over all processes on one machine; ``(machines, processes per machine)``
     (replicate, shard) when torchrun's ``LOCAL_WORLD_SIZE`` is smaller than the world."""

@@ -119,7 +119,7 @@ def test_layers_are_split_over_the_processes_and_the_rest_is_whole(sharded_outpu
                 assert kind == "Parameter" and local == result["full"][name], name
 
 
-def test_shard_model_needs_torchrun():
+def test_shard_model_needs_torchrun(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fastbertology.model_sharding import shard_model
@@ -127,3 +127,11 @@ def test_shard_model_needs_torchrun():
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="start it with torchrun --nproc-per-node N"):
         shard_model(model, torch.device("cpu"))
+    from fastbertology.cli import main
+
+    save_tiny_gpt2(tmp_path / "gpt2")
+    (tmp_path / "data.txt").write_text("the cat sat on the mat", encoding="utf-8")
+    assert main(["importance", "--model", str(tmp_path / "gpt2"), "--data", str(tmp_path / "data.txt"),
+                 "--shard-model", "--no-progress", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--shard-model shards the model over the processes of a torchrun job" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
