@@ -20,14 +20,15 @@ from fastbertology.shard_loading import load_by_shards  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def save_llama(directory, *, tokenizer_dir, hidden=64, layers=2, vocab=300, shard="40KB", seed=0):
+def save_llama(directory, *, tokenizer_dir, hidden=64, layers=2, vocab=300, shard="40KB", seed=0,
+               dtype=torch.float32):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2 + 352,
                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
                          max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(directory, max_shard_size=shard)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(directory, max_shard_size=shard)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
     return directory
 
@@ -112,14 +113,15 @@ print(json.dumps({"weights": weights, "peak": status("VmHWM") - start}))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_loading_a_sharded_checkpoint_peaks_below_1_3x_the_weights(tmp_path, tokenizer_dir, dtype):
-    """A 92 MiB float32 Llama in shards of at most 6 MB, loaded as bfloat16
-    (converted) and as float32: peak resident memory during loading minus the memory before it <= 1.3x the loaded
-    weights. (transformers' from_pretrained keeps every shard mapped to the end: 2.5x for bfloat16 here.)"""
-    big = save_llama(tmp_path / "big", tokenizer_dir=tokenizer_dir, hidden=512, layers=8, vocab=2000, shard="6MB")
+@pytest.mark.parametrize("saved, dtype", [("float32", "bfloat16"), ("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_loading_a_sharded_checkpoint_peaks_below_1_3x_the_weights(tmp_path, tokenizer_dir, saved, dtype):
+    """A Llama of 92 MiB in float32 (46 MiB in bfloat16) in shards of at most 6 MB, loaded converted (float32 to
+    bfloat16) and as saved: peak resident memory during loading minus the memory before it <= 1.3x the loaded
+    weights. (transformers' from_pretrained keeps every shard mapped to the end: 2.5x from float32 to bfloat16.)"""
+    big = save_llama(tmp_path / "big", tokenizer_dir=tokenizer_dir, hidden=512, layers=8, vocab=2000, shard="6MB",
+                     dtype=getattr(torch, saved))
     small = save_llama(tmp_path / "small", tokenizer_dir=tokenizer_dir)
-    assert len(list(big.glob("*.safetensors"))) >= 10
+    assert len(list(big.glob("*.safetensors"))) >= 7
     done = subprocess.run([sys.executable, "-c", MEASURE, str(big), str(small), dtype], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
