@@ -3,7 +3,7 @@
 transformers' ``from_pretrained`` builds the model on the meta device and converts each weight to the requested
 dtype, but it keeps every shard of the checkpoint memory-mapped until the end: the pages it read stay in the
 process's resident memory, so loading a float32 checkpoint as bfloat16 peaks near the file's size plus the
-weights (2.5-3x the bfloat16 weights, measured). Here the model's parameters are created on the meta device
+weights (2.2-2.5x the bfloat16 weights, measured). Here the model's parameters are created on the meta device
 (buffers as usual: rotary frequencies, position ids), and each shard is opened, its tensors read (converted to
 ``dtype`` where needed) and assigned to the model, and closed before the next one is opened: the peak is the
 weights plus, when converting, one shard's pages (``tests/test_shard_loading.py`` checks <= 1.3x the weights).
