@@ -379,3 +379,20 @@ def test_streamed_corpus_larger_than_the_memory_limit_completes(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["whole_file"] == "MemoryError"
     assert result["tokens"] == big.stat().st_size // len(line) * 8 and result["finite"]
+
+
+def test_cli_stream_progress_shows_tokens_per_second_and_time_left(tmp_path, gpt2_dir, capsys):
+    from fastbertology.cli import build_parser
+    from fastbertology.console import Console
+    from fastbertology.stream_command import run_streamed_importance
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(random_text(600, seed=4), encoding="utf-8")
+    args = build_parser().parse_args(["importance", "--model", str(gpt2_dir), "--data", str(corpus), "--stream",
+                                      "--max-seq-length", "16", "--batch-size", "4", "--output-dir",
+                                      str(tmp_path / "out")])
+    assert run_streamed_importance(args, Console(progress=True)) == 0
+    captured = capsys.readouterr()
+    assert "importance (streamed)" in captured.err and "tokens/s" in captured.err
+    assert "100%" in captured.err and "<00:00" in captured.err  # the share of the file read and the time left
+    assert "Streamed" in captured.out and "tokens/s)" in captured.out
