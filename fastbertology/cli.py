@@ -235,6 +235,20 @@ def _run(parser) -> None:
                             "not a terminal)")
 
 
+def _stream(parser) -> None:
+    group = parser.add_argument_group("streamed corpus (language modelling; docs/large-models.md)")
+    group.add_argument("--stream", action="store_true",
+                       help="read --data (.txt, .jsonl or .parquet) in pieces: a corpus that does not fit in memory, "
+                            "checkpointed and resumable")
+    group.add_argument("--text-field", default="text", metavar="NAME",
+                       help="with --stream: the JSONL key or Parquet column holding each document's text")
+    group.add_argument("--resume", action="store_true",
+                       help="with --stream: continue the interrupted run whose stream_checkpoint.json is in "
+                            "--output-dir")
+    group.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                       help="with --stream: write the checkpoint every N batches")
+
+
 def _command(commands, name: str, **defaults) -> argparse.ArgumentParser:
     summary, writes = COMMANDS[name]
     what = summary.split("; ")[0]
@@ -264,8 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         _analysis(command)
         if name == "importance":
             _head_types(command)
+            _stream(command)
         else:
             _masking(command)
+        if name in ("importance", "mask"):
+            command.add_argument_group("models larger than one GPU (docs/large-models.md)").add_argument(
+                "--shard-model", action="store_true",
+                help="under torchrun: shard the transformer layers over the processes (PyTorch FSDP2), each "
+                     "process still taking its share of the batches")
         if name == "prune":
             command.add_argument_group("pruning").add_argument(
                 "--head-mask", default=None, metavar="FILE",

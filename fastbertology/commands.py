@@ -34,7 +34,7 @@ from .degenerate import zero_importance_warning
 from .distributed import analysis_reducer, shard_checked
 from .head_types import HEAD_TYPES, check_head_type_options, head_type_scores
 from .importance import analyze_heads, evaluate_metric
-from .loading import minilm_path
+from .loading import minilm_path, resolve_device
 from .mask_files import check_mask_shape, read_pruning_mask
 from .masking import iterative_masking
 from .memory_plan import (
@@ -46,6 +46,7 @@ from .memory_plan import (
     plan_memory,
     return_freed_memory,
 )
+from .model_sharding import check_sharding, join_patterns, loading_options, shard_run
 from .outputs import OutputWriteError, apply_umask, check_output_dir, make_temporary_dir, write_json, write_npy
 from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
 from .report import write_report
@@ -149,6 +150,8 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
                              reduce=analysis_reducer(run.model, run.task), **_analysis_options(args, run))
     seconds = time.perf_counter() - started
     if output is None:  # not rank 0
+        if getattr(run.model, "_fastbertology_sharded", False):  # rank 0's pattern pass needs every process
+            join_patterns(run, analysis.importance)
         return analysis
     write_npy(output / "head_importance.npy", analysis.importance.numpy())
     write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
@@ -287,13 +290,16 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
     options = RunOptions.pick(vars(args), **labels)
     inputs = check_inputs(args, options, model_path=model_path)  # fail fast, before the slow setup
     output = _open_output(args)  # locked from here to the end, whatever the end
+    sharded = check_sharding(args)  # --shard-model: docs/large-models.md
     with output if output is not None else contextlib.nullcontext():
         interrupts.stage("setup")
-        run = setup(options, examples=examples, model_path=inputs.model_path)
+        run = setup(loading_options(options) if sharded else options, examples=examples, model_path=inputs.model_path)
         if inputs.head_mask is not None:
             check_mask_shape(inputs.head_mask, run.model, args.head_mask)
         if data_parallel:
             run.batches = shard_checked(run.model, run.batches)
+        if sharded:
+            shard_run(run, resolve_device(options.device), options.backend)
         describe_setup(console, run.description)
         warn_all(console, run.description)
         if not plots.available():

@@ -200,6 +200,9 @@ def analysis_reducer(model, task):
     heads = heads_per_layer(model)
 
     def reduce(totals: dict) -> dict:
+        padding = getattr(model, "_fastbertology_padding_steps", None)  # set by model_sharding.shard_run
+        if padding is not None:
+            padding()  # a sharded model: processes with fewer batches join the others' last layer all-gathers
         counts = torch.tensor([float(totals["loss_sum"]), float(totals["batches"]), float(totals["examples"])],
                               dtype=torch.float64)
         raw, counts = all_reduce_sums([totals["raw_importance"], counts])
