@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, interrupts, patch
 from .batching import make_batches, move_batch
-from .commands import _analysis_options, _heatmaps, patterns_step
+from .commands import _heatmaps, patterns_step
 from .console import Console, format_table
 from .data import Example
 from .data.stream_batches import STREAM_SUFFIXES, StreamPosition, fraction_read, open_tokens, stream_batches
@@ -208,7 +208,9 @@ def _analyse(args, console, options, run, block, fingerprint, checkpoint, resume
 
     try:
         analysis = analyze_stream(run.model, batches, run.task, resume=resume, every=args.checkpoint_every,
-                                  on_snapshot=on_snapshot, on_batch=on_batch, **_analysis_options(args))
+                                  on_snapshot=on_snapshot, on_batch=on_batch, importance=args.importance,
+                                  normalize_by_layer=not args.dont_normalize_importance_by_layer,
+                                  normalize_global=not args.dont_normalize_global_importance)
     finally:
         bar.close()
     seconds = time.perf_counter() - began
