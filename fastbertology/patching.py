@@ -66,7 +66,7 @@ from .attention_hooks import AttentionCall, run_hooks
 from .head_mask import head_mask_rows, normalize_head_mask
 from .packing import PackedBatch, plan_packing
 from .patch_copies import PICKLE_REFUSAL, StateHook, copy_state, refuse_torch_compile
-from .recording import head_sums
+from .recording import block_sums, head_sums
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,6 +84,7 @@ class _CallContext:
     calls: dict[int, int] = field(default_factory=dict)  # id(layer module) -> its calls so far in this pass
     packed_values: dict = field(default_factory=dict)  # (argument, id(value)) -> (value, packed value)
     mask_rows: dict = field(default_factory=dict)  # (batch, sequences) -> the head mask's rows, [B or S, H] each
+    statistics: list = field(default_factory=list)  # (row, entropy, max_prob, query mask) per layer, reduced at the end
 
     def head_mask_row(self, row: int, batch: int, sequences: int | None = None) -> torch.Tensor | None:
         """Row ``row`` of the call's head mask as ``[B, H]`` (None without a mask); ``[S, H]`` for a packed stream
@@ -197,11 +198,32 @@ class PatchState:
         return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):
+        """Keep a layer's row statistics for the reduction at the end of the model call (:meth:`flush_statistics`:
+        one per call, not per layer); outside a model call, reduce them now."""
         if not self.recorders or self.replaying:  # a recomputed forward was recorded when it first ran
             return
-        sums, tokens = head_sums(stats.entropy, stats.max_prob, query_mask)  # once, whatever the recorders
-        for recorder in self.recorders:
-            recorder.add_sums(row, sums, tokens)
+        if self.depth == 0:
+            sums, tokens = head_sums(stats.entropy, stats.max_prob, query_mask)
+            for recorder in self.recorders:
+                recorder.add_sums(row, sums, tokens)
+            return
+        self.context.statistics.append((row, stats.entropy, stats.max_prob, query_mask))
+
+    def flush_statistics(self) -> None:
+        """Reduce the call's kept row statistics, one :func:`~fastbertology.recording.block_sums` per group of layers
+        with one shape and query mask (e.g. all of a decoder-only model's), and hand them to the recorders."""
+        pending, self.context.statistics = self.context.statistics, []
+        if not pending or not self.recorders:
+            return
+        groups: dict = {}
+        for row, entropy, max_prob, query_mask in pending:
+            key = (tuple(entropy.shape), entropy.dtype, entropy.device, None if query_mask is None else id(query_mask))
+            groups.setdefault(key, []).append((row, entropy, max_prob, query_mask))
+        for items in groups.values():
+            sums, tokens = block_sums([(entropy, max_prob) for _, entropy, max_prob, _ in items], items[0][3])
+            rows = tuple(row for row, *_ in items)
+            for recorder in self.recorders:
+                recorder.add_block(rows, sums, tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -323,6 +345,7 @@ def _make_post_hook(state):
     def post_hook(module, args, output):
         state.depth -= 1
         if state.depth == 0:
+            state.flush_statistics()
             state.context = _CallContext()
         return output
 

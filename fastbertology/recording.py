@@ -27,6 +27,19 @@ def head_sums(entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.T
     return sums, weights.sum()
 
 
+def block_sums(rows: list[tuple[torch.Tensor, torch.Tensor]], query_mask: torch.Tensor | None):
+    """Several layers' row statistics of one model call, ``(entropy, max_prob)`` ``[B, H, N]`` each (one shape),
+    -> ``(sums [n, 2, H] float64, tokens)`` as :func:`head_sums` gives them per layer, in one reduction (one stack and
+    one sum for the call, where :func:`head_sums` reduces each layer)."""
+    stacked = torch.stack([row_statistics(entropy, max_prob) for entropy, max_prob in rows])  # [n, 2, B, H, N]
+    if query_mask is None:
+        return stacked.sum(dim=(2, 4), dtype=torch.float64), stacked.shape[2] * stacked.shape[4]
+    weights = query_mask.to(torch.float64)
+    keep = weights[None, None, :, None, :] > 0  # padded queries never count, whatever their rows hold
+    sums = torch.einsum("ksbhn,bn->ksh", torch.where(keep, stacked.double(), 0.0), weights)
+    return sums, weights.sum()
+
+
 class HeadStatistics:
     """Running sums, per layer and head, over the non-padding query tokens of every forward pass seen.
 
@@ -39,14 +52,38 @@ class HeadStatistics:
     the CPU (NaN for heads a pruned layer no longer has; ValueError when every recorded query was padding).
     Padded queries never count, whatever values the attention backend left in their rows.
 
-    Recording costs one reduction per layer and call and never synchronises: the per-call ``[2, H]`` sums of a
-    layer are kept and added up once per ``_PENDING_SUMS`` calls (and when the sums are read).
+    Recording never synchronises and costs one reduction per model call (the patch hands a call's layers over as
+    one block, :meth:`add_block`): the blocks and per-layer ``[2, H]`` sums are kept and added up once per
+    ``_PENDING_SUMS`` calls (and when the sums are read).
     """
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self._pending: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # per layer: [2, H] float64 sums
+        self._blocks: list[tuple[tuple[int, ...], torch.Tensor]] = []  # (rows, [n, 2, H] float64 sums)
         self.tokens: list = [None] * num_layers
+
+    def add_block(self, rows: tuple[int, ...], sums: torch.Tensor, tokens) -> None:
+        """Accumulate :func:`block_sums` of layers ``rows`` (``[n, 2, H]`` float64, their common token count)."""
+        self._blocks.append((rows, sums))
+        for row in rows:
+            self.tokens[row] = tokens if self.tokens[row] is None else self.tokens[row] + tokens
+        if len(self._blocks) >= _PENDING_SUMS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Move the blocks into the per-layer sums (blocks of the same layers added up first)."""
+        blocks, self._blocks = self._blocks, []
+        groups: dict = {}
+        for rows, sums in blocks:
+            groups.setdefault((rows, tuple(sums.shape)), []).append(sums)
+        for (rows, _), group in groups.items():
+            total = group[0] if len(group) == 1 else torch.stack(group).sum(0)
+            for index, row in enumerate(rows):
+                self._pending[row].append(total[index])
+        for pending in self._pending:
+            if len(pending) > 1:
+                pending[:] = [torch.stack(pending).sum(0)]
 
     def add(self, layer: int, entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.Tensor | None):
         """Accumulate one layer's row statistics ``[B, H, N]``; ``query_mask`` bool ``[B, N]`` (None = all)."""
@@ -62,6 +99,8 @@ class HeadStatistics:
 
     def _sums(self, layer: int) -> torch.Tensor | None:
         """Layer ``layer``'s ``[2, H]`` sums so far (None if it was never recorded)."""
+        if self._blocks:
+            self._fold()
         pending = self._pending[layer]
         if not pending:
             return None
@@ -102,6 +141,7 @@ class HeadStatistics:
     def reduce(self, sum_tensors: Callable[[list[torch.Tensor]], list[torch.Tensor]], heads: list[int]) -> None:
         """Replace the sums by ``sum_tensors`` of them (e.g. summed over data-parallel processes, each calling
         this with the same arguments); ``heads[l]`` is layer l's head count, for layers this object never saw."""
+        self._fold()
         device = next((pending[0].device for pending in self._pending if pending), torch.device("cpu"))
         (seen,) = sum_tensors([torch.tensor([float(t is not None) for t in self.tokens], dtype=torch.float64,
                                             device=device)])

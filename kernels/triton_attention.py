@@ -242,8 +242,8 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     dq_blocks = _cdiv(layout.longest, cfg.dq.block_m)
     # the head-mask gradient's per-program partial sums: [rows, pre_blocks | dq_blocks], every slot written by its
     # program (no zero fill), one reduction at the end
-    partials = torch.empty((rows, pre_blocks + dq_blocks), dtype=torch.float32, device=q.device) if need_mask \
-        else delta
+    partials = torch.empty((layout.sequences, heads, pre_blocks + dq_blocks), dtype=torch.float32,
+                           device=q.device) if need_mask else delta  # row s * H + h of [rows, slots] is [s, h]
     slots = pre_blocks + dq_blocks
     _attn_bwd_preprocess[(pre_blocks, rows)](
         out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, partials,
@@ -279,14 +279,14 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
         grid = (dq_blocks, rows)
         _attn_bwd_dq[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta,
-            dq if dq is not None else q, partials[:, pre_blocks:] if need_mask else lse,
+            dq if dq is not None else q, partials[:, :, pre_blocks:] if need_mask else lse,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
             *layout.pad_strides,
             heads, seq, group, layout.window_arg, scale * _LOG2E, scale, slots, _SMALL_MASK,
             BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
             **cfg.dq.launch_options(),
         )
-    mask_grad = partials.view(layout.sequences, heads, slots) if need_mask else None
+    mask_grad = partials if need_mask else None
     return dq, dk, dv, mask_grad
 
 
@@ -347,10 +347,11 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
 
 
 def _mask_sh(head_mask, sequences, heads):
-    """None, or the head mask as float32 contiguous ``[S, H]`` (detached)."""
+    """None, or the head mask as float32 contiguous ``[S, H]`` (the kernels only read it: no ``detach`` needed, in
+    the autograd function's forward or without gradients)."""
     if head_mask is None:
         return None
-    return expand_head_mask(head_mask.detach(), sequences, heads).to(torch.float32).contiguous()
+    return expand_head_mask(head_mask, sequences, heads).to(torch.float32).contiguous()
 
 
 class _TritonAttention(torch.autograd.Function):
