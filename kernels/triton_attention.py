@@ -69,6 +69,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .common import AttentionStats, Packing, check_inputs
+from .modifiers import check_modifiers, refuse_modifier_gradients
 from .reference import expand_head_mask
 from .torch_attention import attention_torch
 from .triton_backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -296,7 +297,8 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
 
 
 def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                     return_probs=False, packing: Packing | None = None, window: int | None = None):
+                     return_probs=False, packing: Packing | None = None, window: int | None = None,
+                     relative_bias=None, alibi_slopes=None, softcap=None, sinks=None):
     """Fused Triton attention; same contract as :func:`fastbertology.kernels.attention`.
 
     Args:
@@ -321,6 +323,11 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
     """
     batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs,
                                                window)
+    longest = packing.max_seqlen if packing is not None else seq
+    modifiers = check_modifiers(relative_bias, alibi_slopes, softcap, sinks, q, heads, longest)
+    refuse_modifier_gradients(modifiers, "triton")
+    if modifiers.any:
+        raise ValueError("the Triton kernels do not compute score modifiers yet: use backend='torch'")
     window = None if window is None else int(window)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM or q.numel() == 0 \
