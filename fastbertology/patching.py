@@ -139,10 +139,11 @@ class PatchState:
         raise TypeError(PICKLE_REFUSAL)
 
     def attend(self, binding: _Binding, module, query, key, value, key_padding_mask, *, causal, scale, dropout,
-               output_attentions, window=None):
+               output_attentions, window=None, modifiers=None):
         """Run one attention application. q ``[B, H, N_q, D]``, k, v ``[B, H_kv, N_k, D]`` (packed: ``[1, H, T, D]``)
         -> ``(out [B, N_q, H, D], probs [B, H, N_q, N_k] or None)``. ``key_padding_mask`` (bool ``[B, N_k]``) is
-        ignored for packed calls (they have no padding). ``window``: a sliding window (or None).
+        ignored for packed calls (they have no padding). ``window``: a sliding window (or None). ``modifiers``: the
+        kernels' score modifiers as keyword arguments (``softcap``, ``sinks``...), or None.
 
         ``probs`` are the post-softmax probabilities times the head mask, as transformers 4.x returned them.
         """
@@ -159,13 +160,17 @@ class PatchState:
         if heads == 0:  # every head of this layer was pruned
             return query.new_zeros(query.shape).transpose(1, 2), None
         key, value = _grouped_key_values(module, query, key, value)
+        modifiers = modifiers or {}
+        if binding.cross and modifiers:
+            raise ValueError(f"cross-attention with score modifiers ({', '.join(modifiers)}) is not supported")
         if binding.cross:
             out, stats = rectangular_attention(query, key, value, head_mask=mask, key_padding_mask=key_padding_mask,
                                                scale=scale, return_probs=output_attentions)
             self._record(row, stats, None)
             out = self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, False, scale, None)
             return out.transpose(1, 2), stats.probs
-        options = _window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2])
+        options = {**_window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2]),
+                   **modifiers}
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
                                            packing=packed.packing, backend=self.backend, **options)
@@ -188,7 +193,9 @@ class PatchState:
         call = AttentionCall(row=row, part=self.parts[row], cross=binding.cross, query=query, key=key, out=out,
                              lse=stats.lse, head_mask=mask, packed=packed, key_padding_mask=key_padding_mask,
                              causal=causal, scale=query.shape[-1] ** -0.5 if scale is None else float(scale),
-                             window=(options or {}).get("window"))
+                             window=(options or {}).get("window"),
+                             modifiers=kernels.ScoreModifiers(**{name: value for name, value in (options or {}).items()
+                                                                 if name in kernels.ScoreModifiers._fields}))
         return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):

@@ -20,9 +20,10 @@ any visible key (padding, or every key at ``-inf`` bias) has zero probabilities 
 * ``softcap``: a float > 0.
 * ``sinks``: floating ``[H]``.
 
-These are frozen model parameters in every analysis: the backends differentiate q, k, v and the head mask. The
-reference backend differentiates them too (plain autograd); the torch and Triton backends refuse them when they
-require a gradient (with a message) rather than drop it.
+These are frozen model parameters in every analysis: the backends differentiate q, k, v and the head mask. Every
+backend also gives the exact gradient of ``sinks`` (``-sum_i p_sink,i * rowsum(dO * O)_i``); the reference
+differentiates everything (plain autograd), while the torch and Triton backends refuse a ``relative_bias`` or
+``alibi_slopes`` that requires a gradient (with a message) rather than drop it.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def _check_tensor(name, value, q):
 
 
 def refuse_modifier_gradients(modifiers: ScoreModifiers, backend: str) -> None:
-    """Raise when a modifier tensor would need a gradient that ``backend`` does not compute."""
+    """Raise when a position-bias tensor (relative bias, ALiBi slopes) would need a gradient, which ``backend`` does
+    not compute (the sinks' gradient every backend computes)."""
     if not torch.is_grad_enabled():
         return
-    for name in ("relative_bias", "alibi_slopes", "sinks"):
+    for name in ("relative_bias", "alibi_slopes"):
         value = getattr(modifiers, name)
         if value is not None and value.requires_grad:
             raise ValueError(

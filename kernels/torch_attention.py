@@ -36,7 +36,8 @@ position term ``[H, n, N]`` built for the piece's rows from the ``[H, 2M - 1]`` 
 entries become ``MASKED_SCORE``), then the masks. A sink adds ``exp(sink - m)`` to ``l`` and
 ``exp(sink - m) (sink - m)`` to ``u``; the backward needs nothing more (the sink's value is zero, so
 ``rowsum(dO * O)`` is still the ``sum_j p_j dP_j`` of the softmax backward). The cap's derivative
-``1 - tanh^2`` multiplies ``dS``, from scores recomputed in the backward.
+``1 - tanh^2`` multiplies ``dS``, from scores recomputed in the backward. The sinks get their exact gradient
+``-sum_i p_sink,i rowsum(dO * O)_i``; a bias table or slopes that require grad are refused.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class _TorchAttention(torch.autograd.Function):
     :func:`_grouped`); probabilities and scores are ``[B, H, n, N]`` either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces, scale, return_probs, modifiers):
+    def forward(ctx, q, k, v, sinks, pieces, scale, return_probs, modifiers):
         acc = accumulation_dtype(q.dtype)
         sink = None if modifiers.sinks is None else modifiers.sinks.detach().to(acc)[None, :, None, None]
         # a bias table may hide every key of a row: such rows are found from their scores
@@ -318,7 +319,12 @@ class _TorchAttention(torch.autograd.Function):
         grad_q = pieces.assemble(q, grads_q).to(q.dtype) if need_q else None
         grad_k = pieces.assemble_keys(k, grads_k).to(k.dtype) if need_k else None
         grad_v = pieces.assemble_keys(v, grads_v).to(v.dtype) if need_v else None
-        return grad_q, grad_k, grad_v, None, None, None, None
+        grad_sinks = None
+        if ctx.needs_input_grad[3]:  # dL/dsink_h = -sum_i p_sink,i * rowsum(dO * O)_i (the sink's value is zero)
+            delta = torch.linalg.vecdot(grad_out.to(acc), out.to(acc))  # [B, H, N]; 0 on rows without keys
+            sink_probs = torch.exp(modifiers.sinks.detach().to(acc)[None, :, None] - lse)
+            grad_sinks = -(sink_probs * delta).sum(dim=(0, 2)).to(modifiers.sinks.dtype)
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None, None
 
 
 def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int):
@@ -352,7 +358,7 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
         probs = q.new_zeros((*q.shape[:3], k.shape[2])) if return_probs else None
         return q.new_zeros(q.shape), AttentionStats(empty, empty.clone(), empty.clone(), probs)
     pieces = _pieces(q, causal, key_padding_mask, packing, window)
-    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs, modifiers)
+    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, sinks, pieces, scale, return_probs, modifiers)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
         out = out * mask.to(out.dtype)

@@ -36,7 +36,7 @@ from families import (
 )
 
 import fastbertology
-from fastbertology import architectures
+from fastbertology import architectures, kernels
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.masking import iterative_masking
 from fastbertology.pruning import count_parameters, load_pruned, prune_heads, requires_patch
@@ -451,19 +451,26 @@ def test_a_gemma2_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
         check_model_dir(str(tmp_path))
 
 
-def test_attention_features_outside_the_contract_are_refused_at_run_time():
-    """A supported family whose attention call carries soft-capping or sinks (a config or a newer transformers)
-    is refused with the feature named, never computed without it."""
+def test_attention_modifiers_reach_the_kernels_and_the_rest_is_refused_at_run_time():
+    """Soft-capping and sinks in an attention call (``softcap=``, ``s_aux=``) are handed to the kernels; position
+    biases are still refused with the feature named, never computed without them."""
     from fastbertology.patching import _interface_attention
 
     model = FAMILIES["llama-mha"].model()
-    q = torch.zeros(1, HEADS, 3, 8, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, 5, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    sinks = torch.randn(HEADS, dtype=torch.float64, generator=generator)
     with fastbertology.patch(model, backend="torch"):
         module = model.model.layers[0].self_attn
-        with pytest.raises(ValueError, match="'llama' uses attention logit soft-capping"):
-            _interface_attention(module, q, q, q, None, scaling=1.0, softcap=30.0)
-        with pytest.raises(ValueError, match="attention sinks"):
-            _interface_attention(module, q, q, q, None, scaling=1.0, s_aux=torch.zeros(HEADS))
+        for arguments, modifiers in (({"softcap": 0.5}, {"softcap": 0.5}), ({"s_aux": sinks}, {"sinks": sinks})):
+            out, _ = _interface_attention(module, q, k, v, None, scaling=0.3, **arguments)
+            expected, _ = kernels.attention(q, k, v, causal=True, scale=0.3, backend="reference", **modifiers)
+            torch.testing.assert_close(out, expected.transpose(1, 2))
+            plain, _ = _interface_attention(module, q, k, v, None, scaling=0.3)
+            assert not torch.allclose(out, plain)
+        for name, feature in (("position_bias", "an additive position bias"), ("alibi", "ALiBi")):
+            with pytest.raises(ValueError, match=f"'llama' uses {feature}.*{name}="):
+                _interface_attention(module, q, k, v, None, scaling=1.0, **{name: torch.zeros(1, HEADS, 5, 5)})
 
 
 def test_sliding_windows_equal_the_oracle():

@@ -193,14 +193,32 @@ def test_sink_statistics_of_fully_padded_rows_are_zero():
         assert (stats.probs[0].sum(-1) < 1).all()  # the sink takes some probability
 
 
-def test_reference_differentiates_the_modifiers_and_the_torch_backend_refuses():
+@pytest.mark.parametrize("packed", [False, True])
+def test_sink_gradient_matches_reference(packed):
+    lengths = (6, 2, 4)
+    tensors, grad_out, generator = _inputs(1 if packed else 3, sum(lengths) if packed else 6)
+    options = {"packing": Packing.from_lengths(lengths)} if packed else {
+        "key_padding_mask": torch.arange(6)[None, :] < torch.tensor([6, 2, 0])[:, None]}
+    head_mask = torch.rand(3, HEADS, generator=generator, dtype=torch.float64) + 0.5
+    sinks = torch.randn(HEADS, generator=generator, dtype=torch.float64)
+    grads = []
+    for backend in ("reference", "torch"):
+        leaf = sinks.clone().requires_grad_(True)
+        out, _ = kernels.attention(*tensors, head_mask=head_mask, sinks=leaf, causal=True, backend=backend, **options)
+        out.backward(grad_out)
+        grads.append(leaf.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_reference_differentiates_the_bias_and_the_torch_backend_refuses():
     tensors, _, generator = _inputs(1, 5)
-    sinks = torch.randn(HEADS, generator=generator, dtype=torch.float64, requires_grad=True)
-    out, _ = kernels.attention(*tensors, sinks=sinks, backend="reference")
+    slopes = torch.rand(HEADS, generator=generator, dtype=torch.float64, requires_grad=True)
+    out, _ = kernels.attention(*tensors, alibi_slopes=slopes, backend="reference")
     out.sum().backward()
-    assert sinks.grad is not None and sinks.grad.abs().sum() > 0
-    for name in ("sinks", "alibi_slopes"):
-        value = torch.randn(HEADS, dtype=torch.float64, requires_grad=True)
+    assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+    for name, shape in (("alibi_slopes", (HEADS,)), ("relative_bias", (HEADS, 9))):
+        value = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         with pytest.raises(ValueError, match=f"{name} requires grad.*detach"):
             kernels.attention(*tensors, backend="torch", **{name: value})
         with torch.no_grad():  # no gradient asked: fine
