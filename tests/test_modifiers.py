@@ -3,6 +3,7 @@ definitions, and the PyTorch backend against the reference (padded and packed, c
 [H] and [B, H], statistics, probabilities, q/k/v and head-mask gradients)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -239,3 +240,70 @@ def test_bad_modifiers_raise(kwargs, message):
     for backend in ("reference", "torch"):
         with pytest.raises(ValueError, match=message):
             kernels.attention(*tensors, backend=backend, **kwargs)
+
+
+# -- the Triton kernels (CPU: under the interpreter, TRITON_INTERPRET=1 set in conftest.py; slow: few, small cases)
+triton_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)")
+
+
+@triton_kernels
+@pytest.mark.parametrize("name, causal, window, mask_kind, seq", [
+    ("softcap", True, None, "BH", 21), ("softcap", False, 5, "H", 21), ("relative_bias", False, None, "BH", 21),
+    ("local_window", False, None, "H", 21), ("alibi_slopes", True, 6, "BH", 21), ("sinks", False, None, "BH", 21),
+    ("sinks", True, None, None, 7), ("all", True, None, "BH", 21), ("all", False, 4, "H", 21)])
+def test_triton_padded_matches_reference(name, causal, window, mask_kind, seq):
+    pytest.importorskip("triton")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    tensors, grad_out, generator = _inputs(3, seq, kv_heads=1 if window == 4 else HEADS)
+    key_padding_mask = torch.arange(seq)[None, :] < torch.tensor([seq, 6, 0])[:, None]
+    key_padding_mask[0, 3] = False  # a hole: every block on the edge path for this batch
+    if name == "softcap":  # prefix padding only: interior blocks
+        key_padding_mask = None
+    head_mask = {"BH": torch.rand(3, HEADS, generator=generator, dtype=torch.float64) + 0.5,
+                 "H": torch.rand(HEADS, generator=generator, dtype=torch.float64) + 0.5, None: None}[mask_kind]
+    if head_mask is not None:
+        head_mask[..., 1] = 0.0  # a head switched off: its mask gradient from the dQ kernel
+    modifiers = _modifier(name, HEADS, seq, generator)
+    moved = [t.to(device) for t in tensors]
+    modifiers = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                 for key, value in modifiers.items()}
+    _assert_matches("triton", torch.float32, moved, grad_out.to(device),
+                    None if head_mask is None else head_mask.to(device), modifiers,
+                    key_padding_mask=None if key_padding_mask is None else key_padding_mask.to(device),
+                    causal=causal, window=window, return_probs=True)
+
+
+@triton_kernels
+@pytest.mark.parametrize("name, causal", [("all", True), ("local_window", False), ("sinks", False)])
+def test_triton_packed_matches_reference(name, causal):
+    pytest.importorskip("triton")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    lengths = (19, 1, 6)
+    tensors, grad_out, generator = _inputs(1, sum(lengths))
+    head_mask = torch.rand(len(lengths), HEADS, generator=generator, dtype=torch.float64) + 0.5
+    modifiers = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                 for key, value in _modifier(name, HEADS, max(lengths), generator).items()}
+    _assert_matches("triton", torch.float32, [t.to(device) for t in tensors], grad_out.to(device),
+                    head_mask.to(device), modifiers, packing=Packing.from_lengths(lengths, device), causal=causal)
+
+
+@triton_kernels
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_sink_gradient_matches_reference(packed):
+    pytest.importorskip("triton")
+    lengths = (6, 2, 4)
+    tensors, grad_out, generator = _inputs(1 if packed else 3, sum(lengths) if packed else 6)
+    options = {"packing": Packing.from_lengths(lengths)} if packed else {
+        "key_padding_mask": torch.arange(6)[None, :] < torch.tensor([6, 2, 0])[:, None]}
+    head_mask = torch.rand(3, HEADS, generator=generator, dtype=torch.float64) + 0.5
+    sinks = torch.randn(HEADS, generator=generator, dtype=torch.float64)
+    grads = []
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        leaf = sinks.detach().to(dtype).clone().requires_grad_(True)
+        out, _ = kernels.attention(*(t.to(dtype) for t in tensors), head_mask=head_mask.to(dtype), sinks=leaf,
+                                   causal=True, backend=backend, **options)
+        out.backward(grad_out.to(dtype))
+        grads.append(leaf.grad.double())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
