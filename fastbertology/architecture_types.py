@@ -50,6 +50,8 @@ class Projections:
     head_norms:         ``(path, "query" | "key")``: ``nn.ModuleList`` s of the attention module with one module per
                         query (or key/value) head, e.g. StableLM's per-head q/k layer norms; pruning keeps the
                         entries of the remaining heads.
+    head_parameters:    parameters of the attention module with one entry per query head along their first axis
+                        (GPT-OSS's attention ``sinks``); pruning keeps the entries of the remaining heads.
     """
 
     layout: str
@@ -67,6 +69,7 @@ class Projections:
     empty: str = ""
     residual_norm: str = ""
     head_norms: tuple[tuple[str, str], ...] = ()
+    head_parameters: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:

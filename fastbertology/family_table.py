@@ -187,6 +187,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     # Mistral's attention (sliding window included) with a mixture-of-experts MLP; router logits are per position
     _llama_like("Mixtral", ("mixtral",), padded_options=("output_router_logits",)),
+    # attention logit soft-capping (the kernels' softcap) and alternating sliding / global layers (layer_types); its
+    # logits are soft-capped too (final_logit_softcapping), so language modelling runs the whole model (causal_lm off)
+    replace(_llama_like("Gemma 2", ("gemma2",), causal=_gemma_causal), causal_lm=False),
+    # attention sinks (the kernels' sinks: one logit per query head, cut with the heads), alternating sliding / global
+    # layers, a mixture-of-experts MLP whose router logits are per position
+    _llama_like("GPT-OSS", ("gpt_oss",), projections=replace(GQA_PROJECTIONS, head_parameters=("sinks",)),
+                padded_options=("output_router_logits",)),
     # partial rotary (the first partial_rotary_factor of every head); optional q/k layer norms shared by all heads
     _llama_like("Phi", ("phi",), projections=replace(GQA_PROJECTIONS, output="dense")),
     # per-layer sliding windows (layer_types) and layers without rotary positions (no_rope_layers)
@@ -258,8 +265,6 @@ REFUSED = {
     "mt5": "an additive relative position bias (mT5's position_bias is added to every attention score)",
     "bloom": "ALiBi (additive linear position biases on the attention scores)",
     "mpt": "ALiBi (additive linear position biases on the attention scores)",
-    "gemma2": "attention logit soft-capping (tanh on the scores) and alternating sliding windows",
-    "gpt_oss": "attention sinks (a learned extra logit per head in the softmax)",
     "deberta": "disentangled relative position attention (position terms added to the scores)",
     "deberta-v2": "disentangled relative position attention (position terms added to the scores)",
 }

@@ -290,6 +290,13 @@ def _prune_module(entry: Architecture, site: AttentionSite, remove: list[int], b
         kept = [norms[h] for h in (keep if kind == "query" else keep_kv)]
         norms._modules.clear()
         norms.extend(kept)
+    for path in projections.head_parameters:  # one entry per query head: keep the remaining heads'
+        owner, _, name = path.rpartition(".")
+        owner = _part(module, owner) if owner else module
+        parameter = getattr(owner, name)
+        index = torch.as_tensor(keep, dtype=torch.long, device=parameter.device)
+        setattr(owner, name, nn.Parameter(parameter.detach().index_select(0, index),
+                                          requires_grad=parameter.requires_grad))
     _update_counts(projections, module, after, kv_after, group, head_dim)
     if not keep:
         _install_forward(module, _empty_forward(projections))

@@ -1,9 +1,11 @@
 """Tiny random models of the issue-11 families, and the independent oracle for their head masks.
 
-The oracle never uses fastbertology: it runs the stock eager model with a forward pre-hook on every attention
-output projection that multiplies each head's slice of the projection's input (the concatenated head contexts
-``[..., H * d]``) by the head mask. That is 4.x semantics (``O_h = m_h P_h V_h``) by a route that shares no code
-with the patch: the output projections of each family are named here, independently of the registry.
+The oracle never uses fastbertology: it runs the stock model (SDPA attention, or for the families whose attention
+SDPA cannot compute, with soft-capping and sinks, the explicit float64 attention below) with a forward pre-hook on
+every attention output projection that multiplies each head's slice of the projection's input (the concatenated
+head contexts ``[..., H * d]``) by the head mask. That is 4.x semantics (``O_h = m_h P_h V_h``) by a route that
+shares no code with the patch: the output projections of each family are named here, independently of the
+registry.
 
 Rows (the first axis of ``[R, H]`` masks) follow the registry's convention, restated here as the specification:
 one row per attention application in execution order; BART: encoder | decoder self-attention | cross-attention.
@@ -36,6 +38,9 @@ class Family:
     gqa:         the tiny model has fewer key/value heads than query heads.
     window:      its sliding window (None: none).
     load:        keyword arguments for ``load_pruned`` (what ``save_pretrained`` does not keep of the build).
+    oracle:      the attention implementation of the oracle: ``"sdpa"``, or ``"oracle"`` (:func:`oracle_attention`,
+                 for attention with soft-capping or sinks, which SDPA does not take).
+    sinks:       the attention has sinks (its maps leave out the sink's probability).
     """
 
     name: str
@@ -46,6 +51,8 @@ class Family:
     gqa: bool = False
     window: int | None = None
     load: dict = field(default_factory=dict)
+    oracle: str = "sdpa"
+    sinks: bool = False
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -92,6 +99,16 @@ def _random_norms(model):
         if "q_layernorm" in name or "k_layernorm" in name:
             with torch.no_grad():
                 parameter.copy_(parameter + 0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _random_sinks(model):
+    """``model`` with attention sinks of the size of its scores (their initialisation, 0.02, would hardly matter)."""
+    generator = torch.Generator().manual_seed(4)
+    for name, parameter in model.named_parameters():
+        if name.endswith("self_attn.sinks"):
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
     return model
 
 
@@ -156,6 +173,19 @@ FAMILIES = {
     # one q (k) layer norm per query (key/value) head
     "stablelm": Family("stablelm", lambda: _random_norms(tf.StableLmForCausalLM(tf.StableLmConfig(**_decoder(
         num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True)))), "lm", _llama_outputs, gqa=True),
+    # soft-capping at 2 (tiny random scores stay well inside the default 50); sliding window 6 in layers 0 and 2
+    "gemma2": Family("gemma2", lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_decoder(
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]))),
+        "lm", _llama_outputs, gqa=True, window=6, oracle="oracle"),
+    # sinks, sliding window 6 in layers 0 and 2, a mixture of experts
+    "gpt_oss": Family("gpt_oss", lambda: _random_sinks(tf.GptOssForCausalLM(tf.GptOssConfig(**_decoder(
+        num_key_value_heads=2, head_dim=8, num_local_experts=3, num_experts_per_tok=2, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), experts_implementation="eager"))),
+        "lm", _llama_outputs, gqa=True, window=6, load={"experts_implementation": "eager"}, oracle="oracle",
+        sinks=True),
     "gptj": Family("gptj", lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=HEADS, n_inner=48, n_positions=64, rotary_dim=4,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)),
@@ -244,6 +274,38 @@ def labels(family: Family, batch: dict) -> torch.Tensor:
     return torch.arange(size) % 3
 
 
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None,
+                     **kwargs):
+    """Explicit attention in the dtype of the inputs, as the model means it (registered with transformers as
+    ``"oracle"``): ``s = cap(scale * q . k) + mask`` (additive 4-D mask, transformers' eager mask), softmax over the
+    keys and, with ``s_aux`` (GPT-OSS's sinks), one more logit per head whose value is zero. Unlike Gemma 2's stock
+    eager attention, the softmax stays in float64."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if s_aux is not None:
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1).to(scores.dtype)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def _register_oracle():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("oracle", oracle_attention)
+    AttentionMaskInterface.register("oracle", eager_mask)
+
+
+_register_oracle()
+
+
 def _row_mask(head_mask, row):
     """The mask of one row broadcastable to ``[B, N, H, 1]``."""
     if head_mask.dim() == 2:
@@ -256,8 +318,11 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
     """Inside the block, the stock ``model`` applies ``head_mask`` (``[R, H]`` or ``[B, R, H]``) by scaling each
     head's slice of the output projections' inputs. Independent of fastbertology.
 
-    implementation: ``"sdpa"`` (exact in float64) or ``"eager"`` (returns the attention maps; several families'
-    eager attention takes its softmax in float32, so its numbers are float32-accurate only)."""
+    implementation: ``"sdpa"`` (exact in float64; the family's ``oracle`` implementation where SDPA cannot run it)
+    or ``"eager"`` (returns the attention maps; several families' eager attention takes its softmax in float32, so
+    its numbers are float32-accurate only)."""
+    if implementation == "sdpa":
+        implementation = family.oracle
     projections = family.outputs(model)
     rows_of: dict[int, list[int]] = {}
     for row, module in enumerate(projections):

@@ -138,7 +138,7 @@ def test_patched_equals_the_oracle(family, mask_kind):
 @pytest.mark.parametrize("family", NAMES)
 def test_statistics_equal_those_of_the_stock_maps(family):
     """Entropy and max probability (of the softmax before the mask) per row, over the real query tokens, against
-    the stock eager maps."""
+    the stock eager maps (with attention sinks: of the maps and the sink's probability, one minus their sum)."""
     spec = FAMILIES[family]
     model = spec.model()
     batch = inputs(spec, LENGTHS)
@@ -155,6 +155,8 @@ def test_statistics_equal_those_of_the_stock_maps(family):
     for field, first in spec.attentions.items():
         for index, probs in enumerate(getattr(stock, field)):
             keep = _key_keep(field, batch, probs)[:, :, :, 0].to(torch.float64)  # [B, 1, N_q]: real queries
+            if spec.sinks:  # the distribution includes the sink's probability, which the maps leave out
+                probs = torch.cat([probs, 1 - probs.sum(-1, keepdim=True)], dim=-1)
             plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
             for table, values in ((stats.entropy(), -plogp.sum(-1)), (stats.max_prob(), probs.amax(-1))):
                 expected = (values * keep).sum((0, 2)) / keep.sum()
@@ -430,24 +432,22 @@ def test_bart_takes_the_three_4x_masks_or_one_table():
                 model(**batch, decoder_head_mask=torch.ones(3, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("model_type, feature", [("gemma2", "soft-capping"), ("t5", "relative position bias"),
-                                                 ("gpt_oss", "attention sinks")])
+@pytest.mark.parametrize("model_type, feature", [("t5", "relative position bias"), ("bloom", "ALiBi"),
+                                                 ("deberta-v2", "disentangled")])
 def test_families_outside_the_kernels_contract_are_refused_by_name(model_type, feature):
     with pytest.raises(ValueError, match=f"model type '{model_type}'.*{feature}"):
         architectures.architecture(model_type)
 
 
-def test_a_gemma2_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
+def test_a_bloom_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
     from fastbertology.loading import ModelLoadingError, check_model_dir
 
-    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
-                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                                 head_dim=8))
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
     for call in (fastbertology.patch, lambda m: prune_heads(m, {0: [0]})):
-        with pytest.raises(ValueError, match="soft-capping"):
+        with pytest.raises(ValueError, match="ALiBi"):
             call(model)
     model.save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadingError, match="soft-capping"):
+    with pytest.raises(ModelLoadingError, match="ALiBi"):
         check_model_dir(str(tmp_path))
 
 

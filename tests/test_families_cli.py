@@ -80,6 +80,13 @@ LANGUAGE_MODELS = {
     "smollm3": lambda vocab: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(
         vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, no_rope_layer_interval=3,
         use_sliding_window=True, sliding_window=8, pad_token_id=0, **SMALL)),
+    "gemma2": lambda vocab: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=2.0,
+        sliding_window=8, pad_token_id=0, **SMALL)),
+    "gpt_oss": lambda vocab: tf.GptOssForCausalLM(tf.GptOssConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, num_local_experts=3,
+        num_experts_per_tok=2, sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        pad_token_id=0, **SMALL)),
 }
 GROUPED = {"qwen2"}
 
