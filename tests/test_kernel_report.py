@@ -195,8 +195,13 @@ def test_hot_loops_meet_the_targets(quick_rows):
                 _row(quick_rows, "_attn_fwd", "causal", "varlen", "window", "gqa")):
         assert row["vs_yardstick"] is not None and row["vs_yardstick"] <= 1.25, row["vs_yardstick"]
     for kernel in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
-        for row in (r for r in quick_rows if r["kernel"] == kernel):
+        for row in (r for r in quick_rows if r["kernel"] == kernel and not _modified(r)):
             assert row["vs_plain"] is not None and row["vs_plain"] <= 1.15, (row["config"], row["vs_plain"])
+
+
+def _modified(row) -> bool:
+    """A launch with a score modifier (a different computation: the targets above are for masks)."""
+    return any(flag in row["config"].split() for flag in MODIFIER_FLAGS)
 
 
 @needs_toolchain
@@ -246,6 +251,10 @@ def test_score_modifiers_compile_into_their_own_launches(quick_rows):
     assert kr.hottest_instructions(gpt_oss) == kr.hottest_instructions(mistral)
     gemma2 = _row(quick_rows, "_attn_fwd", "causal", "varlen", "window", "gqa", "softcap")
     assert kr.hottest_instructions(gemma2) > kr.hottest_instructions(mistral)
+    # measured (Triton 3.9, sm_90): the cap (tanh from exp2 and a reciprocal) and the table gather cost 1.6-2x the
+    # loops without them; bound it so that a regression shows
+    for row in (r for r in quick_rows if _modified(r) and r["kernel"] != "_attn_fwd"):
+        assert row["vs_plain"] is not None and row["vs_plain"] <= 2.5, (row["config"], row["vs_plain"])
     for kernel, flags in (("_attn_bwd_dkdv", ["varlen"]), ("_attn_bwd_dq", ["varlen", "compute_dq"])):
         plain = _row(quick_rows, kernel, *flags, absent=["causal"])  # BERT's
         biased = _row(quick_rows, kernel, *flags, "bias", absent=["causal"])  # T5's
