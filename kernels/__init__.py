@@ -29,7 +29,8 @@ torch and triton only, never transformers. One contract, several backends:
   ``M`` >= the longest sequence (T5's bucketed tables, a local window of 0 / ``-inf``); ``alibi_slopes``,
   ``sinks``: ``[H]``; ``softcap``: a float > 0. With ``sinks``, ``stats.lse`` is the log-sum-exp including the
   sink logit and ``entropy`` / ``max_prob`` describe the distribution over the keys and the sink. Frozen
-  parameters: only the reference backend differentiates them; the others refuse them when they require grad.
+  parameters in the analyses; when they require grad the reference and torch backends give their exact gradients,
+  Triton those of the sinks (it refuses a bias table or slopes that require grad).
 * ``out``: ``[B, H, N, D]`` in the input dtype; ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob``
   ``[B, H, N]`` float32, of the softmax before the head mask; ``probs`` ``[B, H, N, N]``, the probabilities times the
   head mask in the input dtype, only with ``return_probs=True`` and not with ``packing``).

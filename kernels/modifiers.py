@@ -20,10 +20,10 @@ any visible key (padding, or every key at ``-inf`` bias) has zero probabilities 
 * ``softcap``: a float > 0.
 * ``sinks``: floating ``[H]``.
 
-These are frozen model parameters in every analysis: the backends differentiate q, k, v and the head mask. Every
-backend also gives the exact gradient of ``sinks`` (``-sum_i p_sink,i * rowsum(dO * O)_i``); the reference
-differentiates everything (plain autograd), while the torch and Triton backends refuse a ``relative_bias`` or
-``alibi_slopes`` that requires a gradient (with a message) rather than drop it.
+These are frozen model parameters in every analysis (the backends differentiate q, k, v and the head mask), but a
+modifier tensor that requires grad gets its exact gradient: in the reference (plain autograd) and the torch
+backend all of them; in the Triton backend ``sinks`` (``-sum_i p_sink,i * rowsum(dO * O)_i``), while a
+``relative_bias`` or ``alibi_slopes`` that requires a gradient is refused (with a message) rather than dropped.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ position term ``[H, n, N]`` built for the piece's rows from the ``[H, 2M - 1]`` 
 entries become ``MASKED_SCORE``), then the masks. A sink adds ``exp(sink - m)`` to ``l`` and
 ``exp(sink - m) (sink - m)`` to ``u``; the backward needs nothing more (the sink's value is zero, so
 ``rowsum(dO * O)`` is still the ``sum_j p_j dP_j`` of the softmax backward). The cap's derivative
-``1 - tanh^2`` multiplies ``dS``, from scores recomputed in the backward. The sinks get their exact gradient
-``-sum_i p_sink,i rowsum(dO * O)_i``; a bias table or slopes that require grad are refused.
+``1 - tanh^2`` multiplies ``dS``, from scores recomputed in the backward. The modifier tensors get their exact
+gradients when they require one: the sinks ``-sum_i p_sink,i rowsum(dO * O)_i``, the bias table the sum of
+``dL/ds`` over the entries of each distance, the slopes ``sum dL/ds * (j - i)``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from .common import AttentionStats, Packing, check_inputs
-from .modifiers import ScoreModifiers, capped, check_modifiers, position_bias, refuse_modifier_gradients
+from .modifiers import ScoreModifiers, capped, check_modifiers, position_bias
 from .reference import expand_head_mask, score_mask
 
 # Elements of one chunk of scores [B, H, chunk, N] in the padded path: 16M float32 = 64 MiB.
@@ -223,6 +224,19 @@ def _modify_scores(pieces, piece, scores: torch.Tensor, modifiers: ScoreModifier
     return scores
 
 
+def _add_bias_gradients(pieces, piece, d_scores: torch.Tensor, modifiers: ScoreModifiers, grad_table, grad_slopes):
+    """Add a piece's ``dL/ds`` ``[B, H, n, N]`` to the gradients of the bias table ``[H, 2M - 1]`` (summed over the
+    entries of each distance ``j - i``) and of the ALiBi slopes ``[H]`` (``sum dL/ds * (j - i)``), in place."""
+    per_head = d_scores.sum(dim=0)  # [H, n, N]
+    q_start = piece[0] if isinstance(pieces, PaddedPieces) else 0
+    rows = torch.arange(q_start, q_start + per_head.shape[1], device=per_head.device)[:, None]
+    distance = torch.arange(per_head.shape[2], device=per_head.device)[None, :] - rows  # j - i, [n, N]
+    if grad_table is not None:
+        grad_table.index_add_(1, (distance + modifiers.bias_span - 1).flatten(), per_head.flatten(1))
+    if grad_slopes is not None:
+        grad_slopes.add_(torch.linalg.vecdot(per_head.flatten(1), distance.flatten().to(per_head.dtype)))
+
+
 def _cap_derivative(piece_q, piece_k, heads, scale, softcap) -> torch.Tensor:
     """``1 - tanh^2(x / softcap)`` ``[B, H, n, N]`` for the raw scaled scores ``x`` of a piece (recomputed)."""
     raw = _ungrouped(torch.matmul(piece_q, piece_k.transpose(-1, -2)), heads).mul_(scale / softcap)
@@ -243,7 +257,7 @@ class _TorchAttention(torch.autograd.Function):
     :func:`_grouped`); probabilities and scores are ``[B, H, n, N]`` either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, pieces, scale, return_probs, modifiers):
+    def forward(ctx, q, k, v, sinks, relative_bias, alibi_slopes, pieces, scale, return_probs, modifiers):
         acc = accumulation_dtype(q.dtype)
         sink = None if modifiers.sinks is None else modifiers.sinks.detach().to(acc)[None, :, None, None]
         # a bias table may hide every key of a row: such rows are found from their scores
@@ -287,8 +301,11 @@ class _TorchAttention(torch.autograd.Function):
         pieces, scale, modifiers = ctx.pieces, ctx.scale, ctx.modifiers
         acc = lse.dtype
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_table, need_slopes = ctx.needs_input_grad[4:6]
         heads, kv_heads = q.shape[1], k.shape[1]
         grads_q, grads_k, grads_v = [], [], []
+        grad_table = torch.zeros(modifiers.relative_bias.shape, dtype=acc, device=q.device) if need_table else None
+        grad_slopes = q.new_zeros(heads, dtype=acc) if need_slopes else None
         for index, piece in enumerate(pieces.pieces):
             # [B, H_kv, G * n, D] (grouped) query-side rows against [B, H_kv, N, D] keys: products over the stacked
             # rows sum dK and dV over the group
@@ -304,10 +321,13 @@ class _TorchAttention(torch.autograd.Function):
             d_out_rows = _grouped(d_out, kv_heads)
             if need_v:
                 grads_v.append(torch.matmul(_grouped(probs, kv_heads).transpose(-1, -2), d_out_rows))
-            if need_q or need_k:
+            if need_q or need_k or need_table or need_slopes:
                 d_scores = _ungrouped(torch.matmul(d_out_rows, pieces.keys(piece, v).to(acc).transpose(-1, -2)), heads)
                 delta = torch.linalg.vecdot(d_out, pieces.queries(piece, out).to(acc)).unsqueeze(-1)  # rowsum(dO*O)
-                d_scores = d_scores.sub_(delta).mul_(probs).mul_(scale)
+                d_scores = d_scores.sub_(delta).mul_(probs)  # dL/ds of the modified scores
+                if need_table or need_slopes:
+                    _add_bias_gradients(pieces, piece, d_scores, modifiers, grad_table, grad_slopes)
+                d_scores.mul_(scale)
                 if modifiers.softcap is not None:
                     d_scores.mul_(_cap_derivative(q_piece, k_piece, heads, scale, modifiers.softcap))
                 d_scores = _grouped(d_scores, kv_heads)
@@ -324,7 +344,11 @@ class _TorchAttention(torch.autograd.Function):
             delta = torch.linalg.vecdot(grad_out.to(acc), out.to(acc))  # [B, H, N]; 0 on rows without keys
             sink_probs = torch.exp(modifiers.sinks.detach().to(acc)[None, :, None] - lse)
             grad_sinks = -(sink_probs * delta).sum(dim=(0, 2)).to(modifiers.sinks.dtype)
-        return grad_q, grad_k, grad_v, grad_sinks, None, None, None, None
+        if grad_table is not None:
+            grad_table = grad_table.to(modifiers.relative_bias.dtype)
+        if grad_slopes is not None:
+            grad_slopes = grad_slopes.to(modifiers.alibi_slopes.dtype)
+        return grad_q, grad_k, grad_v, grad_sinks, grad_table, grad_slopes, None, None, None, None
 
 
 def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int):
@@ -350,7 +374,6 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
                                              window)
     longest = packing.max_seqlen if packing is not None else q.shape[2]
     modifiers = check_modifiers(relative_bias, alibi_slopes, softcap, sinks, q, heads, longest)
-    refuse_modifier_gradients(modifiers, "torch")
     window = None if window is None else int(window)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.numel() == 0:
@@ -358,7 +381,8 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
         probs = q.new_zeros((*q.shape[:3], k.shape[2])) if return_probs else None
         return q.new_zeros(q.shape), AttentionStats(empty, empty.clone(), empty.clone(), probs)
     pieces = _pieces(q, causal, key_padding_mask, packing, window)
-    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, sinks, pieces, scale, return_probs, modifiers)
+    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, sinks, relative_bias, alibi_slopes, pieces,
+                                                               scale, return_probs, modifiers)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
         out = out * mask.to(out.dtype)

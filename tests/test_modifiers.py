@@ -12,6 +12,10 @@ from fastbertology.kernels import Packing
 from fastbertology import kernels
 
 HEADS, DIM = 3, 8
+# the Triton kernels (CPU: under the interpreter, TRITON_INTERPRET=1 set in conftest.py; slow: few, small cases)
+triton_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)")
 
 
 def _modifier(name, heads, span, generator, dtype=torch.float64):
@@ -195,35 +199,43 @@ def test_sink_statistics_of_fully_padded_rows_are_zero():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_sink_gradient_matches_reference(packed):
+@pytest.mark.parametrize("name", ["sinks", "relative_bias", "alibi_slopes", "local_window"])
+def test_modifier_gradients_match_reference(packed, name, monkeypatch):
+    """A modifier tensor that requires grad gets its exact gradient from the torch backend (kept and recomputed
+    probabilities), with soft-capping on: the sum of dL/ds over each distance for the table, over dL/ds (j - i) for
+    the slopes, -sum p_sink rowsum(dO O) for the sinks."""
+    from fastbertology.kernels import torch_attention
+
     lengths = (6, 2, 4)
     tensors, grad_out, generator = _inputs(1 if packed else 3, sum(lengths) if packed else 6)
     options = {"packing": Packing.from_lengths(lengths)} if packed else {
         "key_padding_mask": torch.arange(6)[None, :] < torch.tensor([6, 2, 0])[:, None]}
     head_mask = torch.rand(3, HEADS, generator=generator, dtype=torch.float64) + 0.5
-    sinks = torch.randn(HEADS, generator=generator, dtype=torch.float64)
+    (key, value), = _modifier(name, HEADS, 7, generator).items()
     grads = []
-    for backend in ("reference", "torch"):
-        leaf = sinks.clone().requires_grad_(True)
-        out, _ = kernels.attention(*tensors, head_mask=head_mask, sinks=leaf, causal=True, backend=backend, **options)
+    for backend, keep in (("reference", 1 << 24), ("torch", 1 << 24), ("torch", 0)):
+        monkeypatch.setattr(torch_attention, "KEEP_PROBS_ELEMENTS", keep)
+        leaf = value.clone().requires_grad_(True)
+        out, _ = kernels.attention(*tensors, head_mask=head_mask, causal=True, softcap=1.5, backend=backend,
+                                   **{key: leaf}, **options)
         out.backward(grad_out)
         grads.append(leaf.grad)
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0])
+    for grad in grads[1:]:
+        torch.testing.assert_close(grad, grads[0])
 
 
-def test_reference_differentiates_the_bias_and_the_torch_backend_refuses():
-    tensors, _, generator = _inputs(1, 5)
-    slopes = torch.rand(HEADS, generator=generator, dtype=torch.float64, requires_grad=True)
-    out, _ = kernels.attention(*tensors, alibi_slopes=slopes, backend="reference")
-    out.sum().backward()
-    assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+@triton_kernels
+def test_triton_refuses_a_bias_that_requires_grad():
+    pytest.importorskip("triton")
+    tensors, _, _ = _inputs(1, 5)
+    tensors = [t.float() for t in tensors]
     for name, shape in (("alibi_slopes", (HEADS,)), ("relative_bias", (HEADS, 9))):
-        value = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        value = torch.randn(*shape, requires_grad=True)
         with pytest.raises(ValueError, match=f"{name} requires grad.*detach"):
-            kernels.attention(*tensors, backend="torch", **{name: value})
+            kernels.attention(*tensors, backend="triton", **{name: value})
         with torch.no_grad():  # no gradient asked: fine
-            kernels.attention(*tensors, backend="torch", **{name: value})
+            kernels.attention(*tensors, backend="triton", **{name: value})
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -242,10 +254,6 @@ def test_bad_modifiers_raise(kwargs, message):
             kernels.attention(*tensors, backend=backend, **kwargs)
 
 
-# -- the Triton kernels (CPU: under the interpreter, TRITON_INTERPRET=1 set in conftest.py; slow: few, small cases)
-triton_kernels = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it)")
 
 
 @triton_kernels
