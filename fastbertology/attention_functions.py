@@ -90,7 +90,7 @@ def _key_padding_from_2d(attention_mask, n_keys):
 _REFUSED_ARGUMENTS = {"position_bias": "an additive position bias", "alibi": "ALiBi position biases"}
 
 
-def score_modifiers(module, kwargs) -> dict:
+def score_modifiers(kwargs) -> dict:
     """The kernels' score modifiers from transformers' attention-function arguments: ``softcap`` (Gemma 2's
     ``attn_logit_softcapping``) and ``s_aux`` / ``sinks`` (GPT-OSS's per-head sink logits, ``[H]``). Only those
     that are set; see :mod:`fastbertology.kernels.modifiers`."""
@@ -124,7 +124,7 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
         )
     _refuse_unsupported(module, kwargs)
     state = binding.state
-    modifiers = score_modifiers(module, kwargs)
+    modifiers = score_modifiers(kwargs)
     packed = not binding.cross and binding.stack in state.context.packed
     key_padding_mask = None if packed else _key_padding_from_2d(attention_mask, key.shape[2])
     return state.attend(
@@ -154,7 +154,7 @@ def _unpatched_attention(module, query, key, value, attention_mask, scaling, dro
         kv_heads = [h * key.shape[1] // max(query.shape[1], 1) for h in range(query.shape[1])]
     index = torch.as_tensor(kv_heads, dtype=torch.long, device=key.device)
     key, value = key.index_select(1, index), value.index_select(1, index)  # one key/value head per query head
-    options = {**_window_options(kwargs.get("sliding_window"), key.shape[2]), **score_modifiers(module, kwargs)}
+    options = {**_window_options(kwargs.get("sliding_window"), key.shape[2]), **score_modifiers(kwargs)}
     out, _ = kernels.attention(query, key, value, key_padding_mask=_key_padding_from_2d(attention_mask, key.shape[2]),
                                causal=_is_causal(module, kwargs), scale=scaling, **options)
     return out.transpose(1, 2), None
