@@ -167,6 +167,11 @@ class Architecture:
     padded_options:      boolean call options (default: the config's) that return per-position outputs of the
                          layers besides ``output_attentions`` / ``output_hidden_states`` (Mixtral's
                          ``output_router_logits``): a call with one of them runs padded.
+    relative_bias:       ``(model, stack, row, M) -> [H_row, 2M - 1]``: the kernels' relative position bias table of a
+                         self-attention row (T5's bucketed bias; :mod:`fastbertology.families_t5`), or None.
+    prepare_patch:       ``model -> undo``: family-specific changes while the model is patched, or None.
+    after_pruning:       ``(model, sites) -> None``: what a pruned model of the family needs to run stock (called
+                         by pruning and by ``load_pruned``), or None.
     """
 
     name: str
@@ -184,6 +189,9 @@ class Architecture:
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
     attention_outputs: tuple[str, ...] = ("attentions",)
     padded_options: tuple[str, ...] = ()
+    relative_bias: Callable | None = None
+    prepare_patch: Callable | None = None
+    after_pruning: Callable | None = None
 
     def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
         """The current number of (query) heads of an attention module of this family (``block``: the module that

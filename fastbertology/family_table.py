@@ -9,6 +9,7 @@ from dataclasses import replace
 from torch import nn
 
 from .architecture_types import CAUSAL_KINDS, IMAGE_KINDS, Architecture, Projections, Stack
+from .families_t5 import T5_FAMILIES
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -257,12 +258,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         head_count=lambda config: config.encoder_attention_heads,
         attention_outputs=("encoder_attentions", "decoder_attentions", "cross_attentions"),
     ),
+    *T5_FAMILIES,
 )
 
 # Families whose attention is outside the kernels' contract: refused by name, with the feature.
 REFUSED = {
-    "t5": "an additive relative position bias (T5's position_bias is added to every attention score)",
-    "mt5": "an additive relative position bias (mT5's position_bias is added to every attention score)",
     "bloom": "ALiBi (additive linear position biases on the attention scores)",
     "mpt": "ALiBi (additive linear position biases on the attention scores)",
     "deberta": "disentangled relative position attention (position terms added to the scores)",

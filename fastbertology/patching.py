@@ -531,6 +531,8 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
         undo.append(lambda: model.set_attn_implementation(
             IMPLEMENTATION_NAME if getattr(model.config, UNEQUAL_GROUPS, None) else previous))
 
+    if entry.prepare_patch is not None:
+        undo.append(entry.prepare_patch(model))
     _hook_layers(state, undo)
     hooked = [model] if model.base_model is model else [model, model.base_model]
     for module in hooked:

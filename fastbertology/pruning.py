@@ -511,6 +511,8 @@ def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | 
             record[shared] = sorted(set(record.get(shared, [])) | {before[h] for h in request[row]})
     config.pruned_heads = dict(sorted(record.items()))
     _mark_unequal_groups(model, sites)
+    if entry.after_pruning is not None:  # (T5: each row reads the position bias of its remaining heads)
+        entry.after_pruning(model, sites)
     return model
 
 

@@ -212,6 +212,40 @@ FAMILIES = {
 }
 
 
+def _t5(config_class, model_class):
+    """A tiny T5 / mT5 classifier: 2 encoder and 2 decoder layers, 8 buckets up to distance 12 (so the lengths
+    reach T5's logarithmic buckets), the bias tables random (their initialisation is tiny) and frozen (the Triton
+    kernels refuse a table that requires grad; tests/test_families_t5.py checks that and the table's gradient)."""
+    model = model_class(config_class(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=HEADS,
+        relative_attention_num_buckets=8, relative_attention_max_distance=12, num_labels=3, dropout_rate=0.0,
+        pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD))
+    generator = torch.Generator().manual_seed(5)
+    for name, parameter in model.named_parameters():
+        if name.endswith("relative_attention_bias.weight"):
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            parameter.requires_grad_(False)
+    return model
+
+
+def _t5_outputs(model):
+    base = model.transformer
+    return ([block.layer[0].SelfAttention.o for block in base.encoder.block]
+            + [block.layer[0].SelfAttention.o for block in base.decoder.block]
+            + [block.layer[1].EncDecAttention.o for block in base.decoder.block])
+
+
+SEQ2SEQ_MAPS = {"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}
+FAMILIES |= {
+    # relative position bias (the kernels' relative_bias table), unscaled scores; rows as BART's
+    "t5": Family("t5", lambda: _t5(tf.T5Config, tf.T5ForSequenceClassification), "seq2seq", _t5_outputs,
+                 attentions=SEQ2SEQ_MAPS),
+    "mt5": Family("mt5", lambda: _t5(tf.MT5Config, tf.MT5ForSequenceClassification), "seq2seq", _t5_outputs,
+                  attentions=SEQ2SEQ_MAPS),
+}
+
+
 def _clip_text(**extra):
     return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
                 intermediate_size=48, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,

@@ -192,7 +192,7 @@ class RowCounter:
         self.rows = 0
         projections = spec.outputs(model)
         if spec.kind == "seq2seq":  # BART: the encoder's (its decoder runs padded)
-            projections = projections[:model.config.encoder_layers]
+            projections = projections[:getattr(model.config, "encoder_layers", None) or model.config.num_layers]
         first_stack = projections
         self.handles = [module.register_forward_pre_hook(self._count) for module in {id(m): m for m in first_stack}
                         .values()]
@@ -297,6 +297,9 @@ def test_analyses(family):
 PRUNE = {  # rows -> current heads; ALBERT: the same heads in both applications of each shared layer module
     "albert": {0: [1], 2: [1], 1: [0, 3], 3: [0, 3]},
     "bart": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
+    # T5: no heads left in the encoder layer that owns the position bias table / in the decoder's
+    "t5": {0: [0, 1, 2, 3], 1: [2], 2: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
+    "mt5": {0: [1], 2: [0, 1, 2, 3], 3: [1, 3], 5: [0]},
 }
 DEFAULT_PRUNE = {0: [1], 1: [0, 1, 2, 3], 2: [0, 1]}  # GQA (2 groups of 2): unequal groups, no heads, equal groups
 
@@ -432,7 +435,7 @@ def test_bart_takes_the_three_4x_masks_or_one_table():
                 model(**batch, decoder_head_mask=torch.ones(3, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("model_type, feature", [("t5", "relative position bias"), ("bloom", "ALiBi"),
+@pytest.mark.parametrize("model_type, feature", [("mpt", "ALiBi"), ("bloom", "ALiBi"),
                                                  ("deberta-v2", "disentangled")])
 def test_families_outside_the_kernels_contract_are_refused_by_name(model_type, feature):
     with pytest.raises(ValueError, match=f"model type '{model_type}'.*{feature}"):

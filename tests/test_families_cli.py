@@ -53,9 +53,16 @@ CLASSIFIERS = {
         vocab_size=30522, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=102)),
+    # T5's classifier reads the hidden state at each sequence's EOS: the tokenizer's [SEP]
+    "t5": lambda: tf.T5ForSequenceClassification(tf.T5Config(
+        vocab_size=30522, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)),
+    "mt5": lambda: tf.MT5ForSequenceClassification(tf.MT5Config(
+        vocab_size=30522, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)),
 }
 TOKEN_TYPES = {"xlm-roberta", "electra", "albert"}
-ROWS = {"bart": 4}  # encoder 2 | decoder self-attention 1 | cross-attention 1
+ROWS = {"bart": 4, "t5": 4, "mt5": 4}  # encoder 2 | decoder self-attention 1 | cross-attention 1
 
 LANGUAGE_MODELS = {
     "gpt_neox": lambda vocab: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64,
