@@ -9,6 +9,7 @@ from dataclasses import replace
 from torch import nn
 
 from .architecture_types import CAUSAL_KINDS, IMAGE_KINDS, Architecture, Projections, Stack
+from .families_alibi import ALIBI_FAMILIES
 from .families_t5 import T5_FAMILIES
 
 
@@ -259,11 +260,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         attention_outputs=("encoder_attentions", "decoder_attentions", "cross_attentions"),
     ),
     *T5_FAMILIES,
+    *ALIBI_FAMILIES,
 )
 
 # Families whose attention is outside the kernels' contract: refused by name, with the feature.
 REFUSED = {
-    "bloom": "ALiBi (additive linear position biases on the attention scores)",
     "mpt": "ALiBi (additive linear position biases on the attention scores)",
     "deberta": "disentangled relative position attention (position terms added to the scores)",
     "deberta-v2": "disentangled relative position attention (position terms added to the scores)",

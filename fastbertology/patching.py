@@ -520,7 +520,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
     if not entry.attention_interface:
         for module in {id(site.module): site.module for site in sites}.values():
             if "forward" not in vars(module):  # (a layer pruned to zero heads has its own forward: keep that one)
-                module.forward = types.MethodType(_openai_attention_forward, module)
+                module.forward = types.MethodType(entry.attention_forward or _openai_attention_forward, module)
                 undo.append(lambda module=module: delattr(module, "forward"))
 
     if entry.attention_interface:

@@ -38,8 +38,10 @@ class Family:
     gqa:         the tiny model has fewer key/value heads than query heads.
     window:      its sliding window (None: none).
     load:        keyword arguments for ``load_pruned`` (what ``save_pretrained`` does not keep of the build).
-    oracle:      the attention implementation of the oracle: ``"sdpa"``, or ``"oracle"`` (:func:`oracle_attention`,
-                 for attention with soft-capping or sinks, which SDPA does not take).
+    oracle:      the attention implementation of the oracle: ``"sdpa"``, ``"oracle"`` (:func:`oracle_attention`,
+                 for attention with soft-capping or sinks, which SDPA does not take), or ``"eager64"``: the stock
+                 eager attention with its softmax kept in the dtype of the scores (BLOOM computes attention in its
+                 own module and takes its softmax in float32).
     sinks:       the attention has sinks (its maps leave out the sink's probability).
     """
 
@@ -245,6 +247,11 @@ FAMILIES |= {
                   attentions=SEQ2SEQ_MAPS),
 }
 
+# ALiBi in BLOOM's own attention module (fused per-head query_key_value); 4 heads: slopes 1/4, 1/16, 1/64, 1/256
+FAMILIES["bloom"] = Family("bloom", lambda: tf.BloomForCausalLM(tf.BloomConfig(
+    vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=3, n_head=HEADS, pad_token_id=PAD, bos_token_id=BOS,
+    eos_token_id=EOS)), "lm", lambda m: [layer.self_attention.dense for layer in m.transformer.h], oracle="eager64")
+
 
 def _clip_text(**extra):
     return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
@@ -348,6 +355,28 @@ def _row_mask(head_mask, row):
 
 
 @contextlib.contextmanager
+def _softmax_in_the_input_dtype():
+    """``torch.nn.functional.softmax`` ignoring a ``dtype=`` argument inside the block (stock BLOOM asks for a float32
+    softmax, which would make a float64 oracle float32-accurate)."""
+    stock = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        return stock(input, dim=dim)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = stock
+
+
+def stock_precision(family: Family):
+    """Inside the block, the family's unpatched model computes in the dtype of its inputs (what a pruned model
+    runs stock is compared with the float64 oracle)."""
+    return _softmax_in_the_input_dtype() if family.oracle == "eager64" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
 def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = "sdpa"):
     """Inside the block, the stock ``model`` applies ``head_mask`` (``[R, H]`` or ``[B, R, H]``) by scaling each
     head's slice of the output projections' inputs. Independent of fastbertology.
@@ -357,6 +386,10 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
     its numbers are float32-accurate only)."""
     if implementation == "sdpa":
         implementation = family.oracle
+    if implementation == "eager64":
+        with _softmax_in_the_input_dtype(), oracle_head_mask(family, model, head_mask, implementation="eager"):
+            yield model
+        return
     projections = family.outputs(model)
     rows_of: dict[int, list[int]] = {}
     for row, module in enumerate(projections):

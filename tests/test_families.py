@@ -32,6 +32,7 @@ from families import (
     main_output,
     oracle_head_mask,
     rows,
+    stock_precision,
     with_labels,
 )
 
@@ -331,7 +332,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     assert unequal == ([0] if spec.gqa and model.config.num_key_value_heads == 2 else [])
 
     def run_pruned():
-        with torch.no_grad():
+        with torch.no_grad(), stock_precision(spec):
             return _real(main_output(pruned(**batch, **options)), batch)
 
     # unequal groups run through fastbertology's attention, which gathers each query head's key/value head
@@ -345,7 +346,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     loaded = load_pruned(type(model), tmp_path, **spec.load)
     assert architectures.heads_per_layer(loaded) == architectures.heads_per_layer(pruned)
     assert count_parameters(loaded) == count_parameters(pruned)
-    with torch.no_grad():
+    with torch.no_grad(), stock_precision(spec):
         torch.testing.assert_close(_real(main_output(loaded(**batch, **options)), batch), expected, atol=ATOL,
                                    rtol=0)
 
@@ -435,17 +436,17 @@ def test_bart_takes_the_three_4x_masks_or_one_table():
                 model(**batch, decoder_head_mask=torch.ones(3, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("model_type, feature", [("mpt", "ALiBi"), ("bloom", "ALiBi"),
+@pytest.mark.parametrize("model_type, feature", [("mpt", "ALiBi"), ("deberta", "disentangled"),
                                                  ("deberta-v2", "disentangled")])
 def test_families_outside_the_kernels_contract_are_refused_by_name(model_type, feature):
     with pytest.raises(ValueError, match=f"model type '{model_type}'.*{feature}"):
         architectures.architecture(model_type)
 
 
-def test_a_bloom_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
+def test_an_mpt_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
     from fastbertology.loading import ModelLoadingError, check_model_dir
 
-    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
+    model = tf.MptForCausalLM(tf.MptConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2))
     for call in (fastbertology.patch, lambda m: prune_heads(m, {0: [0]})):
         with pytest.raises(ValueError, match="ALiBi"):
             call(model)

@@ -94,6 +94,8 @@ LANGUAGE_MODELS = {
         vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, num_local_experts=3,
         num_experts_per_tok=2, sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         pad_token_id=0, **SMALL)),
+    "bloom": lambda vocab: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=3, n_head=4,
+                                                              pad_token_id=0)),
 }
 GROUPED = {"qwen2"}
 
