@@ -265,7 +265,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 
 # Families whose attention is outside the kernels' contract: refused by name, with the feature.
 REFUSED = {
-    "mpt": "ALiBi (additive linear position biases on the attention scores)",
     "deberta": "disentangled relative position attention (position terms added to the scores)",
     "deberta-v2": "disentangled relative position attention (position terms added to the scores)",
 }

@@ -252,6 +252,12 @@ FAMILIES["bloom"] = Family("bloom", lambda: tf.BloomForCausalLM(tf.BloomConfig(
     vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=3, n_head=HEADS, pad_token_id=PAD, bos_token_id=BOS,
     eos_token_id=EOS)), "lm", lambda m: [layer.self_attention.dense for layer in m.transformer.h], oracle="eager64")
 
+# ALiBi in MPT's own attention module (fused Wqkv q | k | v), clip_qkv on
+FAMILIES["mpt"] = Family("mpt", lambda: tf.MptForCausalLM(tf.MptConfig(
+    vocab_size=VOCAB, d_model=HIDDEN, n_layers=3, n_heads=HEADS, expansion_ratio=2, max_seq_len=32,
+    attn_config={"clip_qkv": 2.0}, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)), "lm",
+    lambda m: [block.attn.out_proj for block in m.transformer.blocks], oracle="eager64")
+
 
 def _clip_text(**extra):
     return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
@@ -354,6 +360,36 @@ def _row_mask(head_mask, row):
     return head_mask[:, row][:, None, :, None]
 
 
+def _mpt_attention(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+    """MPT's attention as its ``MptAttention.forward`` computes it (no cache), with the softmax in the dtype of the
+    scores: ``q k^T * softmax_scale + alibi[..., -N:]``, hidden where the bool mask is True."""
+    batch, seq = hidden_states.shape[:2]
+    mixed = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (t.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+                         for t in mixed.chunk(3, dim=2))
+    scores = query @ key.transpose(-1, -2) * self.softmax_scale + position_bias[:, -seq:, -seq:]
+    scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    context = (probs @ value).transpose(1, 2).reshape(batch, seq, -1)
+    return self.out_proj(context), probs
+
+
+@contextlib.contextmanager
+def _mpt_attention_in_the_input_dtype():
+    """Stock MPT takes its softmax in float32 (``scores.float()``): inside the block its attention modules compute
+    in the dtype of their inputs (:func:`_mpt_attention`)."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    stock = MptAttention.forward
+    MptAttention.forward = _mpt_attention
+    try:
+        yield
+    finally:
+        MptAttention.forward = stock
+
+
 @contextlib.contextmanager
 def _softmax_in_the_input_dtype():
     """``torch.nn.functional.softmax`` ignoring a ``dtype=`` argument inside the block (stock BLOOM asks for a float32
@@ -373,7 +409,9 @@ def _softmax_in_the_input_dtype():
 def stock_precision(family: Family):
     """Inside the block, the family's unpatched model computes in the dtype of its inputs (what a pruned model
     runs stock is compared with the float64 oracle)."""
-    return _softmax_in_the_input_dtype() if family.oracle == "eager64" else contextlib.nullcontext()
+    if family.oracle != "eager64":
+        return contextlib.nullcontext()
+    return _mpt_attention_in_the_input_dtype() if family.name == "mpt" else _softmax_in_the_input_dtype()
 
 
 @contextlib.contextmanager
@@ -387,7 +425,7 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
     if implementation == "sdpa":
         implementation = family.oracle
     if implementation == "eager64":
-        with _softmax_in_the_input_dtype(), oracle_head_mask(family, model, head_mask, implementation="eager"):
+        with stock_precision(family), oracle_head_mask(family, model, head_mask, implementation="eager"):
             yield model
         return
     projections = family.outputs(model)

@@ -96,6 +96,8 @@ LANGUAGE_MODELS = {
         pad_token_id=0, **SMALL)),
     "bloom": lambda vocab: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=3, n_head=4,
                                                               pad_token_id=0)),
+    "mpt": lambda vocab: tf.MptForCausalLM(tf.MptConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4,
+                                                        expansion_ratio=2, max_seq_len=64, pad_token_id=0)),
 }
 GROUPED = {"qwen2"}
 
