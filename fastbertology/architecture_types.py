@@ -95,6 +95,8 @@ class Projections:
             return _part(block, self.query).out_features // head_dim
         if self.layout == "fused-per-head":
             return _part(block, self.qkv).out_features // (3 * head_dim)
+        if self.layout == "fused-qkv" and not self.kv_heads_attribute:  # as many key/value heads (ModernBERT)
+            return _part(block, self.qkv).out_features // (3 * head_dim)
         if self.layout == "fused-qkv":
             return _part(block, self.qkv).out_features // head_dim - 2 * self.kv_heads(module, block)
         return self._fused_width(block) // head_dim

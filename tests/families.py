@@ -43,6 +43,9 @@ class Family:
                  eager attention with its softmax kept in the dtype of the scores (BLOOM computes attention in its
                  own module and takes its softmax in float32).
     sinks:       the attention has sinks (its maps leave out the sink's probability).
+    maps:        the implementation whose attention maps the tests compare with: ``"eager"``, or ``"oracle"`` where
+                 stock eager attention turns rows that padding and a window hide completely into NaN, which the next
+                 layer carries into real tokens (ModernBERT's local layers).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Family:
     load: dict = field(default_factory=dict)
     oracle: str = "sdpa"
     sinks: bool = False
+    maps: str = "eager"
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -258,6 +262,14 @@ FAMILIES["mpt"] = Family("mpt", lambda: tf.MptForCausalLM(tf.MptConfig(
     attn_config={"clip_qkv": 2.0}, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)), "lm",
     lambda m: [block.attn.out_proj for block in m.transformer.blocks], oracle="eager64")
 
+# alternating global / local layers (global, local, global); the local window |i - j| <= 2 is shorter than the
+# sequences (the kernels' non-causal window 3)
+FAMILIES["modernbert"] = Family("modernbert", lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=3, num_attention_heads=HEADS,
+    global_attn_every_n_layers=2, local_attention=4, max_position_embeddings=64, num_labels=3, pad_token_id=PAD,
+    bos_token_id=BOS, eos_token_id=EOS, cls_token_id=BOS, sep_token_id=EOS)), "classification",
+    lambda m: [layer.attn.Wo for layer in m.model.layers], window=2, maps="oracle")
+
 
 def _clip_text(**extra):
     return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
@@ -424,6 +436,8 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
     its numbers are float32-accurate only)."""
     if implementation == "sdpa":
         implementation = family.oracle
+    elif implementation == "eager":
+        implementation = family.maps
     if implementation == "eager64":
         with stock_precision(family), oracle_head_mask(family, model, head_mask, implementation="eager"):
             yield model

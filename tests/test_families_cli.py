@@ -60,6 +60,10 @@ CLASSIFIERS = {
     "mt5": lambda: tf.MT5ForSequenceClassification(tf.MT5Config(
         vocab_size=30522, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4,
         pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)),
+    "modernbert": lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        local_attention=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+        cls_token_id=101, sep_token_id=102)),
 }
 TOKEN_TYPES = {"xlm-roberta", "electra", "albert"}
 ROWS = {"bart": 4, "t5": 4, "mt5": 4}  # encoder 2 | decoder self-attention 1 | cross-attention 1
