@@ -172,6 +172,8 @@ class Architecture:
     relative_bias:       ``(model, stack, row, M) -> [H_row, 2M - 1]``: the kernels' relative position bias table of a
                          self-attention row (T5's bucketed bias; :mod:`fastbertology.families_t5`), or None.
     prepare_patch:       ``model -> undo``: family-specific changes while the model is patched, or None.
+    prune_refusal:       config -> why such a model cannot be pruned (its heads in a layout pruning does not cut),
+                         or None.
     attention_forward:   the replacement forward of the self-attention modules of a family whose attention does not
                          go through the interface (``attention_interface=False``; None: OpenAI GPT's).
     after_pruning:       ``(model, sites) -> None``: what a pruned model of the family needs to run stock (called
@@ -197,6 +199,7 @@ class Architecture:
     prepare_patch: Callable | None = None
     after_pruning: Callable | None = None
     attention_forward: Callable | None = None
+    prune_refusal: Callable | None = None
 
     def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
         """The current number of (query) heads of an attention module of this family (``block``: the module that

@@ -10,6 +10,7 @@ from torch import nn
 
 from .architecture_types import CAUSAL_KINDS, IMAGE_KINDS, Architecture, Projections, Stack
 from .families_alibi import ALIBI_FAMILIES
+from .families_falcon import FALCON_FAMILIES
 from .families_modernbert import MODERNBERT_FAMILIES
 from .families_t5 import T5_FAMILIES
 
@@ -263,6 +264,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     *T5_FAMILIES,
     *ALIBI_FAMILIES,
     *MODERNBERT_FAMILIES,
+    *FALCON_FAMILIES,
 )
 
 # Families whose attention is outside the kernels' contract: refused by name, with the feature.

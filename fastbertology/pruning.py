@@ -489,6 +489,8 @@ def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | 
     ``ValueError``.
     """
     entry = architecture(model)
+    if entry.prune_refusal is not None and entry.prune_refusal(model.config):
+        raise ValueError(f"cannot prune this {entry.name} model: {entry.prune_refusal(model.config)}")
     sites = attention_sites(model)
     config = model.config
     total = entry.head_count(config)

@@ -45,7 +45,10 @@ class Family:
     sinks:       the attention has sinks (its maps leave out the sink's probability).
     maps:        the implementation whose attention maps the tests compare with: ``"eager"``, or ``"oracle"`` where
                  stock eager attention turns rows that padding and a window hide completely into NaN, which the next
-                 layer carries into real tokens (ModernBERT's local layers).
+                 layer carries into real tokens (ModernBERT's local layers), or ``"eager-alibi-once"``: stock eager
+                 Falcon with ALiBi adds the bias twice (itself, and in the mask it builds for SDPA), so its own
+                 ALiBi term is zeroed and the mask's remains (what SDPA computes).
+    prunable:    pruning cuts its layout (else it is refused by name; tests/test_families_falcon.py).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Family:
     oracle: str = "sdpa"
     sinks: bool = False
     maps: str = "eager"
+    prunable: bool = True
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -271,6 +275,29 @@ FAMILIES["modernbert"] = Family("modernbert", lambda: tf.ModernBertForSequenceCl
     lambda m: [layer.attn.Wo for layer in m.model.layers], window=2, maps="oracle")
 
 
+def _falcon(**extra):
+    return tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3,
+                                                num_attention_heads=HEADS, pad_token_id=PAD, bos_token_id=BOS,
+                                                eos_token_id=EOS, **extra))
+
+
+def _falcon_outputs(model):
+    return [layer.self_attention.dense for layer in model.transformer.h]
+
+
+FAMILIES |= {
+    # multi-head Falcon with rotary positions, and with ALiBi (slope / sqrt(d), once: what SDPA computes)
+    "falcon": Family("falcon", lambda: _falcon(multi_query=False), "lm", _falcon_outputs),
+    "falcon-alibi": Family("falcon", lambda: _falcon(multi_query=False, alibi=True), "lm", _falcon_outputs,
+                           maps="eager-alibi-once"),
+    # multi-query (one key/value head) with ALiBi; the new decoder architecture (2 key/value groups, rotary)
+    "falcon-mq": Family("falcon", lambda: _falcon(multi_query=True, alibi=True), "lm", _falcon_outputs,
+                        maps="eager-alibi-once", prunable=False),
+    "falcon-new": Family("falcon", lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2), "lm",
+                         _falcon_outputs, gqa=True, prunable=False),
+}
+
+
 def _clip_text(**extra):
     return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
                 intermediate_size=48, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,
@@ -418,6 +445,13 @@ def _softmax_in_the_input_dtype():
         torch.nn.functional.softmax = stock
 
 
+def _zero_alibi(module, args, kwargs):
+    """Falcon's eager attention without its own ALiBi term (the mask carries it already)."""
+    if kwargs.get("alibi") is None:
+        return None
+    return args, {**kwargs, "alibi": torch.zeros_like(kwargs["alibi"])}
+
+
 def stock_precision(family: Family):
     """Inside the block, the family's unpatched model computes in the dtype of its inputs (what a pruned model
     runs stock is compared with the float64 oracle)."""
@@ -438,8 +472,18 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
         implementation = family.oracle
     elif implementation == "eager":
         implementation = family.maps
+    if implementation == "eager-alibi-once":
+        handles = [module.register_forward_pre_hook(_zero_alibi, with_kwargs=True) for module in model.modules()
+                   if type(module).__name__ == "FalconAttention"]
+        try:
+            with oracle_head_mask(family, model, head_mask, implementation="stock-eager"):
+                yield model
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
     if implementation == "eager64":
-        with stock_precision(family), oracle_head_mask(family, model, head_mask, implementation="eager"):
+        with stock_precision(family), oracle_head_mask(family, model, head_mask, implementation="stock-eager"):
             yield model
         return
     projections = family.outputs(model)
@@ -459,12 +503,17 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
 
     for _key, rows_list in rows_of.items():
         handles.append(projections[rows_list[0]].register_forward_pre_hook(scale))
+    if implementation == "stock-eager":  # (the family's stock eager attention, whatever its ``maps``)
+        implementation = "eager"
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)
+    if model.config._attn_implementation != implementation:  # (Falcon refuses the switch; its modules and its
+        model.config._attn_implementation = implementation  # mask read the config at run time)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
+        model.config._attn_implementation = previous
         for handle in handles:
             handle.remove()
 

@@ -39,6 +39,7 @@ def test_every_family_resolves(model_type):
 EXPECTED = {  # family -> (rows, key/value heads per row, parts, layer applications of the rows, causal)
     "albert": (4, 4, ["layers"] * 4, [0, 1, 2, 3], False),
     "bart": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
+    "falcon-mq": (3, 1, ["layers"] * 3, [0, 1, 2], True),
     "t5": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
     "mt5": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
     "gemma": (3, 1, ["layers"] * 3, [0, 1, 2], True),

@@ -102,6 +102,9 @@ LANGUAGE_MODELS = {
                                                               pad_token_id=0)),
     "mpt": lambda vocab: tf.MptForCausalLM(tf.MptConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4,
                                                         expansion_ratio=2, max_seq_len=64, pad_token_id=0)),
+    "falcon": lambda vocab: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                                                                 num_attention_heads=4, multi_query=False, alibi=True,
+                                                                 pad_token_id=0)),
 }
 GROUPED = {"qwen2"}
 
