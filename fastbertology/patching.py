@@ -1,9 +1,11 @@
 """Drop-in patch that gives transformers 5 models head masks, attention maps and per-head statistics again.
 
-Every family of the registry (:mod:`fastbertology.architectures`) but OpenAI GPT routes attention through
-transformers' ``AttentionInterface``: the patch registers an attention function and a 2-D mask function under the
-name ``"fastbertology"`` and selects it on the model. OpenAI GPT has a legacy ``Attention`` module with its own
-``_attn``: its instances get a replacement forward.
+Most families of the registry (:mod:`fastbertology.architectures`) route attention through transformers'
+``AttentionInterface``: the patch registers an attention function and a 2-D mask function under the name
+``"fastbertology"`` and selects it on the model. OpenAI GPT, BLOOM, MPT and Falcon compute attention in their own
+modules: their instances get the replacement forward of their registry entry (``Architecture.attention_forward``;
+OpenAI GPT's by default). A family may also change the model while it is patched (``Architecture.prepare_patch``:
+T5's position bias, see :mod:`fastbertology.families_t5`).
 
 ``model(..., head_mask=m)`` is intercepted by a forward pre-hook on the model (and on its base model), which
 validates the mask and keeps it for the duration of the call; each attention module knows its row (see
