@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, inputs, loss_of
+from families import FAMILIES, inputs, loss_of, oracle_head_mask
 
 import fastbertology
 from fastbertology.families_t5 import relative_bias_table
@@ -80,3 +80,40 @@ def test_no_dense_position_bias_while_patched():
         model(**batch, use_cache=False)
     handle.remove()
     assert shapes == [(1, 4, 1, 1), (1, 4, 9, 9)]
+
+
+@pytest.mark.parametrize("model_class, parts", [
+    ("T5EncoderModel", ["encoder"] * 2),
+    ("T5ForConditionalGeneration", ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2)])
+def test_the_encoder_alone_and_the_language_model_equal_the_oracle(model_class, parts):
+    """T5EncoderModel (rows: the encoder's only) and T5ForConditionalGeneration (its logits and loss) with a head
+    mask over their rows, padded and padding-free, against the stock model with output-projection hooks."""
+    import transformers as tf
+    from families import Family, _t5
+
+    model = Family("t5", lambda: _t5(tf.T5Config, getattr(tf, model_class)), "seq2seq", lambda m: []).model()
+    spec = FAMILIES["t5"]
+    batch = inputs(spec, LENGTHS)
+    real = batch["attention_mask"].bool()
+    if model_class == "T5EncoderModel":
+        outputs = [block.layer[0].SelfAttention.o for block in model.encoder.block]
+        extra, field = {"use_cache": False}, "last_hidden_state"
+    else:
+        outputs = ([block.layer[0].SelfAttention.o for block in model.encoder.block]
+                   + [block.layer[0].SelfAttention.o for block in model.decoder.block]
+                   + [block.layer[1].EncDecAttention.o for block in model.decoder.block])
+        extra, field = {"labels": batch["input_ids"][:, :4].contiguous(), "use_cache": False}, "logits"
+    oracle = Family("t5", spec.build, "seq2seq", lambda m: outputs)
+    head_mask = torch.rand(len(parts), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), oracle_head_mask(oracle, model, head_mask):
+        expected = model(**batch, **extra)
+    for padding_free in (False, True):
+        with fastbertology.patch(model, backend="torch", padding_free=padding_free), torch.no_grad():
+            assert fastbertology.architectures.row_parts(model) == parts
+            ours = model(**batch, **extra, head_mask=head_mask)
+        a, b = getattr(ours, field), getattr(expected, field)
+        if field == "last_hidden_state":
+            a, b = a[real], b[real]
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        if model_class != "T5EncoderModel":
+            torch.testing.assert_close(ours.loss, expected.loss, atol=1e-10, rtol=0)
