@@ -11,7 +11,7 @@ tasks and the benchmark read these entries through the functions below; no other
 **Rows.** Every attention module application of a forward pass is an :class:`AttentionSite` with a *row*: its row
 in every ``[L, H]`` table (head masks, importance, entropy, sweeps, ``config.pruned_heads``). Rows run over the
 stacks in order, the self-attention of each layer first, then (encoder-decoder models) the cross-attention of each
-decoder layer: BART's rows are ``encoder 0..Le-1 | decoder self-attention Le..Le+Ld-1 | cross-attention
+decoder layer: BART's rows (and T5's) are ``encoder 0..Le-1 | decoder self-attention Le..Le+Ld-1 | cross-attention
 Le+Ld..Le+2Ld-1``; CLIP's dual model's are ``vision | text`` (the order it runs them). For every other family a
 row is a layer.
 
