@@ -50,7 +50,7 @@ profile_rc=$?
 grep "^|" "$(dirname "$RESULTS")/gpu_profile.log" >> "$table"
 echo "   profile: rc=$profile_rc in $((SECONDS - start)) s (log: $(dirname "$RESULTS")/gpu_profile.log)"
 
-echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology, padding-free and padded)"
+echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology: CUDA graphs, eager (the A/B), padded)"
 # Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
 # "skipped"), and the step is killed after E2E_TIMEOUT seconds: with the default limits (100 + 100 + 90 + 180 s)
 # the whole script stays under 8 minutes (run 1 on an H200, before the profile step: 305 s).
@@ -62,6 +62,13 @@ e2e_rc=${PIPESTATUS[0]}
 echo "   end-to-end benchmark: rc=$e2e_rc"
 { echo; echo "end-to-end benchmark rc=$e2e_rc, JSON lines in $E2E_RESULTS"; cat "$e2e_table"; } >> "$table"
 bench_rc=$(( bench_rc != 0 || e2e_rc != 0 ))
+
+if [ -n "${LLAMA:-}" ]; then  # opt-in (minutes): issue 20's Llama-3-8B-shaped case and the longest-length search
+  echo "== Llama-3-8B-shaped case (bf16, up to 4096 tokens) and the longest sequence each mode survives"
+  timeout "${LLAMA_TIMEOUT:-300}" "$PYTHON" -m fastbertology.bench --cases llama3-8b-shaped --out "$E2E_RESULTS" \
+    | tee -a "$table"
+  timeout "${LONGEST_TIMEOUT:-300}" "$PYTHON" benchmarks/longest_length.py --size llama3-8b | tee -a "$table"
+fi
 
 echo
 echo "== summary: kernel tests rc=$tests_rc, benchmark rc=$bench_rc, JSON lines in $RESULTS"

@@ -157,7 +157,8 @@ class Architecture:
                          language modelling may project at the predicting positions only.
     model_classes:       task kind (``"classification"``, ``"causal-lm"``, ``"encoder"``) -> the transformers Auto
                          class that loads the family for it.
-    inputs:              ``"text"`` (``input_ids``) or ``"image"`` (``pixel_values``, no padding).
+    inputs:              ``"text"`` (``input_ids``), ``"image"`` (``pixel_values``, no padding) or ``"audio"``
+                         (``input_features``: log-mel frames of a fixed length, no padding).
     mask_arguments:      call argument -> the rows it masks: ``"all"``, a stack name or ``"cross"``. transformers
                          4.x's ``head_mask``, ``decoder_head_mask``, ``cross_attn_head_mask``.
     packed_arguments:    layer call arguments with per-position values ``[B or 1, N, ...]`` (a tensor or a tuple of
@@ -169,6 +170,8 @@ class Architecture:
     padded_options:      boolean call options (default: the config's) that return per-position outputs of the
                          layers besides ``output_attentions`` / ``output_hidden_states`` (Mixtral's
                          ``output_router_logits``): a call with one of them runs padded.
+    refuses:             config -> a setting of this config that the kernels do not compute (refused by name), or
+                         None (Gemma 3's ``attn_logit_softcapping``).
     relative_bias:       ``(model, stack, row, M) -> [H_row, 2M - 1]``: the kernels' relative position bias table of a
                          self-attention row (T5's bucketed bias; :mod:`fastbertology.families_t5`), or None.
     prepare_patch:       ``model -> undo``: family-specific changes while the model is patched, or None.
@@ -195,6 +198,7 @@ class Architecture:
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
     attention_outputs: tuple[str, ...] = ("attentions",)
     padded_options: tuple[str, ...] = ()
+    refuses: Callable[[object], str | None] = lambda config: None
     relative_bias: Callable | None = None
     prepare_patch: Callable | None = None
     after_pruning: Callable | None = None

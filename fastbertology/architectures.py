@@ -44,13 +44,17 @@ from .architecture_types import (
     Projections,
     Stack,
 )
-from .family_table import ARCHITECTURES, REFUSED
+from .architectures_more import MORE_ARCHITECTURES, MORE_REFUSED
+from .family_table import ARCHITECTURES as TABLE_ARCHITECTURES
+from .family_table import REFUSED as TABLE_REFUSED
 
 __all__ = ["Architecture", "Stack", "Projections", "AttentionSite", "ARCHITECTURES", "REFUSED", "architecture",
            "supported_model_types", "transformer_layers", "attention_modules", "attention_sites", "heads_per_layer",
            "kv_heads_per_layer", "attention_blocks", "row_applications", "row_parts", "row_attentions", "LAYOUTS",
            "TEXT_KINDS", "CAUSAL_KINDS", "IMAGE_KINDS"]
 
+ARCHITECTURES: tuple[Architecture, ...] = TABLE_ARCHITECTURES + MORE_ARCHITECTURES
+REFUSED = TABLE_REFUSED | MORE_REFUSED
 _BY_MODEL_TYPE = {model_type: entry for entry in ARCHITECTURES for model_type in entry.model_types}
 
 
@@ -62,6 +66,7 @@ def supported_model_types() -> tuple[str, ...]:
 def architecture(model_or_config) -> Architecture:
     """The registry entry of a model (or of its config / a ``model_type`` string). ValueError naming the feature
     for refused families, and the supported types and what adding one takes otherwise."""
+    config = None
     if isinstance(model_or_config, str):
         model_type = model_or_config
     else:
@@ -77,7 +82,13 @@ def architecture(model_or_config) -> Architecture:
             f"{', '.join(sorted(_BY_MODEL_TYPE))}. A new family is one Architecture entry in "
             "fastbertology/family_table.py (where its layers, attention modules and projections are)."
         )
-    return _BY_MODEL_TYPE[model_type]
+    entry = _BY_MODEL_TYPE[model_type]
+    feature = entry.refuses(config) if config is not None else None
+    if feature:
+        raise ValueError(f"fastbertology does not support this {entry.name} model: its config sets {feature}, which "
+                         "the attention kernels do not compute (a head mask there would not mean what it means "
+                         "elsewhere)")
+    return entry
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -149,9 +160,11 @@ def row_parts(model: nn.Module) -> list[str]:
 
 def row_attentions(model: nn.Module, output) -> list:
     """The attention maps of a model output (``output_attentions=True``), one ``[B, H, N_q, N_k]`` tensor per row,
-    in row order (BART's encoder, decoder and cross-attention maps come in three fields)."""
+    in row order (BART's encoder, decoder and cross-attention maps come in three fields; a model of such a family
+    with the encoder only, Whisper's audio classifier, returns its maps as ``attentions``)."""
     maps = []
-    for name in architecture(model).attention_outputs:
+    names = architecture(model).attention_outputs
+    for name in names if any(hasattr(output, name) for name in names) else ("attentions",):
         field = getattr(output, name, None)
         if field is None:
             raise ValueError(f"the model output has no {name!r}: call the model with output_attentions=True")

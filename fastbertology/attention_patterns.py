@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import row_attentions
+from .architectures import architecture, row_attentions
 from .importance import require_patched
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -54,11 +54,14 @@ def attention_patterns(model, batch: dict, heads: Sequence[tuple[int, int]], row
     """The attention maps of ``heads`` (``(layer, head)`` pairs) for the examples at ``rows`` of ``batch`` (right-
     padded ``input_ids`` / ``attention_mask`` ``[B, N]``, optional ``token_type_ids``), each over its first
     ``max_tokens`` tokens (for a bidirectional model, rows of a longer example then do not sum to 1: the keys past
-    the window are not shown)."""
+    the window are not shown). A causal language model runs on those tokens only (its first tokens never see the
+    later ones): the maps of a long sequence cost ``max_tokens^2``, not ``N^2``, per head."""
     require_patched(model)
     index = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
     inputs = {key: batch[key].index_select(0, index) for key in MODEL_INPUTS if key in batch}
     width = max(int(inputs["attention_mask"].sum(1).max()), 1)
+    if architecture(model).causal_lm:
+        width = min(width, max_tokens)
     inputs = {key: value[:, :width] for key, value in inputs.items()}
     attentions = row_attentions(model, model(**inputs, output_attentions=True))  # rows x [B, H, N_q, N_k]
     patterns = []

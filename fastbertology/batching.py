@@ -217,9 +217,13 @@ def make_batches(examples: Sequence[Example], tokenizer=None, *, max_seq_length:
 
 def move_batch(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """A copy of ``batch`` with every tensor moved to ``device``; attention masks carry their padding-free plan,
-    made here from the host copy (:func:`fastbertology.packing.move_with_plan`: no model call reads them back)."""
+    made here from the host copy (:func:`fastbertology.packing.move_with_plan`: no model call reads them back);
+    ``example_index`` (bookkeeping that no model reads) stays where it is, so that checks of it need no sync."""
     return {key: (move_with_plan(value, device) if key.endswith("attention_mask") else value.to(device))
-            if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            if isinstance(value, torch.Tensor) and key not in _HOST_KEYS else value for key, value in batch.items()}
+
+
+_HOST_KEYS = frozenset({"example_index"})  # batch entries that stay on the host in move_batch
 
 
 def check_token_ids(batches: Sequence[dict], examples: Sequence[Example], *, vocab_size: int | None,

@@ -125,6 +125,10 @@ def _analysis(parser) -> None:
                        help="keep the raw importance instead of dividing each layer by its L2 norm")
     group.add_argument("--dont-normalize-global-importance", action="store_true",
                        help="skip the final min-max scaling of the whole table to [0, 1]")
+    group.add_argument("--cuda-graphs", choices=["auto", "off"], default="auto",
+                       help="auto: replay each analysis step as a CUDA graph where it can (CUDA, the Triton kernels, "
+                            "classification or regression; the same numbers; summary.json says what ran and why "
+                            "not); off: always eager")
 
 
 def _head_types(parser) -> None:
@@ -208,6 +212,14 @@ def _patching(parser) -> None:
                             "patched layer return what they returned in the unpatched run)")
 
 
+def _memory(parser) -> None:
+    parser.add_argument_group("memory").add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="bound on the process's peak memory (GPU memory on CUDA, resident memory on the CPU), e.g. 24GiB or "
+             "3000MiB; the memory plan printed before the work turns per-layer activation checkpointing on and "
+             "chunks the language-model loss to fit, or refuses (default: the device's memory; docs/memory.md)")
+
+
 def _run(parser) -> None:
     group = parser.add_argument_group("output and execution")
     group.add_argument("--output-dir", default=None, metavar="DIR",
@@ -221,6 +233,20 @@ def _run(parser) -> None:
     group.add_argument("--no-progress", action="store_true",
                        help="no progress bars at all, model loading included (they are never drawn when stderr is "
                             "not a terminal)")
+
+
+def _stream(parser) -> None:
+    group = parser.add_argument_group("streamed corpus (language modelling; docs/large-models.md)")
+    group.add_argument("--stream", action="store_true",
+                       help="read --data (.txt, .jsonl or .parquet) in pieces: a corpus that does not fit in memory, "
+                            "checkpointed and resumable")
+    group.add_argument("--text-field", default="text", metavar="NAME",
+                       help="with --stream: the JSONL key or Parquet column holding each document's text")
+    group.add_argument("--resume", action="store_true",
+                       help="with --stream: continue the interrupted run whose stream_checkpoint.json is in "
+                            "--output-dir")
+    group.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                       help="with --stream: write the checkpoint every N batches")
 
 
 def _command(commands, name: str, **defaults) -> argparse.ArgumentParser:
@@ -242,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_data(demo, demo=True)
     _analysis(demo)
     _masking(demo)
+    _memory(demo)
     _run(demo)
     demo.set_defaults(batch_size=64, importance="per_example")
 
@@ -251,12 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
         _analysis(command)
         if name == "importance":
             _head_types(command)
+            _stream(command)
         else:
             _masking(command)
+        if name in ("importance", "mask"):
+            command.add_argument_group("models larger than one GPU (docs/large-models.md)").add_argument(
+                "--shard-model", action="store_true",
+                help="under torchrun: shard the transformer layers over the processes (PyTorch FSDP2), each "
+                     "process still taking its share of the batches")
         if name == "prune":
             command.add_argument_group("pruning").add_argument(
                 "--head-mask", default=None, metavar="FILE",
                 help="a head_mask.npy [layers, heads] (0 = prune, 1 = keep) instead of iterative masking")
+        _memory(command)
         _run(command)
 
     sweep = _command(commands, "sweep")

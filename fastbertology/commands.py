@@ -34,15 +34,26 @@ from .degenerate import zero_importance_warning
 from .distributed import analysis_reducer, shard_checked
 from .head_types import HEAD_TYPES, check_head_type_options, head_type_scores
 from .importance import analyze_heads, evaluate_metric
-from .loading import minilm_path
+from .loading import minilm_path, resolve_device
 from .mask_files import check_mask_shape, read_pruning_mask
 from .masking import iterative_masking
+from .memory_plan import (
+    current_memory,
+    device_memory,
+    format_bytes,
+    parse_memory_size,
+    peak_memory,
+    plan_memory,
+    return_freed_memory,
+)
+from .model_sharding import check_sharding, join_patterns, loading_options, shard_run
 from .outputs import OutputWriteError, apply_umask, check_output_dir, make_temporary_dir, write_json, write_npy
 from .pruning import count_parameters, heads_to_prune_from_mask, prune_heads
 from .report import write_report
 from .run_directory import RunDirectory, locked_run_directory, open_run_directory
 from .run_setup import Run, RunOptions, check_options, resolve_model, setup
 from .runs import default_output_dir, describe_setup, finish, new_summary, subtitle
+from .tasks.language_modeling import chunkable_vocabulary
 
 DEMO_MODEL_LABEL = "all-MiniLM-L6-v2"
 DEMO_DATA_LABEL = "Python documentation pairs"
@@ -54,6 +65,7 @@ class Inputs:
 
     model_path: str
     head_mask: np.ndarray | None = None  # prune --head-mask: [L, H] float32 of 0 / 1
+    max_memory: int | None = None  # --max-memory in bytes
 
 
 def _require(condition: bool, message: str) -> None:
@@ -78,8 +90,9 @@ def check_inputs(args, options: RunOptions, *, model_path=None) -> Inputs:
         _require(args.induction_sequences >= 1,
                  f"--induction-sequences must be positive, got {args.induction_sequences}")
     check_options(options)
+    max_memory = parse_memory_size(args.max_memory) if getattr(args, "max_memory", None) is not None else None
     head_mask = read_pruning_mask(args.head_mask) if getattr(args, "head_mask", None) else None
-    return Inputs(model_path=resolve_model(model_path or options.model), head_mask=head_mask)
+    return Inputs(model_path=resolve_model(model_path or options.model), head_mask=head_mask, max_memory=max_memory)
 
 
 def _open_output(args) -> RunDirectory | None:
@@ -95,9 +108,21 @@ def _open_output(args) -> RunDirectory | None:
 # --------------------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------------------
-def _analysis_options(args) -> dict:
+def _analysis_options(args, run: Run) -> dict:
     return dict(importance=args.importance, normalize_by_layer=not args.dont_normalize_importance_by_layer,
-                normalize_global=not args.dont_normalize_global_importance)
+                normalize_global=not args.dont_normalize_global_importance, cuda_graphs=args.cuda_graphs,
+                checkpoint_layers=run.checkpoint_layers)
+
+
+def _say_graphs(console: Console, use: dict | None) -> None:
+    """One line on the CUDA graphs of a pass, where they were asked for and a GPU is there (not on the CPU)."""
+    if not use or use["mode"] == "off" or (not use["enabled"] and use["reason"].startswith("no CUDA device")):
+        return
+    if use["enabled"]:
+        console.say(f"CUDA graphs: {use['replays']} steps replayed, {use['eager_steps']} eager "
+                    f"({use['captured']} graphs captured)")
+    else:
+        console.warn(f"CUDA graphs off, steps ran eagerly: {use['reason']}")
 
 
 def _heatmaps(output: Path, analysis, description: dict) -> None:
@@ -122,9 +147,11 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
     """Importance, entropy and max probability in one pass; tables, heatmaps, attention patterns."""
     started = time.perf_counter()
     analysis = analyze_heads(run.model, run.batches, run.task, progress=console.progress and output is not None,
-                             reduce=analysis_reducer(run.model, run.task), **_analysis_options(args))
+                             reduce=analysis_reducer(run.model, run.task), **_analysis_options(args, run))
     seconds = time.perf_counter() - started
     if output is None:  # not rank 0
+        if getattr(run.model, "_fastbertology_sharded", False):  # rank 0's pattern pass needs every process
+            join_patterns(run, analysis.importance)
         return analysis
     write_npy(output / "head_importance.npy", analysis.importance.numpy())
     write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
@@ -138,7 +165,9 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
         "metric": analysis.metric, "loss": analysis.loss, "tokens": analysis.tokens, "examples": analysis.examples,
         "seconds": seconds, "mode": args.importance, "importance": analysis.importance,
         "raw_importance": analysis.raw_importance, "entropy": analysis.entropy, "max_prob": analysis.max_prob,
+        "cuda_graphs": analysis.cuda_graphs,
     }
+    _say_graphs(console, analysis.cuda_graphs)
     console.say(format_table(analysis.importance, title="Head importance (normalised; rows = layers)"))
     console.say(format_table(analysis.entropy, title="\nAttention entropy (nats per token)"))
     console.say(format_table(analysis.max_prob, title="\nMax attention probability (mean per token)"))
@@ -176,7 +205,7 @@ def masking_step(args, console: Console, run: Run, output: RunDirectory | None, 
     result = iterative_masking(run.model, run.batches, run.task, masking_amount=args.masking_amount,
                                masking_threshold=args.masking_threshold,
                                progress=console.progress and output is not None, initial=initial,
-                               reduce=analysis_reducer(run.model, run.task), **_analysis_options(args))
+                               reduce=analysis_reducer(run.model, run.task), **_analysis_options(args, run))
     seconds = time.perf_counter() - started
     if output is None:  # not rank 0
         return result
@@ -191,7 +220,9 @@ def masking_step(args, console: Console, run: Run, output: RunDirectory | None, 
                           "threshold_score": threshold_score, "higher_is_better": result.higher_is_better,
                           "heads_remaining": int(result.head_mask.sum()), "heads_total": result.head_mask.numel(),
                           "curve": result.curve, "seconds": seconds, "threshold": args.masking_threshold,
-                          "amount": args.masking_amount, "head_mask": result.head_mask}
+                          "amount": args.masking_amount, "head_mask": result.head_mask,
+                          "cuda_graphs": result.cuda_graphs}
+    _say_graphs(console, result.cuda_graphs)
     console.say("\nIterative masking: heads remaining -> " + metric)
     for point in result.curve:
         console.say(f"  {point['heads_remaining']:>4d}  {point['score']:.4f}")
@@ -259,22 +290,58 @@ def _run_command(args, console: Console, steps, *, data_parallel: bool = False, 
     options = RunOptions.pick(vars(args), **labels)
     inputs = check_inputs(args, options, model_path=model_path)  # fail fast, before the slow setup
     output = _open_output(args)  # locked from here to the end, whatever the end
+    sharded = check_sharding(args)  # --shard-model: docs/large-models.md
     with output if output is not None else contextlib.nullcontext():
         interrupts.stage("setup")
-        run = setup(options, examples=examples, model_path=inputs.model_path)
+        run = setup(loading_options(options) if sharded else options, examples=examples, model_path=inputs.model_path)
         if inputs.head_mask is not None:
             check_mask_shape(inputs.head_mask, run.model, args.head_mask)
         if data_parallel:
             run.batches = shard_checked(run.model, run.batches)
+        if sharded:
+            shard_run(run, resolve_device(options.device), options.backend)
         describe_setup(console, run.description)
         warn_all(console, run.description)
         if not plots.available():
             console.warn(plots.MISSING)
         summary = new_summary(args.command, vars(args), run.description)
+        if hasattr(args, "max_memory"):
+            memory_plan_step(console, run, inputs.max_memory, summary)
         steps(run, inputs, output, summary)
+        if hasattr(args, "max_memory"):
+            memory_peak_step(console, run, inputs.max_memory, summary)
         interrupts.stage("finish")
         finish(console, output, summary, started)
     return 0
+
+
+def memory_plan_step(console: Console, run: Run, limit: int | None, summary: dict) -> None:
+    """The memory plan (:mod:`fastbertology.memory_plan`), printed and in ``summary.json`` before any work; it sets
+    the run's layer checkpointing and the language-model loss chunk."""
+    if run.device.type == "cpu":
+        return_freed_memory()  # resident memory then follows the live tensors (heap holes are not given back)
+    vocabulary = chunkable_vocabulary(run.task, run.model)
+    budget, source = (limit, "--max-memory") if limit is not None else (
+        device_memory(run.device), "the GPU's memory" if run.device.type == "cuda" else "memory available")
+    plan = plan_memory(run.model, run.batches, vocabulary=vocabulary, device=run.device, budget=budget,
+                       budget_source=source, in_use=current_memory(run.device), peak_so_far=peak_memory(run.device))
+    console.say("Memory plan: " + "\n  ".join(plan.lines()))
+    run.checkpoint_layers = plan.checkpointing
+    if vocabulary is not None:
+        run.task.loss_chunk_tokens = plan.loss_chunk_tokens
+    summary["memory"] = {"plan": plan.to_json(), "max_memory": limit}
+
+
+def memory_peak_step(console: Console, run: Run, limit: int | None, summary: dict) -> None:
+    """The measured peak (``torch.cuda.max_memory_allocated`` / peak resident memory) beside the plan's estimate."""
+    peak = peak_memory(run.device)
+    summary["memory"].update(peak=peak, within_limit=None if limit is None else peak <= limit)
+    line = f"Peak memory {format_bytes(peak)} (estimated {format_bytes(summary['memory']['plan']['estimated_peak'])})"
+    if limit is not None and peak > limit:
+        console.warn(f"{line} exceeded --max-memory {format_bytes(limit)}: the estimate was too low for this run; "
+                     "lower --batch-size or --max-seq-length")
+    else:
+        console.say(line + (f", within --max-memory {format_bytes(limit)}" if limit is not None else ""))
 
 
 def _importance_and_masking(args, console, run, output, summary):

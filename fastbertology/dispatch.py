@@ -23,12 +23,19 @@ from .gates_command import run_gates
 from .loading import set_offline
 from .outputs import OutputDirectoryError
 from .patching_command import run_patching
+from .stream_command import run_streamed_importance
 from .sweep_command import run_sweep
 
 EXIT_ERROR = 2
 TRACEBACK_ENV = "FASTBERTOLOGY_TRACEBACK"  # set to 1 to get the traceback of an error instead of one line
 
-HANDLERS = {"demo": run_demo, "importance": run_importance, "mask": run_mask, "prune": run_prune,
+
+def _importance(args, console: Console) -> int:
+    """``importance``, or ``importance --stream`` (a corpus read in pieces: :mod:`fastbertology.stream_command`)."""
+    return (run_streamed_importance if args.stream else run_importance)(args, console)
+
+
+HANDLERS = {"demo": run_demo, "importance": _importance, "mask": run_mask, "prune": run_prune,
             "sweep": run_sweep, "gates": run_gates, "patching": run_patching, "report": run_report}
 DATA_PARALLEL = ("importance", "mask", "sweep")
 

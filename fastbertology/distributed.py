@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .tasks import sum_metric_states
+from .tasks import count_examples, sum_metric_states
 
 __all__ = [
     "init_from_env", "session", "is_distributed", "rank", "world_size", "is_main", "barrier", "shard",
@@ -200,6 +200,9 @@ def analysis_reducer(model, task):
     heads = heads_per_layer(model)
 
     def reduce(totals: dict) -> dict:
+        padding = getattr(model, "_fastbertology_padding_steps", None)  # set by model_sharding.shard_run
+        if padding is not None:
+            padding()  # a sharded model: processes with fewer batches join the others' last layer all-gathers
         counts = torch.tensor([float(totals["loss_sum"]), float(totals["batches"]), float(totals["examples"])],
                               dtype=torch.float64)
         raw, counts = all_reduce_sums([totals["raw_importance"], counts])
@@ -284,8 +287,7 @@ def data_fingerprint(batches: Sequence[dict]) -> dict:
                 cpu = value.detach().cpu().contiguous()
                 digest.update(f"{key}:{cpu.dtype}:{tuple(cpu.shape)};".encode())
                 digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
-        if "input_ids" in batch:
-            examples += len(batch["input_ids"])
+        examples += count_examples(batch) or 0
     return {"batches": len(batches), "examples": examples, "checksum": digest.hexdigest()[:20]}
 
 

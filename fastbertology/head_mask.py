@@ -74,13 +74,16 @@ def _check_finite(head_mask: torch.Tensor) -> None:
                          "must be finite (1 = keep a head, 0 = mask it)")
 
 
-def head_mask_rows(head_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+def head_mask_rows(head_mask: torch.Tensor, batch: int, sequences: int | None = None) -> tuple[torch.Tensor, ...]:
     """A normalised ``[L, H]`` / ``[B, L, H]`` mask -> its ``L`` rows as the kernels take them, ``[B, H]`` each
     (contiguous, the mask's dtype): one copy per model call, so that no layer slices or copies the mask and the
-    backward gathers the rows' gradients in one ``stack`` (and one sum over the batch for ``[L, H]``)."""
+    backward gathers the rows' gradients in one ``stack`` (and one sum over the batch for ``[L, H]``).
+    ``sequences`` S > B: rows ``[S, H]``, ones for the packed sequences after the B examples (filler)."""
     if head_mask.dim() == 3 and head_mask.shape[0] != batch:
         raise ValueError(
             f"per-example head_mask has batch size {head_mask.shape[0]} but the inputs have batch size {batch}"
         )
     full = head_mask.expand(batch, *head_mask.shape[-2:]) if head_mask.dim() == 2 else head_mask  # [B, L, H]
+    if sequences is not None and sequences > batch:
+        full = torch.cat([full, full.new_ones(sequences - batch, *full.shape[1:])])  # [S, L, H]
     return full.transpose(0, 1).contiguous().unbind(0)

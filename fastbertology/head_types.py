@@ -152,12 +152,12 @@ def text_calls(batch: dict) -> list[dict]:
 
 def check_head_type_options(model: nn.Module, *, induction_period: int, induction_count: int = 1,
                             batch_size: int = 1) -> None:
-    """ValueError when head-type scores cannot be computed for ``model`` with these options (image models, induction
-    sequences longer than the model's positions, non-positive counts)."""
+    """ValueError when head-type scores cannot be computed for ``model`` with these options (image and audio models,
+    induction sequences longer than the model's positions, non-positive counts)."""
     entry = architecture(model)
     if entry.inputs != "text":
-        raise ValueError(f"head-type scores need token ids; a {entry.name} model takes images (no token ids, so no "
-                         "previous, duplicate or induction tokens)")
+        raise ValueError(f"head-type scores need token ids; a {entry.name} model takes {entry.inputs} inputs (no "
+                         "token ids, so no previous, duplicate or induction tokens)")
     if induction_period < 1 or induction_count < 1 or batch_size < 1:
         raise ValueError(f"induction_period, induction_count and batch_size must be positive; got {induction_period}, "
                          f"{induction_count}, {batch_size}")

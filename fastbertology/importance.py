@@ -26,10 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import heads_per_layer
+from .checkpointing import checkpointed_layers
+from .graph_passes import evaluation_runner, importance_runner
 from .head_mask import checked_head_masks
 from .patching import is_patched
 from .recording import record
-from .tasks import TaskProtocol
+from .step_graphs import GraphUse, graph_refusal
+from .tasks import TaskProtocol, count_examples
 
 IMPORTANCE_MODES = ("per_batch", "per_example")
 
@@ -46,6 +49,7 @@ class HeadAnalysis:
     loss: float  # mean of the task's batch losses
     tokens: int  # non-padding tokens seen by the first layer
     examples: int
+    cuda_graphs: dict | None = None  # how the steps ran (fastbertology.step_graphs.GraphUse.as_dict())
 
 
 def require_patched(model: nn.Module) -> None:
@@ -58,12 +62,10 @@ def require_patched(model: nn.Module) -> None:
 
 
 def examples_in(task: TaskProtocol, batch: dict) -> int:
-    """Number of examples in ``batch``: the rows of ``input_ids`` (or ``pixel_values``), else what
-    ``task.batch_size`` says."""
-    for key in ("input_ids", "pixel_values"):
-        if key in batch:
-            return len(batch[key])
-    return task.batch_size(batch)
+    """Number of examples in ``batch``: the rows of ``input_ids`` (or ``pixel_values``, ``input_features``), else
+    what ``task.batch_size`` says."""
+    size = count_examples(batch)
+    return task.batch_size(batch) if size is None else size
 
 
 def full_head_mask(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -118,7 +120,8 @@ def check_finite_table(table: torch.Tensor, what: str) -> None:
 def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
                   head_mask: torch.Tensor | None = None, importance: str = "per_batch",
                   normalize_by_layer: bool = True, normalize_global: bool = True, progress: bool = False,
-                  reduce: Callable[[dict], dict] | None = None) -> HeadAnalysis:
+                  reduce: Callable[[dict], dict] | None = None, cuda_graphs: str = "auto",
+                  checkpoint_layers: bool = False) -> HeadAnalysis:
     """Importance, entropy, max probability and the metric of ``task`` over ``batches``, in one pass.
 
     model:     a patched model (:func:`fastbertology.patch`), in eval mode.
@@ -133,17 +136,33 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
                ``totals``: ``raw_importance`` ``[L, H]`` float64 sum of |gradient| (not yet divided by tokens),
                ``metric_state``, ``loss_sum``, ``batches``, ``examples`` and ``statistics`` (the
                :class:`~fastbertology.recording.HeadStatistics`, whose per-layer sums it may replace).
+    cuda_graphs: ``"auto"`` (replay each step as a CUDA graph where :mod:`fastbertology.step_graphs` allows: CUDA,
+               the Triton backend, a task that declares its step capturable; the same numbers) or ``"off"``.
+               ``HeadAnalysis.cuda_graphs`` says what ran, and why graphs did not.
+    checkpoint_layers: keep only each layer's input for the backward and recompute the layer there
+               (:mod:`fastbertology.checkpointing`); the results are the same, the memory is that of one layer's
+               activations instead of all of them (see :mod:`fastbertology.memory_plan`). Steps run eagerly.
     """
     require_patched(model)
     if importance not in IMPORTANCE_MODES:
         raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {importance!r}")
     base_mask = full_head_mask(model) if head_mask is None else head_mask.detach()
-    raw = torch.zeros(base_mask.shape, dtype=torch.float64, device=base_mask.device)
-    metric_state = task.metric_state()
-    batches_seen, examples = 0, 0
-    losses = []  # the batch losses (0-d, on the device): read once, after the pass
-    with frozen_parameters(model), record(model) as stats, checked_head_masks(base_mask):
-        for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
+    refusal = graph_refusal(model, task, cuda_graphs, base_mask.device)
+    use = GraphUse(cuda_graphs, enabled=refusal is None, reason=refusal)
+    if refusal is None and base_mask.dim() != 2:
+        use.turn_off("a per-example base head mask runs eagerly")
+    if use.enabled and checkpoint_layers:
+        use.turn_off("per-layer activation checkpointing (the memory plan) runs eagerly")
+    through_runner = use.enabled  # its sums hold the results, even if graphs are turned off during the pass
+    if through_runner:
+        runner, sums = importance_runner(model, task, importance, base_mask, use, examples_in)
+        run_step = runner.run
+    else:
+        raw = torch.zeros(base_mask.shape, dtype=torch.float64, device=base_mask.device)
+        metric_state = task.metric_state()
+
+        def run_step(batch):
+            nonlocal raw
             size = examples_in(task, batch)
             if importance == "per_example":
                 mask = base_mask.expand(size, *base_mask.shape).clone().requires_grad_(True)  # [B, L, H]
@@ -154,9 +173,19 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
             (gradient,) = torch.autograd.grad(objective, mask)
             raw += gradient.abs().double().sum(0) if importance == "per_example" else gradient.abs().double()
             task.update_metric(metric_state, result, batch)
-            losses.append(result.loss.detach())
+            return result.loss.detach()
+
+    batches_seen, examples = 0, 0
+    losses = []  # the batch losses (0-d, on the device): read once, after the pass
+    recording = contextlib.nullcontext(None) if through_runner else record(model)
+    with frozen_parameters(model), recording as stats, checked_head_masks(base_mask), \
+            checkpointed_layers(model, checkpoint_layers):
+        for batch in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
+            losses.append(run_step(batch))
             batches_seen += 1
-            examples += size
+            examples += examples_in(task, batch)
+    if through_runner:
+        raw, metric_state, stats = sums.raw.clone(), sums.metric_state_copy(), sums.head_statistics()
     loss_sum = loss_total(losses)
     if reduce is not None:
         totals = reduce({"raw_importance": raw, "metric_state": metric_state, "loss_sum": loss_sum,
@@ -174,6 +203,7 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
         loss=loss_sum / max(batches_seen, 1),
         tokens=tokens,
         examples=examples,
+        cuda_graphs=use.as_dict(),
     )
 
 
@@ -194,17 +224,35 @@ def loss_total(losses: list[torch.Tensor]) -> float:
 
 
 def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtocol, *,
-                    head_mask: torch.Tensor | None = None, progress: bool = False, desc: str = "evaluate") -> float:
+                    head_mask: torch.Tensor | None = None, progress: bool = False, desc: str = "evaluate",
+                    cuda_graphs: str = "auto", graph_report: dict | None = None) -> float:
     """The task metric over ``batches`` with ``head_mask`` (``[L, H]``, default none), without gradients. A batch
-    loss that is NaN or infinite raises ValueError (a metric from NaN outputs would look like chance)."""
+    loss that is NaN or infinite raises ValueError (a metric from NaN outputs would look like chance).
+    ``cuda_graphs`` as for :func:`analyze_heads`; ``graph_report``, a dict, receives what ran (``GraphUse``)."""
     require_patched(model)
-    state = task.metric_state()
+    device = head_mask.device if head_mask is not None else next(model.parameters()).device
+    refusal = graph_refusal(model, task, cuda_graphs, device)
+    use = GraphUse(cuda_graphs, enabled=refusal is None, reason=refusal)
+    if use.enabled and head_mask is not None and head_mask.dim() != 2:
+        use.turn_off("a per-example head mask runs eagerly")
+    through_runner = use.enabled
+    if through_runner:
+        runner, sums = evaluation_runner(model, task, head_mask, use)
+        state = sums.metric_state
+    else:
+        state = task.metric_state()
+
+        def run_step(batch):
+            result = task.evaluate(model, batch, head_mask=head_mask)
+            task.update_metric(state, result, batch)
+            return result.loss.detach()
+
     checked = checked_head_masks(head_mask) if head_mask is not None else contextlib.nullcontext()
     losses = []
     with torch.no_grad(), checked:
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            result = task.evaluate(model, batch, head_mask=head_mask)
-            losses.append(result.loss.detach())
-            task.update_metric(state, result, batch)
+            losses.append(runner.run(batch) if through_runner else run_step(batch))
+    if graph_report is not None:
+        graph_report.update(use.as_dict())
     loss_total(losses)
-    return task.compute_metric(state)
+    return task.compute_metric(sums.metric_state_copy() if through_runner else state)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ MODEL_KINDS = ("classification", "causal-lm", "encoder")
 # tokenizer of a handful of special tokens and turns every word into [UNK]).
 _VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 _BPE_FILES = ("vocab.json", "merges.txt")
+_NOT_TEXT = {"image": ("images", "pixel_values"), "audio": ("audio", "input_features")}  # the registry's other inputs
 _WEIGHTS_NAME = "model.safetensors"
 _WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -205,15 +207,16 @@ def check_model_dir(directory: str) -> dict:
     """Everything about a model directory that can be checked without building the model: config.json, the
     safetensors files (complete), the tokenizer files. Returns the config as a dict."""
     config = _read_config_json(directory)
-    try:
-        entry = architecture(config["model_type"])
+    try:  # (the config's settings too: some are refused by name, as Gemma 3's attention soft-capping)
+        entry = architecture(types.SimpleNamespace(**config))
     except ValueError as error:
         raise ModelLoadingError(f"model {directory}: {error}") from None
     if entry.inputs != "text":
+        what, key = _NOT_TEXT[entry.inputs]
         raise ModelLoadingError(
-            f"model {directory} is a {entry.name} model, which reads {entry.inputs}s: the command line and "
-            "load_model read text. Analyse it through the Python API (load it with transformers, "
-            "fastbertology.patch(model), batches of pixel_values; see docs/models.md)")
+            f"model {directory} is a {entry.name} model, which reads {what} ({key}): the command line and load_model "
+            f"read text. Analyse it through the Python API (load it with transformers, fastbertology.patch(model), "
+            f"batches of {key}; see docs/models.md)")
     check_weight_files(_weight_files(directory))
     _check_tokenizer_files(directory)
     return config
@@ -372,6 +375,7 @@ def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dt
     from transformers import AutoConfig
 
     from .pruning import load_pruned
+    from .shard_loading import load_by_shards
 
     path = resolve_model_path(name_or_path)
     check_model_dir(path)
@@ -388,15 +392,20 @@ def load_model(name_or_path, *, kind: str, device: torch.device, dtype: torch.dt
     random_head: list[str] = []
     if getattr(config, "pruned_heads", None):
         model = load_pruned(model_class, path, **options)  # refuses missing weights itself
+        check_finite_weights(model, path)
     else:
-        model, missing = _from_pretrained(model_class, path, options)
-        random_head = check_random_weights(model, missing, path=path, kind=kind,
-                                           allow_random_head=allow_random_head)
+        # Straight into the requested dtype: transformers builds the model on the meta device and fills it shard by
+        # shard, so no float32 copy of a 16-bit model is ever whole in memory (docs/large-models.md).
+        model = None if options else load_by_shards(model_class, config, _weight_files(path), dtype=dtype)
+        if model is None:  # keys that need transformers' conversions, or missing weights
+            model, missing = _from_pretrained(model_class, path, {**options, "dtype": dtype})
+            random_head = check_random_weights(model, missing, path=path, kind=kind,
+                                               allow_random_head=allow_random_head)
+        check_finite_weights(model, path, converted=dtype, files=_weight_files(path))
     if kind == "classification" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 / GPT find each sequence's last token with it
     if report is not None:
         report.path, report.random_head = path, random_head
-    check_finite_weights(model, path)
     before = {name: tensor.dtype for name, tensor in _floating_tensors(model)}
     model = model.to(device=device, dtype=dtype).eval()
     if any(tensor.dtype != before.get(name) for name, tensor in _floating_tensors(model)):
@@ -410,21 +419,27 @@ def _floating_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return [(name, tensor) for name, tensor in tensors if tensor.is_floating_point()]
 
 
-def check_finite_weights(model, path: str, *, converted: torch.dtype | None = None) -> None:
+def check_finite_weights(model, path: str, *, converted: torch.dtype | None = None,
+                         files: list[str] | None = None) -> None:
     """:class:`ModelLoadingError` naming the first weights (parameters and floating buffers) of the model loaded
     from ``path`` that hold NaN or infinite values: such a model computes NaN logits, and every metric and table
-    after them means nothing. ``converted``: the dtype the weights were just converted to (values beyond its range
-    become infinite). One host sync per device."""
+    after them means nothing. ``converted``: the dtype the weights were converted to (values beyond its range
+    become infinite). ``files``: the checkpoint's safetensors files; when given, each bad tensor is read back from
+    them, one at a time, to tell an overflow of the conversion from non-finite values in the checkpoint itself. One
+    host sync per device; no copy of the weights (``isfinite`` of one tensor at a time)."""
     tensors = _floating_tensors(model)
     if not tensors:
         return
     flags: dict[torch.device, list] = {}  # device -> [(name, 0-d bool: all finite)]
     for name, tensor in tensors:
-        flags.setdefault(tensor.device, []).append((name, torch.isfinite(tensor.detach()).all()))
+        flags.setdefault(tensor.device, []).append((name, _all_finite(tensor.detach())))
     bad = [name for pairs in flags.values()
            for (name, _), ok in zip(pairs, torch.stack([flag for _, flag in pairs]).tolist()) if not ok]
     if not bad:
         return
+    if files is not None:
+        saved = [_saved_finite(files, name) for name in bad]
+        converted = converted if all(ok is True for ok in saved) else None
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     if converted is not None:
         name = str(converted).replace("torch.", "")
@@ -433,6 +448,30 @@ def check_finite_weights(model, path: str, *, converted: torch.dtype | None = No
     raise ModelLoadingError(f"the checkpoint {path} has NaN or infinite weights in {len(bad)} tensor(s) ({shown}): "
                             "the model would compute NaN scores and every result would be meaningless. Use an intact "
                             "checkpoint (a training run that diverged saves such weights)")
+
+
+def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """0-d bool: every element of ``tensor`` is finite. From its minimum and maximum (a reduction, NaN propagates):
+    no temporary the size of the tensor, which ``isfinite(tensor).all()`` would allocate."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return torch.isfinite(torch.stack((low, high))).all()
+
+
+def _saved_finite(files: list[str], name: str) -> bool | None:
+    """Whether the tensor saved for the model weight ``name`` is finite (None: not found under that name or the
+    name without its first component, e.g. ``model.``)."""
+    from safetensors import safe_open
+
+    candidates = [name, name.split(".", 1)[-1]]
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            keys = set(handle.keys())
+            for key in candidates:
+                if key in keys:
+                    return bool(_all_finite(handle.get_tensor(key)))
+    return None
 
 
 def minilm_path() -> str:

@@ -23,6 +23,7 @@ class MaskingResult:
     final_score: float
     higher_is_better: bool
     curve: list[dict] = field(default_factory=list)
+    cuda_graphs: dict | None = None  # how the steps of the last pass ran (HeadAnalysis.cuda_graphs)
 
 
 def relative_quality(score: float, original: float, *, higher_is_better: bool) -> float:
@@ -44,7 +45,8 @@ def heads_to_mask_next(importance: torch.Tensor, mask: torch.Tensor, count: int)
 def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProtocol, *, masking_amount: float = 0.1,
                       masking_threshold: float = 0.9, importance: str = "per_batch",
                       normalize_by_layer: bool = True, normalize_global: bool = True,
-                      initial: HeadAnalysis | None = None, reduce=None, progress: bool = False) -> MaskingResult:
+                      initial: HeadAnalysis | None = None, reduce=None, progress: bool = False,
+                      cuda_graphs: str = "auto", checkpoint_layers: bool = False) -> MaskingResult:
     """Mask the ``masking_amount`` fraction (of all heads) least important remaining heads, recompute importance
     and the metric under the new mask, and repeat until the metric falls below ``masking_threshold`` times the
     original (for lower-is-better metrics: until ``original / score`` falls below it).
@@ -52,7 +54,8 @@ def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProto
     Returns the last mask that stayed within the threshold and the whole curve (heads remaining -> score).
     ``batches`` is iterated once per step, so it must be a sequence (a list of batches), not a generator.
     ``initial``: the unmasked model's :func:`analyze_heads` result with the same options, if already computed
-    (saves one pass). ``reduce``: passed to every :func:`analyze_heads` call (data-parallel runs).
+    (saves one pass). ``reduce``, ``cuda_graphs`` and ``checkpoint_layers``: passed to every :func:`analyze_heads`
+    call (data-parallel runs; CUDA-graph replay, whose graphs the passes share; the memory plan's checkpointing).
     """
     if not 0 < masking_amount < 1:
         raise ValueError(f"masking_amount must be in (0, 1), got {masking_amount}")
@@ -60,7 +63,7 @@ def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProto
         raise ValueError(f"masking_threshold must be in (0, 1], got {masking_threshold}")
     higher_is_better = bool(task.higher_is_better)
     options = dict(importance=importance, normalize_by_layer=normalize_by_layer, normalize_global=normalize_global,
-                   reduce=reduce)
+                   reduce=reduce, cuda_graphs=cuda_graphs, checkpoint_layers=checkpoint_layers)
     mask = full_head_mask(model)
     analysis = initial if initial is not None else analyze_heads(model, batches, task, head_mask=mask, **options)
     original = analysis.metric
@@ -86,4 +89,4 @@ def iterative_masking(model: nn.Module, batches: Sequence[dict], task: TaskProto
         kept_mask, kept_score = mask.clone(), analysis.metric
     steps.close()
     return MaskingResult(head_mask=kept_mask.cpu(), original_score=original, final_score=kept_score,
-                         higher_is_better=higher_is_better, curve=curve)
+                         higher_is_better=higher_is_better, curve=curve, cuda_graphs=analysis.cuda_graphs)

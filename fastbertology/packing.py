@@ -20,6 +20,9 @@ class PackedBatch:
     batch: int  # B
     seq: int  # N
     packing: kernels.Packing  # the sequences (one per example, some possibly empty) of the stream
+    # [1, T] float32, 1 = a token of the batch, 0 = filler (a CUDA-graph bucket's extra sequences, see
+    # fastbertology.buckets); None: every packed token is the batch's
+    query_weights: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -44,6 +47,7 @@ class PackedBatch:
 
 
 _PLAN = "_fastbertology_packing"  # attribute of a device mask: its plan, made on the host before the move
+_LENGTHS = "_fastbertology_lengths"  # attribute of a device mask: its rows' lengths if right-padded, else None
 
 
 def plan_packing(attention_mask: torch.Tensor) -> PackedBatch | None:
@@ -64,8 +68,33 @@ def move_with_plan(attention_mask: torch.Tensor, device) -> torch.Tensor:
     on the host; the plan's index and offsets are copied without blocking the host (pinned memory on CUDA)."""
     moved = attention_mask.to(device)
     if attention_mask.dim() == 2 and attention_mask.device.type == "cpu":
-        setattr(moved, _PLAN, (moved._version, _plan(attention_mask.detach().to(torch.bool), moved.device)))
+        keep = attention_mask.detach().to(torch.bool)
+        setattr(moved, _PLAN, (moved._version, _plan(keep, moved.device)))
+        setattr(moved, _LENGTHS, (moved._version, _right_padded_lengths(keep)))
     return moved
+
+
+def attach_plan(attention_mask: torch.Tensor, plan: PackedBatch) -> None:
+    """Make ``plan`` the padding-free plan of ``attention_mask`` as it is now (a CUDA-graph bucket's static mask,
+    refilled for every batch: see :mod:`fastbertology.step_graphs`)."""
+    setattr(attention_mask, _PLAN, (attention_mask._version, plan))
+
+
+def known_lengths(attention_mask: torch.Tensor) -> tuple[int, ...] | None:
+    """The lengths of the rows of a right-padded mask moved by :func:`move_with_plan` (known on the host, no
+    sync); None for a mask that is not right-padded, was changed in place since, or did not come that way."""
+    known = getattr(attention_mask, _LENGTHS, None)
+    if known is None or known[0] != attention_mask._version:
+        return None
+    return known[1]
+
+
+def _right_padded_lengths(keep: torch.Tensor) -> tuple[int, ...] | None:
+    """The row lengths of a host bool mask ``keep [B, N]`` whose tokens all come first in their rows, else None."""
+    lengths = keep.sum(1)
+    if not torch.equal(keep, torch.arange(keep.shape[1])[None, :] < lengths[:, None]):
+        return None
+    return tuple(int(n) for n in lengths)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

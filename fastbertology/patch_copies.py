@@ -85,7 +85,7 @@ def copy_state(state, memo: dict, fresh_context):
     anything is copied (the model refers back to its state)."""
     copied = object.__new__(type(state))
     memo[id(state)] = copied
-    fresh = {"entry": state.entry, "recorders": [], "context": fresh_context(), "depth": 0}
+    fresh = {"entry": state.entry, "recorders": [], "context": fresh_context(), "depth": 0, "step_runners": {}}
     names = [item.name for item in dataclasses.fields(state)]
     # the model last: copying it makes the copied hooks, which read the other fields of the copied state
     for name in sorted(names, key=lambda name: name == "model"):

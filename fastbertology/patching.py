@@ -85,16 +85,19 @@ class _CallContext:
     stack: int = 0  # the stack of that application
     calls: dict[int, int] = field(default_factory=dict)  # id(layer module) -> its calls so far in this pass
     packed_values: dict = field(default_factory=dict)  # (argument, id(value)) -> (value, packed value)
-    mask_rows: dict = field(default_factory=dict)  # batch size -> the head mask's rows, [B, H] each
+    mask_rows: dict = field(default_factory=dict)  # (batch, sequences) -> the head mask's rows, [B or S, H] each
 
-    def head_mask_row(self, row: int, batch: int) -> torch.Tensor | None:
-        """Row ``row`` of the call's head mask as ``[B, H]`` (None without a mask). The mask is split into its
-        rows once per call (:func:`~fastbertology.head_mask.head_mask_rows`), not sliced per layer."""
+    def head_mask_row(self, row: int, batch: int, sequences: int | None = None) -> torch.Tensor | None:
+        """Row ``row`` of the call's head mask as ``[B, H]`` (None without a mask); ``[S, H]`` for a packed stream
+        of ``sequences`` S > B (a CUDA-graph bucket's filler sequences follow the B examples: ones for them). The
+        mask is split into its rows once per call (:func:`~fastbertology.head_mask.head_mask_rows`), not sliced per
+        layer."""
         if self.head_mask is None:
             return None
-        rows = self.mask_rows.get(batch)
+        key = (batch, sequences)
+        rows = self.mask_rows.get(key)
         if rows is None:
-            rows = self.mask_rows[batch] = head_mask_rows(self.head_mask, batch)
+            rows = self.mask_rows[key] = head_mask_rows(self.head_mask, batch, sequences)
         return rows[row]
 
 
@@ -133,6 +136,8 @@ class PatchState:
     context: _CallContext = field(default_factory=_CallContext)
     depth: int = 0
     calls: int = 0  # model calls so far (a call of the model and the base model inside it counts once)
+    step_runners: dict = field(default_factory=dict)  # CUDA-graph step runners of the analyses (graph_passes)
+    replaying: bool = False  # a checkpointed layer's forward is being recomputed (see fastbertology.checkpointing)
 
     def __deepcopy__(self, memo):  # copies of a patched model are patched (see fastbertology.patch_copies)
         return copy_state(self, memo, _CallContext)
@@ -158,7 +163,7 @@ class PatchState:
         packed = None if binding.cross else self.context.packed.get(binding.stack)
         heads = query.shape[1]
         batch = packed.batch if packed is not None else query.shape[0]
-        mask = self.context.head_mask_row(row, batch)
+        mask = self.context.head_mask_row(row, batch, packed.packing.num_sequences if packed is not None else None)
         if heads == 0:  # every head of this layer was pruned
             return query.new_zeros(query.shape).transpose(1, 2), None
         key, value = _grouped_key_values(module, query, key, value)
@@ -176,7 +181,7 @@ class PatchState:
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
                                            packing=packed.packing, backend=self.backend, **options)
-            self._record(row, stats, None)
+            self._record(row, stats, packed.query_weights)  # None, or 0 on a graph bucket's filler tokens
             out = self._hooked(out, stats, binding, row, mask, query, key, packed, None, causal, scale, options)
             return out.transpose(1, 2), None
         out, stats = kernels.attention(
@@ -201,7 +206,7 @@ class PatchState:
         return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):
-        if not self.recorders:
+        if not self.recorders or self.replaying:  # a recomputed forward was recorded when it first ran
             return
         sums, tokens = head_sums(stats.entropy, stats.max_prob, query_mask)  # once, whatever the recorders
         for recorder in self.recorders:

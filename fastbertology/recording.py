@@ -15,9 +15,9 @@ _PENDING_SUMS = 64
 
 def head_sums(entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.Tensor | None):
     """One layer's row statistics ``[B, H, N]`` -> ``(sums [2, H] float64, tokens)``: the entropy and max-probability
-    sums over the non-padding queries (``query_mask`` bool ``[B, N]``, None = every query) and their count (a host
-    int without a mask, else a 0-d float64 tensor: no host-device sync either way). Without a mask this is one
-    reduction (the Triton backend returns both statistics as halves of one buffer)."""
+    sums over the non-padding queries (``query_mask`` ``[B, N]``, bool or 0/1 floats, None = every query) and their
+    count (a host int without a mask, else a 0-d float64 tensor: no host-device sync either way). Without a mask
+    this is one reduction (the Triton backend returns both statistics as halves of one buffer)."""
     rows = row_statistics(entropy, max_prob)  # [2, B, H, N]
     if query_mask is None:
         return rows.sum(dim=(1, 3), dtype=torch.float64), rows.shape[1] * rows.shape[3]

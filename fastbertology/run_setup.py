@@ -84,6 +84,7 @@ class Run:
     examples: int
     device: torch.device
     description: dict = field(default_factory=dict)
+    checkpoint_layers: bool = False  # per-layer activation checkpointing in the analysis passes (the memory plan)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -48,6 +48,7 @@ class Packing(NamedTuple):
     cu_seqlens: int32 ``[S + 1]`` on the device of the packed tensors; sequence ``s`` holds the tokens
                 ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1`` (``cu_seqlens[0] = 0``, ``cu_seqlens[S] = T``).
     lengths:    the ``S`` sequence lengths as Python ints (a host copy: backends never synchronise to read them).
+    longest:    None, or a bound on the lengths that the launches are planned for (see :attr:`max_seqlen`).
 
     Attention over packed ``q, k, v`` ``[1, H, T, D]`` stays within each sequence (and is causal within it when
     asked), exactly as padded attention over ``[S, H, max(lengths), D]`` with a key padding mask would be at the
@@ -56,6 +57,7 @@ class Packing(NamedTuple):
 
     cu_seqlens: torch.Tensor
     lengths: tuple[int, ...]
+    longest: int | None = None  # the launch grid's longest sequence when fixed in advance (>= every length)
 
     @classmethod
     def from_lengths(cls, lengths, device=None) -> Packing:
@@ -79,7 +81,9 @@ class Packing(NamedTuple):
 
     @property
     def max_seqlen(self) -> int:
-        return max(self.lengths, default=0)
+        """The longest sequence the kernels plan for: ``longest`` when given (a CUDA graph's launches are fixed
+        for a bucket of batches), else the longest of ``lengths``."""
+        return self.longest if self.longest is not None else max(self.lengths, default=0)
 
     def starts(self) -> list[int]:
         """Host-side start offset of every sequence."""

@@ -5,9 +5,10 @@ The work is cut into *pieces* that one batched matrix product each can do:
 * padded batches ``[B, H, N, D]``: query chunks of all examples, so that no ``N x N`` tensor for the whole batch
   exists unless it is small (:class:`PaddedPieces`);
 * packed sequences ``[1, H, T, D]`` (:class:`~fastbertology.kernels.Packing`): one sequence at a time, on views of
-  the packed tensors: no work and no memory for padding (:class:`PackedPieces`). (Gathering sequences of similar
-  length into padded groups makes fewer, larger products, but the gathers and scatters cost more than they save
-  on a CPU: measured 2x slower for MiniLM-sized heads.)
+  the packed tensors: no work and no memory for padding (:class:`PackedPieces`); a long sequence in query blocks
+  (causal: each block against the keys up to its last query), so that memory stays linear in its length.
+  (Gathering sequences of similar length into padded groups makes fewer, larger products, but the gathers and
+  scatters cost more than they save on a CPU: measured 2x slower for MiniLM-sized heads.)
 
 Grouped-query attention (``k, v`` ``[B, H_kv, N, D]``, ``G = H / H_kv`` query heads per key/value head) never
 repeats K or V: the queries of a group are stacked along the rows, ``[B, H_kv, G * n, D]``, so that one product
@@ -29,7 +30,9 @@ a large finite negative number, not ``-inf``, so no element-wise ``where`` is ne
 without any visible key are detected from their maximum and given zeros.
 
 The head mask multiplies the (unmasked) output through autograd, which gives its gradient
-``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``.
+``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``; for half-precision inputs and a float32 mask
+this sum is taken in float32 of the unrounded ``P V`` (:class:`_MaskedHalfOutput`; as the Triton backward's float32
+``Delta``), the output itself being what half-precision attention gives.
 
 Score modifiers (:mod:`~fastbertology.kernels.modifiers`) act per piece: the cap on the scaled scores, then the
 position term ``[H, n, N]`` built for the piece's rows from the ``[H, 2M - 1]`` table / ``[H]`` slopes (``-inf``
@@ -149,6 +152,10 @@ class PaddedPieces:
     def query_gradient_rows(self, piece, grad_out: torch.Tensor) -> torch.Tensor:
         return self.queries(piece, grad_out)
 
+    def query_offset(self, piece) -> int:
+        """Position of the piece's first query row in its sequence (its keys start at position 0)."""
+        return piece[0]
+
     def mask_scores(self, piece, scores: torch.Tensor) -> None:
         keep = score_mask(self.key_padding_mask, self.causal, piece[0], piece[1] - piece[0], scores.shape[-1],
                           scores.device, self.window)
@@ -162,9 +169,9 @@ class PaddedPieces:
         """Per-piece query rows ``[B, H, n, ...]`` -> ``[B, H, N, ...]`` (the chunks tile the rows in order)."""
         return torch.cat(parts, dim=2)
 
-    def assemble_keys(self, like: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Per-piece key gradients (every chunk covers every key) -> their sum ``[B, H, N, D]``."""
-        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    def add_keys(self, total: torch.Tensor | None, like: torch.Tensor, piece, part: torch.Tensor) -> torch.Tensor:
+        """Add one chunk's key-side gradient (every chunk covers every key) into the running ``[B, H, N, D]`` sum."""
+        return part if total is None else total.add_(part)
 
     def has_keys(self, q) -> torch.Tensor | None:
         """bool ``[B, 1, N]``: the query row sees at least one key (None: every row does)."""
@@ -174,37 +181,62 @@ class PaddedPieces:
 
 
 class PackedPieces:
-    """The sequences of a packed batch ``[1, H, T, D]``, one piece ``(start, stop)`` each, taken as views (no
-    copies, no padding). Piece tensors are ``[1, H, n, ...]``; row quantities ``[1, H, n]``."""
+    """The sequences of a packed batch ``[1, H, T, D]``, taken as views (no copies, no padding). A piece is
+    ``(q_start, q_stop, k_start, k_stop)``: a block of one sequence's queries and the keys they may see (the whole
+    sequence; causal: up to the block's last query). A sequence is cut into query blocks of at most
+    ``CHUNK_ELEMENTS / (H * n)`` rows, so that a piece's scores ``[1, H, rows, keys]`` stay bounded and the memory of
+    a long sequence is linear in its length. Piece tensors are ``[1, H, rows, ...]``; row quantities
+    ``[1, H, rows]``."""
 
     may_have_empty_rows = False  # every query of a sequence sees at least itself
 
     def __init__(self, q, causal: bool, packing: Packing, window: int | None = None):
         self.causal, self.window = causal, window
-        self.pieces = [(start, start + n) for start, n in zip(packing.starts(), packing.lengths) if n]
-        self.score_elements = q.shape[1] * sum(n * n for n in packing.lengths)
-        self._hidden: dict[int, torch.Tensor] = {}
+        heads = q.shape[1]
+        self.pieces = []
+        for start, n in zip(packing.starts(), packing.lengths):
+            rows = max(1, min(n, CHUNK_ELEMENTS // max(1, heads * n)))
+            for block in range(start, start + n, rows):
+                stop = min(block + rows, start + n)
+                self.pieces.append((block, stop, start, stop if causal else start + n))
+        self.score_elements = heads * sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in self.pieces)
+        self._hidden: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def queries(self, piece, t: torch.Tensor) -> torch.Tensor:
         return t[:, :, piece[0]:piece[1]]
 
-    keys = queries
+    def keys(self, piece, t: torch.Tensor) -> torch.Tensor:
+        return t[:, :, piece[2]:piece[3]]
+
     query_gradient_rows = queries
     lse_rows = queries
 
+    def query_offset(self, piece) -> int:
+        """Position of the block's first query in its sequence (its keys start at the sequence's start)."""
+        return piece[0] - piece[2]
+
     def mask_scores(self, piece, scores: torch.Tensor) -> None:
         if self.causal or self.window is not None:
-            length = piece[1] - piece[0]
-            if length not in self._hidden:  # the keys a query may not see, [length, length]
-                self._hidden[length] = ~score_mask(None, self.causal, 0, length, length, scores.device,
-                                                   self.window)[0, 0]
-            scores.masked_fill_(self._hidden[length], MASKED_SCORE)
+            q_start, q_stop, k_start, k_stop = piece
+            shape = (q_start - k_start, q_stop - q_start, k_stop - k_start)
+            hidden = self._hidden.get(shape)
+            if hidden is None:  # the keys a query may not see, [rows, keys]
+                hidden = ~score_mask(None, self.causal, *shape, scores.device, self.window)[0, 0]
+                if shape[0] == 0 and shape[1] == shape[2]:  # a whole sequence: kept for the other layers' calls
+                    self._hidden[shape] = hidden
+            scores.masked_fill_(hidden, MASKED_SCORE)
 
     def assemble(self, like: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Per-sequence rows ``[1, H, n, ...]`` -> ``[1, H, T, ...]`` (the sequences tile the stream in order)."""
+        """Per-block rows ``[1, H, rows, ...]`` -> ``[1, H, T, ...]`` (the blocks tile the stream in order)."""
         return torch.cat(parts, dim=2)
 
-    assemble_keys = assemble
+    def add_keys(self, total: torch.Tensor | None, like: torch.Tensor, piece, part: torch.Tensor) -> torch.Tensor:
+        """Add one piece's key-side gradient ``[1, H_kv, keys, D]`` into the running ``[1, H_kv, T, D]`` total (the
+        pieces of one sequence share its keys); ``like``: the key / value tensor."""
+        if total is None:
+            total = part.new_zeros((like.shape[0], part.shape[1], like.shape[2], part.shape[3]))
+        total[:, :, piece[2]:piece[3]] += part
+        return total
 
     def has_keys(self, q) -> None:
         return None
@@ -212,11 +244,10 @@ class PackedPieces:
 
 def _modify_scores(pieces, piece, scores: torch.Tensor, modifiers: ScoreModifiers) -> torch.Tensor:
     """Cap and bias the scaled scores ``[B, H, n, N]`` of a piece (in place where possible), then mask them; returns
-    the scores. Positions are those of the sequence: padded rows ``piece[0] ..`` against keys ``0 ..``, packed
-    ``0 ..`` against ``0 ..``."""
+    the scores. Positions are those of the sequence: rows ``pieces.query_offset(piece) ..`` against keys ``0 ..``."""
     if modifiers.softcap is not None:
         scores = capped(scores, modifiers.softcap)
-    q_start = piece[0] if isinstance(pieces, PaddedPieces) else 0
+    q_start = pieces.query_offset(piece)
     bias = position_bias(modifiers, q_start, scores.shape[2], scores.shape[3], scores.dtype, scores.device)
     if bias is not None:
         scores.add_(bias.clamp_(min=MASKED_SCORE))  # -inf entries: hidden like masked keys
@@ -228,7 +259,7 @@ def _add_bias_gradients(pieces, piece, d_scores: torch.Tensor, modifiers: ScoreM
     """Add a piece's ``dL/ds`` ``[B, H, n, N]`` to the gradients of the bias table ``[H, 2M - 1]`` (summed over the
     entries of each distance ``j - i``) and of the ALiBi slopes ``[H]`` (``sum dL/ds * (j - i)``), in place."""
     per_head = d_scores.sum(dim=0)  # [H, n, N]
-    q_start = piece[0] if isinstance(pieces, PaddedPieces) else 0
+    q_start = pieces.query_offset(piece)
     rows = torch.arange(q_start, q_start + per_head.shape[1], device=per_head.device)[:, None]
     distance = torch.arange(per_head.shape[2], device=per_head.device)[None, :] - rows  # j - i, [n, N]
     if grad_table is not None:
@@ -257,7 +288,8 @@ class _TorchAttention(torch.autograd.Function):
     :func:`_grouped`); probabilities and scores are ``[B, H, n, N]`` either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, relative_bias, alibi_slopes, pieces, scale, return_probs, modifiers):
+    def forward(ctx, q, k, v, sinks, relative_bias, alibi_slopes, pieces, scale, return_probs, modifiers,
+                wide_out=False):
         acc = accumulation_dtype(q.dtype)
         sink = None if modifiers.sinks is None else modifiers.sinks.detach().to(acc)[None, :, None, None]
         # a bias table may hide every key of a row: such rows are found from their scores
@@ -284,7 +316,8 @@ class _TorchAttention(torch.autograd.Function):
                 probs_all[:, :, piece[0]:piece[1]] = probs
             if keep_probs:
                 kept.append(probs)
-        out = pieces.assemble(q, outs).to(q.dtype)
+        out = pieces.assemble(q, outs)
+        out = out if wide_out else out.to(q.dtype)  # wide_out: float32 (the accumulation dtype)
         row_max, total, weighted_shift = (pieces.assemble(q, parts) for parts in (maxes, totals, shifts))
         has_keys = pieces.assemble(q, seen) if rows_from_scores else pieces.has_keys(q)
         lse, entropy, max_prob = _statistics(row_max, total.clamp(min=1.0), weighted_shift, has_keys)
@@ -303,7 +336,7 @@ class _TorchAttention(torch.autograd.Function):
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         need_table, need_slopes = ctx.needs_input_grad[4:6]
         heads, kv_heads = q.shape[1], k.shape[1]
-        grads_q, grads_k, grads_v = [], [], []
+        grads_q, grad_k, grad_v = [], None, None  # key-side gradients are summed as the pieces go
         grad_table = torch.zeros(modifiers.relative_bias.shape, dtype=acc, device=q.device) if need_table else None
         grad_slopes = q.new_zeros(heads, dtype=acc) if need_slopes else None
         for index, piece in enumerate(pieces.pieces):
@@ -320,7 +353,8 @@ class _TorchAttention(torch.autograd.Function):
             d_out = pieces.query_gradient_rows(piece, grad_out).to(acc)
             d_out_rows = _grouped(d_out, kv_heads)
             if need_v:
-                grads_v.append(torch.matmul(_grouped(probs, kv_heads).transpose(-1, -2), d_out_rows))
+                grad_v = pieces.add_keys(grad_v, v, piece,
+                                         torch.matmul(_grouped(probs, kv_heads).transpose(-1, -2), d_out_rows))
             if need_q or need_k or need_table or need_slopes:
                 d_scores = _ungrouped(torch.matmul(d_out_rows, pieces.keys(piece, v).to(acc).transpose(-1, -2)), heads)
                 delta = torch.linalg.vecdot(d_out, pieces.queries(piece, out).to(acc)).unsqueeze(-1)  # rowsum(dO*O)
@@ -334,11 +368,11 @@ class _TorchAttention(torch.autograd.Function):
                 if need_q:
                     grads_q.append(_ungrouped(torch.matmul(d_scores, k_piece), heads))
                 if need_k:
-                    grads_k.append(torch.matmul(d_scores.transpose(-1, -2), q_piece))
+                    grad_k = pieces.add_keys(grad_k, k, piece, torch.matmul(d_scores.transpose(-1, -2), q_piece))
         ctx.kept = None
         grad_q = pieces.assemble(q, grads_q).to(q.dtype) if need_q else None
-        grad_k = pieces.assemble_keys(k, grads_k).to(k.dtype) if need_k else None
-        grad_v = pieces.assemble_keys(v, grads_v).to(v.dtype) if need_v else None
+        grad_k = grad_k.to(k.dtype) if need_k else None
+        grad_v = grad_v.to(v.dtype) if need_v else None
         grad_sinks = None
         if ctx.needs_input_grad[3]:  # dL/dsink_h = -sum_i p_sink,i * rowsum(dO * O)_i (the sink's value is zero)
             delta = torch.linalg.vecdot(grad_out.to(acc), out.to(acc))  # [B, H, N]; 0 on rows without keys
@@ -348,7 +382,28 @@ class _TorchAttention(torch.autograd.Function):
             grad_table = grad_table.to(modifiers.relative_bias.dtype)
         if grad_slopes is not None:
             grad_slopes = grad_slopes.to(modifiers.alibi_slopes.dtype)
-        return grad_q, grad_k, grad_v, grad_sinks, grad_table, grad_slopes, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_sinks, grad_table, grad_slopes, None, None, None, None, None
+
+
+class _MaskedHalfOutput(torch.autograd.Function):
+    """``out.to(dtype) * mask.to(dtype)`` for a float32 ``out`` ``[B, H, N, D]`` (``P V`` before rounding) and a
+    float32 (or wider) mask broadcastable to it: the forward is that of half-precision attention, and the mask's
+    gradient ``sum(dO * P V)`` is accumulated in float32 from the unrounded ``P V``."""
+
+    @staticmethod
+    def forward(ctx, out, mask, dtype):
+        ctx.save_for_backward(out, mask)
+        return out.to(dtype) * mask.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, mask = ctx.saved_tensors
+        grad_out = (grad * mask.to(grad.dtype)).to(out.dtype) if ctx.needs_input_grad[0] else None
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.promote_types(mask.dtype, torch.float32)
+            grad_mask = (grad.to(acc) * out.to(acc)).sum_to_size(mask.shape).to(mask.dtype)
+        return grad_out, grad_mask, None
 
 
 def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int):
@@ -381,11 +436,14 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
         probs = q.new_zeros((*q.shape[:3], k.shape[2])) if return_probs else None
         return q.new_zeros(q.shape), AttentionStats(empty, empty.clone(), empty.clone(), probs)
     pieces = _pieces(q, causal, key_padding_mask, packing, window)
+    # half-precision inputs with a wider head mask: the output comes in float32, so that the mask's gradient
+    # sum(dO * P V) is accumulated in float32 from the unrounded P V (:class:`_MaskedHalfOutput`)
+    wide = head_mask is not None and q.dtype in (torch.float16, torch.bfloat16) and head_mask.dtype != q.dtype
     out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, sinks, relative_bias, alibi_slopes, pieces,
-                                                               scale, return_probs, modifiers)
+                                                               scale, return_probs, modifiers, wide)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
-        out = out * mask.to(out.dtype)
+        out = _MaskedHalfOutput.apply(out, mask, q.dtype) if wide else out * mask.to(out.dtype)
         if probs is not None:
             probs = probs * mask.detach().to(probs.dtype)
     if probs is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import transformers as tf
@@ -31,7 +31,9 @@ class Family:
     """One family's tiny model and what the oracle needs to know about it.
 
     kind:        ``"classification"`` (``logits [B, C]``), ``"lm"`` (``[B, N, V]``), ``"image"`` (pixel values,
-                 ``[B, C]``), ``"seq2seq"`` (BART sequence classification), or a model without a task head:
+                 ``[B, C]``), ``"seq2seq"`` (BART sequence classification), ``"audio"`` (Whisper's audio classifier:
+                 ``input_features``, ``[B, C]``), ``"speech2text"`` (Whisper: ``input_features`` and right-padded
+                 ``decoder_input_ids`` / ``decoder_attention_mask``, ``[B, N, V]``), or a model without a task head:
                  ``"text-encoder"`` / ``"image-encoder"`` (CLIP's towers: ``last_hidden_state [B, N, D]``).
     outputs:     model -> the attention output projection of every row, in row order (a shared one repeated).
     attentions:  output field -> the row of its first map (``attentions`` and, for BART, the three kinds).
@@ -77,7 +79,8 @@ class Family:
 
     @property
     def text(self) -> bool:
-        return self.kind not in ("image", "image-encoder")
+        """Reads ``input_ids`` (with their padding)."""
+        return self.kind not in ("image", "image-encoder", "audio", "speech2text")
 
     @property
     def encoder_only(self) -> bool:
@@ -101,12 +104,12 @@ def _vision(**extra):
                 num_attention_heads=HEADS, intermediate_size=48, num_labels=3, **extra)
 
 
-def _random_norms(model):
+def _random_norms(model, names=("q_layernorm", "k_layernorm")):
     """``model`` with random affine parameters in its q/k layer norms (initialised to the identity, every head's
     norm would equal every other's, and cutting the wrong one would go unnoticed)."""
     generator = torch.Generator().manual_seed(3)
     for name, parameter in model.named_parameters():
-        if "q_layernorm" in name or "k_layernorm" in name:
+        if any(part in name for part in names):
             with torch.no_grad():
                 parameter.copy_(parameter + 0.5 * torch.randn(parameter.shape, generator=generator))
     return model
@@ -317,6 +320,38 @@ FAMILIES |= {
         text_config=_clip_text(), vision_config=_clip_vision(), num_labels=3)), "image",
         lambda m: [layer.self_attn.out_proj for layer in m.vision_model.encoder.layers]),
 }
+
+
+def _whisper(**extra):
+    """A tiny Whisper: 4 log-mel bins, 16 frames (2 x max_source_positions: the encoder's fixed input length)."""
+    return tf.WhisperConfig(**dict(
+        vocab_size=VOCAB, num_mel_bins=4, d_model=HIDDEN, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_source_positions=8, max_target_positions=32, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        decoder_start_token_id=BOS, num_labels=3, classifier_proj_size=16) | extra)
+
+
+def _whisper_outputs(model):
+    """Whisper's output projections: encoder | decoder self-attention | cross-attention (the audio classifier has
+    the encoder only)."""
+    base = getattr(model, "model", model)
+    decoder = list(base.decoder.layers) if hasattr(base, "decoder") else []
+    return ([layer.self_attn.out_proj for layer in base.encoder.layers]
+            + [layer.self_attn.out_proj for layer in decoder] + [layer.encoder_attn.out_proj for layer in decoder])
+
+
+FAMILIES |= {
+    "whisper": Family("whisper", lambda: tf.WhisperForConditionalGeneration(_whisper()), "speech2text",
+                      _whisper_outputs,
+                      attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
+    "whisper-audio": Family("whisper", lambda: tf.WhisperForAudioClassification(_whisper(encoder_layers=3)),
+                            "audio", _whisper_outputs),
+    # layers 0 and 2 slide a window of 6 keys, layer 1 is global; q/k norms (shared by the heads) made random
+    "gemma3": Family("gemma3_text", lambda: _random_norms(tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_decoder(
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]))), ("q_norm", "k_norm")),
+        "lm", _llama_outputs, gqa=True, window=6),
+}
 NAMES = list(FAMILIES)
 TEXT_NAMES = [name for name in NAMES if FAMILIES[name].text]
 
@@ -327,9 +362,18 @@ def rows(family: Family, model) -> int:
 
 def inputs(family: Family, lengths, *, seed: int = 1) -> dict:
     """Model inputs for ``len(lengths)`` examples: right-padded text (``input_ids``, ``attention_mask``; BART's
-    sequences end in EOS, as its classifier needs) or ``pixel_values [B, 3, 8, 8]`` (images have no padding)."""
+    sequences end in EOS, as its classifier needs), ``pixel_values [B, 3, 8, 8]`` (images have no padding) or
+    Whisper's ``input_features [B, 4, 16]`` (no padding) and, for speech recognition, right-padded decoder text
+    (``decoder_input_ids``, ``decoder_attention_mask``, starting with the decoder start token)."""
     generator = torch.Generator().manual_seed(seed)
     batch = len(lengths)
+    if family.kind in ("audio", "speech2text"):
+        features = {"input_features": torch.randn(batch, 4, 16, generator=generator, dtype=torch.float64)}
+        if family.kind == "audio":
+            return features
+        text = inputs(replace(family, kind="lm"), lengths, seed=seed)
+        text["input_ids"][:, 0] = BOS
+        return features | {"decoder_input_ids": text["input_ids"], "decoder_attention_mask": text["attention_mask"]}
     if not family.text:
         return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=generator, dtype=torch.float64)}
     seq = max(lengths)
@@ -352,10 +396,21 @@ def with_labels(family: Family, batch: dict) -> dict:
     return {} if family.encoder_only else {"labels": labels(family, batch)}
 
 
+def text_mask(batch: dict) -> torch.Tensor | None:
+    """The padding mask of the batch's text (``[B, N]``, 1 = token): its ``attention_mask``, or Whisper's
+    ``decoder_attention_mask``; None without text."""
+    return batch.get("attention_mask", batch.get("decoder_attention_mask"))
+
+
 def labels(family: Family, batch: dict) -> torch.Tensor:
-    """Class ids ``[B]``, or LM targets (``input_ids`` with -100 at padding)."""
+    """Class ids ``[B]``, or LM targets (``input_ids`` with -100 at padding; Whisper: the decoder text's next
+    tokens, -100 at padding and after the last token, as transformers' loss reads them unshifted)."""
     if family.kind == "lm":
         return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    if family.kind == "speech2text":
+        following = torch.nn.functional.pad(batch["decoder_input_ids"][:, 1:], (0, 1), value=PAD)
+        real = torch.nn.functional.pad(batch["decoder_attention_mask"][:, 1:], (0, 1), value=0)
+        return following.masked_fill(real == 0, -100)
     size = len(next(iter(batch.values())))
     return torch.arange(size) % 3
 
@@ -542,5 +597,5 @@ def loss_of(output, batch) -> torch.Tensor:
     logits = main_output(output)
     if logits.dim() == 2:
         return (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum()
-    real = batch.get("attention_mask", torch.ones(logits.shape[:2]))
+    real = text_mask(batch) if text_mask(batch) is not None else torch.ones(logits.shape[:2])
     return (torch.tanh(logits) * real[..., None].to(logits.dtype)).sum()

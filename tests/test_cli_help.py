@@ -122,7 +122,8 @@ def test_no_module_imports_one_that_imports_it_back():
 
 # Function-local imports in the command-line layer: only where --help speed needs them (each is commented there).
 LAZY_IMPORTS = {("fastbertology.cli", "fastbertology.bench"), ("fastbertology.cli", "fastbertology.dispatch"),
-                ("fastbertology.data", "fastbertology")}
+                ("fastbertology.data", "fastbertology"),
+                ("fastbertology.data.document_stream", "pyarrow.parquet")}  # optional: the parquet extra
 CLI_LAYER = ["cli.py", "dispatch.py", "commands.py", "sweep_command.py", "gates_command.py", "patching_command.py",
              "sweep_checkpoint.py", "run_setup.py",
              "runs.py", "console.py", "task_selection.py", "mask_files.py", "attention_patterns.py", "plots.py",

@@ -53,7 +53,7 @@ def test_merged_states_equal_single_accumulation():
     parts = [_accumulate(task, pieces[0::2]), _accumulate(task, pieces[1::2]), task.metric_state()]
     merged = distributed.merge_metric_states(task, parts)
     for key in whole:
-        assert merged[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-12), key
+        assert float(merged[key]) == pytest.approx(float(whole[key]), rel=1e-12, abs=1e-12), key
     assert task.compute_metric(merged) == pytest.approx(task.compute_metric(whole), rel=1e-12)
     # classification: confusion matrices that grew to different sizes
     task = ClassificationTask()

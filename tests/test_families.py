@@ -33,6 +33,7 @@ from families import (
     oracle_head_mask,
     rows,
     stock_precision,
+    text_mask,
     with_labels,
 )
 
@@ -47,18 +48,20 @@ from fastbertology.tasks import ClassificationTask, LanguageModelingTask, Retrie
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENGTHS = [9, 5, 7]  # odd lengths, right padding
+TEXT_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")  # [B, N], N sliced
 ATOL = 1e-10
 MAPS_ATOL = 1e-6  # stock eager attention of several families takes its softmax in float32
 
 
 def _call_options(family) -> dict:
-    return {} if not FAMILIES[family].text else {"use_cache": False}
+    return {"use_cache": False} if FAMILIES[family].text or FAMILIES[family].kind == "speech2text" else {}
 
 
 def _real(tensor, batch):
-    """Token-level outputs at the real positions (all of them for images)."""
-    if tensor.dim() >= 3 and "attention_mask" in batch and tensor.shape[1] == batch["attention_mask"].shape[1]:
-        return tensor[batch["attention_mask"].bool()]
+    """Token-level outputs at the real positions of the text (all of them for images and audio)."""
+    mask = text_mask(batch)
+    if tensor.dim() >= 3 and mask is not None and tensor.shape[1] == mask.shape[1]:
+        return tensor[mask.bool()]
     return tensor
 
 
@@ -73,8 +76,14 @@ def _mask(kind, family, model, batch_size, *, seed=7):
 
 
 def _key_keep(name, batch, probs):
-    """Which query rows / key columns of a map of output field ``name`` are real (compared)."""
+    """Which query rows / key columns of a map of output field ``name`` are real (compared): cross-attention rows
+    count every decoder position (as BART's, whose decoder has no padding mask)."""
     b, _, n_q, n_k = probs.shape
+    if "decoder_attention_mask" in batch:  # Whisper: the encoder has no padding, the decoder has
+        real = batch["decoder_attention_mask"].bool()
+        every = torch.ones(b, max(n_q, n_k), dtype=torch.bool)
+        queries, keys = (real, real) if name == "decoder_attentions" else (every[:, :n_q], every[:, :n_k])
+        return queries[:, None, :, None] & keys[:, None, None, :]
     mask = batch.get("attention_mask")
     if mask is None:
         return torch.ones(b, 1, n_q, n_k, dtype=torch.bool)
@@ -125,7 +134,8 @@ def test_patched_equals_the_oracle(family, mask_kind):
         ours, theirs = getattr(padded, field), getattr(reference, field)
         assert len(ours) == len(theirs)
         for a, b in zip(ours, theirs):
-            real = batch.get("attention_mask") if field != "decoder_hidden_states" else None
+            real = (batch.get("attention_mask") if field != "decoder_hidden_states"
+                    else batch.get("decoder_attention_mask"))
             keep = real.bool() if real is not None else torch.ones(a.shape[:2], dtype=torch.bool)
             torch.testing.assert_close(a[keep], b[keep], atol=ATOL, rtol=0, msg=field)
     for field, expected in maps.items():
@@ -175,10 +185,11 @@ def test_per_example_masks_equal_each_example_alone(family):
         with fastbertology.patch(model, backend="torch"), torch.no_grad():
             together = main_output(model(**batch, head_mask=head_mask, **_call_options(family)))
             for row, length in enumerate(LENGTHS):
-                alone_inputs = {key: value[row:row + 1, :length] if spec.text else value[row:row + 1]
+                alone_inputs = {key: value[row:row + 1, :length] if key in TEXT_KEYS else value[row:row + 1]
                                 for key, value in batch.items()}
                 alone = main_output(model(**alone_inputs, head_mask=head_mask[row], **_call_options(family)))
-                ours = together[row:row + 1, :length] if spec.text and together.dim() == 3 else together[row:row + 1]
+                tokens = text_mask(batch) is not None and together.dim() == 3
+                ours = together[row:row + 1, :length] if tokens else together[row:row + 1]
                 torch.testing.assert_close(ours, alone, atol=ATOL, rtol=0)
         return True
 
@@ -236,7 +247,8 @@ def test_padding_free_equals_padded(family):
 def _task(spec):
     if spec.kind == "text-encoder":  # (a sentence-embedding task: mean-pooled last hidden states)
         return RetrievalTask(group_size=None)
-    return LanguageModelingTask() if spec.kind == "lm" else ClassificationTask(num_labels=3)
+    # (Whisper's speech recognition: the decoder text's language-modelling loss given the audio, the seq2seq loss)
+    return LanguageModelingTask() if spec.kind in ("lm", "speech2text") else ClassificationTask(num_labels=3)
 
 
 def _batches(spec):
@@ -246,7 +258,7 @@ def _batches(spec):
         if spec.kind == "text-encoder":  # (query, positive) pairs
             pairs = inputs(spec, lengths[::-1], seed=20 + index)
             batch |= {"pair_input_ids": pairs["input_ids"], "pair_attention_mask": pairs["attention_mask"]}
-        else:
+        elif spec.kind != "speech2text":  # (its targets are the decoder text)
             batch["labels"] = labels(spec, batch) if spec.kind != "lm" else batch["input_ids"].masked_fill(
                 batch["attention_mask"] == 0, -100)
         batches.append(batch)
@@ -301,6 +313,7 @@ PRUNE = {  # rows -> current heads; ALBERT: the same heads in both applications 
     # T5: no heads left in the encoder layer that owns the position bias table / in the decoder's
     "t5": {0: [0, 1, 2, 3], 1: [2], 2: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
     "mt5": {0: [1], 2: [0, 1, 2, 3], 3: [1, 3], 5: [0]},
+    "whisper": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
 }
 DEFAULT_PRUNE = {0: [1], 1: [0, 1, 2, 3], 2: [0, 1]}  # GQA (2 groups of 2): unequal groups, no heads, equal groups
 
@@ -409,13 +422,14 @@ def test_albert_prunes_a_shared_layer_in_every_application_or_not_at_all():
     assert architectures.heads_per_layer(model) == [4, 3, 4, 3]
 
 
-def test_bart_takes_the_three_4x_masks_or_one_table():
+@pytest.mark.parametrize("family", ["bart", "whisper"])
+def test_encoder_decoders_take_the_three_4x_masks_or_one_table(family):
     """``head_mask`` [Le, H] (encoder), ``decoder_head_mask`` and ``cross_attn_head_mask`` [Ld, H] equal one
     ``head_mask`` [Le + 2 Ld, H] over all rows, gradients included; ``[H]`` is the encoder's, as in 4.x."""
-    spec = FAMILIES["bart"]
+    spec = FAMILIES[family]
     model = spec.model()
     batch = inputs(spec, LENGTHS)
-    table = _mask("LH", "bart", model, 3)
+    table = _mask("LH", family, model, 3)
     parts = [table[0:2].clone().requires_grad_(True), table[2:4].clone().requires_grad_(True),
              table[4:6].clone().requires_grad_(True)]
     whole = table.clone().requires_grad_(True)

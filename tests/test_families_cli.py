@@ -105,6 +105,10 @@ LANGUAGE_MODELS = {
     "falcon": lambda vocab: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
                                                                  num_attention_heads=4, multi_query=False, alibi=True,
                                                                  pad_token_id=0)),
+    "gemma3_text": lambda vocab: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"], pad_token_id=0,
+        **SMALL)),
 }
 GROUPED = {"qwen2"}
 
@@ -190,5 +194,23 @@ def test_clip_text_tower_retrieval_importance_and_pruning(tmp_path):
 def test_image_models_are_refused_with_the_python_api_named(tmp_path):
     model_dir = tmp_path / "vit"
     tf.ViTForImageClassification(tf.ViTConfig(image_size=8, patch_size=4, **SMALL)).save_pretrained(model_dir)
-    with pytest.raises(ModelLoadingError, match="reads images.*Python API"):
+    with pytest.raises(ModelLoadingError, match=r"reads images \(pixel_values\).*Python API"):
         load_model(model_dir, kind="classification", device=torch.device("cpu"))
+
+
+def test_audio_models_are_refused_with_the_python_api_named(tmp_path, capsys):
+    """The command line reads text: a Whisper checkpoint is refused, naming input_features and the Python API."""
+    model_dir = tmp_path / "whisper"
+    tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=100, num_mel_bins=4, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=8,
+        max_target_positions=16, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=0)).save_pretrained(model_dir)
+    with pytest.raises(ModelLoadingError, match=r"reads audio \(input_features\).*Python API.*batches of "
+                                                r"input_features"):
+        load_model(model_dir, kind="classification", device=torch.device("cpu"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(4)) + "\n")
+    assert _run("importance", "--model", model_dir, "--data", text, "--output-dir", tmp_path / "out") != 0
+    error = capsys.readouterr().err
+    assert "Whisper model, which reads audio (input_features)" in error and "Traceback" not in error

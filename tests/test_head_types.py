@@ -149,7 +149,7 @@ def test_induction_sequences_repeat_a_block_of_distinct_ordinary_tokens():
 
 def test_image_models_and_tiny_vocabularies_are_refused():
     model = FAMILIES["vit"].model()
-    with fastbertology.patch(model), pytest.raises(ValueError, match="takes images"):
+    with fastbertology.patch(model), pytest.raises(ValueError, match="takes image inputs"):
         head_type_scores(model, [])
     with pytest.raises(ValueError, match="lower the induction period"):
         induction_sequences(10, period=12)

@@ -75,3 +75,35 @@ def test_analysis_checks_the_head_mask_once_per_pass(monkeypatch):
             analyze_heads(model, batches, ClassificationTask(), head_mask=bad)
         with pytest.raises(ValueError, match="NaN or infinite"):
             model(**{k: v for k, v in batches[0].items() if k != "labels"}, head_mask=bad)
+
+
+def test_metric_updates_read_nothing_back():
+    """Every task's metric accumulates on the device: a batch's update (after the first, which moves the state
+    there) dispatches no host read under the census, and the metric read at the end equals the host arithmetic."""
+    from types import SimpleNamespace
+
+    from fastbertology.bench.census import Census, tally
+    from fastbertology.tasks import LanguageModelingTask, RegressionTask, RetrievalTask
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.0, 0.0, 4.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    token_losses, token_mask = torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[True, True], [True, False]])
+    cases = [
+        (ClassificationTask(num_labels=3), SimpleNamespace(logits=logits), {"labels": labels}, "accuracy", 0.5),
+        (RegressionTask(metric="mse"), SimpleNamespace(logits=torch.tensor([1.0, 2.0, 4.0])),
+         {"labels": torch.tensor([1.0, 3.0, 3.0])}, "mse", 2 / 3),
+        (LanguageModelingTask(), SimpleNamespace(token_losses=token_losses, token_mask=token_mask), {}, "nll", 2.0),
+        (RetrievalTask(), SimpleNamespace(ranks=torch.tensor([1, 2, 1, 4]), group_sizes=torch.tensor([4, 4, 4, 4])),
+         {}, "mrr", (1 + 0.5 + 1 + 0.25) / 4),
+    ]
+    for task, result, batch, name, expected in cases:
+        state = task.metric_state()
+        task.update_metric(state, result, batch)
+        census = Census()
+        with census:
+            census.track([t for t in (*vars(result).values(), *batch.values(), *state.values())
+                          if isinstance(t, torch.Tensor)])
+            with census.phase("step"):
+                task.update_metric(state, result, batch)
+        assert tally(census.events).syncs == 0, (task.name, [e.location for e in census.events if e.sync])
+        assert task.compute_metrics(state)[name] == pytest.approx(expected), task.name

@@ -109,3 +109,47 @@ def test_peak_memory_far_below_n_squared(device):
     assert extra < n_by_n / 8, f"peak extra memory {extra / 2**20:.0f} MiB vs one N x N tensor {n_by_n / 2**20:.0f} MiB"
     assert torch.isfinite(head_mask.grad).all() and torch.isfinite(q.grad.float()).all()
     assert stats.probs is None
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("mode", ["per_batch", "per_example"])
+def test_cuda_graph_replay_equals_eager(device, dtype, mode):
+    """Importance, statistics and metric of a pass whose steps replay CUDA graphs equal the eager pass (the
+    real capture of tests/test_step_graphs.py's emulated one); a second pass replays every step."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import fastbertology
+    from fastbertology.batching import move_batch
+    from fastbertology.importance import analyze_heads, evaluate_metric
+    from fastbertology.tasks import ClassificationTask
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=500, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=128, num_labels=3)
+    model = BertForSequenceClassification(config).eval().to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for lengths in ((30, 7, 19, 64, 3, 40, 12, 25), (31, 8, 20, 60, 5, 41, 11, 22), (90, 1, 2, 3, 4, 5, 6, 7)):
+        seq = max(lengths)
+        ids = torch.randint(2, 500, (len(lengths), seq), generator=generator)
+        mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batches.append(move_batch({"input_ids": ids, "attention_mask": mask,
+                                   "labels": torch.arange(len(lengths)) % 3}, device))
+    task = ClassificationTask(num_labels=3)
+    with fastbertology.patch(model, backend="triton"):
+        eager = analyze_heads(model, batches, task, importance=mode, cuda_graphs="off")
+        graphs = analyze_heads(model, batches, task, importance=mode)
+        again = analyze_heads(model, batches, task, importance=mode)
+        keep = (eager.importance > 0.5).to(device=device, dtype=torch.float32)
+        report = {}
+        eager_metric = evaluate_metric(model, batches, task, head_mask=keep, cuda_graphs="off")
+        graph_metric = evaluate_metric(model, batches, task, head_mask=keep, graph_report=report)
+    assert graphs.cuda_graphs["reason"] is None, graphs.cuda_graphs
+    assert graphs.cuda_graphs["replays"] == 1 and again.cuda_graphs["replays"] == 3
+    tolerance = dict(rtol=1e-5, atol=1e-9) if dtype == F32 else dict(rtol=2e-2, atol=1e-6)
+    for result in (graphs, again):
+        torch.testing.assert_close(result.raw_importance, eager.raw_importance, **tolerance)
+        torch.testing.assert_close(result.entropy, eager.entropy, **tolerance)
+        torch.testing.assert_close(result.max_prob, eager.max_prob, **tolerance)
+        assert result.tokens == eager.tokens and result.metric == pytest.approx(eager.metric)
+    assert report["replays"] == 1 and graph_metric == pytest.approx(eager_metric)

@@ -19,7 +19,8 @@ import importlib
 # The names below load their module on first use (PEP 562), so that ``fastbertology bench --help`` stays fast:
 # most modules import torch and transformers.
 _HOMES = {
-    "ANALYSIS_MODES": "names", "CPU_CASES": "cases", "FULL_CASES": "cases", "QUICK_CASES": "cases",
+    "ANALYSIS_MODES": "names", "MASKING_MODES": "names", "CPU_CASES": "cases", "FULL_CASES": "cases",
+    "QUICK_CASES": "cases",
     "BenchCase": "cases", "select_cases": "cases", "bench_main": "command", "main": "command", "ModeResult": "modes",
     "PreparedMode": "modes", "prepare_mode": "modes", "reference_analysis": "reference",
     "reference_masking": "reference", "reference_model": "reference", "reference_sweep": "reference",
@@ -36,6 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ANALYSIS_MODES",
+    "MASKING_MODES",
     "CPU_CASES",
     "FULL_CASES",
     "QUICK_CASES",

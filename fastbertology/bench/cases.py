@@ -4,10 +4,12 @@ Case groups:
 
 * ``FULL_CASES`` — GPU-sized (BERT-base at seq 128 / 512, GPT-2 small at seq 1024, a GPT-2 LM case at seq 256,
   iterative masking, single-head sweeps (zero, mean and resample ablation), head-type scores (BERT-base, GPT-2
-  small), activation patching, and run_bertology's batch size 1 (its defaults: per-example importance at batch 32;
-  and fastbertology at batch 1 too), last so that a time budget cuts it first). The default on CUDA.
-* ``CPU_CASES`` — run on the CPU whatever the machine: issue 9's real MiniLM retrieval case and a GPT-2 LM case
-  that takes well under a minute per mode on two cores. The default on a machine without CUDA.
+  small), activation patching, a Llama-3-8B-shaped model (bf16, up to 4096 tokens), and run_bertology's batch
+  size 1 (its defaults: per-example importance at batch 32; and fastbertology at batch 1 too), last so that a time
+  budget cuts it first). The default on CUDA.
+* ``CPU_CASES`` — run on the CPU whatever the machine: issue 9's real MiniLM retrieval case, a GPT-2 LM case
+  that takes well under a minute per mode on two cores, and the CPU twin of the Llama-3-8B-shaped case (minutes).
+  The default on a machine without CUDA.
 * ``QUICK_CASES`` — tiny versions of all of them (seconds on a CPU, any device); the tests run these.
 """
 
@@ -24,7 +26,18 @@ from .names import (  # noqa: F401 - re-exported
     PATCHING_MODES,
     SWEEP_MODES,
 )
-from .workloads import BERT_BASE, GPT2_MINI, GPT2_SMALL, TINY_BERT, TINY_GPT2, PairsWorkload, SyntheticWorkload
+from .workloads import (
+    BERT_BASE,
+    GPT2_MINI,
+    GPT2_SMALL,
+    LLAMA3_8B,
+    LLAMA_TWIN,
+    TINY_BERT,
+    TINY_GPT2,
+    TINY_LLAMA,
+    PairsWorkload,
+    SyntheticWorkload,
+)
 
 KIND_MODES = {"analysis": ANALYSIS_MODES, "masking": MASKING_MODES, "sweep": SWEEP_MODES,
               "head-types": HEAD_TYPE_MODES, "patching": PATCHING_MODES, "gates": GATES_MODES}
@@ -102,6 +115,8 @@ FULL_CASES = [
     _synthetic("bert-408x128-b1-defaults-fp32", BERT_BASE, 408, 128, 1, "fp32", fast_batch=32),
     _synthetic("patching-bert-408x128-b32-bf16", BERT_BASE, 408, 128, 32, "bf16", kind="patching"),
     _synthetic("gates-bert-408x128-b32-fp32", BERT_BASE, 408, 128, 32, "fp32", kind="gates"),
+    # issue 20: Llama-3-8B's shape, random bf16 weights, sequences of up to 4096 tokens
+    _synthetic("llama3-8b-shaped-16x4096-b1-bf16", LLAMA3_8B, 16, 4096, 1, "bf16"),
     _synthetic("bert-408x128-b1-fp32", BERT_BASE, 408, 128, 1, "fp32"),
 ]
 
@@ -110,6 +125,8 @@ CPU_CASES = [
               PairsWorkload(pairs=256, max_seq_length=128, group_size=32, max_query_chars=250, max_positive_chars=300),
               32, "fp32", device="cpu"),
     _synthetic("cpu-gpt2-lm-32x256-b8-fp32", GPT2_MINI, 32, 256, 8, "fp32", device="cpu"),
+    # the CPU twin of llama3-8b-shaped (4 layers, hidden 512, 8 heads / 2 key-value heads, vocabulary 32000)
+    _synthetic("cpu-llama-twin-lm-4x2048-b2-fp32", LLAMA_TWIN, 4, 2048, 2, "fp32", device="cpu"),
 ]
 
 QUICK_CASES = [  # tiny versions of every case above, the batch-1 cases last
@@ -119,6 +136,7 @@ QUICK_CASES = [  # tiny versions of every case above, the batch-1 cases last
     _synthetic("quick-bert-16x32-b8-bf16", TINY_BERT, 16, 32, 8, "bf16", reference_dtype="fp32"),
     _synthetic("quick-gpt2-8x32-b4-bf16", TINY_GPT2, 8, 32, 4, "bf16", reference_dtype="fp32"),
     _synthetic("quick-gpt2-lm-16x32-b4-fp32", TINY_GPT2, 16, 32, 4, "fp32"),
+    _synthetic("quick-llama-lm-8x32-b4-fp32", TINY_LLAMA, 8, 32, 4, "fp32"),
     BenchCase("quick-minilm-retrieval-16-b8-fp32", PairsWorkload(pairs=16, max_seq_length=64, group_size=8), 8,
               "fp32"),
     _synthetic("quick-masking-bert-16x16-b8-fp32", TINY_BERT, 16, 16, 8, "fp32", kind="masking"),

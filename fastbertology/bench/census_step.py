@@ -74,10 +74,11 @@ def _model_hooks(census: Census, model: torch.nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-def count_step(model: torch.nn.Module, warm: dict, batch: dict, task) -> list[Event]:
+def count_step(model: torch.nn.Module, warm: dict, batch: dict, task, *, cuda_graphs: str = "off") -> list[Event]:
     """Events of one ``analyze_heads`` step over ``batch`` (phase ``"step"``) and of the pass end (``"pass_end"``)
     of a model patched with the Triton backend, after the uncounted ``warm`` batch. ``model`` and the batches are on
-    the CPU; under the census the model's tensors are the device's and the batches go there by ``move_batch``."""
+    the CPU; under the census the model's tensors are the device's and the batches go there by ``move_batch``.
+    ``cuda_graphs``: handed to ``analyze_heads`` (``"off"``: the eager step)."""
     census = Census()
 
     def batches():
@@ -93,7 +94,7 @@ def count_step(model: torch.nn.Module, warm: dict, batch: dict, task) -> list[Ev
             # the batches reach the device as the benchmark's do (not counted: the step starts on the device)
             warm, batch = move_batch(warm, PRETEND), move_batch(batch, PRETEND)
             try:
-                analyze_heads(model, batches(), task, importance="per_batch")
+                analyze_heads(model, batches(), task, importance="per_batch", cuda_graphs=cuda_graphs)
             except ValueError:
                 # the recorded launches compute nothing: the pass end may find non-finite values (the loss, the
                 # importance table) and refuse them; the step itself must run through
@@ -203,7 +204,7 @@ def host_time(size: ModelSize, batch: int, seq: int, *, repeats: int = 5) -> dic
     handle = patch(model, backend="triton")
     try:
         with _triton_on_cpu():
-            patched = _timed_steps(lambda b: analyze_heads(model, b, task), warm, counted, repeats)
+            patched = _timed_steps(lambda b: analyze_heads(model, b, task, cuda_graphs="off"), warm, counted, repeats)
     finally:
         handle.remove()
     stock = build_model(twin)

@@ -13,16 +13,20 @@
     that requires grad); no head mask, no statistics, no metric.
 ``fastbertology``
     :func:`~fastbertology.importance.analyze_heads` (importance + entropy + max probability + metric in one pass)
-    on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default);
+    on the patched model (``backend="auto"``: Triton on CUDA, PyTorch on CPU), padding-free (the default), with the
+    layer checkpointing and loss chunk of the memory plan (:mod:`fastbertology.memory_plan`) for the device's memory;
     masking cases run :func:`~fastbertology.masking.iterative_masking`, sweep cases
     :func:`~fastbertology.sweeps.ablation_sweep` (batched masks, prefix reuse; the case's ablation kind, whose
     reference is the hook loop of :mod:`fastbertology.bench.ablation_reference`), head-type cases
     :func:`~fastbertology.head_types.head_type_scores` (no gradients; the reference: the eager maps of
     :mod:`fastbertology.bench.head_types_reference`), patching cases
     :func:`~fastbertology.activation_patching.activation_patching` (heads batched per pass).
+``fastbertology-eager``
+    the same with ``cuda_graphs="off"``: every step eager, the A/B of CUDA-graph replay (``fastbertology`` replays
+    where it can: see :mod:`fastbertology.step_graphs`). Without CUDA the two are one mode, and this row is skipped.
 ``fastbertology-padded``
     the same with ``patch(model, padding_free=False)``: every padding token computed, to show what padding-free
-    buys.
+    buys (and so no graph replay: buckets pack the real tokens).
 
 Patching cases pair every batch with a corrupted copy of its inputs (:func:`corrupted_pairs`). Every mode runs on
 the same batches; ``warmup`` is one untimed pass (masking: one importance pass; sweep: the
@@ -48,7 +52,9 @@ from ..importance import HeadAnalysis, analyze_heads
 from ..kernels import resolve_backend
 from ..loading import DTYPES
 from ..masking import iterative_masking
+from ..memory_plan import current_memory, device_memory, plan_memory
 from ..sweeps import SweepResult, ablation_sweep, single_head_masks
+from ..tasks.language_modeling import chunkable_vocabulary
 from .ablation_reference import reference_ablation_sweep
 from .cases import BenchCase
 from .head_types_reference import reference_head_types
@@ -84,6 +90,7 @@ class ModeResult:
     head_types: dict[str, torch.Tensor] | None = None  # head-type cases: score -> [L, H]
     patching: torch.Tensor | None = None  # patching: the mean batch loss per patched head [L, H]
     gates: torch.Tensor | None = None  # gates: every head's gate open probability [L, H]
+    cuda_graphs: dict | None = None  # analysis and masking: how the steps ran (GraphUse.as_dict())
 
 
 @dataclass
@@ -111,7 +118,7 @@ class PreparedMode:
 
 
 def _analysis_result(analysis: HeadAnalysis) -> ModeResult:
-    return ModeResult(passes=1, analysis=analysis, metric=analysis.metric)
+    return ModeResult(passes=1, analysis=analysis, metric=analysis.metric, cuda_graphs=analysis.cuda_graphs)
 
 
 def corrupted_pairs(model, batches: list[dict]) -> list[dict]:
@@ -209,7 +216,7 @@ def _sdpa_frozen(case: BenchCase, model, workload: Workload, **_) -> PreparedMod
 
 
 def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: str, backend: str,
-                   padding_free: bool) -> PreparedMode:
+                   padding_free: bool, cuda_graphs: str = "auto") -> PreparedMode:
     handle = patch(model, backend=backend, padding_free=padding_free)
     resolved = resolve_backend(backend, next(model.parameters()).device)
     batches, task = workload.batches, workload.task
@@ -236,16 +243,37 @@ def _fastbertology(case: BenchCase, model, workload: Workload, *, importance: st
             return ModeResult(passes=len(sweep.scores) + 1, sweep=sweep, metric=sweep.baseline_score)
         return prepared(run, lambda: ablation_sweep(model, batches[:1], task, kind="layers"))
 
+    if case.kind == "analysis":  # the memory plan of the command line, within the device's memory
+        task, checkpoint_layers = planned_task(model, batches, task)
+    else:
+        checkpoint_layers = False
+
     def analysis_pass():
-        return analyze_heads(model, batches, task, importance=importance)
+        return analyze_heads(model, batches, task, importance=importance, cuda_graphs=cuda_graphs,
+                             checkpoint_layers=checkpoint_layers)
 
     if case.kind == "masking":
         def run():
             result = iterative_masking(model, batches, task, masking_amount=case.masking_amount,
-                                       masking_threshold=case.masking_threshold, importance=importance)
-            return ModeResult(passes=len(result.curve), mask=result.head_mask, metric=result.curve[-1]["score"])
+                                       masking_threshold=case.masking_threshold, importance=importance,
+                                       cuda_graphs=cuda_graphs)
+            return ModeResult(passes=len(result.curve), mask=result.head_mask, metric=result.curve[-1]["score"],
+                              cuda_graphs=result.cuda_graphs)
         return prepared(run, analysis_pass)
     return prepared(lambda: _analysis_result(analysis_pass()), analysis_pass)
+
+
+def planned_task(model, batches, task):
+    """``(task, checkpoint_layers)`` as the memory plan sets them within the device's memory (a copy of ``task``
+    with the plan's language-model loss chunk; the other modes keep the workload's task)."""
+    device = next(model.parameters()).device
+    vocabulary = chunkable_vocabulary(task, model)
+    plan = plan_memory(model, batches, vocabulary=vocabulary, device=device, budget=device_memory(device),
+                       budget_source="device memory", in_use=current_memory(device))
+    if vocabulary is not None:
+        task = copy.copy(task)
+        task.loss_chunk_tokens = plan.loss_chunk_tokens
+    return task, plan.checkpointing
 
 
 PREPARERS = {
@@ -253,6 +281,7 @@ PREPARERS = {
     "sdpa-forward": _sdpa_forward,
     "sdpa-frozen": _sdpa_frozen,
     "fastbertology": partial(_fastbertology, padding_free=True),
+    "fastbertology-eager": partial(_fastbertology, padding_free=True, cuda_graphs="off"),
     "fastbertology-padded": partial(_fastbertology, padding_free=False),
 }
 

@@ -82,6 +82,9 @@ def _eager_attention(module, query, key, value, attention_mask, scaling=None, dr
     and the head mask, as 4.x returned them with ``output_attentions``."""
     capture, layer = module._fastbertology_bench_reference
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if key.shape[1] != query.shape[1]:  # grouped key/value heads (Llama): repeated, as transformers' eager does
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # [B, H, N, N]
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -112,7 +115,7 @@ def reference_model(model, *, entropy: bool = True):
 
     if not architecture(model).attention_interface:
         raise ValueError(f"the reference loop needs a model whose attention goes through transformers' "
-                         f"AttentionInterface (BERT, RoBERTa, GPT-2), not {model.config.model_type!r}")
+                         f"AttentionInterface (BERT, RoBERTa, GPT-2, Llama), not {model.config.model_type!r}")
     AttentionInterface.register(IMPLEMENTATION, _eager_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
     counts = heads_per_layer(model)

@@ -27,7 +27,7 @@ def _fmt(value, spec: str) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of benchmark rows, one line per (case, mode)."""
     columns = ("case", "mode", "dtype", "passes", "s/pass", "ex/s", "peak MiB", "×ref", "×fwd", "Δimp", "ΔH", "Δmask",
-               "Δsweep", "Δtypes", "Δgates", "metric", "status")
+               "Δsweep", "Δtypes", "Δgates", "metric", "graphs", "status")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append(
@@ -37,8 +37,15 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{_fmt(row['importance_diff'], '.1e')} | {_fmt(row['entropy_diff'], '.1e')} | "
             f"{_fmt(row['mask_mismatch'], 'd')} | {_fmt(row['sweep_loss_diff'], '.1e')} | "
             f"{_fmt(row['head_types_diff'], '.1e')} | {_fmt(row['gates_diff'], '.1e')} | "
-            f"{_fmt(row['metric'], '.4g')} | {row['status']} |")
+            f"{_fmt(row['metric'], '.4g')} | {_graphs(row.get('cuda_graphs'))} | {row['status']} |")
     return "\n".join(lines)
+
+
+def _graphs(column: str | None) -> str:
+    """The table's graphs cell: ``"R/S replayed"``, ``"off"`` (the reason is in the JSON row), or ``"—"``."""
+    if column is None:
+        return "—"
+    return "off" if column.startswith("off") else column
 
 
 def case_lines(rows: Sequence[dict]) -> list[str]:

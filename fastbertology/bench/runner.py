@@ -35,6 +35,7 @@ from ..architectures import heads_per_layer
 from .cases import ANALYSIS_MODES, BenchCase, select_cases
 from .memory import PeakMemory
 from .modes import ModeResult, PreparedMode, prepare_mode
+from .names import GRAPH_AB_MODE
 from .workloads import Workload
 
 ROW_KEYS = (
@@ -42,7 +43,7 @@ ROW_KEYS = (
     "device", "backend", "padding_free", "importance", "real_tokens", "padded_tokens", "real_token_fraction",
     "passes", "repeats", "seconds", "s_per_pass", "ex_per_s", "peak_mib", "peak_kind", "speedup_vs_reference",
     "speedup_vs_sdpa_forward", "importance_diff", "entropy_diff", "metric", "mask_mismatch", "sweep_loss_diff",
-    "head_types_diff", "gates_diff",
+    "head_types_diff", "gates_diff", "cuda_graphs",
     "status", "device_name", "threads", "load_average", "torch", "transformers", "triton", "python", "date",
 )
 
@@ -180,7 +181,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 def blank_row(case: BenchCase, mode: str, device: torch.device, importance: str) -> dict:
     """A row with the case's identification columns and every measurement None."""
     row = dict.fromkeys(ROW_KEYS)
-    analysing = mode in ("reference", "fastbertology", "fastbertology-padded")
+    analysing = mode in ("reference", "fastbertology", "fastbertology-eager", "fastbertology-padded")
     row.update(case=case.name, kind=case.kind, workload=case.workload.describe(), batch=case.mode_batch(mode),
                mode=mode, dtype=case.mode_dtype(mode), device=device.type, status="ok",
                importance=case.mode_importance(mode, importance) if analysing else None)
@@ -209,9 +210,20 @@ def case_rows(case: BenchCase, workload: Workload, outcomes: dict[str, ModeOutco
             speedup_vs_reference=_ratio(reference and reference.s_per_pass, s_per_pass),
             speedup_vs_sdpa_forward=_ratio(forward and forward.s_per_pass, s_per_pass),
             metric=outcome.result.metric if outcome.result is not None else None, status=outcome.status,
-            **comparison(outcome, reference), **env)
+            cuda_graphs=_graphs_column(outcome.result), **comparison(outcome, reference), **env)
         rows.append(row)
     return rows
+
+
+def _graphs_column(result) -> str | None:
+    """``"R/S replayed"`` (steps replayed of the last pass's steps) or ``"off: reason"``; None where not an
+    analysis."""
+    use = getattr(result, "cuda_graphs", None)
+    if not use:
+        return None
+    if not use["enabled"] and not use["replays"]:
+        return f"off: {use['reason']}"
+    return f"{use['replays']}/{use['replays'] + use['eager_steps']} replayed"
 
 
 def case_device(case: BenchCase, device=None) -> torch.device:
@@ -229,14 +241,19 @@ def run_case(case: BenchCase, *, device=None, backend: str = "auto", modes: Sequ
     workload = case.workload.build(case.batch, device)
     fast = dataclasses.replace(workload, batches=case.workload.batches(case.fast_batch, device)) \
         if case.fast_batch else workload
+    wanted = [mode for mode in case.modes if modes is None or mode in modes]
+    same_without_cuda = [mode for mode in wanted if mode == GRAPH_AB_MODE and device.type != "cuda"]
     outcomes = {mode: run_mode(case, mode, fast if case.mode_batch(mode) != case.batch else workload, device,
                                backend=backend, importance=case.mode_importance(mode, importance), warmup=warmup,
                                repeats=repeats)
-                for mode in case.modes if modes is None or mode in modes}
+                for mode in wanted if mode not in same_without_cuda}
     rows = case_rows(case, workload, outcomes, device, importance)
+    for mode in same_without_cuda:  # (graphs need CUDA: without it the mode is the fastbertology row)
+        rows.insert(wanted.index(mode), {**blank_row(case, mode, device, importance), **environment(device),
+                                         "status": "skipped: the fastbertology row without CUDA (no graphs)"})
     if keep_results:
-        for row, outcome in zip(rows, outcomes.values(), strict=True):
-            row["result"] = outcome.result
+        for row in rows:
+            row["result"] = outcomes[row["mode"]].result if row["mode"] in outcomes else None
     return rows
 
 

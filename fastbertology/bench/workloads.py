@@ -32,7 +32,8 @@ MODEL_SEED, DATA_SEED = 0, 1
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A random-init architecture: ``kind`` ``"bert"`` (sequence classification) or ``"gpt2"`` (LM head)."""
+    """A random-init architecture: ``kind`` ``"bert"`` (sequence classification), ``"gpt2"`` or ``"llama"`` (LM
+    head; ``kv_heads`` key/value heads, default ``heads``)."""
 
     kind: str
     layers: int
@@ -42,9 +43,11 @@ class ModelSize:
     vocab: int
     positions: int
     num_labels: int = 2
+    kv_heads: int | None = None
 
     def describe(self) -> str:
-        return f"random-init {self.kind} {self.layers}x{self.heads}x{self.hidden}"
+        groups = f"/{self.kv_heads}kv" if self.kv_heads and self.kv_heads != self.heads else ""
+        return f"random-init {self.kind} {self.layers}x{self.heads}{groups}x{self.hidden}"
 
 
 BERT_BASE = ModelSize("bert", 12, 12, 768, 3072, 30522, 512)
@@ -52,6 +55,11 @@ GPT2_SMALL = ModelSize("gpt2", 12, 12, 768, 3072, 50257, 1024)
 GPT2_MINI = ModelSize("gpt2", 6, 12, 384, 1536, 50257, 1024)  # GPT-2's vocabulary, a quarter of its width
 TINY_BERT = ModelSize("bert", 2, 4, 64, 128, 512, 64)
 TINY_GPT2 = ModelSize("gpt2", 2, 4, 64, 128, 512, 64)
+# Llama-3-8B's shape (32 layers, 32 heads / 8 key-value heads, hidden 4096, MLP 14336, vocabulary 128256)
+LLAMA3_8B = ModelSize("llama", 32, 32, 4096, 14336, 128256, 8192, kv_heads=8)
+# its CPU twin (issue 20: 42M parameters, 170 MB in fp32)
+LLAMA_TWIN = ModelSize("llama", 4, 8, 512, 1024, 32000, 4096, kv_heads=2)
+TINY_LLAMA = ModelSize("llama", 2, 4, 64, 128, 512, 128, kv_heads=2)
 
 
 @dataclass
@@ -102,7 +110,14 @@ def _workload(model, batches: list[dict], task: Task) -> Workload:
 def build_model(size: ModelSize, *, seed: int = MODEL_SEED, device=None) -> torch.nn.Module:
     """A randomly initialised fp32 model of ``size`` in eval mode (no KV cache), initialised on ``device``
     (much faster on a GPU), returned on that device."""
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if size.kind == "bert":
@@ -115,6 +130,12 @@ def build_model(size: ModelSize, *, seed: int = MODEL_SEED, device=None) -> torc
                             n_inner=size.intermediate, n_positions=size.positions, use_cache=False,
                             bos_token_id=size.vocab - 1, eos_token_id=size.vocab - 1)
         model_class = GPT2LMHeadModel
+    elif size.kind == "llama":
+        config = LlamaConfig(vocab_size=size.vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
+                             num_attention_heads=size.heads, num_key_value_heads=size.kv_heads or size.heads,
+                             intermediate_size=size.intermediate, max_position_embeddings=size.positions,
+                             use_cache=False, pad_token_id=size.vocab - 1, bos_token_id=0, eos_token_id=size.vocab - 1)
+        model_class = LlamaForCausalLM
     else:
         raise ValueError(f"unknown model kind {size.kind!r}")
     with torch.device(device or "cpu"):

@@ -6,7 +6,10 @@
   :func:`load_examples`, which picks the reader;
 * :mod:`~fastbertology.data.labels` — label values -> class ids or regression targets, and the checks of labels
   against a classifier's classes (:func:`check_class_labels`, :func:`align_label_names`);
-* :mod:`~fastbertology.data.demo` — (query, positive) pairs from the Python documentation (:func:`demo_pairs`).
+* :mod:`~fastbertology.data.demo` — (query, positive) pairs from the Python documentation (:func:`demo_pairs`);
+* streamed corpora (``importance --stream``): :mod:`~fastbertology.data.text_stream` (a large ``.txt`` tokenized in
+  overlapping windows), :mod:`~fastbertology.data.document_stream` (JSONL and Parquet documents),
+  :mod:`~fastbertology.data.stream_batches` (blocks and batches with a position to resume from).
 
 Turning examples into batches of tensors is :mod:`fastbertology.batching` (``make_batches``), the one batching
 module; the analyses consume its batches and never read files.

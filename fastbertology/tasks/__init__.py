@@ -26,15 +26,16 @@ Tasks:
 * :class:`ClassificationTask` — ``model(...).logits [B, C]``, mean cross-entropy; accuracy, F1 (MRPC), Matthews
   correlation (CoLA).
 * :class:`RegressionTask` — ``logits [B, 1]``, mean squared error; Pearson correlation (STS-B).
-* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens;
-  perplexity (lower is better).
+* :class:`LanguageModelingTask` — causal LMs' (GPT-2, Llama, ...) next-token NLL over non-padding tokens, and an
+  encoder-decoder's decoder text given its input (Whisper: the sequence-to-sequence loss); perplexity (lower is
+  better).
 * :class:`RetrievalTask` — sentence-embedding models (MiniLM): symmetric contrastive loss and accuracy@1 / MRR
   within fixed groups of examples, so results do not depend on the batch size.
 """
 
 from __future__ import annotations
 
-from .base import MODEL_INPUT_KEYS, Task, TaskProtocol, TaskResult, sum_metric_states
+from .base import EXAMPLE_KEYS, MODEL_INPUT_KEYS, Task, TaskProtocol, TaskResult, count_examples, sum_metric_states
 from .glue import GLUE_METRICS, ClassificationTask, RegressionTask, confusion_metrics
 from .language_modeling import LanguageModelingTask, PredictedLogits
 from .retrieval import RetrievalTask, embed, mean_pool, retrieval_ranks
@@ -43,7 +44,7 @@ __all__ = [
     "TaskResult", "Task", "TaskProtocol", "sum_metric_states", "PredictedLogits", "ClassificationTask",
     "RegressionTask", "LanguageModelingTask", "RetrievalTask",
     "GLUE_METRICS", "glue_task", "make_task", "TASK_KINDS", "mean_pool", "embed", "retrieval_ranks",
-    "confusion_metrics", "MODEL_INPUT_KEYS",
+    "confusion_metrics", "MODEL_INPUT_KEYS", "EXAMPLE_KEYS", "count_examples",
 ]
 
 

@@ -8,7 +8,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "input_features")
+EXAMPLE_KEYS = ("input_ids", "pixel_values", "input_features")  # one row per example: text, images, audio
+
+
+def count_examples(batch: dict) -> int | None:
+    """Number of examples in ``batch``: the rows of ``input_ids``, ``pixel_values`` (images) or ``input_features``
+    (audio, ``[B, n_mels, frames]``), whichever it has; None when it has none of them."""
+    for key in EXAMPLE_KEYS:
+        if key in batch:
+            return len(batch[key])
+    return None
 
 
 @dataclass
@@ -38,8 +48,8 @@ class TaskResult:
 
 
 def _model_inputs(batch: dict, prefix: str = "") -> dict:
-    """``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values`` (those present) of ``batch``, without
-    ``prefix``."""
+    """The :data:`MODEL_INPUT_KEYS` entries (``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``,
+    ``input_features``: those present) of ``batch``, without ``prefix``."""
     return {key: batch[prefix + key] for key in MODEL_INPUT_KEYS if prefix + key in batch}
 
 
@@ -85,6 +95,10 @@ def sum_metric_states(states: list[dict]) -> dict:
     merged = {}
     for key in states[0]:
         values = [state[key] for state in states]
+        if any(isinstance(v, torch.Tensor) for v in values):  # a state that saw no batch may still hold a number
+            values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in values]
+            if all(v.dim() == 0 for v in values):
+                values = [v.cpu() for v in values]
         if isinstance(values[0], torch.Tensor):
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
@@ -110,6 +124,10 @@ class Task:
     name = "task"
     metric_name = "metric"
     higher_is_better = True
+    # None when a step (forward, loss, metric update) can be captured as a CUDA graph: shapes fixed by the batch's
+    # shapes, no host reads, and update_metric changing device tensors in place after the first batch; else why
+    # not (fastbertology.step_graphs runs such steps eagerly and says so)
+    cuda_graph_refusal: str | None = "its step is not declared capturable (cuda_graph_refusal = None)"
 
     def forward(self, model, batch: dict, *, head_mask: torch.Tensor | None = None):
         """Run ``model`` on ``batch`` (``head_mask`` ``[L, H]`` or ``[B, L, H]`` given to the patched model)."""
@@ -142,8 +160,13 @@ class Task:
         return sum_metric_states(states)
 
     def batch_size(self, batch: dict) -> int:
-        """Number of examples in ``batch`` (rows of ``input_ids``, or of ``pixel_values`` for image models)."""
-        return len(batch["input_ids"] if "input_ids" in batch else batch["pixel_values"])
+        """Number of examples in ``batch`` (rows of ``input_ids``, of ``pixel_values`` for image models, of
+        ``input_features`` for audio models)."""
+        size = count_examples(batch)
+        if size is None:
+            raise ValueError(f"the batch has none of {', '.join(EXAMPLE_KEYS)} (keys: {', '.join(sorted(batch))}): "
+                             "give the task a batch_size(batch) method that counts its examples")
+        return size
 
     def replicate(self, batch: dict, k: int) -> dict:
         """``batch`` of B examples -> k*B rows for :meth:`forward` (copy j = rows ``j*B .. (j+1)*B - 1``): every

@@ -55,8 +55,8 @@ def _grown_confusion(confusion: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ClassificationTask(Task):
-    """Sequence (or image) classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` (or
-    ``model(pixel_values).logits``) against ``batch["labels"] [B]`` (class ids).
+    """Sequence (image, audio) classification: ``model(input_ids, attention_mask, token_type_ids).logits [B, C]`` (or
+    ``model(pixel_values).logits``, ``model(input_features).logits``) against ``batch["labels"] [B]`` (class ids).
 
     loss:           mean over the batch of the per-example cross-entropy (as transformers' and run_bertology's
                     loss); ``example_losses [B]`` the per-example cross-entropy. Computed in float32 or wider.
@@ -68,6 +68,7 @@ class ClassificationTask(Task):
     name = "classification"
     higher_is_better = True
     METRICS = ("accuracy", "f1", "mcc")
+    cuda_graph_refusal = None  # fixed shapes, device-side metric updated in place: steps replay as CUDA graphs
 
     def __init__(self, *, metric: str = "accuracy", num_labels: int | None = None, positive_label: int = 1):
         if metric not in self.METRICS:
@@ -92,11 +93,18 @@ class ClassificationTask(Task):
         return {"confusion": torch.zeros(size, size, dtype=torch.long)}
 
     def update_metric(self, state, result, batch):
-        predictions = result.logits.detach().argmax(-1).cpu()
-        labels = batch["labels"].detach().long().cpu()
-        size = max(state["confusion"].shape[0], result.logits.shape[-1], int(labels.max()) + 1)
-        state["confusion"] = _grown_confusion(state["confusion"], size)
-        state["confusion"] += torch.bincount(labels * size + predictions, minlength=size * size).view(size, size)
+        """Adds the batch to the confusion matrix, which lives on the logits' device: no host-device sync. The
+        matrix has ``max(num_labels, C)`` classes for ``[B, C]`` logits (a label the logits have no class for
+        fails the loss first)."""
+        logits = result.logits.detach()
+        confusion = state["confusion"]
+        size = max(confusion.shape[0], logits.shape[-1])
+        if confusion.device != logits.device or size != confusion.shape[0]:  # the first batch, or more classes
+            state["confusion"] = confusion = _grown_confusion(confusion.cpu(), size).to(logits.device)
+        predictions = logits.argmax(-1)
+        labels = batch["labels"].detach().to(logits.device).long()
+        cells = labels * size + predictions  # [B] flat cells of the [size, size] matrix
+        confusion.view(-1).index_add_(0, cells, torch.ones_like(cells))  # in place (a CUDA graph replays it)
 
     def merge_metric_states(self, states):
         """Confusion matrices that may have grown to different sizes: padded to the largest, then added."""
@@ -116,6 +124,13 @@ def _combined_moments(a: dict, b: dict) -> dict:
         return dict(a)
     if n_a == 0:
         return dict(b)
+    return _union_moments(a, b)
+
+
+def _union_moments(a: dict, b: dict) -> dict:
+    """:func:`_combined_moments` without its checks for empty states (the counts may be device tensors: no sync;
+    ``a["n"] + b["n"]`` must be positive)."""
+    n_a, n_b = a["n"], b["n"]
     n = n_a + n_b
     dx, dy = b["mean_x"] - a["mean_x"], b["mean_y"] - a["mean_y"]
     return {
@@ -138,6 +153,7 @@ class RegressionTask(Task):
     name = "regression"
     higher_is_better = True
     METRICS = ("pearson", "mse")
+    cuda_graph_refusal = None  # as classification
 
     def __init__(self, *, metric: str = "pearson"):
         if metric not in self.METRICS:
@@ -162,15 +178,24 @@ class RegressionTask(Task):
         return {"n": 0, "mean_x": 0.0, "mean_y": 0.0, "m2_x": 0.0, "m2_y": 0.0, "c_xy": 0.0, "sse": 0.0}
 
     def update_metric(self, state, result, batch):
-        x = result.logits.detach().double().cpu()
-        y = batch["labels"].detach().double().cpu()
+        """Chan et al.'s update with the batch's moments. The state's entries are float64 0-d tensors on the
+        logits' device after the first batch, updated in place from then on: no host-device sync (and a CUDA graph
+        replays the update)."""
+        x = result.logits.detach().double()
+        y = batch["labels"].detach().to(x.device).double()
         if len(x) == 0:
             return
-        mean_x, mean_y = float(x.mean()), float(y.mean())
-        batch_state = {"n": len(x), "mean_x": mean_x, "mean_y": mean_y, "m2_x": float(((x - mean_x) ** 2).sum()),
-                       "m2_y": float(((y - mean_y) ** 2).sum()), "c_xy": float(((x - mean_x) * (y - mean_y)).sum()),
-                       "sse": float(((x - y) ** 2).sum())}
-        state.update(_combined_moments(state, batch_state))
+        mean_x, mean_y = x.mean(), y.mean()
+        dx, dy = x - mean_x, y - mean_y
+        batch_state = {"n": torch.full((), float(len(x)), dtype=torch.float64, device=x.device),
+                       "mean_x": mean_x, "mean_y": mean_y, "m2_x": dx.square().sum(),
+                       "m2_y": dy.square().sum(), "c_xy": (dx * dy).sum(), "sse": (x - y).square().sum()}
+        for key, value in _union_moments(state, batch_state).items():
+            current = state[key]
+            if isinstance(current, torch.Tensor) and current.device == x.device and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                state[key] = value
 
     def merge_metric_states(self, states):
         """Counts, means and co-moments combined with Chan et al.'s pairwise update (in order)."""
@@ -180,6 +205,7 @@ class RegressionTask(Task):
         return merged
 
     def compute_metrics(self, state):
+        state = {key: float(value) for key, value in state.items()}  # read once, at the end
         if state["n"] == 0:
             raise ValueError("no examples were accumulated: the metric is undefined")
         denominator = math.sqrt(state["m2_x"] * state["m2_y"])

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..architectures import architecture
-from .base import Task, TaskResult, _at_least_float32, _mask_kwargs
+from .base import Task, TaskResult, _at_least_float32, _mask_kwargs, _model_inputs
+
+DECODER_TEXT = ("decoder_input_ids", "decoder_attention_mask")  # an encoder-decoder model's text (its decoder's)
 
 
 @dataclass
@@ -30,18 +33,64 @@ class PredictedLogits:
         return [PredictedLogits(logits, block) for logits, block in zip(rows, blocks)]
 
 
+@dataclass
+class PredictedLosses:
+    """Token losses at the predicted positions only: ``losses [K]`` (float32 or wider) for the K positions where
+    ``positions [B, N]`` (bool) is True, in row-major order; what the chunked loss computes (no logits are kept)."""
+
+    losses: torch.Tensor
+    positions: torch.Tensor
+
+    def split(self, k: int) -> list[PredictedLosses]:
+        """k outputs for k equal row blocks of ``positions``."""
+        parts = PredictedLogits(self.losses, self.positions).split(k)
+        return [PredictedLosses(part.logits, part.positions) for part in parts]
+
+
+def _chunk_losses(projection: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL ``[k]`` of ``targets [k]`` under ``projection(hidden [k, D])`` (logits ``[k, V]`` in float32 or wider)."""
+    return F.cross_entropy(_at_least_float32(projection(hidden)), targets, reduction="none")
+
+
+def chunked_token_losses(projection: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """NLL ``[K]`` of ``targets [K]`` given final hidden states ``hidden [K, D]``, ``chunk`` tokens at a time.
+
+    With autograd on, each chunk runs under ``torch.utils.checkpoint``: its logits ``[chunk, V]`` are dropped after
+    its losses are taken and recomputed, one chunk at a time, in the backward, so that no ``K x V`` tensor (logits,
+    probabilities or their gradient) ever exists whole. The gradient of every chunk flows back to ``hidden``."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        rows, wanted = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_losses, projection, rows, wanted, use_reentrant=False))
+        else:
+            parts.append(_chunk_losses(projection, rows, wanted))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def _output_projection(model) -> torch.nn.Linear | None:
     """The vocabulary projection of a causal LM whose logits are exactly ``projection(base model hidden states)``
-    (the registry's ``causal_lm`` families), else None."""
+    (the registry's ``causal_lm`` families), else None: also for a model that soft-caps its logits after the
+    projection (Gemma 3's ``final_logit_softcapping``)."""
     projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", model)
     if not isinstance(projection, torch.nn.Linear) or base is model:
+        return None
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
         return None
     try:
         causal_lm = architecture(model).causal_lm
     except ValueError:
         return None
     return projection if causal_lm else None
+
+
+def chunkable_vocabulary(task, model) -> int | None:
+    """The vocabulary size of ``model``'s LM head when ``task`` is language modelling whose loss it can compute in
+    chunks (:class:`LanguageModelingTask` on a registry causal LM); else None."""
+    projection = _output_projection(model) if isinstance(task, LanguageModelingTask) else None
+    return None if projection is None else projection.out_features
 
 
 class LanguageModelingTask(Task):
@@ -52,23 +101,47 @@ class LanguageModelingTask(Task):
 
     Targets: ``batch["labels"] [B, N]`` if present (ignored positions -100), else ``input_ids`` with padding
     (``attention_mask == 0``) set to -100. The shift happens here; the model is not given labels.
+
+    Encoder-decoder models (Whisper's speech recognition; batches with ``decoder_input_ids``): the decoder's text
+    is modelled given the encoder's input (the batch's model inputs: ``input_features``, or ``input_ids``), teacher
+    forced: ``model(<encoder inputs>, decoder_input_ids, decoder_attention_mask).logits [B, N, V]``, token t+1 of
+    ``decoder_input_ids`` predicted from its tokens <= t (padding: ``decoder_attention_mask == 0``). That is the
+    sequence-to-sequence loss, without the prediction of the decoder's first (start) token.
     loss:           total NLL of the counted tokens of the batch / their number (transformers' LM loss).
     example_losses: ``[B]`` each example's mean NLL over its counted tokens (0 for an example with none).
     metric:         ``"perplexity"`` = exp(total token NLL / total counted tokens) over the whole data; lower is
                     better. Also reported: ``"nll"`` (mean per token) and ``"tokens"``.
+
+    ``loss_chunk_tokens``: with a causal LM's projection, compute the losses this many predicted tokens at a time
+    (:func:`chunked_token_losses`: no ``tokens x vocabulary`` tensor is ever whole; the same losses); None: at once.
     """
 
     name = "language_modeling"
     metric_name = "perplexity"
     higher_is_better = False
+    cuda_graph_refusal = "its loss selects the predicted positions (shapes that depend on the data)"
+
+    def __init__(self, loss_chunk_tokens: int | None = None):
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be a positive number of tokens, got {loss_chunk_tokens}")
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, model, batch, *, head_mask=None):
+        if DECODER_TEXT[0] in batch:  # encoder-decoder: the encoder's inputs and the decoder's text
+            inputs = _model_inputs(batch) | {key: batch[key] for key in DECODER_TEXT if key in batch}
+            return model(**inputs, **_mask_kwargs(head_mask))
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
         projection = _output_projection(model)
         if projection is None:
             return model(**inputs, **_mask_kwargs(head_mask))
         hidden = model.base_model(**inputs, **_mask_kwargs(head_mask)).last_hidden_state  # [B, N, D]
-        positions = self._predicting(self.targets(batch)).to(hidden.device)  # [B, N]
+        labels = self.targets(batch).to(hidden.device)
+        positions = self._predicting(labels)  # [B, N]
+        chunk = self.loss_chunk_tokens
+        if chunk is not None and positions.numel() > chunk:  # (no sync: hidden[positions] takes the count)
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
+            return PredictedLosses(chunked_token_losses(projection, hidden[positions], shifted[positions], chunk),
+                                   positions)
         return PredictedLogits(projection(hidden[positions]), positions)
 
     @staticmethod
@@ -77,22 +150,24 @@ class LanguageModelingTask(Task):
         return F.pad(labels[:, 1:], (0, 1), value=-100) != -100
 
     def split(self, output, k):
-        if isinstance(output, PredictedLogits):
+        if isinstance(output, (PredictedLogits, PredictedLosses)):
             return output.split(k)
         return super().split(output, k)
 
     @staticmethod
     def targets(batch: dict) -> torch.Tensor:
-        """``[B, N]`` target ids: ``batch["labels"]`` or ``input_ids`` with padding set to -100."""
-        if "labels" in batch and batch["labels"].shape == batch["input_ids"].shape:
+        """``[B, N]`` target ids: ``batch["labels"]`` or the modelled text (``input_ids``; ``decoder_input_ids`` for
+        encoder-decoder batches) with padding set to -100."""
+        ids, mask = DECODER_TEXT if DECODER_TEXT[0] in batch else ("input_ids", "attention_mask")
+        if "labels" in batch and batch["labels"].shape == batch[ids].shape:
             return batch["labels"]
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
+        labels = batch[ids].clone()
+        if mask in batch:
+            labels[batch[mask] == 0] = -100
         return labels
 
     def result(self, output, batch):
-        if isinstance(output, PredictedLogits):
+        if isinstance(output, (PredictedLogits, PredictedLosses)):
             return self._predicted_result(output, batch)
         logits = output.logits if hasattr(output, "logits") else output  # [B, N, V]
         batch_size, length, vocab = logits.shape
@@ -109,28 +184,35 @@ class LanguageModelingTask(Task):
         return TaskResult(loss=loss, example_losses=example_losses, logits=logits, token_losses=token_losses,
                           token_mask=token_mask)
 
-    def _predicted_result(self, output: PredictedLogits, batch) -> TaskResult:
-        """The same losses from logits at the predicted positions only."""
-        labels = self.targets(batch).to(output.logits.device)  # [B, N]
+    def _predicted_result(self, output: PredictedLogits | PredictedLosses, batch) -> TaskResult:
+        """The same losses from logits (or losses) at the predicted positions only."""
         positions = output.positions
-        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
-        losses = F.cross_entropy(_at_least_float32(output.logits), shifted[positions], reduction="none")  # [K]
+        if isinstance(output, PredictedLosses):
+            losses, logits = output.losses, None
+        else:
+            labels = self.targets(batch).to(output.logits.device)  # [B, N]
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
+            logits = output.logits
+            losses = F.cross_entropy(_at_least_float32(logits), shifted[positions], reduction="none")  # [K]
         token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)[:, :-1]  # [B, N-1]
         token_mask = positions[:, :-1]
         counts = token_mask.sum(-1)
         return TaskResult(loss=losses.sum() / counts.sum().clamp(min=1),
-                          example_losses=token_losses.sum(-1) / counts.clamp(min=1), logits=output.logits,
+                          example_losses=token_losses.sum(-1) / counts.clamp(min=1), logits=logits,
                           token_losses=token_losses, token_mask=token_mask)
 
     def metric_state(self):
         return {"nll": 0.0, "tokens": 0}
 
     def update_metric(self, state, result, batch):
-        state["nll"] += float(result.token_losses.detach().double()[result.token_mask].sum())
-        state["tokens"] += int(result.token_mask.sum())
+        """Sums on the device (0-d tensors after the first batch): no host-device sync. ``token_losses`` is 0
+        where nothing is predicted."""
+        state["nll"] = state["nll"] + result.token_losses.detach().double().sum()
+        state["tokens"] = state["tokens"] + result.token_mask.sum()
 
     def compute_metrics(self, state):
-        if state["tokens"] == 0:
+        tokens = int(state["tokens"])
+        if tokens == 0:
             raise ValueError("no tokens were accumulated: perplexity is undefined")
-        nll = state["nll"] / state["tokens"]
-        return {"perplexity": math.exp(nll), "nll": nll, "tokens": float(state["tokens"])}
+        nll = float(state["nll"]) / tokens
+        return {"perplexity": math.exp(nll), "nll": nll, "tokens": float(tokens)}

@@ -68,6 +68,7 @@ class RetrievalTask(Task):
     name = "retrieval"
     metric_name = "accuracy@1"
     higher_is_better = True
+    cuda_graph_refusal = "it embeds two inputs per example (two packed calls per step)"
 
     def __init__(self, *, group_size: int | None = 32, scale: float = 20.0, symmetric: bool = True):
         if group_size is not None and group_size < 2:
@@ -101,7 +102,7 @@ class RetrievalTask(Task):
             return [slice(0, size)]
         g = self.group_size
         if "example_index" in batch:
-            index = batch["example_index"].detach().cpu()
+            index = batch["example_index"].detach().cpu()  # kept on the host by move_batch: no sync
             first = int(index[0])
             if first % g or not torch.equal(index, torch.arange(first, first + size)):
                 raise ValueError(
@@ -132,13 +133,15 @@ class RetrievalTask(Task):
         return {"hits": 0, "reciprocal_rank": 0.0, "chance": 0.0, "examples": 0}
 
     def update_metric(self, state, result, batch):
-        ranks = result.ranks.detach().double().cpu()
-        state["hits"] += int((ranks == 1).sum())
-        state["reciprocal_rank"] += float((1.0 / ranks).sum())
-        state["chance"] += float((1.0 / result.group_sizes.detach().double().cpu()).sum())
+        """Sums on the device (0-d tensors after the first batch; the example count a host int): no sync."""
+        ranks = result.ranks.detach().double()
+        state["hits"] = state["hits"] + (ranks == 1).sum()
+        state["reciprocal_rank"] = state["reciprocal_rank"] + ranks.reciprocal().sum()
+        state["chance"] = state["chance"] + result.group_sizes.detach().double().reciprocal().sum()
         state["examples"] += len(ranks)
 
     def compute_metrics(self, state):
+        state = {key: value if key == "examples" else float(value) for key, value in state.items()}
         n = state["examples"]
         if n == 0:
             raise ValueError("no examples were accumulated: the metric is undefined")
