@@ -131,6 +131,34 @@ def test_torch_backend_recomputing_path(monkeypatch):
                     _modifier("all", HEADS, 9, generator), key_padding_mask=key_padding_mask, causal=True)
 
 
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_packed_query_blocks(causal, monkeypatch):
+    """Long packed sequences cut into query blocks (memory linear in the length): each block's position terms
+    start at its first query's position in the sequence, and the table / slope gradients are summed over blocks."""
+    from fastbertology.kernels import torch_attention
+
+    monkeypatch.setattr(torch_attention, "CHUNK_ELEMENTS", HEADS * 9 * 3)  # blocks of 3 rows in a 9-token sequence
+    for keep in (1 << 24, 0):
+        monkeypatch.setattr(torch_attention, "KEEP_PROBS_ELEMENTS", keep)
+        lengths = (9, 2, 7)
+        packing = Packing.from_lengths(lengths)
+        assert len(torch_attention.PackedPieces(torch.zeros(1, HEADS, 18, DIM), causal, packing).pieces) > 3
+        tensors, grad_out, generator = _inputs(1, sum(lengths))
+        head_mask = torch.rand(len(lengths), HEADS, generator=generator, dtype=torch.float64) + 0.5
+        modifiers = _modifier("all", HEADS, max(lengths), generator)
+        _assert_matches("torch", torch.float64, tensors, grad_out, head_mask, modifiers, packing=packing,
+                        causal=causal)
+        grads = []
+        for backend in ("reference", "torch"):
+            leaves = {name: modifiers[name].clone().requires_grad_(True) for name in ("relative_bias", "alibi_slopes")}
+            out, _ = kernels.attention(*tensors, head_mask=head_mask, causal=causal, softcap=1.5, backend=backend,
+                                       packing=packing, **leaves)
+            out.backward(grad_out)
+            grads.append([leaf.grad for leaf in leaves.values()])
+        for ours, exact in zip(grads[1], grads[0]):
+            torch.testing.assert_close(ours, exact)
+
 def _manual(q, k, v, scores_fn, sinks=None):
     """Explicit softmax attention of one unpadded example with scores ``scores_fn(raw scaled scores)``."""
     scores = scores_fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
