@@ -26,8 +26,9 @@ projection layout or a new kind of attention module). A model type that is not t
 names the entry to add; a few families whose attention is outside the kernels' contract are refused by name, with
 the feature.
 
-The types live in :mod:`fastbertology.architecture_types`, the family table in :mod:`fastbertology.family_table`;
-this module looks entries up and walks a model's layers.
+The types live in :mod:`fastbertology.architecture_types`, the family table in :mod:`fastbertology.family_table`
+(Whisper's and Gemma 3's entries in :mod:`fastbertology.architectures_more`, which uses the table's helpers); this
+module joins them, looks entries up and walks a model's layers.
 """
 
 from __future__ import annotations
