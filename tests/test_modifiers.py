@@ -325,6 +325,24 @@ def test_triton_packed_matches_reference(name, causal):
                     head_mask.to(device), modifiers, packing=Packing.from_lengths(lengths, device), causal=causal)
 
 
+
+@triton_kernels
+def test_triton_packed_with_a_planned_longest_matches_reference():
+    """A CUDA-graph bucket's packing (``Packing.longest`` past every length, a filler sequence of length 0): the
+    launch grid follows ``longest``, the modifiers' table is built for it, and the results are those of the
+    lengths."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    lengths, longest = (7, 1, 0, 5), 16
+    planned = Packing.from_lengths(lengths, device)._replace(longest=longest)
+    assert planned.max_seqlen == longest
+    tensors, grad_out, generator = _inputs(1, sum(lengths))
+    head_mask = torch.rand(len(lengths), HEADS, generator=generator, dtype=torch.float64) + 0.5
+    modifiers = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                 for key, value in _modifier("all", HEADS, longest, generator).items()}
+    _assert_matches("triton", torch.float32, [t.to(device) for t in tensors], grad_out.to(device),
+                    head_mask.to(device), modifiers, packing=planned, causal=True)
+
 @triton_kernels
 @pytest.mark.parametrize("packed", [False, True])
 def test_triton_sink_gradient_matches_reference(packed):
