@@ -34,6 +34,7 @@ from kernel_report import KernelSpec, Ptr  # noqa: E402
 
 from kernels import triton_attention as ta  # noqa: E402
 from kernels.common import Packing  # noqa: E402
+from kernels.modifiers import ScoreModifiers  # noqa: E402
 
 KERNEL_MODULE = "kernels.triton_attention"
 KERNELS = ("_attn_fwd", "_attn_probs", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -42,14 +43,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (32, 64, 128)
 LAYOUTS = ("packed", "padded", "dense")  # packed sequences; padded with a key padding mask; padded without one
 HEAD_MASKS = ("none", "mask", "grad")  # no head mask, a head mask without gradient, with gradient
+MODIFIERS = ("softcap", "bias", "alibi", "sinks")  # score modifiers (kernels/modifiers.py)
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
                 torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
 
 class Case(NamedTuple):
     """One choice of the launchers: input dtype, head dim, causal, layout (:data:`LAYOUTS`), head mask
-    (:data:`HEAD_MASKS`), grouped-query attention (``group`` query heads per key/value head; 1: multi-head) and a
-    sliding ``window`` (None: none; a window as long as the sequence or longer is dropped by the launchers)."""
+    (:data:`HEAD_MASKS`), grouped-query attention (``group`` query heads per key/value head; 1: multi-head), a
+    sliding ``window`` (None: none; a window as long as the sequence or longer is dropped by the launchers) and
+    the score ``modifiers`` (names among :data:`MODIFIERS`)."""
 
     dtype: str
     head_dim: int
@@ -58,6 +61,7 @@ class Case(NamedTuple):
     head_mask: str
     group: int = 1
     window: int | None = None
+    modifiers: tuple[str, ...] = ()
 
 
 class Shape(NamedTuple):
@@ -76,16 +80,27 @@ GPT2 = Case("bf16", 64, causal=True, layout="packed", head_mask="grad")  # causa
 PLAIN = Case("bf16", 64, causal=False, layout="dense", head_mask="none")  # no mask of any kind: the baseline
 # Mistral-like: grouped-query (4 query heads per key/value head), causal, a sliding window shorter than the sequence
 MISTRAL = Case("bf16", 64, causal=True, layout="packed", head_mask="grad", group=4, window=160)
-QUICK_CASES = (BERT, GPT2, PLAIN, MISTRAL)
+# score modifiers: Gemma 2 (soft-capping, GQA, causal window), GPT-OSS (sinks: the Mistral case with the sink in
+# the forward), T5 (a bidirectional relative-position bias table)
+GEMMA2 = Case("bf16", 64, causal=True, layout="packed", head_mask="grad", group=2, window=160, modifiers=("softcap",))
+GPT_OSS = Case("bf16", 64, causal=True, layout="packed", head_mask="grad", group=4, window=160, modifiers=("sinks",))
+T5 = Case("bf16", 64, causal=False, layout="packed", head_mask="grad", modifiers=("bias",))
+QUICK_CASES = (BERT, GPT2, PLAIN, MISTRAL, GEMMA2, GPT_OSS, T5)
 
 
 def feature_cases(dtype: str, head_dim: int) -> tuple[Case, ...]:
     """The grouped-query and sliding-window launches of one dtype and head dim: a GQA decoder (Llama), GQA with a
     causal window (Mistral, Qwen2, Gemma2), and a bidirectional window over a padded batch with the probabilities
-    (ModernBERT-like encoders)."""
+    (ModernBERT-like encoders); and the score modifiers: soft-capping and sinks with GQA and a causal window
+    (Gemma 2, GPT-OSS), a relative-position bias table (T5 encoders, padded with the probabilities) and ALiBi
+    (BLOOM, causal)."""
     return (Case(dtype, head_dim, True, "packed", "grad", group=4),
             Case(dtype, head_dim, True, "packed", "grad", group=4, window=160),
-            Case(dtype, head_dim, False, "padded", "grad", window=129))
+            Case(dtype, head_dim, False, "padded", "grad", window=129),
+            Case(dtype, head_dim, True, "packed", "grad", group=2, window=160, modifiers=("softcap",)),
+            Case(dtype, head_dim, True, "packed", "grad", group=4, window=160, modifiers=("sinks",)),
+            Case(dtype, head_dim, False, "padded", "grad", modifiers=("bias",)),
+            Case(dtype, head_dim, True, "packed", "grad", modifiers=("alibi",)))
 
 
 class _Recorder:
@@ -136,19 +151,32 @@ def _inputs(case: Case, shape: Shape):
     return q, k, v, grad_out, layout, mask
 
 
+def _modifiers(case: Case, shape: Shape) -> ScoreModifiers:
+    """The score modifiers of ``case`` (values do not matter to the compiled code, only which are present)."""
+    unknown = set(case.modifiers) - set(MODIFIERS)
+    if unknown:
+        raise ValueError(f"unknown score modifiers {sorted(unknown)}; choose among {MODIFIERS}")
+    heads = torch.zeros(shape.heads)
+    return ScoreModifiers(relative_bias=torch.zeros(shape.heads, 2 * shape.seq - 1) if "bias" in case.modifiers
+                          else None, alibi_slopes=heads if "alibi" in case.modifiers else None,
+                          softcap=50.0 if "softcap" in case.modifiers else None,
+                          sinks=heads if "sinks" in case.modifiers else None)
+
+
 def recorded_launches(case: Case, shape: Shape, arch: int = 90) -> list[tuple[str, tuple, dict]]:
     """Every kernel launch of one forward (with the probabilities where the layout allows them) and backward of
     ``case`` on ``arch``, and of the backward that only needs the head-mask gradient: ``(kernel name, args,
     kwargs)``."""
     q, k, v, grad_out, layout, mask = _inputs(case, shape)
     scale = case.head_dim**-0.5
+    mods = ta._KernelModifiers(_modifiers(case, shape), scale, layout.dummy)
     calls: list = []
     with _recording(calls, arch):
-        out, lse, *_ = ta._forward(q, k, v, mask, layout, case.causal, scale, case.layout != "packed")
+        out, lse, *_ = ta._forward(q, k, v, mask, layout, case.causal, scale, case.layout != "packed", mods)
         need_mask = case.head_mask == "grad"
-        ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, True, True, need_mask)
+        ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, True, True, need_mask, mods)
         if need_mask:
-            ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, False, False, True)
+            ta._backward(grad_out, q, k, v, out, lse, mask, layout, case.causal, scale, False, False, True, mods)
     return calls
 
 

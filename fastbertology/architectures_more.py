@@ -1,5 +1,6 @@
 """More registry entries (see :mod:`fastbertology.architectures`): Whisper and Gemma 3, kept in a module of their own
-so that the registry module stays small. :mod:`fastbertology.architectures` adds them to ``ARCHITECTURES`` and
+so that the family table stays small (it uses the table's helpers; the table does not import it).
+:mod:`fastbertology.architectures` adds ``MORE_ARCHITECTURES`` to ``ARCHITECTURES`` and ``MORE_REFUSED`` to
 ``REFUSED``; nothing else imports this module.
 
 * **Whisper** (``whisper``: ``WhisperForConditionalGeneration``, ``WhisperForAudioClassification``) reads audio:
@@ -20,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from torch import nn
+
+from .architecture_types import Architecture, Projections, Stack
+from .family_table import _always, _gemma_causal, _llama_like, _never
 
 MORE_REFUSED = {
     "gemma3": "bidirectional attention among the tokens of each image inside its causal text model (a block mask) and "
@@ -46,18 +50,8 @@ def _softcapping(config) -> str | None:
             "scores)")
 
 
-def more_architectures() -> tuple:
-    """The entries of this module (called by :mod:`fastbertology.architectures` once its classes exist)."""
-    from .architectures import (
-        Architecture,
-        Projections,
-        Stack,
-        _always,
-        _gemma_causal,
-        _llama_like,
-        _never,
-    )
-
+def _more_architectures() -> tuple[Architecture, ...]:
+    """The entries of this module: Whisper and Gemma 3."""
     def self_attention(layer):
         return layer.self_attn
 
@@ -83,3 +77,6 @@ def more_architectures() -> tuple:
     )
     gemma3 = replace(_llama_like("Gemma 3", ("gemma3_text",), causal=_gemma_causal), refuses=_softcapping)
     return whisper, gemma3
+
+
+MORE_ARCHITECTURES = _more_architectures()

@@ -86,10 +86,21 @@ def _key_padding_from_2d(attention_mask, n_keys):
     return attention_mask[:, -n_keys:].to(torch.bool)
 
 
-# attention-function arguments of features outside the kernels' contract
-_REFUSED_ARGUMENTS = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
-                      "sinks": "attention sinks", "position_bias": "an additive position bias",
-                      "alibi": "ALiBi position biases"}
+# attention-function arguments of features the patch does not hand to the kernels (yet)
+_REFUSED_ARGUMENTS = {"position_bias": "an additive position bias", "alibi": "ALiBi position biases"}
+
+
+def score_modifiers(kwargs) -> dict:
+    """The kernels' score modifiers from transformers' attention-function arguments: ``softcap`` (Gemma 2's
+    ``attn_logit_softcapping``) and ``s_aux`` / ``sinks`` (GPT-OSS's per-head sink logits, ``[H]``). Only those
+    that are set; see :mod:`fastbertology.kernels.modifiers`."""
+    options = {}
+    if kwargs.get("softcap") is not None:
+        options["softcap"] = float(kwargs["softcap"])
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is not None:
+        options["sinks"] = sinks.reshape(-1)
+    return options
 
 
 def _refuse_unsupported(module, kwargs) -> None:
@@ -111,15 +122,34 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
             "prepare (for example the cross-attention of a BERT decoder, or a model pruned to unequal key/value groups "
             "that was not patched); patch the model with fastbertology.patch(model)"
         )
-    _refuse_unsupported(module, kwargs)
     state = binding.state
+    modifiers = score_modifiers(kwargs)
+    if state.entry.relative_bias is not None:  # (T5: the model's position_bias is a placeholder, see families_t5)
+        kwargs = {name: value for name, value in kwargs.items() if name != "position_bias"}
+    _refuse_unsupported(module, kwargs)
     packed = not binding.cross and binding.stack in state.context.packed
+    if state.entry.relative_bias is not None and not binding.cross:
+        modifiers["relative_bias"] = _relative_bias(state, binding, key.shape[2] if not packed
+                                                    else state.context.packed[binding.stack].packing.max_seqlen)
     key_padding_mask = None if packed else _key_padding_from_2d(attention_mask, key.shape[2])
     return state.attend(
         binding, module, query, key, value, key_padding_mask,
         causal=_is_causal(module, kwargs) and not binding.cross, scale=scaling, dropout=dropout,
-        output_attentions=state.context.output_attentions, window=kwargs.get("sliding_window"),
+        output_attentions=state.context.output_attentions, window=kwargs.get("sliding_window"), modifiers=modifiers,
     )
+
+
+def _relative_bias(state, binding, span: int) -> torch.Tensor:
+    """The family's relative position bias table ``[H, 2 * span - 1]`` of the running row. A table that requires
+    grad (the model's bias parameter is trainable) cannot go to the Triton kernels, which do not differentiate it."""
+    table = state.entry.relative_bias(state.model, binding.stack, binding.row(), max(span, 1))
+    if table.requires_grad and torch.is_grad_enabled() and kernels.resolve_backend(
+            state.backend, table.device) == "triton":
+        raise ValueError(
+            f"the {state.entry.name} relative position bias requires grad, and the Triton attention kernels do not "
+            "compute its gradient: freeze it (model.requires_grad_(False), as the analyses do) or patch the model "
+            "with backend='torch'")
+    return table
 
 
 def _is_causal(module, kwargs) -> bool:
@@ -142,7 +172,7 @@ def _unpatched_attention(module, query, key, value, attention_mask, scaling, dro
         kv_heads = [h * key.shape[1] // max(query.shape[1], 1) for h in range(query.shape[1])]
     index = torch.as_tensor(kv_heads, dtype=torch.long, device=key.device)
     key, value = key.index_select(1, index), value.index_select(1, index)  # one key/value head per query head
-    options = _window_options(kwargs.get("sliding_window"), key.shape[2])
+    options = {**_window_options(kwargs.get("sliding_window"), key.shape[2]), **score_modifiers(kwargs)}
     out, _ = kernels.attention(query, key, value, key_padding_mask=_key_padding_from_2d(attention_mask, key.shape[2]),
                                causal=_is_causal(module, kwargs), scale=scaling, **options)
     return out.transpose(1, 2), None

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .kernels import ScoreModifiers
+
 
 @dataclass(frozen=True)
 class AttentionCall:
@@ -37,6 +39,8 @@ class AttentionCall:
     key_padding_mask: bool ``[B, N_k]`` (True = a real token) of a padded call, or None (no padding).
     causal:           query i sees keys j <= i; ``scale``: the softmax scale; ``window``: a sliding window or None
                       (see :func:`fastbertology.kernels.attention`).
+    modifiers:        the call's score modifiers (:class:`~fastbertology.kernels.ScoreModifiers`: soft-cap, sinks...;
+                      all None for most models); ``lse`` includes the sink logit where there is one.
     """
 
     row: int
@@ -52,6 +56,7 @@ class AttentionCall:
     causal: bool
     scale: float
     window: int | None
+    modifiers: ScoreModifiers = ScoreModifiers()
 
 
 def run_hooks(hooks: list[Callable[[AttentionCall], torch.Tensor | None]], call: AttentionCall) -> torch.Tensor:

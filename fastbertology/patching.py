@@ -1,9 +1,11 @@
 """Drop-in patch that gives transformers 5 models head masks, attention maps and per-head statistics again.
 
-Every family of the registry (:mod:`fastbertology.architectures`) but OpenAI GPT routes attention through
-transformers' ``AttentionInterface``: the patch registers an attention function and a 2-D mask function under the
-name ``"fastbertology"`` and selects it on the model. OpenAI GPT has a legacy ``Attention`` module with its own
-``_attn``: its instances get a replacement forward.
+Most families of the registry (:mod:`fastbertology.architectures`) route attention through transformers'
+``AttentionInterface``: the patch registers an attention function and a 2-D mask function under the name
+``"fastbertology"`` and selects it on the model. OpenAI GPT, BLOOM, MPT and Falcon compute attention in their own
+modules: their instances get the replacement forward of their registry entry (``Architecture.attention_forward``;
+OpenAI GPT's by default). A family may also change the model while it is patched (``Architecture.prepare_patch``:
+T5's position bias, see :mod:`fastbertology.families_t5`).
 
 ``model(..., head_mask=m)`` is intercepted by a forward pre-hook on the model (and on its base model), which
 validates the mask and keeps it for the duration of the call; each attention module knows its row (see
@@ -145,10 +147,11 @@ class PatchState:
         raise TypeError(PICKLE_REFUSAL)
 
     def attend(self, binding: _Binding, module, query, key, value, key_padding_mask, *, causal, scale, dropout,
-               output_attentions, window=None):
+               output_attentions, window=None, modifiers=None):
         """Run one attention application. q ``[B, H, N_q, D]``, k, v ``[B, H_kv, N_k, D]`` (packed: ``[1, H, T, D]``)
         -> ``(out [B, N_q, H, D], probs [B, H, N_q, N_k] or None)``. ``key_padding_mask`` (bool ``[B, N_k]``) is
-        ignored for packed calls (they have no padding). ``window``: a sliding window (or None).
+        ignored for packed calls (they have no padding). ``window``: a sliding window (or None). ``modifiers``: the
+        kernels' score modifiers as keyword arguments (``softcap``, ``sinks``...), or None.
 
         ``probs`` are the post-softmax probabilities times the head mask, as transformers 4.x returned them.
         """
@@ -165,13 +168,17 @@ class PatchState:
         if heads == 0:  # every head of this layer was pruned
             return query.new_zeros(query.shape).transpose(1, 2), None
         key, value = _grouped_key_values(module, query, key, value)
+        modifiers = modifiers or {}
+        if binding.cross and modifiers:
+            raise ValueError(f"cross-attention with score modifiers ({', '.join(modifiers)}) is not supported")
         if binding.cross:
             out, stats = rectangular_attention(query, key, value, head_mask=mask, key_padding_mask=key_padding_mask,
                                                scale=scale, return_probs=output_attentions)
             self._record(row, stats, None)
             out = self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, False, scale, None)
             return out.transpose(1, 2), stats.probs
-        options = _window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2])
+        options = {**_window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2]),
+                   **modifiers}
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
                                            packing=packed.packing, backend=self.backend, **options)
@@ -194,7 +201,9 @@ class PatchState:
         call = AttentionCall(row=row, part=self.parts[row], cross=binding.cross, query=query, key=key, out=out,
                              lse=stats.lse, head_mask=mask, packed=packed, key_padding_mask=key_padding_mask,
                              causal=causal, scale=query.shape[-1] ** -0.5 if scale is None else float(scale),
-                             window=(options or {}).get("window"))
+                             window=(options or {}).get("window"),
+                             modifiers=kernels.ScoreModifiers(**{name: value for name, value in (options or {}).items()
+                                                                 if name in kernels.ScoreModifiers._fields}))
         return run_hooks(self.attention_hooks, call)
 
     def _record(self, row, stats, query_mask):
@@ -541,7 +550,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
     if not entry.attention_interface:
         for module in {id(site.module): site.module for site in sites}.values():
             if "forward" not in vars(module):  # (a layer pruned to zero heads has its own forward: keep that one)
-                module.forward = types.MethodType(_openai_attention_forward, module)
+                module.forward = types.MethodType(entry.attention_forward or _openai_attention_forward, module)
                 undo.append(lambda module=module: delattr(module, "forward"))
 
     if entry.attention_interface:
@@ -552,6 +561,8 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
         undo.append(lambda: model.set_attn_implementation(
             IMPLEMENTATION_NAME if getattr(model.config, UNEQUAL_GROUPS, None) else previous))
 
+    if entry.prepare_patch is not None:
+        undo.append(entry.prepare_patch(model))
     _hook_layers(state, undo)
     hooked = [model] if model.base_model is model else [model, model.base_model]
     for module in hooked:

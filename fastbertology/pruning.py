@@ -290,6 +290,13 @@ def _prune_module(entry: Architecture, site: AttentionSite, remove: list[int], b
         kept = [norms[h] for h in (keep if kind == "query" else keep_kv)]
         norms._modules.clear()
         norms.extend(kept)
+    for path in projections.head_parameters:  # one entry per query head: keep the remaining heads'
+        owner, _, name = path.rpartition(".")
+        owner = _part(module, owner) if owner else module
+        parameter = getattr(owner, name)
+        index = torch.as_tensor(keep, dtype=torch.long, device=parameter.device)
+        setattr(owner, name, nn.Parameter(parameter.detach().index_select(0, index),
+                                          requires_grad=parameter.requires_grad))
     _update_counts(projections, module, after, kv_after, group, head_dim)
     if not keep:
         _install_forward(module, _empty_forward(projections))
@@ -482,6 +489,8 @@ def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | 
     ``ValueError``.
     """
     entry = architecture(model)
+    if entry.prune_refusal is not None and entry.prune_refusal(model.config):
+        raise ValueError(f"cannot prune this {entry.name} model: {entry.prune_refusal(model.config)}")
     sites = attention_sites(model)
     config = model.config
     total = entry.head_count(config)
@@ -504,6 +513,8 @@ def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | 
             record[shared] = sorted(set(record.get(shared, [])) | {before[h] for h in request[row]})
     config.pruned_heads = dict(sorted(record.items()))
     _mark_unequal_groups(model, sites)
+    if entry.after_pruning is not None:  # (T5: each row reads the position bias of its remaining heads)
+        entry.after_pruning(model, sites)
     return model
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_hooks import AttentionCall
+from .kernels.modifiers import capped
 
 # Elements of the gathered query rows per chunk of pairs (16M float32 = 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
@@ -147,10 +148,24 @@ def pair_probabilities(call: AttentionCall, pairs: TokenPairs) -> torch.Tensor:
         q_rows = queries[_index(select[0], piece)].to(accumulate)  # [p, H, D]
         k_rows = keys[_index(select[1], piece)].to(accumulate)  # [p, H_kv, D]
         scores = torch.einsum("pkgd,pkd->pkg", q_rows.view(-1, kv_heads, group, head_dim), k_rows)
-        log_p = call.scale * scores.reshape(-1, heads) - lses[_index(select[2], piece)].to(accumulate)
+        scores = _modified(call, call.scale * scores.reshape(-1, heads), key_pos[piece] - query_pos[piece])
+        log_p = scores - lses[_index(select[2], piece)].to(accumulate)
         visible = _visible(call, query_pos[piece], key_pos[piece])
         parts.append(torch.where(visible[:, None], log_p.exp(), 0.0).double())
     return torch.cat(parts)
+
+
+def _modified(call: AttentionCall, scores: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """Scaled scores ``[p, H]`` after the call's score modifiers (cap, then the bias of distance ``j - i`` ``[p]``),
+    as the kernels compute them (:mod:`fastbertology.kernels.modifiers`)."""
+    modifiers = call.modifiers
+    scores = capped(scores, modifiers.softcap)
+    if modifiers.relative_bias is not None:
+        table = modifiers.relative_bias.to(scores.dtype)  # [H, 2M - 1]
+        scores = scores + table[:, distance + modifiers.bias_span - 1].t()
+    if modifiers.alibi_slopes is not None:
+        scores = scores + modifiers.alibi_slopes.to(scores.dtype)[None, :] * distance[:, None].to(scores.dtype)
+    return scores
 
 
 def _index(selection, piece: slice):

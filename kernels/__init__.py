@@ -3,7 +3,8 @@
 torch and triton only, never transformers. One contract, several backends:
 
     out, stats = attention(q, k, v, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                           return_probs=False, packing=None, window=None, backend="auto")
+                           return_probs=False, packing=None, window=None, relative_bias=None,
+                           alibi_slopes=None, softcap=None, sinks=None, backend="auto")
 
 * ``q``: ``[B, H, N, D]``; ``k, v``: ``[B, H_kv, N, D]`` with ``H_kv`` dividing ``H`` (``H_kv = H``: multi-head
   attention; fewer: grouped-query attention, ``H_kv = 1``: multi-query), query head ``h`` reading key/value head
@@ -21,6 +22,15 @@ torch and triton only, never transformers. One contract, several backends:
   hand the attention function as ``sliding_window``, their mask being ``|i - j| <= config.sliding_window``).
   Positions are those of the sequence (packed: from its first token).
 * ``scale``: softmax scale, default ``D ** -0.5``.
+* Score modifiers (:mod:`~fastbertology.kernels.modifiers`), all None by default, for query ``i`` and key ``j`` of
+  one sequence: ``s_ij = cap(scale * q_i . k_j) + relative_bias[h, (j - i) + M - 1] + alibi_slopes[h] * (j - i)``
+  with ``cap(x) = softcap * tanh(x / softcap)``; then the padding / causal / window masks; then the softmax, whose
+  denominator holds one more logit ``sinks[h]`` (value zero) when given. ``relative_bias``: ``[H, 2M - 1]`` with
+  ``M`` >= the longest sequence (T5's bucketed tables, a local window of 0 / ``-inf``); ``alibi_slopes``,
+  ``sinks``: ``[H]``; ``softcap``: a float > 0. With ``sinks``, ``stats.lse`` is the log-sum-exp including the
+  sink logit and ``entropy`` / ``max_prob`` describe the distribution over the keys and the sink. Frozen
+  parameters in the analyses; when they require grad the reference and torch backends give their exact gradients,
+  Triton those of the sinks (it refuses a bias table or slopes that require grad).
 * ``out``: ``[B, H, N, D]`` in the input dtype; ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob``
   ``[B, H, N]`` float32, of the softmax before the head mask; ``probs`` ``[B, H, N, N]``, the probabilities times the
   head mask in the input dtype, only with ``return_probs=True`` and not with ``packing``).
@@ -33,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from .common import AttentionStats, Packing
+from .modifiers import ScoreModifiers
 from .reference import attention_reference
 from .torch_attention import attention_torch
 
@@ -60,6 +71,8 @@ def triton_available() -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_mask: torch.Tensor | None = None,
               key_padding_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
               return_probs: bool = False, packing: Packing | None = None, window: int | None = None,
+              relative_bias: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+              softcap: float | None = None, sinks: torch.Tensor | None = None,
               backend: str = "auto") -> tuple[torch.Tensor, AttentionStats]:
     """Masked multi-head attention with per-head statistics; see the module docstring for the contract."""
     backend = resolve_backend(backend, q.device)
@@ -72,8 +85,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_mask: t
     else:
         function = attention_torch
     return function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                    return_probs=return_probs, packing=packing, window=window)
+                    return_probs=return_probs, packing=packing, window=window, relative_bias=relative_bias,
+                    alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
 
 
-__all__ = ["AttentionStats", "Packing", "attention", "attention_reference", "attention_torch", "resolve_backend",
-           "triton_available", "BACKENDS"]
+__all__ = ["AttentionStats", "Packing", "ScoreModifiers", "attention", "attention_reference", "attention_torch",
+           "resolve_backend", "triton_available", "BACKENDS"]

@@ -18,7 +18,9 @@ class AttentionStats(NamedTuple):
               transformers 4.x returned as attentions), only when asked, else None.
 
     Rows whose keys are all masked have zero probabilities and zero statistics. ``lse``, ``entropy`` and
-    ``max_prob`` describe the head's softmax distribution before the head mask is applied. None of them carries a
+    ``max_prob`` describe the head's softmax distribution before the head mask is applied; with attention
+    ``sinks`` (:mod:`~fastbertology.kernels.modifiers`) that distribution includes the sink (``lse`` its logit
+    too). None of them carries a
     gradient. With packed sequences ``B = 1`` and ``N`` is the total number of tokens.
     """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .common import AttentionStats, Packing, check_inputs
+from .modifiers import ScoreModifiers, capped, check_modifiers, position_bias
 
 
 def expand_head_mask(head_mask, batch, heads):
@@ -47,28 +48,43 @@ def repeat_kv_heads(t, heads):
 
 
 def attention_reference(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                        return_probs=False, packing: Packing | None = None, window: int | None = None):
+                        return_probs=False, packing: Packing | None = None, window: int | None = None,
+                        relative_bias=None, alibi_slopes=None, softcap=None, sinks=None):
     """Explicit attention, the ground truth. Same contract as :func:`fastbertology.kernels.attention`.
 
-    Computes in the dtype of ``q`` (use float64 inputs for a reference), materialises all probabilities, and is
-    differentiable through autograd in ``q``, ``k``, ``v`` and ``head_mask``.
+    Computes in the dtype of ``q`` (use float64 inputs for a reference), materialises all probabilities (and the
+    ``[H, N, N]`` position bias of the score modifiers, see :mod:`~fastbertology.kernels.modifiers`), and is
+    differentiable through autograd in ``q``, ``k``, ``v``, ``head_mask`` and the modifier tensors.
     """
-    check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs, window)
+    _, heads, _, _ = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs, window)
+    longest = packing.max_seqlen if packing is not None else q.shape[2]
+    modifiers = check_modifiers(relative_bias, alibi_slopes, softcap, sinks, q, heads, longest)
     window = None if window is None else int(window)
     if packing is not None:
-        return _packed_reference(q, k, v, head_mask, causal, scale, packing, window)
+        return _packed_reference(q, k, v, head_mask, causal, scale, packing, window, modifiers)
     batch, heads, n_queries, head_dim = q.shape
     k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
     scale = head_dim**-0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = capped(torch.matmul(q, k.transpose(-1, -2)) * scale, modifiers.softcap)
+    bias = position_bias(modifiers, 0, n_queries, k.shape[2], q.dtype, q.device)
+    if bias is not None:
+        scores = scores + bias[None]
     keep = score_mask(key_padding_mask, causal, 0, n_queries, k.shape[2], q.device, window)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
-    plogp = torch.where(probs > 0, probs * torch.log(probs), torch.zeros_like(probs))
+    has_keys = torch.isfinite(scores).any(-1)  # [B, H, N]: rows with a visible key
+    scores = scores.masked_fill(~has_keys[..., None], 0.0)  # rows without: finite (zeroed below), no NaN gradient
+    if modifiers.sinks is not None:  # one more logit per row, whose value is zero
+        sink = modifiers.sinks.to(q.dtype)[None, :, None, None].expand(batch, heads, n_queries, 1)
+        scores = torch.cat((scores, sink), dim=-1)
+    full = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    full = full * has_keys[..., None].to(full.dtype)  # rows without keys: zero, sink or not
+    plogp = torch.where(full > 0, full * torch.log(full), torch.zeros_like(full))
     entropy = -plogp.sum(-1)
     lse = torch.logsumexp(scores, dim=-1)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    lse = torch.where(has_keys, lse, torch.zeros_like(lse))
+    max_prob = full.amax(-1)
+    probs = full[..., :k.shape[2]]
     out = torch.matmul(probs, v)
     masked_probs = probs
     if head_mask is not None:
@@ -78,13 +94,13 @@ def attention_reference(q, k, v, *, head_mask=None, key_padding_mask=None, causa
     stats = AttentionStats(
         lse=lse.detach(),
         entropy=entropy.detach(),
-        max_prob=probs.amax(-1).detach(),
+        max_prob=max_prob.detach(),
         probs=masked_probs.detach() if return_probs else None,
     )
     return out, stats
 
 
-def _packed_reference(q, k, v, head_mask, causal, scale, packing, window):
+def _packed_reference(q, k, v, head_mask, causal, scale, packing, window, modifiers: ScoreModifiers):
     """Packed ``[1, H, T, D]`` inputs: every sequence through the padded reference on its own, concatenated."""
     outs, stats = [], []
     for index, (start, length) in enumerate(zip(packing.starts(), packing.lengths)):
@@ -93,7 +109,7 @@ def _packed_reference(q, k, v, head_mask, causal, scale, packing, window):
         rows = slice(start, start + length)
         mask = head_mask if head_mask is None or head_mask.dim() == 1 else head_mask[index:index + 1]
         out, stat = attention_reference(q[:, :, rows], k[:, :, rows], v[:, :, rows], head_mask=mask,
-                                        causal=causal, scale=scale, window=window)
+                                        causal=causal, scale=scale, window=window, **modifiers._asdict())
         outs.append(out)
         stats.append(stat)
     if not outs:

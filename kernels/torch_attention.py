@@ -33,6 +33,15 @@ The head mask multiplies the (unmasked) output through autograd, which gives its
 ``dL/dmask[b, h] = sum_i sum_d dO[b, h, i, d] * (P V)[b, h, i, d]``; for half-precision inputs and a float32 mask
 this sum is taken in float32 of the unrounded ``P V`` (:class:`_MaskedHalfOutput`; as the Triton backward's float32
 ``Delta``), the output itself being what half-precision attention gives.
+
+Score modifiers (:mod:`~fastbertology.kernels.modifiers`) act per piece: the cap on the scaled scores, then the
+position term ``[H, n, N]`` built for the piece's rows from the ``[H, 2M - 1]`` table / ``[H]`` slopes (``-inf``
+entries become ``MASKED_SCORE``), then the masks. A sink adds ``exp(sink - m)`` to ``l`` and
+``exp(sink - m) (sink - m)`` to ``u``; the backward needs nothing more (the sink's value is zero, so
+``rowsum(dO * O)`` is still the ``sum_j p_j dP_j`` of the softmax backward). The cap's derivative
+``1 - tanh^2`` multiplies ``dS``, from scores recomputed in the backward. The modifier tensors get their exact
+gradients when they require one: the sinks ``-sum_i p_sink,i rowsum(dO * O)_i``, the bias table the sum of
+``dL/ds`` over the entries of each distance, the slopes ``sum dL/ds * (j - i)``.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from __future__ import annotations
 import torch
 
 from .common import AttentionStats, Packing, check_inputs
+from .modifiers import ScoreModifiers, capped, check_modifiers, position_bias
 from .reference import expand_head_mask, score_mask
 
 # Elements of one chunk of scores [B, H, chunk, N] in the padded path: 16M float32 = 64 MiB.
@@ -55,20 +65,29 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _softmax_parts(scores: torch.Tensor, may_have_empty_rows: bool):
-    """Softmax of ``scores [..., K]`` (masked entries = ``MASKED_SCORE``), computed in place in ``scores``.
+def _softmax_parts(scores: torch.Tensor, may_have_empty_rows: bool, sink: torch.Tensor | None = None):
+    """Softmax of ``scores [..., K]`` (masked entries = ``MASKED_SCORE``), computed in place in ``scores``, with one
+    more logit ``sink`` (broadcastable to ``[..., 1]``, value zero) in the denominator when given.
 
     Returns ``(probs [..., K], row_max [...], total [...], weighted_shift [...])``: the row's max ``m`` (0 for a
-    row without keys), ``l = sum_j e_j`` (1 for a row without keys) and ``u = sum_j e_j (s_j - m)``; see
-    :func:`_statistics`. With ``may_have_empty_rows``, rows whose every key is masked get zero probabilities.
+    row without keys and no sink), ``l = sum_j e_j`` (1 for a row without keys) and ``u = sum_j e_j (s_j - m)``,
+    the sink counted as one more ``j``; see :func:`_statistics`. With ``may_have_empty_rows``, rows whose every
+    key is masked get zero probabilities.
     """
     row_max = scores.amax(dim=-1, keepdim=True)
-    if may_have_empty_rows:  # masked scores stay hugely negative after shifting by 0: exp -> 0
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink)
+    elif may_have_empty_rows:  # masked scores stay hugely negative after shifting by 0: exp -> 0
         row_max.masked_fill_(row_max < MASKED_SCORE / 2, 0.0)
     shifted = scores.sub_(row_max)
     weights = torch.exp(shifted)
     total = weights.sum(dim=-1, keepdim=True)  # >= 1 where the row has keys, 0 otherwise
     weighted_shift = torch.linalg.vecdot(weights, shifted)
+    if sink is not None:
+        sink_shift = sink - row_max
+        sink_weight = torch.exp(sink_shift)
+        total = total + sink_weight
+        weighted_shift = weighted_shift + (sink_weight * sink_shift).squeeze(-1)
     if may_have_empty_rows:
         total.clamp_(min=1.0)  # rows without keys: probabilities 0 / 1
     probs = weights.div_(total)
@@ -133,6 +152,10 @@ class PaddedPieces:
     def query_gradient_rows(self, piece, grad_out: torch.Tensor) -> torch.Tensor:
         return self.queries(piece, grad_out)
 
+    def query_offset(self, piece) -> int:
+        """Position of the piece's first query row in its sequence (its keys start at position 0)."""
+        return piece[0]
+
     def mask_scores(self, piece, scores: torch.Tensor) -> None:
         keep = score_mask(self.key_padding_mask, self.causal, piece[0], piece[1] - piece[0], scores.shape[-1],
                           scores.device, self.window)
@@ -188,6 +211,10 @@ class PackedPieces:
     query_gradient_rows = queries
     lse_rows = queries
 
+    def query_offset(self, piece) -> int:
+        """Position of the block's first query in its sequence (its keys start at the sequence's start)."""
+        return piece[0] - piece[2]
+
     def mask_scores(self, piece, scores: torch.Tensor) -> None:
         if self.causal or self.window is not None:
             q_start, q_stop, k_start, k_stop = piece
@@ -215,6 +242,38 @@ class PackedPieces:
         return None
 
 
+def _modify_scores(pieces, piece, scores: torch.Tensor, modifiers: ScoreModifiers) -> torch.Tensor:
+    """Cap and bias the scaled scores ``[B, H, n, N]`` of a piece (in place where possible), then mask them; returns
+    the scores. Positions are those of the sequence: rows ``pieces.query_offset(piece) ..`` against keys ``0 ..``."""
+    if modifiers.softcap is not None:
+        scores = capped(scores, modifiers.softcap)
+    q_start = pieces.query_offset(piece)
+    bias = position_bias(modifiers, q_start, scores.shape[2], scores.shape[3], scores.dtype, scores.device)
+    if bias is not None:
+        scores.add_(bias.clamp_(min=MASKED_SCORE))  # -inf entries: hidden like masked keys
+    pieces.mask_scores(piece, scores)
+    return scores
+
+
+def _add_bias_gradients(pieces, piece, d_scores: torch.Tensor, modifiers: ScoreModifiers, grad_table, grad_slopes):
+    """Add a piece's ``dL/ds`` ``[B, H, n, N]`` to the gradients of the bias table ``[H, 2M - 1]`` (summed over the
+    entries of each distance ``j - i``) and of the ALiBi slopes ``[H]`` (``sum dL/ds * (j - i)``), in place."""
+    per_head = d_scores.sum(dim=0)  # [H, n, N]
+    q_start = pieces.query_offset(piece)
+    rows = torch.arange(q_start, q_start + per_head.shape[1], device=per_head.device)[:, None]
+    distance = torch.arange(per_head.shape[2], device=per_head.device)[None, :] - rows  # j - i, [n, N]
+    if grad_table is not None:
+        grad_table.index_add_(1, (distance + modifiers.bias_span - 1).flatten(), per_head.flatten(1))
+    if grad_slopes is not None:
+        grad_slopes.add_(torch.linalg.vecdot(per_head.flatten(1), distance.flatten().to(per_head.dtype)))
+
+
+def _cap_derivative(piece_q, piece_k, heads, scale, softcap) -> torch.Tensor:
+    """``1 - tanh^2(x / softcap)`` ``[B, H, n, N]`` for the raw scaled scores ``x`` of a piece (recomputed)."""
+    raw = _ungrouped(torch.matmul(piece_q, piece_k.transpose(-1, -2)), heads).mul_(scale / softcap)
+    return 1.0 - torch.tanh(raw).square_()
+
+
 def _pieces(q, causal, key_padding_mask, packing, window):
     if packing is not None:
         return PackedPieces(q, causal, packing, window)
@@ -229,8 +288,14 @@ class _TorchAttention(torch.autograd.Function):
     :func:`_grouped`); probabilities and scores are ``[B, H, n, N]`` either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces, scale, return_probs, wide_out=False):
+    def forward(ctx, q, k, v, sinks, relative_bias, alibi_slopes, pieces, scale, return_probs, modifiers,
+                wide_out=False):
         acc = accumulation_dtype(q.dtype)
+        sink = None if modifiers.sinks is None else modifiers.sinks.detach().to(acc)[None, :, None, None]
+        # a bias table may hide every key of a row: such rows are found from their scores
+        rows_from_scores = modifiers.relative_bias is not None
+        may_have_empty_rows = pieces.may_have_empty_rows or rows_from_scores
+        seen = []
         probs_all = q.new_zeros((*q.shape[:3], k.shape[2]), dtype=acc) if return_probs else None
         keep_probs = any(ctx.needs_input_grad[:3]) and pieces.score_elements <= KEEP_PROBS_ELEMENTS
         heads, kv_heads = q.shape[1], k.shape[1]
@@ -239,8 +304,10 @@ class _TorchAttention(torch.autograd.Function):
             keys = pieces.keys(piece, k).to(acc)
             queries = _grouped(pieces.queries(piece, q).to(acc), kv_heads)
             scores = _ungrouped(torch.matmul(queries, keys.transpose(-1, -2)), heads).mul_(scale)
-            pieces.mask_scores(piece, scores)
-            probs, row_max, total, weighted_shift = _softmax_parts(scores, pieces.may_have_empty_rows)
+            scores = _modify_scores(pieces, piece, scores, modifiers)
+            if rows_from_scores:
+                seen.append(scores.amax(dim=-1) > MASKED_SCORE / 2)
+            probs, row_max, total, weighted_shift = _softmax_parts(scores, may_have_empty_rows, sink)
             outs.append(_ungrouped(torch.matmul(_grouped(probs, kv_heads), pieces.keys(piece, v).to(acc)), heads))
             maxes.append(row_max)
             totals.append(total)
@@ -252,8 +319,10 @@ class _TorchAttention(torch.autograd.Function):
         out = pieces.assemble(q, outs)
         out = out if wide_out else out.to(q.dtype)  # wide_out: float32 (the accumulation dtype)
         row_max, total, weighted_shift = (pieces.assemble(q, parts) for parts in (maxes, totals, shifts))
-        lse, entropy, max_prob = _statistics(row_max, total.clamp(min=1.0), weighted_shift, pieces.has_keys(q))
+        has_keys = pieces.assemble(q, seen) if rows_from_scores else pieces.has_keys(q)
+        lse, entropy, max_prob = _statistics(row_max, total.clamp(min=1.0), weighted_shift, has_keys)
         ctx.pieces, ctx.scale, ctx.kept = pieces, scale, kept if keep_probs else None
+        ctx.modifiers = modifiers
         ctx.save_for_backward(q, k, v, out, lse)
         # one call: a second mark_non_differentiable would replace the first
         ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs_all) if t is not None))
@@ -262,11 +331,14 @@ class _TorchAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_unused):
         q, k, v, out, lse = ctx.saved_tensors
-        pieces, scale = ctx.pieces, ctx.scale
+        pieces, scale, modifiers = ctx.pieces, ctx.scale, ctx.modifiers
         acc = lse.dtype
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_table, need_slopes = ctx.needs_input_grad[4:6]
         heads, kv_heads = q.shape[1], k.shape[1]
         grads_q, grad_k, grad_v = [], None, None  # key-side gradients are summed as the pieces go
+        grad_table = torch.zeros(modifiers.relative_bias.shape, dtype=acc, device=q.device) if need_table else None
+        grad_slopes = q.new_zeros(heads, dtype=acc) if need_slopes else None
         for index, piece in enumerate(pieces.pieces):
             # [B, H_kv, G * n, D] (grouped) query-side rows against [B, H_kv, N, D] keys: products over the stacked
             # rows sum dK and dV over the group
@@ -276,17 +348,23 @@ class _TorchAttention(torch.autograd.Function):
                 probs = ctx.kept[index]
             else:
                 scores = _ungrouped(torch.matmul(q_piece, k_piece.transpose(-1, -2)), heads).mul_(scale)
-                pieces.mask_scores(piece, scores)
+                scores = _modify_scores(pieces, piece, scores, modifiers)
                 probs = scores.sub_(pieces.lse_rows(piece, lse).unsqueeze(-1)).exp_()
             d_out = pieces.query_gradient_rows(piece, grad_out).to(acc)
             d_out_rows = _grouped(d_out, kv_heads)
             if need_v:
                 grad_v = pieces.add_keys(grad_v, v, piece,
                                          torch.matmul(_grouped(probs, kv_heads).transpose(-1, -2), d_out_rows))
-            if need_q or need_k:
+            if need_q or need_k or need_table or need_slopes:
                 d_scores = _ungrouped(torch.matmul(d_out_rows, pieces.keys(piece, v).to(acc).transpose(-1, -2)), heads)
                 delta = torch.linalg.vecdot(d_out, pieces.queries(piece, out).to(acc)).unsqueeze(-1)  # rowsum(dO*O)
-                d_scores = _grouped(d_scores.sub_(delta).mul_(probs).mul_(scale), kv_heads)
+                d_scores = d_scores.sub_(delta).mul_(probs)  # dL/ds of the modified scores
+                if need_table or need_slopes:
+                    _add_bias_gradients(pieces, piece, d_scores, modifiers, grad_table, grad_slopes)
+                d_scores.mul_(scale)
+                if modifiers.softcap is not None:
+                    d_scores.mul_(_cap_derivative(q_piece, k_piece, heads, scale, modifiers.softcap))
+                d_scores = _grouped(d_scores, kv_heads)
                 if need_q:
                     grads_q.append(_ungrouped(torch.matmul(d_scores, k_piece), heads))
                 if need_k:
@@ -295,7 +373,16 @@ class _TorchAttention(torch.autograd.Function):
         grad_q = pieces.assemble(q, grads_q).to(q.dtype) if need_q else None
         grad_k = grad_k.to(k.dtype) if need_k else None
         grad_v = grad_v.to(v.dtype) if need_v else None
-        return grad_q, grad_k, grad_v, None, None, None, None
+        grad_sinks = None
+        if ctx.needs_input_grad[3]:  # dL/dsink_h = -sum_i p_sink,i * rowsum(dO * O)_i (the sink's value is zero)
+            delta = torch.linalg.vecdot(grad_out.to(acc), out.to(acc))  # [B, H, N]; 0 on rows without keys
+            sink_probs = torch.exp(modifiers.sinks.detach().to(acc)[None, :, None] - lse)
+            grad_sinks = -(sink_probs * delta).sum(dim=(0, 2)).to(modifiers.sinks.dtype)
+        if grad_table is not None:
+            grad_table = grad_table.to(modifiers.relative_bias.dtype)
+        if grad_slopes is not None:
+            grad_slopes = grad_slopes.to(modifiers.alibi_slopes.dtype)
+        return grad_q, grad_k, grad_v, grad_sinks, grad_table, grad_slopes, None, None, None, None, None
 
 
 class _MaskedHalfOutput(torch.autograd.Function):
@@ -332,13 +419,16 @@ def _token_head_mask(head_mask, packing: Packing | None, batch: int, heads: int)
 
 
 def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None, return_probs=False,
-                    packing: Packing | None = None, window: int | None = None):
+                    packing: Packing | None = None, window: int | None = None, relative_bias=None,
+                    alibi_slopes=None, softcap=None, sinks=None):
     """PyTorch attention (the CPU backend). Same contract as :func:`fastbertology.kernels.attention`.
 
     Scores and softmax are computed in float32 (float64 for float64 inputs); the output has the dtype of ``v``.
     """
     batch, heads, _, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs,
                                              window)
+    longest = packing.max_seqlen if packing is not None else q.shape[2]
+    modifiers = check_modifiers(relative_bias, alibi_slopes, softcap, sinks, q, heads, longest)
     window = None if window is None else int(window)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.numel() == 0:
@@ -349,7 +439,8 @@ def attention_torch(q, k, v, *, head_mask=None, key_padding_mask=None, causal=Fa
     # half-precision inputs with a wider head mask: the output comes in float32, so that the mask's gradient
     # sum(dO * P V) is accumulated in float32 from the unrounded P V (:class:`_MaskedHalfOutput`)
     wide = head_mask is not None and q.dtype in (torch.float16, torch.bfloat16) and head_mask.dtype != q.dtype
-    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, pieces, scale, return_probs, wide)
+    out, lse, entropy, max_prob, probs = _TorchAttention.apply(q, k, v, sinks, relative_bias, alibi_slopes, pieces,
+                                                               scale, return_probs, modifiers, wide)
     if head_mask is not None:
         mask = _token_head_mask(head_mask, packing, batch, heads)
         out = _MaskedHalfOutput.apply(out, mask, q.dtype) if wide else out * mask.to(out.dtype)

@@ -69,6 +69,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .common import AttentionStats, Packing, check_inputs
+from .modifiers import ScoreModifiers, check_modifiers, refuse_modifier_gradients
 from .reference import expand_head_mask
 from .torch_attention import attention_torch
 from .triton_backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -83,6 +84,7 @@ MAX_HEAD_DIM = 128  # larger head dims go to attention_torch (shared memory and 
 _MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension, which holds sequences * heads
 # Heads whose |mask| is below this get their mask gradient from the exact P (dO . V) sum instead of Delta / mask.
 _SMALL_MASK = 1.0 / 64
+_MASKED_SCORE = -1.0e30  # the kernels' score of a key a query may not see (base 2)
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
@@ -174,13 +176,47 @@ class _Layout:
                 self.kv_end if self.kv_end is not None else self.dummy, self.cu_seqlens)
 
 
+class _KernelModifiers:
+    """The score modifiers as the kernels take them (see :func:`~fastbertology.kernels.triton_blocks.
+    _modified_scores`): float32 base-2 copies of the table (``-inf`` clamped to the masked score), slopes and sinks,
+    ``bias_span`` M, ``cap_in = scale / softcap``, ``cap_out = softcap * log2(e)``, and the constexpr switches.
+    Unused pointers are a dummy and unused numbers 1 (so that the kernels without a modifier compile as before)."""
+
+    def __init__(self, modifiers: ScoreModifiers, scale: float, dummy: torch.Tensor):
+        def base2(t):
+            return None if t is None else (t.detach().to(torch.float32) * _LOG2E).clamp(min=_MASKED_SCORE).contiguous()
+
+        self.modifiers = modifiers
+        self.table, self.slopes, self.sinks = (base2(t) for t in (modifiers.relative_bias, modifiers.alibi_slopes,
+                                                                  modifiers.sinks))
+        self.bias_span = modifiers.bias_span if self.table is not None else 1
+        softcap = modifiers.softcap
+        self.cap_in, self.cap_out = (scale / softcap, softcap * _LOG2E) if softcap is not None else (1.0, 1.0)
+        self.dummy = dummy
+
+    def args(self, sinks: bool = False) -> tuple:
+        """``(Bias, Slopes[, Sinks], bias_span, cap_in, cap_out)`` kernel arguments."""
+        pointers = [self.table, self.slopes] + ([self.sinks] if sinks else [])
+        pointers = [self.dummy if t is None else t for t in pointers]
+        return (*pointers, self.bias_span, self.cap_in, self.cap_out)
+
+    def flags(self, sinks: bool = False) -> dict:
+        flags = dict(SOFTCAP=self.modifiers.softcap is not None, BIAS=self.table is not None,
+                     ALIBI=self.slopes is not None)
+        if sinks:
+            flags["SINKS"] = self.sinks is not None
+        return flags
+
+
 def _configs(q: torch.Tensor, layout: _Layout, causal: bool) -> AttentionConfigs:
     return configs_for(q.device, _block_d(q.shape[3]), q.dtype, max_seqlen=layout.longest, causal=causal)
 
 
-def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
+def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mods: _KernelModifiers | None = None):
     """Launch ``_attn_fwd`` (and ``_attn_probs``). Returns ``(out, lse, entropy, max_prob, probs or None)``;
-    ``mask_sh`` is None or float32 contiguous ``[S, H]``; ``k, v`` have ``H / group`` heads."""
+    ``mask_sh`` is None or float32 contiguous ``[S, H]``; ``k, v`` have ``H / group`` heads; ``mods``: the score
+    modifiers (None: none)."""
+    mods = mods or _KernelModifiers(ScoreModifiers(), scale, layout.dummy)
     batch, heads, seq, head_dim = q.shape
     group = heads // k.shape[1]
     block_d = _block_d(head_dim)
@@ -199,10 +235,10 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
     _attn_fwd[grid](
         q, k, v, mask_sh if has_mask else lse, key_pad, kv_end, cu_seqlens, out, lse, entropy, max_prob,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *layout.pad_strides,
-        heads, seq, group, layout.window_arg, qk_scale,
+        heads, seq, group, layout.window_arg, qk_scale, *mods.args(sinks=True),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n,
         CAUSAL=causal, VARLEN=layout.varlen, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask,
-        WINDOW=layout.has_window, DOT_PRECISION=precision, **cfg.fwd.launch_options(),
+        WINDOW=layout.has_window, DOT_PRECISION=precision, **mods.flags(sinks=True), **cfg.fwd.launch_options(),
     )
     probs = None
     if return_probs:  # padded batches only (checked by check_inputs)
@@ -211,18 +247,20 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs):
         _attn_probs[grid](
             q, k, mask_sh if has_mask else lse, key_pad, kv_end, lse, probs,
             *q.stride(), *k.stride(), *layout.pad_strides, probs.stride(1), probs.stride(2),
-            heads, seq, group, layout.window_arg, qk_scale,
+            heads, seq, group, layout.window_arg, qk_scale, *mods.args(),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.probs.block_m, BLOCK_N=cfg.probs.block_n,
             CAUSAL=causal, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, WINDOW=layout.has_window,
-            DOT_PRECISION=precision, **cfg.probs.launch_options(),
+            DOT_PRECISION=precision, **mods.flags(), **cfg.probs.launch_options(),
         )
     return out, lse, entropy, max_prob, probs
 
 
-def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, scale, need_dq, need_dkdv, need_mask):
+def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, scale, need_dq, need_dkdv, need_mask,
+              mods: _KernelModifiers | None = None):
     """Launch the backward kernels. Returns ``(dq, dk, dv, mask_partials)``: ``mask_partials [S, H, blocks]``
     float32 (the head-mask gradient is their sum over the last dim) or None; ``dk, dv`` have the shape of ``k, v``
     (``H / group`` heads)."""
+    mods = mods or _KernelModifiers(ScoreModifiers(), scale, layout.dummy)
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -254,7 +292,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     )
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=layout.varlen,
                   HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask, WINDOW=layout.has_window,
-                  DOT_PRECISION=precision)
+                  DOT_PRECISION=precision, **mods.flags())
     dq = dk = dv = None
     # -- stage 2: dK, dV; grouped-query attention: per query head, summed over each group by torch (fixed order)
     if need_dkdv:
@@ -267,7 +305,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
         _attn_bwd_dkdv[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
-            heads, seq, group, layout.window_arg, scale * _LOG2E, scale,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, *mods.args(),
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
             **cfg.dkdv.launch_options(),
         )
@@ -282,7 +320,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
             dq if dq is not None else q, partials[:, :, pre_blocks:] if need_mask else lse,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
             *layout.pad_strides,
-            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, slots, _SMALL_MASK,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, slots, _SMALL_MASK, *mods.args(),
             BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
             **cfg.dq.launch_options(),
         )
@@ -296,7 +334,8 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
 
 
 def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
-                     return_probs=False, packing: Packing | None = None, window: int | None = None):
+                     return_probs=False, packing: Packing | None = None, window: int | None = None,
+                     relative_bias=None, alibi_slopes=None, softcap=None, sinks=None):
     """Fused Triton attention; same contract as :func:`fastbertology.kernels.attention`.
 
     Args:
@@ -321,6 +360,9 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
     """
     batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs,
                                                window)
+    longest = packing.max_seqlen if packing is not None else seq
+    modifiers = check_modifiers(relative_bias, alibi_slopes, softcap, sinks, q, heads, longest)
+    refuse_modifier_gradients(modifiers, "triton")
     window = None if window is None else int(window)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head_dim > MAX_HEAD_DIM or q.numel() == 0 \
@@ -329,20 +371,24 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
             warnings.warn(f"head dim {head_dim} > {MAX_HEAD_DIM}: the Triton kernels are not built for it; "
                           "using the PyTorch backend", stacklevel=2)
         return attention_torch(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal,
-                               scale=scale, return_probs=return_probs, packing=packing, window=window)
+                               scale=scale, return_probs=return_probs, packing=packing, window=window,
+                               **modifiers._asdict())
     _check_device(q)
     if batch * heads > _MAX_GRID_Y:
         raise ValueError(f"sequences * heads = {batch * heads} exceeds {_MAX_GRID_Y}; split the batch")
     layout = _Layout(q, key_padding_mask, packing, window)
+    mods = _KernelModifiers(modifiers, scale, layout.dummy)
+    sinks = modifiers.sinks
     grad_on = torch.is_grad_enabled()
     needs_grad = grad_on and (q.requires_grad or k.requires_grad or v.requires_grad
-                              or (head_mask is not None and head_mask.requires_grad))
+                              or (head_mask is not None and head_mask.requires_grad)
+                              or (sinks is not None and sinks.requires_grad))
     if not needs_grad:
         out, lse, entropy, max_prob, probs = _forward(q, k, v, _mask_sh(head_mask, batch, heads), layout, causal,
-                                                      scale, return_probs)
+                                                      scale, return_probs, mods)
     else:
-        out, lse, entropy, max_prob, probs = _TritonAttention.apply(q, k, v, head_mask, layout, causal, scale,
-                                                                    return_probs)
+        out, lse, entropy, max_prob, probs = _TritonAttention.apply(q, k, v, head_mask, sinks, layout, causal, scale,
+                                                                    return_probs, mods)
     return out, AttentionStats(lse=lse, entropy=entropy, max_prob=max_prob, probs=probs)
 
 
@@ -359,12 +405,12 @@ class _TritonAttention(torch.autograd.Function):
     non-differentiable ``lse, entropy, max_prob`` (and ``probs`` or None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, head_mask, layout, causal, scale, return_probs):
+    def forward(ctx, q, k, v, head_mask, sinks, layout, causal, scale, return_probs, mods):
         ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors made for them
         mask_sh = _mask_sh(head_mask, layout.sequences, q.shape[1])
-        out, lse, entropy, max_prob, probs = _forward(q, k, v, mask_sh, layout, causal, scale, return_probs)
+        out, lse, entropy, max_prob, probs = _forward(q, k, v, mask_sh, layout, causal, scale, return_probs, mods)
         ctx.save_for_backward(q, k, v, out, lse, mask_sh)
-        ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
+        ctx.layout, ctx.causal, ctx.scale, ctx.mods = layout, causal, scale, mods
         ctx.head_mask_shape = None if head_mask is None else (head_mask.dim(), head_mask.dtype)
         # one call: a second mark_non_differentiable would replace the first
         ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs) if t is not None))
@@ -373,19 +419,28 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_unused):
         q, k, v, out, lse, mask_sh = ctx.saved_tensors
-        need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
+        need_q, need_k, need_v, need_mask, need_sinks = ctx.needs_input_grad[:5]
         if grad_out is None:
-            return (None,) * 8
-        dq, dk, dv, mask_grad = _backward(grad_out, q, k, v, out, lse, mask_sh, ctx.layout, ctx.causal, ctx.scale,
-                                          need_dq=need_q, need_dkdv=need_k or need_v, need_mask=need_mask)
+            return (None,) * 10
+        dq, dk, dv, mask_grad = (None,) * 4
+        if need_q or need_k or need_v or need_mask:
+            dq, dk, dv, mask_grad = _backward(grad_out, q, k, v, out, lse, mask_sh, ctx.layout, ctx.causal,
+                                              ctx.scale, need_dq=need_q, need_dkdv=need_k or need_v,
+                                              need_mask=need_mask, mods=ctx.mods)
+        grad_sinks = None
+        if need_sinks:  # -sum_i p_sink,i rowsum(dO * O)_i (the sink's value is zero; O already has the head mask)
+            sinks = ctx.mods.modifiers.sinks
+            delta = torch.linalg.vecdot(grad_out.to(torch.float32), out.to(torch.float32))  # [B, H, N]
+            sink_probs = torch.exp(sinks.detach().to(torch.float32)[None, :, None] - lse)
+            grad_sinks = -(sink_probs * delta).sum(dim=(0, 2)).to(sinks.dtype)
         grad_mask = None
         if need_mask and mask_grad is not None:  # one reduction: over the blocks (and the sequences for [H])
             dim, dtype = ctx.head_mask_shape
             grad_mask = mask_grad.sum(dim=(0, 2) if dim == 1 else 2)
             if grad_mask.dtype != dtype:
                 grad_mask = grad_mask.to(dtype)
-        return (dq if need_q else None, dk if need_k else None, dv if need_v else None, grad_mask,
-                None, None, None, None)
+        return (dq if need_q else None, dk if need_k else None, dv if need_v else None, grad_mask, grad_sinks,
+                None, None, None, None, None)
 
 
 __all__ = ["attention_triton", "gpu_configs", "AttentionConfigs", "KernelConfig", "FP32_DOT_PRECISION", "MAX_HEAD_DIM"]

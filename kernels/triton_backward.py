@@ -16,6 +16,7 @@ from .triton_blocks import (
     _key_keep,
     _kv_head,
     _load_rows,
+    _modified_scores,
     _query_blocks,
     _query_keep,
     _sequence,
@@ -72,15 +73,17 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                stride_qn, stride_qd, stride_don, stride_dod,
-               offs_n, offs_d, lo, hi, q_len, window, qk_scale,
+               offs_n, offs_d, lo, hi, q_len, window, qk_scale, bias_base, bias_span, slope2, cap_in, cap_out,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr,
+               ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate ``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over the query blocks ``[lo, hi)`` of one key
     block ``k, v [BLOCK_N, BLOCK_D]``. EDGE blocks check query bounds, (causal) the diagonal and the window.
 
     ``P^T = exp2(K Q^T * qk_scale - Lse2)`` and ``dS^T = P^T (V dO^T - Delta)``, with ``Lse2 = lse * log2(e)`` and
     ``Delta = rowsum(dO * O) / mask`` per query row from ``_attn_bwd_preprocess``. Query rows past the sequence
-    read as zeros (dO = Delta = 0), so they add nothing.
+    read as zeros (dO = Delta = 0), so they add nothing. With score modifiers (:func:`_modified_scores`) the scores
+    are modified alike and SOFTCAP multiplies ``dS`` by the cap's derivative ``1 - t^2``.
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -94,13 +97,20 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             delta = tl.load(delta_base + offs_m)
         # recompute P^T [BLOCK_N, BLOCK_M]
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        if SOFTCAP or BIAS or ALIBI:
+            s2_t, t_t = _modified_scores(s_t, offs_m[None, :], offs_n[:, None], qk_scale, bias_base, bias_span, slope2,
+                                         cap_in, cap_out, SOFTCAP, BIAS, ALIBI)
+            p_t = tl.exp2(s2_t - lse2[None, :])
+        else:
+            p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         if EDGE:
             if CAUSAL or WINDOW:
                 p_t = tl.where(_query_keep(offs_n, offs_m, window, CAUSAL, WINDOW), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -114,9 +124,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
                    stride_gb, stride_gh, stride_gn, stride_gd,
                    stride_pb, stride_pn,
                    H, N, group, window, qk_scale, sm_scale,
+                   Bias, Slopes, bias_span, cap_in, cap_out,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
-                   HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   SOFTCAP: tl.constexpr = False, BIAS: tl.constexpr = False, ALIBI: tl.constexpr = False):
     """dK, dV of one key block for one (sequence, query head), looping over query blocks; grid
     ``(cdiv(longest, BLOCK_N), S * H)``. ``dV = mask * P^T dO``, ``dK = scale * mask * dS^T Q`` with K, V from
     key/value head ``head // group``; keys that are padding (or past a padded row's last key) get zeros. DK and DV
@@ -152,6 +164,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
     stats = (batch_row.to(tl.int64) * H + off_h) * N + row0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    bias_base = Bias + off_h.to(tl.int64) * (2 * bias_span - 1)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + off_h)
 
     # -- stage 1: query blocks: (causal or WINDOW) the diagonal / the window's lower edge (edge), the blocks that see
     #    the whole key block (interior), the rest (edge: the window's upper edge, the last partial block). Query
@@ -161,16 +177,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
         if CAUSAL or WINDOW:
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
                                 stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                                lo, interior_lo, q_len, window, qk_scale,
-                                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PRECISION)
+                                lo, interior_lo, q_len, window, qk_scale, bias_base, bias_span, slope2,
+                                cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, SOFTCAP, BIAS,
+                                ALIBI, DOT_PRECISION)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: interior
                             stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                            interior_lo, interior_hi, q_len, window, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PRECISION)
+                            interior_lo, interior_hi, q_len, window, qk_scale, bias_base, bias_span, slope2,
+                            cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, SOFTCAP, BIAS, ALIBI,
+                            DOT_PRECISION)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
                             stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
-                            interior_hi, hi, q_len, window, qk_scale,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, DOT_PRECISION)
+                            interior_hi, hi, q_len, window, qk_scale, bias_base, bias_span, slope2,
+                            cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, SOFTCAP, BIAS, ALIBI,
+                            DOT_PRECISION)
 
     # -- stage 2: scale, zero the keys nobody sees, store
     keep_n = offs_n < k_len
@@ -189,20 +208,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
 def _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
              stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
              offs_m, offs_d, lo, hi, skip_from, skip, k_len, window,
-             qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+             qk_scale, bias_base, bias_span, slope2, cap_in, cap_out,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, WINDOW: tl.constexpr, ROW_DOT_ONLY: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             SOFTCAP: tl.constexpr, BIAS: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Over the key blocks ``[lo, hi)`` (WINDOW edge blocks: from ``skip_from`` on ``skip`` keys further, see
     :func:`_edge_blocks`) of one query block: ``dQ += dS K`` (unscaled), with
     ``dS = P (dO V^T - Delta / mask)``; or, ROW_DOT_ONLY (a head whose mask is 0), only the head-mask gradient rows
     ``row_dot += sum_j P (dO V^T)``. Keys past the sequence read as zeros (K = V = 0) and add nothing; EDGE blocks
-    zero ``P`` above the causal diagonal, outside the window and at padding keys."""
+    zero ``P`` above the causal diagonal, outside the window and at padding keys. Score modifiers as in
+    :func:`_dkdv_loop`."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = _block_start(start, skip_from, skip, EDGE and WINDOW) + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, k_len, HEAD_DIM, BLOCK_D, EDGE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if SOFTCAP or BIAS or ALIBI:
+            s2, t = _modified_scores(s, offs_m[:, None], offs_n[None, :], qk_scale, bias_base, bias_span, slope2,
+                                     cap_in, cap_out, SOFTCAP, BIAS, ALIBI)
+            p = tl.exp2(s2 - lse2[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - lse2[:, None])
         if EDGE:
             keep = _key_keep(kp_base, stride_pn, offs_m, offs_n, k_len, window, CAUSAL, HAS_KEY_PAD, WINDOW)
             p = tl.where(keep, p, 0.0)
@@ -211,6 +237,8 @@ def _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,
             row_dot += tl.sum(p * dp, 1)
         else:
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq, row_dot
 
@@ -224,10 +252,12 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
                  stride_gb, stride_gh, stride_gn, stride_gd,
                  stride_pb, stride_pn,
                  H, N, group, window, qk_scale, sm_scale, blocks_per_row, small_mask,
+                 Bias, Slopes, bias_span, cap_in, cap_out,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
                  HAS_HEAD_MASK: tl.constexpr, WINDOW: tl.constexpr, COMPUTE_DQ: tl.constexpr,
-                 MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = False,
+                 BIAS: tl.constexpr = False, ALIBI: tl.constexpr = False):
     """dQ of one query block of one (sequence, query head), looping over key blocks (of key/value head
     ``head // group``); grid ``(cdiv(longest, BLOCK_M), S * H)``. ``dQ = scale * mask * dS K`` (COMPUTE_DQ; 0 for a
     head whose mask is 0). With MASK_GRAD, heads with ``|mask| < small_mask`` get the head-mask gradient of the
@@ -270,6 +300,10 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
                                                    WINDOW)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bias_base = Bias + off_h.to(tl.int64) * (2 * bias_span - 1)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + off_h)
 
     # -- stage 1: key blocks, interior then edge (WINDOW: both edges of the window); dS = P (dO V^T - Delta / mask)
     edge_lo, edge_hi, skip_from, skip = _edge_blocks(lo, interior_lo, interior_hi, hi, WINDOW)
@@ -278,23 +312,27 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
             delta = tl.load(Delta + row, mask=m_ok, other=0.0)  # rowsum(dO * O) / mask
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: interior
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
+                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, bias_base, bias_span,
+                                   slope2, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEY_PAD,
+                                   WINDOW, False, SOFTCAP, BIAS, ALIBI, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, delta, k_base, v_base, kp_base,  # loop: edge
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, False, DOT_PRECISION)
+                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, bias_base, bias_span,
+                                   slope2, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD,
+                                   WINDOW, False, SOFTCAP, BIAS, ALIBI, DOT_PRECISION)
     # -- stage 2: the head-mask gradient rows sum_j P (dO V^T) of a head whose mask is (near) 0
     if MASK_GRAD:
         if tl.abs(hm) < small_mask:
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: interior
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, False, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
+                                   interior_lo, interior_hi, 0, 0, k_len, window, qk_scale, bias_base, bias_span,
+                                   slope2, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEY_PAD,
+                                   WINDOW, True, SOFTCAP, BIAS, ALIBI, DOT_PRECISION)
             dq, row_dot = _dq_loop(dq, row_dot, q, do, lse2, lse2, k_base, v_base, kp_base,  # loop: edge
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
-                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, True, CAUSAL, HAS_KEY_PAD, WINDOW, True, DOT_PRECISION)
+                                   edge_lo, edge_hi, skip_from, skip, k_len, window, qk_scale, bias_base, bias_span,
+                                   slope2, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD,
+                                   WINDOW, True, SOFTCAP, BIAS, ALIBI, DOT_PRECISION)
     if MASK_GRAD:  # 0 for the heads whose gradient the preprocess slot holds (row_dot never left 0 for them)
         tl.store(slot, tl.sum(row_dot, 0))
     # -- stage 3: store

@@ -198,3 +198,37 @@ def _kv_head(off_h, group):
     """The key/value head read by query head ``off_h`` (``group`` query heads per key/value head; the JIT folds
     ``group = 1``)."""
     return off_h // group
+
+
+@triton.jit
+def _tanh(x):
+    """``tanh(x)`` from one ``exp2`` (saturates to +-1 without NaN: ``exp2`` overflows to inf or underflows to 0)."""
+    TWO_LOG2E: tl.constexpr = 2.8853900817779268
+    return 1.0 - 2.0 / (tl.exp2(x * TWO_LOG2E) + 1.0)
+
+
+@triton.jit
+def _modified_scores(qk, q_pos, k_pos, qk_scale, bias_base, bias_span, slope2, cap_in, cap_out,
+                     SOFTCAP: tl.constexpr, BIAS: tl.constexpr, ALIBI: tl.constexpr):
+    """Base-2 scores after the score modifiers, ``(s2, t)``: ``qk`` the raw ``q . k`` products (any 2-D block),
+    ``q_pos`` / ``k_pos`` the query / key positions within the sequence, broadcastable to it.
+
+    ``s2 = cap(qk * scale) * log2(e) + table2[k - q + M - 1] + slope2 * (k - q)`` where SOFTCAP: ``cap(x) * log2(e) =
+    cap_out * tanh(qk * cap_in)`` (``cap_in = scale / softcap``, ``cap_out = softcap * log2(e)``; ``t`` is that tanh,
+    for the backward's ``1 - t^2``), BIAS: ``bias_base`` points at this head's row of the base-2 table (``-inf``
+    already clamped to the masked score), ALIBI: ``slope2`` the head's slope times ``log2(e)``. Distances outside the
+    table (rows or keys past the sequence) read 0."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)
+        s2 = t * cap_out
+    else:
+        t = qk
+        s2 = qk * qk_scale
+    if BIAS or ALIBI:
+        distance = k_pos - q_pos
+        if BIAS:
+            index = distance + (bias_span - 1)
+            s2 += tl.load(bias_base + index, mask=(index >= 0) & (index < 2 * bias_span - 1), other=0.0)
+        if ALIBI:
+            s2 += slope2 * distance.to(tl.float32)
+    return s2, t

@@ -1,9 +1,11 @@
 """Tiny random models of the issue-11 families, and the independent oracle for their head masks.
 
-The oracle never uses fastbertology: it runs the stock eager model with a forward pre-hook on every attention
-output projection that multiplies each head's slice of the projection's input (the concatenated head contexts
-``[..., H * d]``) by the head mask. That is 4.x semantics (``O_h = m_h P_h V_h``) by a route that shares no code
-with the patch: the output projections of each family are named here, independently of the registry.
+The oracle never uses fastbertology: it runs the stock model (SDPA attention, or for the families whose attention
+SDPA cannot compute, with soft-capping and sinks, the explicit float64 attention below) with a forward pre-hook on
+every attention output projection that multiplies each head's slice of the projection's input (the concatenated
+head contexts ``[..., H * d]``) by the head mask. That is 4.x semantics (``O_h = m_h P_h V_h``) by a route that
+shares no code with the patch: the output projections of each family are named here, independently of the
+registry.
 
 Rows (the first axis of ``[R, H]`` masks) follow the registry's convention, restated here as the specification:
 one row per attention application in execution order; BART: encoder | decoder self-attention | cross-attention.
@@ -38,6 +40,17 @@ class Family:
     gqa:         the tiny model has fewer key/value heads than query heads.
     window:      its sliding window (None: none).
     load:        keyword arguments for ``load_pruned`` (what ``save_pretrained`` does not keep of the build).
+    oracle:      the attention implementation of the oracle: ``"sdpa"``, ``"oracle"`` (:func:`oracle_attention`,
+                 for attention with soft-capping or sinks, which SDPA does not take), or ``"eager64"``: the stock
+                 eager attention with its softmax kept in the dtype of the scores (BLOOM computes attention in its
+                 own module and takes its softmax in float32).
+    sinks:       the attention has sinks (its maps leave out the sink's probability).
+    maps:        the implementation whose attention maps the tests compare with: ``"eager"``, or ``"oracle"`` where
+                 stock eager attention turns rows that padding and a window hide completely into NaN, which the next
+                 layer carries into real tokens (ModernBERT's local layers), or ``"eager-alibi-once"``: stock eager
+                 Falcon with ALiBi adds the bias twice (itself, and in the mask it builds for SDPA), so its own
+                 ALiBi term is zeroed and the mask's remains (what SDPA computes).
+    prunable:    pruning cuts its layout (else it is refused by name; tests/test_families_falcon.py).
     """
 
     name: str
@@ -48,6 +61,10 @@ class Family:
     gqa: bool = False
     window: int | None = None
     load: dict = field(default_factory=dict)
+    oracle: str = "sdpa"
+    sinks: bool = False
+    maps: str = "eager"
+    prunable: bool = True
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -95,6 +112,16 @@ def _random_norms(model, names=("q_layernorm", "k_layernorm")):
         if any(part in name for part in names):
             with torch.no_grad():
                 parameter.copy_(parameter + 0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _random_sinks(model):
+    """``model`` with attention sinks of the size of its scores (their initialisation, 0.02, would hardly matter)."""
+    generator = torch.Generator().manual_seed(4)
+    for name, parameter in model.named_parameters():
+        if name.endswith("self_attn.sinks"):
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
     return model
 
 
@@ -159,6 +186,19 @@ FAMILIES = {
     # one q (k) layer norm per query (key/value) head
     "stablelm": Family("stablelm", lambda: _random_norms(tf.StableLmForCausalLM(tf.StableLmConfig(**_decoder(
         num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True)))), "lm", _llama_outputs, gqa=True),
+    # soft-capping at 2 (tiny random scores stay well inside the default 50); sliding window 6 in layers 0 and 2
+    "gemma2": Family("gemma2", lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_decoder(
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]))),
+        "lm", _llama_outputs, gqa=True, window=6, oracle="oracle"),
+    # sinks, sliding window 6 in layers 0 and 2, a mixture of experts
+    "gpt_oss": Family("gpt_oss", lambda: _random_sinks(tf.GptOssForCausalLM(tf.GptOssConfig(**_decoder(
+        num_key_value_heads=2, head_dim=8, num_local_experts=3, num_experts_per_tok=2, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), experts_implementation="eager"))),
+        "lm", _llama_outputs, gqa=True, window=6, load={"experts_implementation": "eager"}, oracle="oracle",
+        sinks=True),
     "gptj": Family("gptj", lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=HEADS, n_inner=48, n_positions=64, rotary_dim=4,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)),
@@ -182,6 +222,82 @@ FAMILIES = {
                    + [layer.self_attn.out_proj for layer in m.model.decoder.layers]
                    + [layer.encoder_attn.out_proj for layer in m.model.decoder.layers]),
         attentions={"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}),
+}
+
+
+def _t5(config_class, model_class):
+    """A tiny T5 / mT5 classifier: 2 encoder and 2 decoder layers, 8 buckets up to distance 12 (so the lengths
+    reach T5's logarithmic buckets), the bias tables random (their initialisation is tiny) and frozen (the Triton
+    kernels refuse a table that requires grad; tests/test_families_t5.py checks that and the table's gradient)."""
+    model = model_class(config_class(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=HEADS,
+        relative_attention_num_buckets=8, relative_attention_max_distance=12, num_labels=3, dropout_rate=0.0,
+        pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD))
+    generator = torch.Generator().manual_seed(5)
+    for name, parameter in model.named_parameters():
+        if name.endswith("relative_attention_bias.weight"):
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            parameter.requires_grad_(False)
+    return model
+
+
+def _t5_outputs(model):
+    base = model.transformer
+    return ([block.layer[0].SelfAttention.o for block in base.encoder.block]
+            + [block.layer[0].SelfAttention.o for block in base.decoder.block]
+            + [block.layer[1].EncDecAttention.o for block in base.decoder.block])
+
+
+SEQ2SEQ_MAPS = {"encoder_attentions": 0, "decoder_attentions": 2, "cross_attentions": 4}
+FAMILIES |= {
+    # relative position bias (the kernels' relative_bias table), unscaled scores; rows as BART's
+    "t5": Family("t5", lambda: _t5(tf.T5Config, tf.T5ForSequenceClassification), "seq2seq", _t5_outputs,
+                 attentions=SEQ2SEQ_MAPS),
+    "mt5": Family("mt5", lambda: _t5(tf.MT5Config, tf.MT5ForSequenceClassification), "seq2seq", _t5_outputs,
+                  attentions=SEQ2SEQ_MAPS),
+}
+
+# ALiBi in BLOOM's own attention module (fused per-head query_key_value); 4 heads: slopes 1/4, 1/16, 1/64, 1/256
+FAMILIES["bloom"] = Family("bloom", lambda: tf.BloomForCausalLM(tf.BloomConfig(
+    vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=3, n_head=HEADS, pad_token_id=PAD, bos_token_id=BOS,
+    eos_token_id=EOS)), "lm", lambda m: [layer.self_attention.dense for layer in m.transformer.h], oracle="eager64")
+
+# ALiBi in MPT's own attention module (fused Wqkv q | k | v), clip_qkv on
+FAMILIES["mpt"] = Family("mpt", lambda: tf.MptForCausalLM(tf.MptConfig(
+    vocab_size=VOCAB, d_model=HIDDEN, n_layers=3, n_heads=HEADS, expansion_ratio=2, max_seq_len=32,
+    attn_config={"clip_qkv": 2.0}, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)), "lm",
+    lambda m: [block.attn.out_proj for block in m.transformer.blocks], oracle="eager64")
+
+# alternating global / local layers (global, local, global); the local window |i - j| <= 2 is shorter than the
+# sequences (the kernels' non-causal window 3)
+FAMILIES["modernbert"] = Family("modernbert", lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=3, num_attention_heads=HEADS,
+    global_attn_every_n_layers=2, local_attention=4, max_position_embeddings=64, num_labels=3, pad_token_id=PAD,
+    bos_token_id=BOS, eos_token_id=EOS, cls_token_id=BOS, sep_token_id=EOS)), "classification",
+    lambda m: [layer.attn.Wo for layer in m.model.layers], window=2, maps="oracle")
+
+
+def _falcon(**extra):
+    return tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3,
+                                                num_attention_heads=HEADS, pad_token_id=PAD, bos_token_id=BOS,
+                                                eos_token_id=EOS, **extra))
+
+
+def _falcon_outputs(model):
+    return [layer.self_attention.dense for layer in model.transformer.h]
+
+
+FAMILIES |= {
+    # multi-head Falcon with rotary positions, and with ALiBi (slope / sqrt(d), once: what SDPA computes)
+    "falcon": Family("falcon", lambda: _falcon(multi_query=False), "lm", _falcon_outputs),
+    "falcon-alibi": Family("falcon", lambda: _falcon(multi_query=False, alibi=True), "lm", _falcon_outputs,
+                           maps="eager-alibi-once"),
+    # multi-query (one key/value head) with ALiBi; the new decoder architecture (2 key/value groups, rotary)
+    "falcon-mq": Family("falcon", lambda: _falcon(multi_query=True, alibi=True), "lm", _falcon_outputs,
+                        maps="eager-alibi-once", prunable=False),
+    "falcon-new": Family("falcon", lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2), "lm",
+                         _falcon_outputs, gqa=True, prunable=False),
 }
 
 
@@ -299,6 +415,38 @@ def labels(family: Family, batch: dict) -> torch.Tensor:
     return torch.arange(size) % 3
 
 
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None,
+                     **kwargs):
+    """Explicit attention in the dtype of the inputs, as the model means it (registered with transformers as
+    ``"oracle"``): ``s = cap(scale * q . k) + mask`` (additive 4-D mask, transformers' eager mask), softmax over the
+    keys and, with ``s_aux`` (GPT-OSS's sinks), one more logit per head whose value is zero. Unlike Gemma 2's stock
+    eager attention, the softmax stays in float64."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if s_aux is not None:
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1).to(scores.dtype)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def _register_oracle():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("oracle", oracle_attention)
+    AttentionMaskInterface.register("oracle", eager_mask)
+
+
+_register_oracle()
+
+
 def _row_mask(head_mask, row):
     """The mask of one row broadcastable to ``[B, N, H, 1]``."""
     if head_mask.dim() == 2:
@@ -306,13 +454,93 @@ def _row_mask(head_mask, row):
     return head_mask[:, row][:, None, :, None]
 
 
+def _mpt_attention(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+    """MPT's attention as its ``MptAttention.forward`` computes it (no cache), with the softmax in the dtype of the
+    scores: ``q k^T * softmax_scale + alibi[..., -N:]``, hidden where the bool mask is True."""
+    batch, seq = hidden_states.shape[:2]
+    mixed = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (t.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+                         for t in mixed.chunk(3, dim=2))
+    scores = query @ key.transpose(-1, -2) * self.softmax_scale + position_bias[:, -seq:, -seq:]
+    scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    context = (probs @ value).transpose(1, 2).reshape(batch, seq, -1)
+    return self.out_proj(context), probs
+
+
+@contextlib.contextmanager
+def _mpt_attention_in_the_input_dtype():
+    """Stock MPT takes its softmax in float32 (``scores.float()``): inside the block its attention modules compute
+    in the dtype of their inputs (:func:`_mpt_attention`)."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    stock = MptAttention.forward
+    MptAttention.forward = _mpt_attention
+    try:
+        yield
+    finally:
+        MptAttention.forward = stock
+
+
+@contextlib.contextmanager
+def _softmax_in_the_input_dtype():
+    """``torch.nn.functional.softmax`` ignoring a ``dtype=`` argument inside the block (stock BLOOM asks for a float32
+    softmax, which would make a float64 oracle float32-accurate)."""
+    stock = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        return stock(input, dim=dim)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = stock
+
+
+def _zero_alibi(module, args, kwargs):
+    """Falcon's eager attention without its own ALiBi term (the mask carries it already)."""
+    if kwargs.get("alibi") is None:
+        return None
+    return args, {**kwargs, "alibi": torch.zeros_like(kwargs["alibi"])}
+
+
+def stock_precision(family: Family):
+    """Inside the block, the family's unpatched model computes in the dtype of its inputs (what a pruned model
+    runs stock is compared with the float64 oracle)."""
+    if family.oracle != "eager64":
+        return contextlib.nullcontext()
+    return _mpt_attention_in_the_input_dtype() if family.name == "mpt" else _softmax_in_the_input_dtype()
+
+
 @contextlib.contextmanager
 def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = "sdpa"):
     """Inside the block, the stock ``model`` applies ``head_mask`` (``[R, H]`` or ``[B, R, H]``) by scaling each
     head's slice of the output projections' inputs. Independent of fastbertology.
 
-    implementation: ``"sdpa"`` (exact in float64) or ``"eager"`` (returns the attention maps; several families'
-    eager attention takes its softmax in float32, so its numbers are float32-accurate only)."""
+    implementation: ``"sdpa"`` (exact in float64; the family's ``oracle`` implementation where SDPA cannot run it)
+    or ``"eager"`` (returns the attention maps; several families' eager attention takes its softmax in float32, so
+    its numbers are float32-accurate only)."""
+    if implementation == "sdpa":
+        implementation = family.oracle
+    elif implementation == "eager":
+        implementation = family.maps
+    if implementation == "eager-alibi-once":
+        handles = [module.register_forward_pre_hook(_zero_alibi, with_kwargs=True) for module in model.modules()
+                   if type(module).__name__ == "FalconAttention"]
+        try:
+            with oracle_head_mask(family, model, head_mask, implementation="stock-eager"):
+                yield model
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
+    if implementation == "eager64":
+        with stock_precision(family), oracle_head_mask(family, model, head_mask, implementation="stock-eager"):
+            yield model
+        return
     projections = family.outputs(model)
     rows_of: dict[int, list[int]] = {}
     for row, module in enumerate(projections):
@@ -330,12 +558,17 @@ def oracle_head_mask(family: Family, model, head_mask, *, implementation: str = 
 
     for _key, rows_list in rows_of.items():
         handles.append(projections[rows_list[0]].register_forward_pre_hook(scale))
+    if implementation == "stock-eager":  # (the family's stock eager attention, whatever its ``maps``)
+        implementation = "eager"
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)
+    if model.config._attn_implementation != implementation:  # (Falcon refuses the switch; its modules and its
+        model.config._attn_implementation = implementation  # mask read the config at run time)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
+        model.config._attn_implementation = previous
         for handle in handles:
             handle.remove()
 

@@ -39,6 +39,9 @@ def test_every_family_resolves(model_type):
 EXPECTED = {  # family -> (rows, key/value heads per row, parts, layer applications of the rows, causal)
     "albert": (4, 4, ["layers"] * 4, [0, 1, 2, 3], False),
     "bart": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
+    "falcon-mq": (3, 1, ["layers"] * 3, [0, 1, 2], True),
+    "t5": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
+    "mt5": (6, 4, ["encoder"] * 2 + ["decoder"] * 2 + ["cross"] * 2, [0, 1, 2, 3, 2, 3], False),
     "gemma": (3, 1, ["layers"] * 3, [0, 1, 2], True),
     "vit": (3, 4, ["layers"] * 3, [0, 1, 2], False),
     "clip-text": (3, 4, ["layers"] * 3, [0, 1, 2], True),
@@ -71,18 +74,18 @@ def test_unknown_family_is_refused_with_the_entry_to_add():
     model = CamembertModel(CamembertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                            intermediate_size=48))
     for call in (architectures.architecture, architectures.heads_per_layer, fastbertology.patch):
-        with pytest.raises(ValueError, match="'camembert'.*one Architecture entry in fastbertology/architectures.py"):
+        with pytest.raises(ValueError, match="'camembert'.*one Architecture entry in fastbertology/family_table.py"):
             call(model)
 
 
 def test_only_the_registry_dispatches_on_model_types():
-    """No module but the registry's (architectures.py, architectures_more.py) compares ``model_type`` with a value or
-    keys a table by family names."""
+    """No module but the registry (architectures.py, its family table and architectures_more.py) compares
+    ``model_type`` with a value or keys a table by family names."""
     names = "|".join(re.escape(name) for name in architectures.supported_model_types())
     dispatch = re.compile(rf"model_type\s*(==|!=|\bin\b|\bnot in\b)|[\"']({names})[\"']\s*:")
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name in ("architectures.py", "architectures_more.py") or "bench" in path.parts:
+        if path.name in ("architectures.py", "family_table.py", "architectures_more.py") or "bench" in path.parts:
             continue  # the benchmark builds models of named families on purpose
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if dispatch.search(line) and not line.lstrip().startswith("#"):

@@ -32,12 +32,13 @@ from families import (
     main_output,
     oracle_head_mask,
     rows,
+    stock_precision,
     text_mask,
     with_labels,
 )
 
 import fastbertology
-from fastbertology import architectures
+from fastbertology import architectures, kernels
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.masking import iterative_masking
 from fastbertology.pruning import count_parameters, load_pruned, prune_heads, requires_patch
@@ -148,7 +149,7 @@ def test_patched_equals_the_oracle(family, mask_kind):
 @pytest.mark.parametrize("family", NAMES)
 def test_statistics_equal_those_of_the_stock_maps(family):
     """Entropy and max probability (of the softmax before the mask) per row, over the real query tokens, against
-    the stock eager maps."""
+    the stock eager maps (with attention sinks: of the maps and the sink's probability, one minus their sum)."""
     spec = FAMILIES[family]
     model = spec.model()
     batch = inputs(spec, LENGTHS)
@@ -165,6 +166,8 @@ def test_statistics_equal_those_of_the_stock_maps(family):
     for field, first in spec.attentions.items():
         for index, probs in enumerate(getattr(stock, field)):
             keep = _key_keep(field, batch, probs)[:, :, :, 0].to(torch.float64)  # [B, 1, N_q]: real queries
+            if spec.sinks:  # the distribution includes the sink's probability, which the maps leave out
+                probs = torch.cat([probs, 1 - probs.sum(-1, keepdim=True)], dim=-1)
             plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
             for table, values in ((stats.entropy(), -plogp.sum(-1)), (stats.max_prob(), probs.amax(-1))):
                 expected = (values * keep).sum((0, 2)) / keep.sum()
@@ -201,7 +204,7 @@ class RowCounter:
         self.rows = 0
         projections = spec.outputs(model)
         if spec.kind == "seq2seq":  # BART: the encoder's (its decoder runs padded)
-            projections = projections[:model.config.encoder_layers]
+            projections = projections[:getattr(model.config, "encoder_layers", None) or model.config.num_layers]
         first_stack = projections
         self.handles = [module.register_forward_pre_hook(self._count) for module in {id(m): m for m in first_stack}
                         .values()]
@@ -307,6 +310,9 @@ def test_analyses(family):
 PRUNE = {  # rows -> current heads; ALBERT: the same heads in both applications of each shared layer module
     "albert": {0: [1], 2: [1], 1: [0, 3], 3: [0, 3]},
     "bart": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
+    # T5: no heads left in the encoder layer that owns the position bias table / in the decoder's
+    "t5": {0: [0, 1, 2, 3], 1: [2], 2: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
+    "mt5": {0: [1], 2: [0, 1, 2, 3], 3: [1, 3], 5: [0]},
     "whisper": {0: [1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [3]},
 }
 DEFAULT_PRUNE = {0: [1], 1: [0, 1, 2, 3], 2: [0, 1]}  # GQA (2 groups of 2): unequal groups, no heads, equal groups
@@ -319,7 +325,7 @@ def _zero_mask(model, spec, heads):
     return mask
 
 
-@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("family", [name for name in NAMES if FAMILIES[name].prunable])
 def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     spec = FAMILIES[family]
     model = spec.model()
@@ -339,7 +345,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     assert unequal == ([0] if spec.gqa and model.config.num_key_value_heads == 2 else [])
 
     def run_pruned():
-        with torch.no_grad():
+        with torch.no_grad(), stock_precision(spec):
             return _real(main_output(pruned(**batch, **options)), batch)
 
     # unequal groups run through fastbertology's attention, which gathers each query head's key/value head
@@ -353,7 +359,7 @@ def test_pruned_equals_masked_and_round_trips(family, tmp_path):
     loaded = load_pruned(type(model), tmp_path, **spec.load)
     assert architectures.heads_per_layer(loaded) == architectures.heads_per_layer(pruned)
     assert count_parameters(loaded) == count_parameters(pruned)
-    with torch.no_grad():
+    with torch.no_grad(), stock_precision(spec):
         torch.testing.assert_close(_real(main_output(loaded(**batch, **options)), batch), expected, atol=ATOL,
                                    rtol=0)
 
@@ -444,40 +450,45 @@ def test_encoder_decoders_take_the_three_4x_masks_or_one_table(family):
                 model(**batch, decoder_head_mask=torch.ones(3, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("model_type, feature", [("gemma2", "soft-capping"), ("t5", "relative position bias"),
-                                                 ("gpt_oss", "attention sinks")])
+@pytest.mark.parametrize("model_type, feature", [("deberta", "disentangled"), ("deberta-v2", "disentangled")])
 def test_families_outside_the_kernels_contract_are_refused_by_name(model_type, feature):
     with pytest.raises(ValueError, match=f"model type '{model_type}'.*{feature}"):
         architectures.architecture(model_type)
 
 
-def test_a_gemma2_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
+def test_a_deberta_model_is_refused_when_patched_pruned_or_loaded(tmp_path):
     from fastbertology.loading import ModelLoadingError, check_model_dir
 
-    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
-                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                                 head_dim=8))
+    model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                                   num_attention_heads=2, intermediate_size=24))
     for call in (fastbertology.patch, lambda m: prune_heads(m, {0: [0]})):
-        with pytest.raises(ValueError, match="soft-capping"):
+        with pytest.raises(ValueError, match="disentangled"):
             call(model)
     model.save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadingError, match="soft-capping"):
+    with pytest.raises(ModelLoadingError, match="disentangled"):
         check_model_dir(str(tmp_path))
 
 
-def test_attention_features_outside_the_contract_are_refused_at_run_time():
-    """A supported family whose attention call carries soft-capping or sinks (a config or a newer transformers)
-    is refused with the feature named, never computed without it."""
+def test_attention_modifiers_reach_the_kernels_and_the_rest_is_refused_at_run_time():
+    """Soft-capping and sinks in an attention call (``softcap=``, ``s_aux=``) are handed to the kernels; position
+    biases are still refused with the feature named, never computed without them."""
     from fastbertology.patching import _interface_attention
 
     model = FAMILIES["llama-mha"].model()
-    q = torch.zeros(1, HEADS, 3, 8, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, 5, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    sinks = torch.randn(HEADS, dtype=torch.float64, generator=generator)
     with fastbertology.patch(model, backend="torch"):
         module = model.model.layers[0].self_attn
-        with pytest.raises(ValueError, match="'llama' uses attention logit soft-capping"):
-            _interface_attention(module, q, q, q, None, scaling=1.0, softcap=30.0)
-        with pytest.raises(ValueError, match="attention sinks"):
-            _interface_attention(module, q, q, q, None, scaling=1.0, s_aux=torch.zeros(HEADS))
+        for arguments, modifiers in (({"softcap": 0.5}, {"softcap": 0.5}), ({"s_aux": sinks}, {"sinks": sinks})):
+            out, _ = _interface_attention(module, q, k, v, None, scaling=0.3, **arguments)
+            expected, _ = kernels.attention(q, k, v, causal=True, scale=0.3, backend="reference", **modifiers)
+            torch.testing.assert_close(out, expected.transpose(1, 2))
+            plain, _ = _interface_attention(module, q, k, v, None, scaling=0.3)
+            assert not torch.allclose(out, plain)
+        for name, feature in (("position_bias", "an additive position bias"), ("alibi", "ALiBi")):
+            with pytest.raises(ValueError, match=f"'llama' uses {feature}.*{name}="):
+                _interface_attention(module, q, k, v, None, scaling=1.0, **{name: torch.zeros(1, HEADS, 5, 5)})
 
 
 def test_sliding_windows_equal_the_oracle():

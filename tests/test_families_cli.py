@@ -53,9 +53,20 @@ CLASSIFIERS = {
         vocab_size=30522, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=102)),
+    # T5's classifier reads the hidden state at each sequence's EOS: the tokenizer's [SEP]
+    "t5": lambda: tf.T5ForSequenceClassification(tf.T5Config(
+        vocab_size=30522, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)),
+    "mt5": lambda: tf.MT5ForSequenceClassification(tf.MT5Config(
+        vocab_size=30522, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)),
+    "modernbert": lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        local_attention=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+        cls_token_id=101, sep_token_id=102)),
 }
 TOKEN_TYPES = {"xlm-roberta", "electra", "albert"}
-ROWS = {"bart": 4}  # encoder 2 | decoder self-attention 1 | cross-attention 1
+ROWS = {"bart": 4, "t5": 4, "mt5": 4}  # encoder 2 | decoder self-attention 1 | cross-attention 1
 
 LANGUAGE_MODELS = {
     "gpt_neox": lambda vocab: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64,
@@ -80,6 +91,20 @@ LANGUAGE_MODELS = {
     "smollm3": lambda vocab: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(
         vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, no_rope_layer_interval=3,
         use_sliding_window=True, sliding_window=8, pad_token_id=0, **SMALL)),
+    "gemma2": lambda vocab: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=2.0,
+        sliding_window=8, pad_token_id=0, **SMALL)),
+    "gpt_oss": lambda vocab: tf.GptOssForCausalLM(tf.GptOssConfig(
+        vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, num_local_experts=3,
+        num_experts_per_tok=2, sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        pad_token_id=0, **SMALL)),
+    "bloom": lambda vocab: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=3, n_head=4,
+                                                              pad_token_id=0)),
+    "mpt": lambda vocab: tf.MptForCausalLM(tf.MptConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4,
+                                                        expansion_ratio=2, max_seq_len=64, pad_token_id=0)),
+    "falcon": lambda vocab: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                                                                 num_attention_heads=4, multi_query=False, alibi=True,
+                                                                 pad_token_id=0)),
     "gemma3_text": lambda vocab: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
         vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
         sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"], pad_token_id=0,

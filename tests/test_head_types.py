@@ -215,3 +215,30 @@ def test_report_reads_head_scores_with_rows_not_scored(tmp_path):
     (tmp_path / "head_scores.json").write_text(json.dumps({"induction": "nope"}))
     with pytest.raises(ValueError, match="head_scores.json"):
         read_run(tmp_path)
+
+
+def test_pair_probabilities_apply_the_score_modifiers():
+    """Probabilities recomputed from q, k and the log-sum-exp follow the call's soft-cap, position biases and sinks
+    (padded batch, causal, grouped keys), as the kernels' probability maps give them."""
+    from fastbertology.kernels import ScoreModifiers, attention
+
+    from fastbertology.attention_hooks import AttentionCall
+    from fastbertology.token_pairs import TokenPairs, pair_probabilities
+
+    generator = torch.Generator().manual_seed(0)
+    heads, seq = 4, 6
+    q = torch.randn(2, heads, seq, 8, generator=generator, dtype=torch.float64)
+    k = torch.randn(2, 2, seq, 8, generator=generator, dtype=torch.float64)
+    modifiers = ScoreModifiers(relative_bias=torch.randn(heads, 2 * seq - 1, generator=generator, dtype=torch.float64),
+                               alibi_slopes=torch.rand(heads, generator=generator, dtype=torch.float64), softcap=0.8,
+                               sinks=torch.randn(heads, generator=generator, dtype=torch.float64))
+    key_padding_mask = torch.arange(seq)[None, :] < torch.tensor([seq, 4])[:, None]
+    out, stats = attention(q, k, k, key_padding_mask=key_padding_mask, causal=True, return_probs=True,
+                           backend="reference", **modifiers._asdict())
+    call = AttentionCall(row=0, part="layers", cross=False, query=q, key=k, out=out, lse=stats.lse, head_mask=None,
+                         packed=None, key_padding_mask=key_padding_mask, causal=True, scale=8 ** -0.5, window=None,
+                         modifiers=modifiers)
+    example, query, key = (t.flatten() for t in torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(4),
+                                                                 indexing="ij"))
+    probabilities = pair_probabilities(call, TokenPairs(example, query, key, 8))
+    torch.testing.assert_close(probabilities, stats.probs[example, :, query, key])

@@ -109,6 +109,17 @@ def test_a_python_scalar_in_where_is_a_host_tensor():
                                                     ("aten::where", True)]
 
 
+
+def test_host_data_in_a_freed_device_tensors_place_is_a_host_tensor():
+    """``torch.tensor(data)`` makes a host tensor even where its storage takes the place of a freed device tensor's
+    (the census keys storages by address): the step census once counted syncs from such host tensors at random."""
+    with Census() as census, census.phase("test"):
+        misread = 0
+        for _ in range(200):
+            census.track([torch.ones(3)])  # a device tensor, freed at once
+            misread += census.is_device(torch.tensor([1, 2, 3]))
+    assert misread == 0
+
 def test_backward_ops_are_counted_on_the_device_and_attributed():
     x = torch.ones(3, requires_grad=True)
 

@@ -216,7 +216,7 @@ def test_unsupported_model_names_supported_types():
 
     model = CamembertModel(CamembertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                            intermediate_size=48))
-    with pytest.raises(ValueError, match="'camembert'; supported: albert, bart, bert, clip, clip_text_model, "
+    with pytest.raises(ValueError, match="'camembert'; supported: albert, bart, bert, bloom, clip, clip_text_model, "
                                          "clip_vision_model, deit, distilbert"):
         fastbertology.patch(model)
 

@@ -229,7 +229,7 @@ def test_unsupported_model_type():
                                            num_attention_heads=HEADS, intermediate_size=48))
     with pytest.raises(ValueError, match="model type 'camembert'; supported: albert, bart, bert"):
         prune_heads(model, {0: [0]})
-    with pytest.raises(ValueError, match="one Architecture entry in fastbertology/architectures.py"):
+    with pytest.raises(ValueError, match="one Architecture entry in fastbertology/family_table.py"):
         count_parameters(model, attention_heads_only=True)
 
 

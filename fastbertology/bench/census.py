@@ -370,6 +370,10 @@ class _CensusFunctions(TorchFunctionMode):
             census.now.target.pop()
         if moving or fresh_data:
             result = self._transfer(source, result, target, name, args, kwargs, fresh_data)
+        elif func in (torch.tensor, torch.as_tensor, torch.asarray) and source is None \
+                and isinstance(result, torch.Tensor):
+            # host data (no aten op marks it): its storage may sit where a freed device tensor's did
+            census._mark(result, "host")
         census._remember_nodes(result)
         return result
 

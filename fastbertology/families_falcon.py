@@ -1,0 +1,146 @@
+"""Falcon in the architecture registry: rotary or ALiBi positions, multi-head, multi-query and the new decoder
+architecture (grouped key/value heads), through a replacement attention forward.
+
+**Attention module.** Falcon computes attention in its own ``FalconAttention.forward``: the patch gives every
+attention module :func:`falcon_attention_forward`, which splits the fused ``query_key_value`` with the module's own
+``_split_heads`` (``[H, 3, d]``; multi-query ``q [H * d] | k [d] | v [d]``; new decoder architecture ``[H_kv,
+H / H_kv + 2, d]``), applies the rotary embeddings (when the model has no ALiBi) and hands q, k, v (one key/value
+head per group) to the kernels.
+
+**ALiBi** (``config.alibi``). What the model means, and what its SDPA path computes: ``s_ij = (q_i . k_j + slope_h
+* p_j) / sqrt(d)`` with ``p_j`` the key's position among the real tokens; the kernels take ``alibi_slopes =
+slope_h / sqrt(d)``, which differs by a constant within each query's row. (Stock *eager* Falcon with ALiBi adds the
+bias twice: once itself, once inside the mask the model built for SDPA.) The slopes are the model's, rounded to
+bfloat16 as its builder rounds them; the builder also computes ``slope * position`` in bfloat16, which is exact
+while positions stay below 256 (longer sequences: the kernels keep the bias linear, the stock model rounds it).
+
+**Pruning** cuts the ``[H, 3, d]`` layout (multi-head Falcon); multi-query and new-decoder-architecture models keep
+their query heads in other layouts and are refused by name (:func:`prune_refusal`). A pruned ALiBi model runs stock
+too: :func:`after_pruning` hands each module its heads' rows of the model's ALiBi tensor and mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .architecture_types import CAUSAL_KINDS, Architecture, Projections, Stack
+
+__all__ = ["FALCON_FAMILIES", "falcon_slopes", "falcon_attention_forward", "prune_refusal"]
+
+
+def _kept_heads(config, row: int, total: int) -> list[int]:
+    pruned = getattr(config, "pruned_heads", None) or {}
+    gone = set(pruned.get(row, pruned.get(str(row), [])))
+    return [head for head in range(total) if head not in gone]
+
+
+def falcon_slopes(config, row: int, device=None) -> torch.Tensor:
+    """The kernels' ALiBi slopes ``[H_row]`` (float64) of ``row``: Falcon's own (its builder's value at position 1
+    minus position 0, bfloat16-rounded as it rounds them) divided by ``sqrt(head_dim)``."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    total = config.num_attention_heads
+    positions = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long, device=device), total, torch.float32)
+    slopes = (positions.view(total, 2)[:, 1] - positions.view(total, 2)[:, 0]).double() / math.sqrt(
+        config.hidden_size // total)
+    kept = _kept_heads(config, row, total)
+    return slopes[torch.tensor(kept, dtype=torch.long, device=slopes.device)] if len(kept) != total else slopes
+
+
+def _key_padding(attention_mask, n_keys: int):
+    """Keys to keep, bool ``[B, N_k]``, from Falcon's 4-D mask (additive, ALiBi included, or bool: True = keep)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4:
+        raise ValueError(f"Falcon's attention mask must come from a 2-D mask; got {tuple(attention_mask.shape)}")
+    last = attention_mask[:, 0, -1, -n_keys:]
+    return last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+
+
+def falcon_attention_forward(self, hidden_states, alibi=None, attention_mask=None, position_ids=None,
+                             layer_past=None, use_cache=False, output_attentions=False, position_embeddings=None,
+                             **kwargs):
+    """Replacement forward of ``FalconAttention``: ``[B, N, D]`` -> ``(dense(context), probs or None)``."""
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    binding = self._fastbertology_layer
+    state = binding.state
+    batch, seq = hidden_states.shape[:2]
+    query, key, value = self._split_heads(self.query_key_value(hidden_states))  # [B, N, H or H_kv, d]
+    if self.new_decoder_architecture:  # (_split_heads broadcasts each group's key/value to its query heads)
+        group = self.num_heads // self.num_kv_heads
+        key, value = key[:, :, ::group], value[:, :, ::group]
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, H or H_kv, N, d]
+    modifiers = {}
+    if alibi is None:
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    else:
+        modifiers["alibi_slopes"] = falcon_slopes(state.model.config, binding.row(), query.device).to(query.dtype)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+        if key.shape[2] != seq:
+            raise ValueError("fastbertology's Falcon attention takes no cached keys (generation with a cache): call "
+                             "the model without past keys and values")
+    packed = binding.stack in state.context.packed
+    key_padding_mask = None if packed else _key_padding(attention_mask, key.shape[2])
+    out, probs = state.attend(binding, self, query, key, value, key_padding_mask, causal=True,
+                              scale=self.inv_norm_factor, dropout=self.attention_dropout.p,
+                              output_attentions=output_attentions, modifiers=modifiers)
+    return self.dense(out.reshape(batch, seq, -1)), probs
+
+
+def _pruned_pre_hook(module, args, kwargs):
+    """ALiBi Falcon builds its ALiBi tensor (``[B, H, 1, N]``, or ``[B * H, 1, N]`` without a 4-D mask) and its mask
+    ``[B, H, N, N]`` (ALiBi folded in) for all heads: a pruned module keeps its remaining heads' rows of both."""
+    kept, total = module._fastbertology_alibi_heads, module._fastbertology_total_heads
+    kwargs = dict(kwargs)
+    alibi, mask = kwargs.get("alibi"), kwargs.get("attention_mask")
+    if alibi is not None and alibi.dim() == 4:
+        kwargs["alibi"] = alibi[:, kept]
+    elif alibi is not None:
+        kwargs["alibi"] = alibi.view(-1, total, *alibi.shape[1:])[:, kept].reshape(-1, *alibi.shape[1:])
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == total:
+        kwargs["attention_mask"] = mask[:, kept]
+    return args, kwargs
+
+
+def after_pruning(model, sites) -> None:
+    """Give the attention modules of a pruned ALiBi Falcon model the rows of their heads (idempotent)."""
+    if not getattr(model.config, "pruned_heads", None) or not model.config.alibi:
+        return
+    total = model.config.num_attention_heads
+    for site in sites:
+        site.module._fastbertology_total_heads = total
+        site.module._fastbertology_alibi_heads = _kept_heads(model.config, site.row, total)
+        if getattr(site.module, "_fastbertology_alibi_hook", None) is None:
+            site.module._fastbertology_alibi_hook = site.module.register_forward_pre_hook(_pruned_pre_hook,
+                                                                                          with_kwargs=True)
+
+
+def prune_refusal(config) -> str | None:
+    """Why a Falcon model cannot be pruned, or None (multi-head Falcon: ``[H, 3, d]``)."""
+    if getattr(config, "new_decoder_architecture", False):
+        return ("Falcon with new_decoder_architecture=True keeps its query heads interleaved with their group's key "
+                "and value ([H_kv, H / H_kv + 2, d]), a layout pruning does not cut; analyse it with head masks")
+    if getattr(config, "multi_query", False):
+        return ("Falcon with multi_query=True keeps its query heads and its one key/value head as q | k | v, which "
+                "pruning does not cut for this family; analyse it with head masks")
+    return None
+
+
+FALCON = Architecture(
+    name="Falcon", model_types=("falcon",),
+    stacks=(Stack("layers", lambda base: base.h, self_attention=lambda layer: layer.self_attention,
+                  attention_block=lambda layer: layer.self_attention, causal=lambda config: True),),
+    projections=Projections("fused-per-head", qkv="query_key_value", output="dense", heads_attribute="num_heads",
+                            head_dim_attribute="head_dim", kv_heads_attribute="num_kv_heads", empty="projected"),
+    attention_interface=False, builds_cache=lambda config: bool(getattr(config, "use_cache", True)),
+    usable_positions=lambda config: None if config.alibi else config.max_position_embeddings,
+    causal_lm=True, model_classes=dict(CAUSAL_KINDS), packed_arguments=("position_embeddings", "position_ids"),
+    attention_forward=falcon_attention_forward, prune_refusal=prune_refusal, after_pruning=after_pruning,
+)
+
+FALCON_FAMILIES = (FALCON,)
