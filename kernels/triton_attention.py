@@ -208,8 +208,9 @@ class _KernelModifiers:
         return flags
 
 
-def _configs(q: torch.Tensor, layout: _Layout, causal: bool) -> AttentionConfigs:
-    return configs_for(q.device, _block_d(q.shape[3]), q.dtype, max_seqlen=layout.longest, causal=causal)
+def _configs(q: torch.Tensor, layout: _Layout, causal: bool, mods: _KernelModifiers) -> AttentionConfigs:
+    return configs_for(q.device, _block_d(q.shape[3]), q.dtype, max_seqlen=layout.longest, causal=causal,
+                       bias_table=mods.table is not None)
 
 
 def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mods: _KernelModifiers | None = None):
@@ -220,7 +221,7 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mod
     batch, heads, seq, head_dim = q.shape
     group = heads // k.shape[1]
     block_d = _block_d(head_dim)
-    cfg = _configs(q, layout, causal)
+    cfg = _configs(q, layout, causal, mods)
     precision = _dot_precision(q.dtype)
     qk_scale = scale * _LOG2E
     has_mask = mask_sh is not None
@@ -265,7 +266,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     kv_heads = k.shape[1]
     group = heads // kv_heads
     block_d = _block_d(head_dim)
-    cfg = _configs(q, layout, causal)
+    cfg = _configs(q, layout, causal, mods)
     precision = _dot_precision(q.dtype)
     has_mask = mask_sh is not None
     need_mask = need_mask and has_mask

@@ -217,7 +217,7 @@ def _modified_scores(qk, q_pos, k_pos, qk_scale, bias_base, bias_span, slope2, c
     cap_out * tanh(qk * cap_in)`` (``cap_in = scale / softcap``, ``cap_out = softcap * log2(e)``; ``t`` is that tanh,
     for the backward's ``1 - t^2``), BIAS: ``bias_base`` points at this head's row of the base-2 table (``-inf``
     already clamped to the masked score), ALIBI: ``slope2`` the head's slope times ``log2(e)``. Distances outside the
-    table (rows or keys past the sequence) read 0."""
+    table (rows or keys past the sequence) read its nearest entry."""
     if SOFTCAP:
         t = _tanh(qk * cap_in)
         s2 = t * cap_out
@@ -227,8 +227,10 @@ def _modified_scores(qk, q_pos, k_pos, qk_scale, bias_base, bias_span, slope2, c
     if BIAS or ALIBI:
         distance = k_pos - q_pos
         if BIAS:
-            index = distance + (bias_span - 1)
-            s2 += tl.load(bias_base + index, mask=(index >= 0) & (index < 2 * bias_span - 1), other=0.0)
+            # clamped, not masked (no predicates): only rows or keys past the sequence fall outside the table, and
+            # their scores are masked or unused
+            index = tl.minimum(tl.maximum(distance + (bias_span - 1), 0), 2 * bias_span - 2)
+            s2 += tl.load(bias_base + index)
         if ALIBI:
             s2 += slope2 * distance.to(tl.float32)
     return s2, t

@@ -50,11 +50,13 @@ SHORT_SEQUENCE = 64  # longest sequence up to which 64-row query blocks are used
 
 
 def gpu_configs(block_d: int, dtype: torch.dtype, *, max_seqlen: int = 512, causal: bool = False,
-                arch: int = 90) -> AttentionConfigs:
+                arch: int = 90, bias_table: bool = False) -> AttentionConfigs:
     """Configurations for a padded head dim ``block_d`` and ``dtype`` on an H100/H200 (``arch`` 90) or an A100
     (80: a few entries differ, where the sm_90 choice spills registers there). ``causal`` is accepted for a
-    table that would tell the two apart; today's entries do not. Every entry compiles without register spills
-    for both architectures (``python benchmarks/kernel_report.py``)."""
+    table that would tell the two apart; today's entries do not. ``bias_table``: the launch gathers a relative
+    position bias table (one load per score, which costs registers): at head dim 128 the forward and the float32
+    dQ take smaller blocks. Every entry compiles without register spills for both architectures
+    (``python benchmarks/kernel_report.py``)."""
     short = max_seqlen <= SHORT_SEQUENCE
     if dtype == torch.float32:  # twice the bytes per element, and tf32x3 dots need three times the operands
         if block_d <= 64:
@@ -64,7 +66,7 @@ def gpu_configs(block_d: int, dtype: torch.dtype, *, max_seqlen: int = 512, caus
             )
         return AttentionConfigs(
             fwd=KernelConfig(16, 32, 4, 2), probs=KernelConfig(64, 16, 4, 2), preprocess=KernelConfig(64, 64),
-            dkdv=KernelConfig(16, 16, 4, 1), dq=KernelConfig(16, 32, 4, 2),
+            dkdv=KernelConfig(16, 16, 4, 1), dq=KernelConfig(16, 16 if bias_table else 32, 4, 2),
         )
     if block_d <= 64:
         if short:
@@ -74,18 +76,19 @@ def gpu_configs(block_d: int, dtype: torch.dtype, *, max_seqlen: int = 512, caus
             dq, dkdv = KernelConfig(128, 32, 8, 2), KernelConfig(32, 128, 8, 2)
         return AttentionConfigs(fwd=fwd, probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(128, 64),
                                 dkdv=dkdv, dq=dq)
-    fwd = KernelConfig(64, 32, 4, 2) if short or arch < 90 else KernelConfig(128, 64, 8, 2)
+    fwd = KernelConfig(64, 32, 4, 2) if short or arch < 90 or bias_table else KernelConfig(128, 64, 8, 2)
     dq = KernelConfig(64, 32, 8, 2) if arch < 90 else KernelConfig(64, 32, 4, 2)
     return AttentionConfigs(fwd=fwd, probs=KernelConfig(64, 64, 4, 2), preprocess=KernelConfig(64, 64),
                             dkdv=KernelConfig(32, 64, 8, 2), dq=dq)
 
 
 def configs_for(device: torch.device, block_d: int, dtype: torch.dtype, *, max_seqlen: int,
-                causal: bool) -> AttentionConfigs:
+                causal: bool, bias_table: bool = False) -> AttentionConfigs:
     """The table entry for CUDA tensors (by the device's compute capability); small blocks for the interpreter
     (CPU tensors)."""
     if device.type == "cuda":
-        return gpu_configs(block_d, dtype, max_seqlen=max_seqlen, causal=causal, arch=_arch(device.index))
+        return gpu_configs(block_d, dtype, max_seqlen=max_seqlen, causal=causal, arch=_arch(device.index),
+                           bias_table=bias_table)
     return INTERPRETER_CONFIGS
 
 

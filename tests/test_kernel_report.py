@@ -261,6 +261,20 @@ def test_score_modifiers_compile_into_their_own_launches(quick_rows):
         assert kr.hottest_instructions(biased) > kr.hottest_instructions(plain)
 
 
+@needs_toolchain
+def test_a_bias_table_at_head_dim_128_compiles_without_spills():
+    """The heaviest modifier launches, a gathered bias table over a padded batch at head dim 128 in fp32 and bf16
+    (which spilled on sm_90 with the plain launch configurations), compile without spills."""
+    import kernel_specs
+
+    cases = [kernel_specs.Case(dtype, 128, False, "padded", "grad", modifiers=("bias",)) for dtype in ("fp32", "bf16")]
+    rows = kr.run_specs(kernel_specs.project_kernel_specs(cases, archs=(90,)), [90], jobs=2)
+    assert {row["kernel"] for row in rows} >= {"_attn_fwd", "_attn_probs", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (row["kernel"], row["config"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The yardstick computes what it claims
 # ----------------------------------------------------------------------------------------------------------
