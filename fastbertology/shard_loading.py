@@ -46,19 +46,21 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
 _FLOATING = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
-def _saved_keys(files: list[str], dtype: torch.dtype) -> dict[str, tuple[list[str], bool]]:
-    """Per file: its tensor names, and whether any floating-point one is saved in another dtype than ``dtype``
-    (read from the headers only)."""
+def _saved_keys(files: list[str], dtype: torch.dtype) -> tuple[dict[str, tuple[list[str], bool]], dict]:
+    """Per file: its tensor names, and whether any floating-point one is saved in another dtype than ``dtype``; and
+    every tensor's shape (read from the headers only)."""
     from safetensors import safe_open
 
     wanted = _SAFETENSORS_DTYPES.get(dtype)
-    saved = {}
+    saved, shapes = {}, {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
             keys = list(handle.keys())
-            dtypes = {handle.get_slice(key).get_dtype() for key in keys}
+            slices = {key: handle.get_slice(key) for key in keys}
+            dtypes = {piece.get_dtype() for piece in slices.values()}
+            shapes.update({key: tuple(piece.get_shape()) for key, piece in slices.items()})
         saved[file] = (keys, any(d in _FLOATING and d != wanted for d in dtypes))
-    return saved
+    return saved, shapes
 
 
 def _open(file: str, *, converting: bool):
@@ -79,14 +81,17 @@ def _open(file: str, *, converting: bool):
 def load_by_shards(model_class, config, files: list[str], *, dtype: torch.dtype) -> nn.Module | None:
     """``model_class`` built from ``config`` with the weights of the safetensors ``files`` in ``dtype``, loaded one
     file at a time (see the module docstring); None when the checkpoint's keys are not exactly the model's (the
-    caller then uses ``from_pretrained``). Floating-point weights are converted to ``dtype``; others kept."""
-    saved = _saved_keys(files, dtype)
+    caller then uses ``from_pretrained``, which also explains a checkpoint whose shapes are not the config's).
+    Floating-point weights are converted to ``dtype``; others kept."""
+    saved, shapes = _saved_keys(files, dtype)
     with parameters_on_meta():
         model = model_class.from_config(config, dtype=dtype)
     expected = dict(model.named_parameters(remove_duplicate=False))
-    persistent = set(model.state_dict(keep_vars=True))
+    state = model.state_dict(keep_vars=True)
     names = [key for keys, _ in saved.values() for key in keys]
-    if len(set(names)) != len(names) or not set(names) <= persistent:
+    if len(set(names)) != len(names) or not set(names) <= set(state):
+        return None
+    if any(shapes[key] != tuple(state[key].shape) for key in names):
         return None
     for file, (keys, converting) in saved.items():
         handle, mapped = _open(file, converting=converting)
