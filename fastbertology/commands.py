@@ -153,6 +153,22 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
         if getattr(run.model, "_fastbertology_sharded", False):  # rank 0's pattern pass needs every process
             join_patterns(run, analysis.importance)
         return analysis
+    write_importance(console, run, analysis, output, summary, seconds=seconds, mode=args.importance)
+    summary["importance"]["cuda_graphs"] = analysis.cuda_graphs
+    _say_graphs(console, analysis.cuda_graphs)
+    console.say(format_table(analysis.importance, title="Head importance (normalised; rows = layers)"))
+    console.say(format_table(analysis.entropy, title="\nAttention entropy (nats per token)"))
+    console.say(format_table(analysis.max_prob, title="\nMax attention probability (mean per token)"))
+    console.say(f"\n{run.description['metric']} = {analysis.metric:.4f} on {analysis.examples} examples "
+                f"({seconds:.1f} s for importance + entropy + metric)")
+    patterns_step(run, analysis.importance, output, summary)
+    return analysis
+
+
+def write_importance(console: Console, run: Run, analysis, output: RunDirectory, summary: dict, *, seconds: float,
+                     mode: str) -> None:
+    """The importance step's files (tables, heatmaps), its warning of an all-zero table, and ``summary.json``'s
+    ``importance`` section (what the importance command and the streamed one share)."""
     write_npy(output / "head_importance.npy", analysis.importance.numpy())
     write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
     write_npy(output / "attn_max_prob.npy", analysis.max_prob.numpy())
@@ -163,18 +179,9 @@ def importance_step(args, console: Console, run: Run, output: RunDirectory | Non
         summary["setup"].setdefault("warnings", []).append(zero)
     summary["importance"] = {
         "metric": analysis.metric, "loss": analysis.loss, "tokens": analysis.tokens, "examples": analysis.examples,
-        "seconds": seconds, "mode": args.importance, "importance": analysis.importance,
+        "seconds": seconds, "mode": mode, "importance": analysis.importance,
         "raw_importance": analysis.raw_importance, "entropy": analysis.entropy, "max_prob": analysis.max_prob,
-        "cuda_graphs": analysis.cuda_graphs,
     }
-    _say_graphs(console, analysis.cuda_graphs)
-    console.say(format_table(analysis.importance, title="Head importance (normalised; rows = layers)"))
-    console.say(format_table(analysis.entropy, title="\nAttention entropy (nats per token)"))
-    console.say(format_table(analysis.max_prob, title="\nMax attention probability (mean per token)"))
-    console.say(f"\n{run.description['metric']} = {analysis.metric:.4f} on {analysis.examples} examples "
-                f"({seconds:.1f} s for importance + entropy + metric)")
-    patterns_step(run, analysis.importance, output, summary)
-    return analysis
 
 
 def patterns_step(run: Run, importance: torch.Tensor, output: RunDirectory, summary: dict, *, count: int = 3,

@@ -19,15 +19,14 @@ from tqdm.auto import tqdm
 
 from . import distributed, interrupts, patch
 from .batching import make_batches, move_batch
-from .commands import _heatmaps, patterns_step
+from .commands import patterns_step, write_importance
 from .console import Console, format_table
 from .data import Example
 from .data.stream_batches import STREAM_SUFFIXES, StreamPosition, fraction_read, open_tokens, stream_batches
-from .degenerate import zero_importance_warning
 from .distributed import model_fingerprint
 from .kernels import resolve_backend
 from .loading import parse_dtype, resolve_device, usable_positions
-from .outputs import OutputDirectoryError, check_output_dir, write_npy
+from .outputs import OutputDirectoryError, check_output_dir
 from .run_directory import open_run_directory
 from .run_setup import (
     Run,
@@ -220,20 +219,9 @@ def _analyse(args, console, options, run, block, fingerprint, checkpoint, resume
 
 
 def _write(console, run, analysis, output, summary, seconds, *, resumed: int) -> None:
-    write_npy(output / "head_importance.npy", analysis.importance.numpy())
-    write_npy(output / "attn_entropy.npy", analysis.entropy.numpy())
-    write_npy(output / "attn_max_prob.npy", analysis.max_prob.numpy())
-    _heatmaps(output, analysis, run.description)
-    zero = zero_importance_warning(analysis.raw_importance)
-    if zero is not None:
-        console.warn(zero)
-        summary["setup"].setdefault("warnings", []).append(zero)
-    summary["importance"] = {
-        "metric": analysis.metric, "loss": analysis.loss, "tokens": analysis.tokens, "examples": analysis.examples,
-        "seconds": seconds, "mode": summary["options"].get("importance"), "importance": analysis.importance,
-        "raw_importance": analysis.raw_importance, "entropy": analysis.entropy, "max_prob": analysis.max_prob,
-        "streamed": True, "resumed_after_batches": resumed,
-    }
+    write_importance(console, run, analysis, output, summary, seconds=seconds,
+                     mode=summary["options"].get("importance"))
+    summary["importance"].update(streamed=True, resumed_after_batches=resumed)
     console.say(format_table(analysis.importance, title="Head importance (normalised; rows = layers)"))
     console.say(format_table(analysis.entropy, title="\nAttention entropy (nats per token)"))
     console.say(f"\n{run.description['metric']} = {analysis.metric:.4f} on {analysis.examples} blocks "
