@@ -101,10 +101,11 @@ def _graph_type(device: torch.device):
 
 
 def importance_runner(model, task, mode: str, base_mask: torch.Tensor, use: GraphUse,
-                      examples_in) -> tuple[StepRunner, _Sums]:
+                      gradient_step: Callable) -> tuple[StepRunner, _Sums]:
     """A runner of the importance step (``mode`` ``"per_batch"`` or ``"per_example"``) and its reset sums. The
-    step: the task's loss with a head mask that requires grad (a copy of the static mask; ``[B, L, H]`` per
-    example), its gradient, ``|gradient|`` added to ``raw``, the step's statistics and the metric."""
+    step: ``gradient_step(static mask, batch) -> (result, |dL/dmask| [L, H])`` (the eager pass's own step,
+    :func:`~fastbertology.importance.importance_gradient`), that magnitude added to ``raw``, the step's
+    statistics and the metric."""
     layers, heads = base_mask.shape
     graph_type = _graph_type(base_mask.device)
     key = ("importance", id(task), mode, tuple(base_mask.shape), base_mask.dtype)
@@ -114,15 +115,8 @@ def importance_runner(model, task, mode: str, base_mask: torch.Tensor, use: Grap
 
         def body(batch: dict) -> torch.Tensor:
             with record(model) as step:
-                if mode == "per_example":
-                    size = examples_in(task, batch)
-                    mask = sums.mask.expand(size, layers, heads).clone().requires_grad_(True)
-                else:
-                    mask = sums.mask.clone().requires_grad_(True)
-                result = task.evaluate(model, batch, head_mask=mask)
-                objective = result.example_losses.sum() if mode == "per_example" else result.loss
-                (gradient,) = torch.autograd.grad(objective, mask)
-            sums.raw.add_(gradient.abs().double().sum(0) if mode == "per_example" else gradient.abs().double())
+                result, magnitude = gradient_step(sums.mask, batch)
+            sums.raw.add_(magnitude)
             sums.add_statistics(step)
             task.update_metric(sums.metric_state, result, batch)
             return result.loss.detach()

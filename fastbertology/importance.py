@@ -154,24 +154,20 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     if use.enabled and checkpoint_layers:
         use.turn_off("per-layer activation checkpointing (the memory plan) runs eagerly")
     through_runner = use.enabled  # its sums hold the results, even if graphs are turned off during the pass
+
+    def gradient_step(mask_source: torch.Tensor, batch: dict):
+        return importance_gradient(model, task, mask_source, batch, importance)
+
     if through_runner:
-        runner, sums = importance_runner(model, task, importance, base_mask, use, examples_in)
+        runner, sums = importance_runner(model, task, importance, base_mask, use, gradient_step)
         run_step = runner.run
     else:
         raw = torch.zeros(base_mask.shape, dtype=torch.float64, device=base_mask.device)
         metric_state = task.metric_state()
 
         def run_step(batch):
-            nonlocal raw
-            size = examples_in(task, batch)
-            if importance == "per_example":
-                mask = base_mask.expand(size, *base_mask.shape).clone().requires_grad_(True)  # [B, L, H]
-            else:
-                mask = base_mask.clone().requires_grad_(True)  # [L, H]
-            result = task.evaluate(model, batch, head_mask=mask)
-            objective = result.example_losses.sum() if importance == "per_example" else result.loss
-            (gradient,) = torch.autograd.grad(objective, mask)
-            raw += gradient.abs().double().sum(0) if importance == "per_example" else gradient.abs().double()
+            result, magnitude = gradient_step(base_mask, batch)
+            raw.add_(magnitude)
             task.update_metric(metric_state, result, batch)
             return result.loss.detach()
 
@@ -207,6 +203,20 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     )
 
 
+def importance_gradient(model: nn.Module, task: TaskProtocol, base_mask: torch.Tensor, batch: dict, mode: str):
+    """One batch's task result under a copy of ``base_mask`` ``[L, H]`` that requires grad (``[B, L, H]`` for
+    ``mode="per_example"``), and ``|dL/dmask|`` ``[L, H]`` float64 (summed over the examples per example)."""
+    if mode == "per_example":
+        mask = base_mask.expand(examples_in(task, batch), *base_mask.shape).clone().requires_grad_(True)
+    else:
+        mask = base_mask.clone().requires_grad_(True)
+    result = task.evaluate(model, batch, head_mask=mask)
+    objective = result.example_losses.sum() if mode == "per_example" else result.loss
+    (gradient,) = torch.autograd.grad(objective, mask)
+    magnitude = gradient.abs().double()
+    return result, magnitude.sum(0) if mode == "per_example" else magnitude
+
+
 def loss_total(losses: list[torch.Tensor]) -> float:
     """The sum of a pass's batch losses (0-d tensors on the device, read back in one copy); ValueError naming the
     first batch whose loss is NaN or infinite (the metric and the gradients after it would be meaningless: accuracy
@@ -238,7 +248,7 @@ def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtoco
     through_runner = use.enabled
     if through_runner:
         runner, sums = evaluation_runner(model, task, head_mask, use)
-        state = sums.metric_state
+        run_step = runner.run
     else:
         state = task.metric_state()
 
@@ -251,7 +261,7 @@ def evaluate_metric(model: nn.Module, batches: Iterable[dict], task: TaskProtoco
     losses = []
     with torch.no_grad(), checked:
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            losses.append(runner.run(batch) if through_runner else run_step(batch))
+            losses.append(run_step(batch))
     if graph_report is not None:
         graph_report.update(use.as_dict())
     loss_total(losses)

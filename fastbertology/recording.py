@@ -16,22 +16,19 @@ _PENDING_SUMS = 64
 def head_sums(entropy: torch.Tensor, max_prob: torch.Tensor, query_mask: torch.Tensor | None):
     """One layer's row statistics ``[B, H, N]`` -> ``(sums [2, H] float64, tokens)``: the entropy and max-probability
     sums over the non-padding queries (``query_mask`` ``[B, N]``, bool or 0/1 floats, None = every query) and their
-    count (a host int without a mask, else a 0-d float64 tensor: no host-device sync either way). Without a mask
-    this is one reduction (the Triton backend returns both statistics as halves of one buffer)."""
-    rows = row_statistics(entropy, max_prob)  # [2, B, H, N]
-    if query_mask is None:
-        return rows.sum(dim=(1, 3), dtype=torch.float64), rows.shape[1] * rows.shape[3]
-    weights = query_mask.to(torch.float64)
-    keep = weights[None, :, None, :] > 0  # padded queries: whatever the backend left there (NaN...) never counts
-    sums = torch.einsum("sbhn,bn->sh", torch.where(keep, rows.double(), 0.0), weights)
-    return sums, weights.sum()
+    count (a host int without a mask, else a 0-d float64 tensor: no host-device sync either way): :func:`block_sums`
+    of one layer."""
+    sums, tokens = block_sums([(entropy, max_prob)], query_mask)
+    return sums[0], tokens
 
 
 def block_sums(rows: list[tuple[torch.Tensor, torch.Tensor]], query_mask: torch.Tensor | None):
     """Several layers' row statistics of one model call, ``(entropy, max_prob)`` ``[B, H, N]`` each (one shape),
-    -> ``(sums [n, 2, H] float64, tokens)`` as :func:`head_sums` gives them per layer, in one reduction (one stack and
-    one sum for the call, where :func:`head_sums` reduces each layer)."""
-    stacked = torch.stack([row_statistics(entropy, max_prob) for entropy, max_prob in rows])  # [n, 2, B, H, N]
+    -> ``(sums [n, 2, H] float64, tokens)``: the entropy and max-probability sums of each layer over the non-padding
+    queries and their count (see :func:`head_sums`), in one reduction. Without a mask, one layer's is a single
+    reduction of a view (the Triton backend returns both statistics as halves of one buffer)."""
+    statistics = [row_statistics(entropy, max_prob) for entropy, max_prob in rows]  # [2, B, H, N] each
+    stacked = statistics[0].unsqueeze(0) if len(statistics) == 1 else torch.stack(statistics)  # [n, 2, B, H, N]
     if query_mask is None:
         return stacked.sum(dim=(2, 4), dtype=torch.float64), stacked.shape[2] * stacked.shape[4]
     weights = query_mask.to(torch.float64)
