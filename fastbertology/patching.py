@@ -175,36 +175,39 @@ class PatchState:
             out, stats = rectangular_attention(query, key, value, head_mask=mask, key_padding_mask=key_padding_mask,
                                                scale=scale, return_probs=output_attentions)
             self._record(row, stats, None)
-            out = self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, False, scale, None)
-            return out.transpose(1, 2), stats.probs
+            out = out.transpose(1, 2)  # [B, N_q, H, D]
+            return self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, False, scale,
+                                None), stats.probs
         options = {**_window_options(window, packed.packing.max_seqlen if packed is not None else key.shape[2]),
                    **modifiers}
+        # the output comes as [B, N_q, H, D], what the model expects (the Triton kernels write it so: no transpose)
         if packed is not None:
             out, stats = kernels.attention(query, key, value, head_mask=mask, causal=causal, scale=scale,
-                                           packing=packed.packing, backend=self.backend, **options)
+                                           packing=packed.packing, output_layout="bnhd", backend=self.backend,
+                                           **options)
             self._record(row, stats, packed.query_weights)  # None, or 0 on a graph bucket's filler tokens
-            out = self._hooked(out, stats, binding, row, mask, query, key, packed, None, causal, scale, options)
-            return out.transpose(1, 2), None
+            return self._hooked(out, stats, binding, row, mask, query, key, packed, None, causal, scale, options), None
         out, stats = kernels.attention(
             query, key, value, head_mask=mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-            return_probs=output_attentions, backend=self.backend, **options,
+            return_probs=output_attentions, output_layout="bnhd", backend=self.backend, **options,
         )
         self._record(row, stats, key_padding_mask)
         out = self._hooked(out, stats, binding, row, mask, query, key, None, key_padding_mask, causal, scale, options)
-        return out.transpose(1, 2), stats.probs
+        return out, stats.probs
 
     def _hooked(self, out, stats, binding, row, mask, query, key, packed, key_padding_mask, causal, scale, options):
-        """``out [B, H, N, D]`` after the attention hooks (:mod:`fastbertology.attention_hooks`), which see the call
-        and may replace it."""
+        """``out [B, N, H, D]`` after the attention hooks (:mod:`fastbertology.attention_hooks`), which see the call
+        (with ``out [B, H, N, D]``) and may replace it."""
         if not self.attention_hooks:
             return out
+        out = out.transpose(1, 2)
         call = AttentionCall(row=row, part=self.parts[row], cross=binding.cross, query=query, key=key, out=out,
                              lse=stats.lse, head_mask=mask, packed=packed, key_padding_mask=key_padding_mask,
                              causal=causal, scale=query.shape[-1] ** -0.5 if scale is None else float(scale),
                              window=(options or {}).get("window"),
                              modifiers=kernels.ScoreModifiers(**{name: value for name, value in (options or {}).items()
                                                                  if name in kernels.ScoreModifiers._fields}))
-        return run_hooks(self.attention_hooks, call)
+        return run_hooks(self.attention_hooks, call).transpose(1, 2)
 
     def _record(self, row, stats, query_mask):
         """Keep a layer's row statistics for the reduction at the end of the model call (:meth:`flush_statistics`:

@@ -4,7 +4,7 @@ torch and triton only, never transformers. One contract, several backends:
 
     out, stats = attention(q, k, v, head_mask=None, key_padding_mask=None, causal=False, scale=None,
                            return_probs=False, packing=None, window=None, relative_bias=None,
-                           alibi_slopes=None, softcap=None, sinks=None, backend="auto")
+                           alibi_slopes=None, softcap=None, sinks=None, output_layout="bhnd", backend="auto")
 
 * ``q``: ``[B, H, N, D]``; ``k, v``: ``[B, H_kv, N, D]`` with ``H_kv`` dividing ``H`` (``H_kv = H``: multi-head
   attention; fewer: grouped-query attention, ``H_kv = 1``: multi-query), query head ``h`` reading key/value head
@@ -31,9 +31,11 @@ torch and triton only, never transformers. One contract, several backends:
   sink logit and ``entropy`` / ``max_prob`` describe the distribution over the keys and the sink. Frozen
   parameters in the analyses; when they require grad the reference and torch backends give their exact gradients,
   Triton those of the sinks (it refuses a bias table or slopes that require grad).
-* ``out``: ``[B, H, N, D]`` in the input dtype; ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob``
-  ``[B, H, N]`` float32, of the softmax before the head mask; ``probs`` ``[B, H, N, N]``, the probabilities times the
-  head mask in the input dtype, only with ``return_probs=True`` and not with ``packing``).
+* ``out``: ``[B, H, N, D]`` in the input dtype (``output_layout="bnhd"``: ``[B, N, H, D]``, what transformers'
+  attention functions return; the Triton kernels write it so, the other backends transpose a view).
+* ``stats``: :class:`AttentionStats` (``lse, entropy, max_prob`` ``[B, H, N]`` float32, of the softmax before the
+  head mask; ``probs`` ``[B, H, N, N]``, the probabilities times the head mask in the input dtype, only with
+  ``return_probs=True`` and not with ``packing``).
 * ``backend``: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"torch"``, ``"triton"`` (on CPU
   tensors it needs ``TRITON_INTERPRET=1`` set before triton is imported), or ``"reference"``.
 """
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import AttentionStats, Packing
+from .common import AttentionStats, Packing, check_output_layout
 from .modifiers import ScoreModifiers
 from .reference import attention_reference
 from .torch_attention import attention_torch
@@ -72,21 +74,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, head_mask: t
               key_padding_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
               return_probs: bool = False, packing: Packing | None = None, window: int | None = None,
               relative_bias: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
-              softcap: float | None = None, sinks: torch.Tensor | None = None,
+              softcap: float | None = None, sinks: torch.Tensor | None = None, output_layout: str = "bhnd",
               backend: str = "auto") -> tuple[torch.Tensor, AttentionStats]:
     """Masked multi-head attention with per-head statistics; see the module docstring for the contract."""
     backend = resolve_backend(backend, q.device)
+    heads_last = check_output_layout(output_layout)
+    options = dict(head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                   return_probs=return_probs, packing=packing, window=window, relative_bias=relative_bias,
+                   alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     if backend == "triton":
         from .triton_attention import attention_triton
 
-        function = attention_triton
-    elif backend == "reference":
-        function = attention_reference
-    else:
-        function = attention_torch
-    return function(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                    return_probs=return_probs, packing=packing, window=window, relative_bias=relative_bias,
-                    alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+        return attention_triton(q, k, v, output_layout=output_layout, **options)
+    function = attention_reference if backend == "reference" else attention_torch
+    out, stats = function(q, k, v, **options)
+    return (out.transpose(1, 2) if heads_last else out), stats
 
 
 __all__ = ["AttentionStats", "Packing", "ScoreModifiers", "attention", "attention_reference", "attention_torch",

@@ -94,6 +94,16 @@ class Packing(NamedTuple):
         return starts
 
 
+OUTPUT_LAYOUTS = ("bhnd", "bnhd")
+
+
+def check_output_layout(output_layout: str) -> bool:
+    """Validate ``output_layout``; True for ``"bnhd"`` (heads after the tokens: ``out [B, N, H, D]``)."""
+    if output_layout not in OUTPUT_LAYOUTS:
+        raise ValueError(f"output_layout must be one of {', '.join(map(repr, OUTPUT_LAYOUTS))}; got {output_layout!r}")
+    return output_layout == "bnhd"
+
+
 def check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing=None, return_probs=False, window=None):
     """Validate shapes, dtypes and devices; return ``(B, H, N, D)`` (with ``packing``: ``(S, H, T, D)``), ``H`` the
     number of query heads. ``k, v`` may have fewer heads than ``q`` (grouped-query attention: ``H_kv`` dividing

@@ -68,7 +68,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "use backend='torch' otherwise"
     ) from error
 
-from .common import AttentionStats, Packing, check_inputs
+from .common import AttentionStats, Packing, check_inputs, check_output_layout
 from .modifiers import ScoreModifiers, check_modifiers, refuse_modifier_gradients
 from .reference import expand_head_mask
 from .torch_attention import attention_torch
@@ -113,6 +113,12 @@ def _block_d(head_dim: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _bhnd_strides(t: torch.Tensor, heads_last: bool) -> tuple[int, int, int, int]:
+    """The strides of ``t`` read as ``[B, H, N, D]``: ``t`` itself, or (``heads_last``) ``t`` ``[B, N, H, D]``."""
+    stride = t.stride()
+    return (stride[0], stride[2], stride[1], stride[3]) if heads_last else stride
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -213,10 +219,12 @@ def _configs(q: torch.Tensor, layout: _Layout, causal: bool, mods: _KernelModifi
                        bias_table=mods.table is not None)
 
 
-def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mods: _KernelModifiers | None = None):
+def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mods: _KernelModifiers | None = None,
+             heads_last: bool = False):
     """Launch ``_attn_fwd`` (and ``_attn_probs``). Returns ``(out, lse, entropy, max_prob, probs or None)``;
     ``mask_sh`` is None or float32 contiguous ``[S, H]``; ``k, v`` have ``H / group`` heads; ``mods``: the score
-    modifiers (None: none)."""
+    modifiers (None: none); ``out`` is ``[B, H, N, D]``, or with ``heads_last`` a new contiguous ``[B, N, H, D]``
+    (what a transformers attention function returns: no transpose, no copy after the call)."""
     mods = mods or _KernelModifiers(ScoreModifiers(), scale, layout.dummy)
     batch, heads, seq, head_dim = q.shape
     group = heads // k.shape[1]
@@ -225,7 +233,10 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mod
     precision = _dot_precision(q.dtype)
     qk_scale = scale * _LOG2E
     has_mask = mask_sh is not None
-    out = torch.empty_like(q)  # q's layout where dense (e.g. [B, N, H, D] underneath): free transpose later
+    if heads_last:
+        out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+    else:
+        out = torch.empty_like(q)  # q's layout where dense (e.g. [B, N, H, D] underneath): free transpose later
     # lse is saved for the backward: a tensor of its own (an in-place change of a view of the same storage would
     # fail the backward's version check); entropy and max_prob are the halves of one [2, B, H, N] buffer, which the
     # statistics recorder reduces in one operation (kernels.common.row_statistics)
@@ -235,7 +246,7 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mod
     grid = (_cdiv(layout.longest, cfg.fwd.block_m), layout.sequences * heads)
     _attn_fwd[grid](
         q, k, v, mask_sh if has_mask else lse, key_pad, kv_end, cu_seqlens, out, lse, entropy, max_prob,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *layout.pad_strides,
+        *q.stride(), *k.stride(), *v.stride(), *_bhnd_strides(out, heads_last), *layout.pad_strides,
         heads, seq, group, layout.window_arg, qk_scale, *mods.args(sinks=True),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n,
         CAUSAL=causal, VARLEN=layout.varlen, HAS_KEY_PAD=layout.has_key_pad, HAS_HEAD_MASK=has_mask,
@@ -257,10 +268,10 @@ def _forward(q, k, v, mask_sh, layout: _Layout, causal, scale, return_probs, mod
 
 
 def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, scale, need_dq, need_dkdv, need_mask,
-              mods: _KernelModifiers | None = None):
+              mods: _KernelModifiers | None = None, heads_last: bool = False):
     """Launch the backward kernels. Returns ``(dq, dk, dv, mask_partials)``: ``mask_partials [S, H, blocks]``
     float32 (the head-mask gradient is their sum over the last dim) or None; ``dk, dv`` have the shape of ``k, v``
-    (``H / group`` heads)."""
+    (``H / group`` heads). ``out`` and ``grad_out`` are ``[B, N, H, D]`` with ``heads_last``."""
     mods = mods or _KernelModifiers(ScoreModifiers(), scale, layout.dummy)
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -273,10 +284,11 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
     key_pad, kv_end, cu_seqlens = layout.pointers()
     rows = layout.sequences * heads
     mask_arg = mask_sh if has_mask else lse
-    # -- stage 1: Delta / mask, lse * log2(e) (for dK, dV), and the head-mask gradient of heads whose mask is not
-    #    small
-    delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta) if need_dkdv else delta
+    out_strides, grad_strides = _bhnd_strides(out, heads_last), _bhnd_strides(grad_out, heads_last)
+    # -- stage 1: Delta / mask, lse * log2(e) (for dK, dV; the second half of delta's buffer, lse2_at further on),
+    #    and the head-mask gradient of heads whose mask is not small
+    delta = torch.empty((1 + need_dkdv) * batch * heads * seq, dtype=torch.float32, device=q.device)
+    lse2_at = batch * heads * seq
     pre_blocks = _cdiv(layout.longest, cfg.preprocess.block_m)
     dq_blocks = _cdiv(layout.longest, cfg.dq.block_m)
     # the head-mask gradient's per-program partial sums: [rows, pre_blocks | dq_blocks], every slot written by its
@@ -285,9 +297,8 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
                            device=q.device) if need_mask else delta  # row s * H + h of [rows, slots] is [s, h]
     slots = pre_blocks + dq_blocks
     _attn_bwd_preprocess[(pre_blocks, rows)](
-        out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, lse2, partials,
-        *out.stride(), *grad_out.stride(),
-        heads, seq, slots, _SMALL_MASK,
+        out, grad_out, mask_arg, kv_end, cu_seqlens, lse, delta, partials, *out_strides, *grad_strides,
+        heads, seq, lse2_at, slots, _SMALL_MASK,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess.block_m, VARLEN=layout.varlen,
         HAS_HEAD_MASK=has_mask, MASK_GRAD=need_mask, WRITE_LSE2=need_dkdv,
     )
@@ -304,9 +315,9 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
             dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         grid = (_cdiv(layout.longest, cfg.dkdv.block_n), rows)
         _attn_bwd_dkdv[grid](
-            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse2, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *layout.pad_strides,
-            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, *mods.args(),
+            q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_strides, *dk.stride(), *layout.pad_strides,
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, lse2_at, *mods.args(),
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, **common,
             **cfg.dkdv.launch_options(),
         )
@@ -318,10 +329,11 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
         grid = (dq_blocks, rows)
         _attn_bwd_dq[grid](
             q, k, v, grad_out, mask_arg, key_pad, kv_end, cu_seqlens, lse, delta,
-            dq if dq is not None else q, partials[:, :, pre_blocks:] if need_mask else lse,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(dq if dq is not None else q).stride(),
+            dq if dq is not None else q, partials if need_mask else lse,
+            *q.stride(), *k.stride(), *v.stride(), *grad_strides, *(dq if dq is not None else q).stride(),
             *layout.pad_strides,
-            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, slots, _SMALL_MASK, *mods.args(),
+            heads, seq, group, layout.window_arg, scale * _LOG2E, scale, slots, pre_blocks, _SMALL_MASK,
+            *mods.args(),
             BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, COMPUTE_DQ=need_dq, MASK_GRAD=need_mask, **common,
             **cfg.dq.launch_options(),
         )
@@ -336,7 +348,7 @@ def _backward(grad_out, q, k, v, out, lse, mask_sh, layout: _Layout, causal, sca
 
 def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=False, scale=None,
                      return_probs=False, packing: Packing | None = None, window: int | None = None,
-                     relative_bias=None, alibi_slopes=None, softcap=None, sinks=None):
+                     relative_bias=None, alibi_slopes=None, softcap=None, sinks=None, output_layout="bhnd"):
     """Fused Triton attention; same contract as :func:`fastbertology.kernels.attention`.
 
     Args:
@@ -352,15 +364,19 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
         packing: :class:`~fastbertology.kernels.Packing` of packed sequences, or None.
         window: sliding window, or None: query i sees keys ``i - window < j`` (and ``j < i + window`` when not
             causal).
+        output_layout: ``"bhnd"`` (``out [B, H, N, D]``) or ``"bnhd"`` (a contiguous ``[B, N, H, D]``, written so
+            by the kernel: no transpose op, no copy).
 
     Returns:
-        ``out`` (input dtype, with the memory layout of ``q`` where ``q`` is dense) and :class:`AttentionStats`
+        ``out`` (input dtype; ``"bhnd"``: with the memory layout of ``q`` where ``q`` is dense) and
+        :class:`AttentionStats`
         with ``lse, entropy, max_prob`` float32 (before the head mask, no gradient) and ``probs`` (or None).
 
     Tensors are saved for backward only when one of q, k, v, head_mask requires grad (and grad mode is on).
     """
     batch, heads, seq, head_dim = check_inputs(q, k, v, head_mask, key_padding_mask, causal, packing, return_probs,
                                                window)
+    heads_last = check_output_layout(output_layout)
     longest = packing.max_seqlen if packing is not None else seq
     modifiers = check_modifiers(relative_bias, alibi_slopes, softcap, sinks, q, heads, longest)
     refuse_modifier_gradients(modifiers, "triton")
@@ -371,9 +387,10 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
         if head_dim > MAX_HEAD_DIM:
             warnings.warn(f"head dim {head_dim} > {MAX_HEAD_DIM}: the Triton kernels are not built for it; "
                           "using the PyTorch backend", stacklevel=2)
-        return attention_torch(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal,
-                               scale=scale, return_probs=return_probs, packing=packing, window=window,
-                               **modifiers._asdict())
+        out, stats = attention_torch(q, k, v, head_mask=head_mask, key_padding_mask=key_padding_mask, causal=causal,
+                                     scale=scale, return_probs=return_probs, packing=packing, window=window,
+                                     **modifiers._asdict())
+        return (out.transpose(1, 2) if heads_last else out), stats
     _check_device(q)
     if batch * heads > _MAX_GRID_Y:
         raise ValueError(f"sequences * heads = {batch * heads} exceeds {_MAX_GRID_Y}; split the batch")
@@ -386,10 +403,10 @@ def attention_triton(q, k, v, *, head_mask=None, key_padding_mask=None, causal=F
                               or (sinks is not None and sinks.requires_grad))
     if not needs_grad:
         out, lse, entropy, max_prob, probs = _forward(q, k, v, _mask_sh(head_mask, batch, heads), layout, causal,
-                                                      scale, return_probs, mods)
+                                                      scale, return_probs, mods, heads_last)
     else:
         out, lse, entropy, max_prob, probs = _TritonAttention.apply(q, k, v, head_mask, sinks, layout, causal, scale,
-                                                                    return_probs, mods)
+                                                                    return_probs, mods, heads_last)
     return out, AttentionStats(lse=lse, entropy=entropy, max_prob=max_prob, probs=probs)
 
 
@@ -406,12 +423,13 @@ class _TritonAttention(torch.autograd.Function):
     non-differentiable ``lse, entropy, max_prob`` (and ``probs`` or None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, head_mask, sinks, layout, causal, scale, return_probs, mods):
+    def forward(ctx, q, k, v, head_mask, sinks, layout, causal, scale, return_probs, mods, heads_last):
         ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors made for them
         mask_sh = _mask_sh(head_mask, layout.sequences, q.shape[1])
-        out, lse, entropy, max_prob, probs = _forward(q, k, v, mask_sh, layout, causal, scale, return_probs, mods)
+        out, lse, entropy, max_prob, probs = _forward(q, k, v, mask_sh, layout, causal, scale, return_probs, mods,
+                                                      heads_last)
         ctx.save_for_backward(q, k, v, out, lse, mask_sh)
-        ctx.layout, ctx.causal, ctx.scale, ctx.mods = layout, causal, scale, mods
+        ctx.layout, ctx.causal, ctx.scale, ctx.mods, ctx.heads_last = layout, causal, scale, mods, heads_last
         ctx.head_mask_shape = None if head_mask is None else (head_mask.dim(), head_mask.dtype)
         # one call: a second mark_non_differentiable would replace the first
         ctx.mark_non_differentiable(*(t for t in (lse, entropy, max_prob, probs) if t is not None))
@@ -422,16 +440,18 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse, mask_sh = ctx.saved_tensors
         need_q, need_k, need_v, need_mask, need_sinks = ctx.needs_input_grad[:5]
         if grad_out is None:
-            return (None,) * 10
+            return (None,) * 11
         dq, dk, dv, mask_grad = (None,) * 4
         if need_q or need_k or need_v or need_mask:
             dq, dk, dv, mask_grad = _backward(grad_out, q, k, v, out, lse, mask_sh, ctx.layout, ctx.causal,
                                               ctx.scale, need_dq=need_q, need_dkdv=need_k or need_v,
-                                              need_mask=need_mask, mods=ctx.mods)
+                                              need_mask=need_mask, mods=ctx.mods, heads_last=ctx.heads_last)
         grad_sinks = None
         if need_sinks:  # -sum_i p_sink,i rowsum(dO * O)_i (the sink's value is zero; O already has the head mask)
             sinks = ctx.mods.modifiers.sinks
-            delta = torch.linalg.vecdot(grad_out.to(torch.float32), out.to(torch.float32))  # [B, H, N]
+            delta = torch.linalg.vecdot(grad_out.to(torch.float32), out.to(torch.float32))  # [B, H, N] / [B, N, H]
+            if ctx.heads_last:
+                delta = delta.transpose(1, 2)
             sink_probs = torch.exp(sinks.detach().to(torch.float32)[None, :, None] - lse)
             grad_sinks = -(sink_probs * delta).sum(dim=(0, 2)).to(sinks.dtype)
         grad_mask = None
@@ -441,7 +461,7 @@ class _TritonAttention(torch.autograd.Function):
             if grad_mask.dtype != dtype:
                 grad_mask = grad_mask.to(dtype)
         return (dq if need_q else None, dk if need_k else None, dv if need_v else None, grad_mask, grad_sinks,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 __all__ = ["attention_triton", "gpu_configs", "AttentionConfigs", "KernelConfig", "FP32_DOT_PRECISION", "MAX_HEAD_DIM"]

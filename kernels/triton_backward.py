@@ -25,16 +25,17 @@ from .triton_blocks import (
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, MaskGrad,
+def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, MaskGrad,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_dob, stride_doh, stride_don, stride_dod,
-                         H, N, blocks_per_row, small_mask,
+                         H, N, lse2_at, blocks_per_row, small_mask,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          VARLEN: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
                          WRITE_LSE2: tl.constexpr):
     """Per query row (all ``[B * H * N]`` float32), grid ``(cdiv(longest, BLOCK_M), S * H)``:
     ``Delta = rowsum(dO * O) / mask`` (0 where the mask is 0; ``O = mask * P V``, so this is ``rowsum(dO * P V)``),
-    and with WRITE_LSE2 ``Lse2 = lse * log2(e)``: what the dK/dV loop reads, as it is, per query block.
+    and with WRITE_LSE2 ``lse * log2(e)`` at ``Delta + lse2_at`` (the second half of the launcher's one buffer): what
+    the dK/dV loop reads, as it is, per query block.
 
     With MASK_GRAD, also the head-mask gradient of the block's rows, ``sum_i Delta_i``, into
     ``MaskGrad[(seq * H + head) * blocks_per_row + block]`` for heads with ``|mask| >= small_mask``.
@@ -65,7 +66,7 @@ def _attn_bwd_preprocess(O, DO, HeadMask, KvEnd, CuSeqlens, Lse, Delta, Lse2, Ma
         delta = delta / tl.where(hm != 0.0, hm, 1.0)  # O = 0 where the mask is 0
     tl.store(Delta + row, delta, mask=m_ok)
     if WRITE_LSE2:
-        tl.store(Lse2 + row, tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E, mask=m_ok)
+        tl.store(Delta + lse2_at + row, tl.load(Lse + row, mask=m_ok, other=0.0) * LOG2E, mask=m_ok)
     if MASK_GRAD:  # heads with a small mask: 0 here, their gradient comes from _attn_bwd_dq
         tl.store(slot, tl.where(tl.abs(hm) >= small_mask, tl.sum(delta, 0), 0.0))
 
@@ -116,14 +117,14 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Delta, DK, DV,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_gb, stride_gh, stride_gn, stride_gd,
                    stride_pb, stride_pn,
-                   H, N, group, window, qk_scale, sm_scale,
+                   H, N, group, window, qk_scale, sm_scale, lse2_at,
                    Bias, Slopes, bias_span, cap_in, cap_out,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
@@ -135,8 +136,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
     ``[B, H, N, HEAD_DIM]`` share the strides ``stride_g*``: dK and dV themselves (``group = 1``), or the float32
     per-query-head terms that the launcher sums over each group (grouped-query attention).
 
-    Lse2 and Delta ``[B * H * N]`` come from ``_attn_bwd_preprocess`` (``lse * log2(e)`` and ``rowsum(dO * O) /
-    mask``), so that the loops spend nothing on the head mask.
+    Delta ``[B * H * N]`` and, at ``Delta + lse2_at``, Lse2 come from ``_attn_bwd_preprocess`` (``rowsum(dO * O) /
+    mask`` and ``lse * log2(e)``), so that the loops spend nothing on the head mask.
     """
     # -- stage 0: the (sequence, query head, key block) of this program; load the K, V block of its kv head
     start_n = tl.program_id(0) * BLOCK_N
@@ -162,6 +163,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
     q_base = _base(Q, batch_row, off_h, row0, stride_qb, stride_qh, stride_qn)
     do_base = _base(DO, batch_row, off_h, row0, stride_dob, stride_doh, stride_don)
     stats = (batch_row.to(tl.int64) * H + off_h) * N + row0
+    lse2_base = Delta + lse2_at + stats
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     bias_base = Bias + off_h.to(tl.int64) * (2 * bias_span - 1)
@@ -175,17 +177,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse2, Delta,
     if (start_n < k_len) & (hm != 0.0):
         lo, interior_lo, interior_hi, hi = _query_blocks(start_n, q_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
         if CAUSAL or WINDOW:
-            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, Delta + stats,  # loop: edge
                                 stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
                                 lo, interior_lo, q_len, window, qk_scale, bias_base, bias_span, slope2,
                                 cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, SOFTCAP, BIAS,
                                 ALIBI, DOT_PRECISION)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: interior
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, Delta + stats,  # loop: interior
                             stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
                             interior_lo, interior_hi, q_len, window, qk_scale, bias_base, bias_span, slope2,
                             cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, SOFTCAP, BIAS, ALIBI,
                             DOT_PRECISION)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, Lse2 + stats, Delta + stats,  # loop: edge
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse2_base, Delta + stats,  # loop: edge
                             stride_qn, stride_qd, stride_don, stride_dod, offs_n, offs_d,
                             interior_hi, hi, q_len, window, qk_scale, bias_base, bias_span, slope2,
                             cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_M, True, False, WINDOW, SOFTCAP, BIAS, ALIBI,
@@ -251,7 +253,7 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
                  stride_dob, stride_doh, stride_don, stride_dod,
                  stride_gb, stride_gh, stride_gn, stride_gd,
                  stride_pb, stride_pn,
-                 H, N, group, window, qk_scale, sm_scale, blocks_per_row, small_mask,
+                 H, N, group, window, qk_scale, sm_scale, blocks_per_row, first_slot, small_mask,
                  Bias, Slopes, bias_span, cap_in, cap_out,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
@@ -261,7 +263,8 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     """dQ of one query block of one (sequence, query head), looping over key blocks (of key/value head
     ``head // group``); grid ``(cdiv(longest, BLOCK_M), S * H)``. ``dQ = scale * mask * dS K`` (COMPUTE_DQ; 0 for a
     head whose mask is 0). With MASK_GRAD, heads with ``|mask| < small_mask`` get the head-mask gradient of the
-    block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in ``MaskGrad[(seq * H + head) * blocks_per_row + block]``.
+    block's rows, ``sum_i sum_j P_ij (dO_i . V_j)``, in ``MaskGrad[(seq * H + head) * blocks_per_row + first_slot +
+    block]`` (the preprocess kernel's slots come first).
     Without COMPUTE_DQ (launched for that gradient alone) the other heads' programs return at once.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -272,7 +275,7 @@ def _attn_bwd_dq(Q, K, V, DO, HeadMask, KeyPad, KvEnd, CuSeqlens, Lse, Delta, DQ
     off_h = off_bh % H
     off_kvh = _kv_head(off_h, group)
     batch_row, row0, q_len, k_len = _sequence(CuSeqlens, KvEnd, seq, N, VARLEN, HAS_KEY_PAD)
-    slot = MaskGrad + off_bh.to(tl.int64) * blocks_per_row + tl.program_id(0)
+    slot = MaskGrad + off_bh.to(tl.int64) * blocks_per_row + first_slot + tl.program_id(0)
     if start_m >= q_len:
         if MASK_GRAD:
             tl.store(slot, 0.0)  # every program writes its slot: the partial buffer needs no zero fill

@@ -241,6 +241,48 @@ def test_backward_is_deterministic(kv_heads, window):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_heads_last_output_is_the_transposed_output(packed):
+    """``output_layout="bnhd"``: the kernels write ``out`` as ``[B, N, H, D]`` (contiguous) and read its gradient
+    so: the output, the statistics and every gradient (q, k, v with grouped-query heads, the head mask, the sinks)
+    are bitwise those of the default layout."""
+    from fastbertology.kernels import Packing
+    from fastbertology.kernels.triton_attention import attention_triton
+
+    case = Case(F32, 2, 4, 24, 32, causal=True, padding=None if packed else "general", mask="BH", kv_heads=2)
+    q, k, v, grad_out, head_mask, key_padding_mask = _inputs(case, seed=7)
+    options = dict(causal=True, key_padding_mask=key_padding_mask)
+    if packed:  # two sequences of 24 and 13 tokens, one after another
+        lengths = (24, 13)
+        q, k, v, grad_out = (torch.cat([t[:1], t[1:, :, :13]], dim=2).contiguous() for t in (q, k, v, grad_out))
+        options = dict(causal=True, packing=Packing.from_lengths(lengths, q.device))
+    sinks = torch.linspace(-1.0, 1.0, case.heads, device=q.device)
+    results = []
+    for layout in ("bhnd", "bnhd"):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v, head_mask, sinks)]
+        out, stats = attention_triton(*inputs[:3], head_mask=inputs[3], sinks=inputs[4], output_layout=layout,
+                                      **options)
+        if layout == "bnhd":
+            assert out.is_contiguous() and out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+            out = out.transpose(1, 2)
+        out.backward(grad_out)
+        results.append([out.detach(), *stats[:3], *(t.grad for t in inputs)])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_output_layout_is_checked_and_transposed_by_every_backend():
+    from fastbertology.kernels import attention
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    for backend in ("torch", "reference", "triton"):
+        reference, _ = attention(q, k, v, backend=backend)
+        out, _ = attention(q, k, v, output_layout="bnhd", backend=backend)
+        assert torch.equal(out, reference.transpose(1, 2))
+    with pytest.raises(ValueError, match="output_layout must be one of 'bhnd', 'bnhd'; got 'nhd'"):
+        attention(q, k, v, output_layout="nhd")
+
+
 def test_grad_mode_paths_agree():
     """no_grad (P V skipped for zero-mask heads), head mask without grad (masked output saved) and with grad
     (unmasked output saved) give the same forward results."""
