@@ -61,7 +61,7 @@ import warnings
 import torch
 
 try:
-    import triton
+    import triton  # noqa: F401 - a clear error here when triton is missing (the kernels import it too)
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the Triton attention backend needs triton (pip install triton, or a CUDA build of torch that ships it); "
@@ -108,7 +108,9 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    """The power of two >= ``head_dim``, at least 16 (tl.dot needs K >= 16), in plain Python: on the host,
+    ``triton.next_power_of_2`` is a constexpr function that costs microseconds per call."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
