@@ -49,6 +49,7 @@ INTERPRETER_CONFIGS = AttentionConfigs(
 SHORT_SEQUENCE = 64  # longest sequence up to which 64-row query blocks are used on the GPU
 
 
+@functools.lru_cache(maxsize=1024)  # asked twice per attention call: built once per distinct call shape
 def gpu_configs(block_d: int, dtype: torch.dtype, *, max_seqlen: int = 512, causal: bool = False,
                 arch: int = 90, bias_table: bool = False) -> AttentionConfigs:
     """Configurations for a padded head dim ``block_d`` and ``dtype`` on an H100/H200 (``arch`` 90) or an A100
