@@ -29,7 +29,7 @@ from torch import nn
 from .architecture_types import AttentionSite, Projections
 from .prune_empty import install_empty_forward
 
-__all__ = ["head_parameters", "key_value_groups", "prune_module"]
+__all__ = ["check_groups", "head_parameters", "key_value_groups", "prune_module"]
 
 
 def _head_index(heads: Iterable[int], head_dim: int, device: torch.device, *, offset: int = 0) -> torch.Tensor:
@@ -113,6 +113,19 @@ def key_value_groups(layout: str, heads: list[int], group: int) -> list[list[int
     return [part[start:start + size] for part in groups for start in range(0, len(part), size)]
 
 
+def check_groups(projections: Projections, site: AttentionSite, before: list[int], group: int) -> None:
+    """ValueError unless the module's key/value heads are the groups its query heads ``before`` (original indices)
+    make (a ``"fused-grouped"`` layout's chunks follow from them; the other layouts need no check)."""
+    if projections.layout != "fused-grouped":
+        return
+    groups = len(key_value_groups(projections.layout, before, group))
+    held = projections.kv_heads(site.module, site.block)
+    if groups != held:
+        raise ValueError(f"row {site.row}'s attention module holds {len(before)} heads in {held} key/value groups, "
+                         f"not in the {groups} groups its remaining original heads {before} make: config.pruned_heads "
+                         "does not describe this model")
+
+
 def _fused_grouped_rows(before: list[int], groups_before: list[list[int]], groups_after: list[list[int]],
                         keep_kv: list[int]) -> list[int]:
     """The head-sized rows of a ``"fused-grouped"`` projection (``[C, g + 2, d]``, current layout ``groups_before``)
@@ -165,10 +178,6 @@ def prune_module(projections: Projections, site: AttentionSite, remove: list[int
             _head_index(keep_kv, head_dim, device, offset=(heads + kv_heads) * head_dim)]))
         _select_linear_inputs(_part(block, projections.output), _head_index(keep, head_dim, device))
     elif projections.layout == "fused-grouped":
-        if kv_heads != projections.kv_heads(module, block):
-            raise ValueError(f"an attention module with {heads} heads in {projections.kv_heads(module, block)} "
-                             f"key/value groups does not hold the {kv_heads} groups its pruned heads make: the "
-                             "model's config.pruned_heads does not describe it")
         qkv = _part(block, projections.qkv)
         device = qkv.weight.device
         rows = _fused_grouped_rows(before, groups_before, groups_after, keep_kv)

@@ -50,7 +50,7 @@ from torch import nn
 
 from .architectures import AttentionSite, architecture, attention_sites
 from .patching import IMPLEMENTATION_NAME, UNEQUAL_GROUPS, register_implementation
-from .prune_layouts import head_parameters, prune_module
+from .prune_layouts import check_groups, head_parameters, prune_module
 from .pruned_checkpoint import load_state, read_safetensors
 from .pruned_config import read_pruned_heads
 
@@ -225,6 +225,8 @@ def prune_heads(model: nn.Module, heads_to_prune: HeadsToPrune | torch.Tensor | 
     request = _validated_request(heads_to_prune, len(sites), current_heads)
     groups = _shared_groups(sites, request)
     originals = {row: _remaining_original_heads(config, total, row, current_heads(row)) for row in request}
+    for row, before in originals.items():
+        check_groups(projections, sites[row], before, group)
 
     record = pruned_heads(config)
     for rows in groups:
