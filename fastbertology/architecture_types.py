@@ -35,9 +35,9 @@ class Projections:
                         ``query_key_value``, one key/value head);
                         ``"fused-grouped"``: ``qkv`` is one ``nn.Linear`` whose output features are ``[C, g + 2, d]``:
                         ``C`` groups (``kv_heads_attribute``), each ``g = H / C`` query heads, then its key, then its
-                        value (Falcon's new decoder architecture). Groups must stay equal: pruning cuts a group whose
-                        remaining query heads outnumber the others' into chunks, each with its own copy of the
-                        group's key and value (:mod:`fastbertology.prune_layouts`).
+                        value (Falcon's new decoder architecture). Groups must stay equal: pruning cuts every group's
+                        remaining query heads into chunks of the gcd of the remaining group sizes, each chunk with
+                        its own copy of its group's key and value (:mod:`fastbertology.prune_layouts`).
     heads_attribute:    attribute holding the query-head count ("" when the module has none: the count is read from
                         the projection widths and ``head_dim_attribute``); updated by pruning.
     head_dim_attribute: attribute holding the head size ("" only for families with a ``heads_attribute``).
