@@ -92,7 +92,8 @@ def head_output_means(model: nn.Module, batches: Iterable[dict], task, *, progre
         for batch in tqdm(batches, desc="head output means", disable=not progress, unit="batch"):
             task.forward(model, batch)
     entry, device = architecture(model), next(model.parameters()).device
-    shapes = [(entry.projections.heads(site.module, site.block), entry.projections.head_dim(site.module, site.block))
+    projections = entry.projections_of(model.config)
+    shapes = [(projections.heads(site.module, site.block), projections.head_dim(site.module, site.block))
               for site in attention_sites(model)]
     flat = [sums.get(row, torch.zeros(shape, dtype=torch.float64, device=device)) for row, shape in enumerate(shapes)]
     counts = torch.stack([tokens.get(row, torch.zeros((), dtype=torch.float64, device=device))

@@ -132,10 +132,10 @@ def head_output_hook(model: nn.Module, function: Callable[[int, torch.Tensor], t
     """Inside the block, every output projection's input ``x`` (``[B, N, H*D]`` or packed ``[1, T, H*D]``) goes
     through ``function(row, x)``, which may return a replacement of the same shape (or None to keep ``x``). Hooks
     removed in ``finally``."""
-    entry = architecture(model)
+    output = architecture(model).projections_of(model.config).output
     rows: dict[int, tuple[nn.Module, dict[int, int]]] = {}
     for site in attention_sites(model):
-        module = operator.attrgetter(entry.projections.output)(site.block)
+        module = operator.attrgetter(output)(site.block)
         rows.setdefault(id(module), (module, {}))[1][site.application] = site.row
 
     def make_hook(applications: dict[int, int]):

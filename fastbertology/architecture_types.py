@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-LAYOUTS = ("separate", "fused-conv1d", "fused-per-head", "fused-qkv")
+LAYOUTS = ("separate", "fused-conv1d", "fused-per-head", "fused-qkv", "fused-grouped")
 
 
 def _part(module: nn.Module, path: str):
@@ -31,7 +31,13 @@ class Projections:
                         ``"fused-per-head"``: ``qkv`` is one ``nn.Linear`` whose output features are ``[H, 3, d]``
                         (head h's q, k, v next to each other: GPT-NeoX's ``query_key_value``);
                         ``"fused-qkv"``: ``qkv`` is one ``nn.Linear`` with output features q ``[H * d]`` | k
-                        ``[H_kv * d]`` | v ``[H_kv * d]`` (Phi-3's ``qkv_proj``).
+                        ``[H_kv * d]`` | v ``[H_kv * d]`` (Phi-3's ``qkv_proj``; Falcon's multi-query
+                        ``query_key_value``, one key/value head);
+                        ``"fused-grouped"``: ``qkv`` is one ``nn.Linear`` whose output features are ``[C, g + 2, d]``:
+                        ``C`` groups (``kv_heads_attribute``), each ``g = H / C`` query heads, then its key, then its
+                        value (Falcon's new decoder architecture). Groups must stay equal: pruning cuts every group's
+                        remaining query heads into chunks of the gcd of the remaining group sizes, each chunk with
+                        its own copy of its group's key and value (:mod:`fastbertology.prune_layouts`).
     heads_attribute:    attribute holding the query-head count ("" when the module has none: the count is read from
                         the projection widths and ``head_dim_attribute``); updated by pruning.
     head_dim_attribute: attribute holding the head size ("" only for families with a ``heads_attribute``).
@@ -74,6 +80,8 @@ class Projections:
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown projection layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
+        if self.layout == "fused-grouped" and not self.kv_heads_attribute:
+            raise ValueError("the fused-grouped projection layout needs kv_heads_attribute (its group count)")
 
     def head_dim(self, module: nn.Module, block: nn.Module) -> int:
         """The head size ``d`` of one attention module."""
@@ -97,7 +105,7 @@ class Projections:
             return _part(block, self.qkv).out_features // (3 * head_dim)
         if self.layout == "fused-qkv" and not self.kv_heads_attribute:  # as many key/value heads (ModernBERT)
             return _part(block, self.qkv).out_features // (3 * head_dim)
-        if self.layout == "fused-qkv":
+        if self.layout in ("fused-qkv", "fused-grouped"):  # (each key/value head: a key and a value)
             return _part(block, self.qkv).out_features // head_dim - 2 * self.kv_heads(module, block)
         return self._fused_width(block) // head_dim
 
@@ -149,6 +157,9 @@ class Architecture:
     model_types:         ``config.model_type`` values of the family.
     stacks:              its :class:`Stack` s, in execution order.
     projections:         see :class:`Projections` (self- and cross-attention alike).
+    projections_for:     config -> the :class:`Projections` of a model with that config, for families whose layout
+                         depends on it (Falcon), or None: always ``projections``. Read through
+                         :meth:`projections_of`.
     attention_interface: attention goes through transformers' ``AttentionInterface`` (else the patch replaces the
                          self-attention module's forward).
     builds_cache:        config -> whether ``use_cache`` (its default) builds a generation cache.
@@ -165,6 +176,8 @@ class Architecture:
                          them, e.g. rotary ``position_embeddings``) that padding-free execution packs like the hidden
                          states.
     head_count:          config -> the original number of query heads of every row.
+    kv_head_count:       config -> the original number of key/value heads of every row (None: as many as query
+                         heads).
     attention_outputs:   the fields of the model's output that hold the attention maps (``output_attentions``), in
                          row order (see :func:`row_attentions`).
     padded_options:      boolean call options (default: the config's) that return per-position outputs of the
@@ -175,8 +188,6 @@ class Architecture:
     relative_bias:       ``(model, stack, row, M) -> [H_row, 2M - 1]``: the kernels' relative position bias table of a
                          self-attention row (T5's bucketed bias; :mod:`fastbertology.families_t5`), or None.
     prepare_patch:       ``model -> undo``: family-specific changes while the model is patched, or None.
-    prune_refusal:       config -> why such a model cannot be pruned (its heads in a layout pruning does not cut),
-                         or None.
     attention_forward:   the replacement forward of the self-attention modules of a family whose attention does not
                          go through the interface (``attention_interface=False``; None: OpenAI GPT's).
     after_pruning:       ``(model, sites) -> None``: what a pruned model of the family needs to run stock (called
@@ -196,6 +207,7 @@ class Architecture:
     mask_arguments: tuple[tuple[str, str], ...] = (("head_mask", "all"),)
     packed_arguments: tuple[str, ...] = ()
     head_count: Callable[[object], int] = lambda config: config.num_attention_heads
+    kv_head_count: Callable[[object], int | None] = lambda config: getattr(config, "num_key_value_heads", None)
     attention_outputs: tuple[str, ...] = ("attentions",)
     padded_options: tuple[str, ...] = ()
     refuses: Callable[[object], str | None] = lambda config: None
@@ -203,12 +215,16 @@ class Architecture:
     prepare_patch: Callable | None = None
     after_pruning: Callable | None = None
     attention_forward: Callable | None = None
-    prune_refusal: Callable | None = None
+    projections_for: Callable[[object], Projections] | None = None
 
-    def heads(self, self_attention: nn.Module, block: nn.Module | None = None) -> int:
-        """The current number of (query) heads of an attention module of this family (``block``: the module that
-        owns its projections, when it is not the attention module itself)."""
-        return self.projections.heads(self_attention, self_attention if block is None else block)
+    def projections_of(self, config) -> Projections:
+        """The :class:`Projections` of a model of this family with ``config``."""
+        return self.projections if self.projections_for is None else self.projections_for(config)
+
+    def heads(self, config, self_attention: nn.Module, block: nn.Module | None = None) -> int:
+        """The current number of (query) heads of an attention module of a model of this family with ``config``
+        (``block``: the module that owns its projections, when it is not the attention module itself)."""
+        return self.projections_of(config).heads(self_attention, self_attention if block is None else block)
 
 
 @dataclass(frozen=True)

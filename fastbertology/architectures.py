@@ -139,14 +139,14 @@ def attention_blocks(model: nn.Module) -> list[nn.Module]:
 
 def heads_per_layer(model: nn.Module) -> list[int]:
     """Current number of (query) heads of every row (pruned rows may have fewer)."""
-    entry = architecture(model)
-    return [entry.projections.heads(site.module, site.block) for site in attention_sites(model)]
+    projections = architecture(model).projections_of(model.config)
+    return [projections.heads(site.module, site.block) for site in attention_sites(model)]
 
 
 def kv_heads_per_layer(model: nn.Module) -> list[int]:
     """Current number of key/value heads of every row (fewer than the query heads with grouped-query attention)."""
-    entry = architecture(model)
-    return [entry.projections.kv_heads(site.module, site.block) for site in attention_sites(model)]
+    projections = architecture(model).projections_of(model.config)
+    return [projections.kv_heads(site.module, site.block) for site in attention_sites(model)]
 
 
 def row_applications(model: nn.Module) -> list[int]:

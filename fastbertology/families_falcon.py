@@ -14,9 +14,15 @@ bias twice: once itself, once inside the mask the model built for SDPA.) The slo
 bfloat16 as its builder rounds them; the builder also computes ``slope * position`` in bfloat16, which is exact
 while positions stay below 256 (longer sequences: the kernels keep the bias linear, the stock model rounds it).
 
-**Pruning** cuts the ``[H, 3, d]`` layout (multi-head Falcon); multi-query and new-decoder-architecture models keep
-their query heads in other layouts and are refused by name (:func:`prune_refusal`). A pruned ALiBi model runs stock
-too: :func:`after_pruning` hands each module its heads' rows of the model's ALiBi tensor and mask.
+**Pruning** cuts all three layouts (:func:`falcon_projections`): multi-head ``[H, 3, d]`` (``"fused-per-head"``),
+multi-query ``q | k | v`` with one key/value head (``"fused-qkv"``; the key/value head goes with the last query
+head) and the new decoder architecture ``[H_kv, G + 2, d]`` (``"fused-grouped"``). Falcon reads every group of the
+new decoder architecture as ``num_heads // num_kv_heads`` query heads, so groups must stay equal: pruning cuts the
+remaining heads of each original group into chunks of the greatest common divisor of the remaining group sizes, each
+chunk with its own copy of its group's key and value rows (exact: every query head still reads its own key and
+value; ``num_kv_heads`` then counts the chunks, and the copies count as parameters). A pruned model runs stock and
+patched; a pruned ALiBi model too: :func:`after_pruning` hands each module its heads' rows of the model's ALiBi
+tensor and mask.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from .architecture_types import CAUSAL_KINDS, Architecture, Projections, Stack
 
-__all__ = ["FALCON_FAMILIES", "falcon_slopes", "falcon_attention_forward", "prune_refusal"]
+__all__ = ["FALCON_FAMILIES", "falcon_attention_forward", "falcon_kv_heads", "falcon_projections", "falcon_slopes"]
 
 
 def _kept_heads(config, row: int, total: int) -> list[int]:
@@ -120,27 +126,37 @@ def after_pruning(model, sites) -> None:
                                                                                           with_kwargs=True)
 
 
-def prune_refusal(config) -> str | None:
-    """Why a Falcon model cannot be pruned, or None (multi-head Falcon: ``[H, 3, d]``)."""
+_LAYOUT = dict(qkv="query_key_value", output="dense", heads_attribute="num_heads", head_dim_attribute="head_dim",
+               kv_heads_attribute="num_kv_heads", empty="projected")
+MULTI_HEAD = Projections("fused-per-head", **_LAYOUT)  # [H, 3, d]
+MULTI_QUERY = Projections("fused-qkv", **_LAYOUT)  # q [H d] | k [d] | v [d]
+NEW_DECODER = Projections("fused-grouped", **_LAYOUT)  # [H_kv, G + 2, d]
+
+
+def falcon_projections(config) -> Projections:
+    """The projection layout of a Falcon model with ``config`` (module docstring)."""
     if getattr(config, "new_decoder_architecture", False):
-        return ("Falcon with new_decoder_architecture=True keeps its query heads interleaved with their group's key "
-                "and value ([H_kv, H / H_kv + 2, d]), a layout pruning does not cut; analyse it with head masks")
-    if getattr(config, "multi_query", False):
-        return ("Falcon with multi_query=True keeps its query heads and its one key/value head as q | k | v, which "
-                "pruning does not cut for this family; analyse it with head masks")
-    return None
+        return NEW_DECODER
+    return MULTI_QUERY if getattr(config, "multi_query", False) else MULTI_HEAD
+
+
+def falcon_kv_heads(config) -> int:
+    """The original number of key/value heads: ``num_kv_heads`` (new decoder architecture), 1 (multi-query) or one
+    per query head."""
+    if getattr(config, "new_decoder_architecture", False):
+        return config.num_kv_heads
+    return 1 if getattr(config, "multi_query", False) else config.num_attention_heads
 
 
 FALCON = Architecture(
     name="Falcon", model_types=("falcon",),
     stacks=(Stack("layers", lambda base: base.h, self_attention=lambda layer: layer.self_attention,
                   attention_block=lambda layer: layer.self_attention, causal=lambda config: True),),
-    projections=Projections("fused-per-head", qkv="query_key_value", output="dense", heads_attribute="num_heads",
-                            head_dim_attribute="head_dim", kv_heads_attribute="num_kv_heads", empty="projected"),
+    projections=MULTI_HEAD, projections_for=falcon_projections, kv_head_count=falcon_kv_heads,
     attention_interface=False, builds_cache=lambda config: bool(getattr(config, "use_cache", True)),
     usable_positions=lambda config: None if config.alibi else config.max_position_embeddings,
     causal_lm=True, model_classes=dict(CAUSAL_KINDS), packed_arguments=("position_embeddings", "position_ids"),
-    attention_forward=falcon_attention_forward, prune_refusal=prune_refusal, after_pruning=after_pruning,
+    attention_forward=falcon_attention_forward, after_pruning=after_pruning,
 )
 
 FALCON_FAMILIES = (FALCON,)

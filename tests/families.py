@@ -50,7 +50,6 @@ class Family:
                  layer carries into real tokens (ModernBERT's local layers), or ``"eager-alibi-once"``: stock eager
                  Falcon with ALiBi adds the bias twice (itself, and in the mask it builds for SDPA), so its own
                  ALiBi term is zeroed and the mask's remains (what SDPA computes).
-    prunable:    pruning cuts its layout (else it is refused by name; tests/test_families_falcon.py).
     """
 
     name: str
@@ -64,7 +63,6 @@ class Family:
     oracle: str = "sdpa"
     sinks: bool = False
     maps: str = "eager"
-    prunable: bool = True
 
     def model(self, dtype=torch.float64):
         """The tiny model in eval mode, built in ``dtype`` (so that buffers computed at construction, as Gemma's
@@ -295,9 +293,9 @@ FAMILIES |= {
                            maps="eager-alibi-once"),
     # multi-query (one key/value head) with ALiBi; the new decoder architecture (2 key/value groups, rotary)
     "falcon-mq": Family("falcon", lambda: _falcon(multi_query=True, alibi=True), "lm", _falcon_outputs,
-                        maps="eager-alibi-once", prunable=False),
+                        maps="eager-alibi-once"),
     "falcon-new": Family("falcon", lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2), "lm",
-                         _falcon_outputs, gqa=True, prunable=False),
+                         _falcon_outputs, gqa=True),
 }
 
 

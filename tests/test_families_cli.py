@@ -214,3 +214,38 @@ def test_audio_models_are_refused_with_the_python_api_named(tmp_path, capsys):
     assert _run("importance", "--model", model_dir, "--data", text, "--output-dir", tmp_path / "out") != 0
     error = capsys.readouterr().err
     assert "Whisper model, which reads audio (input_features)" in error and "Traceback" not in error
+
+
+FALCON_LAYOUTS = {"multi-query": dict(multi_query=True),
+                  "new-decoder-architecture": dict(new_decoder_architecture=True, num_kv_heads=2)}
+
+
+@pytest.mark.parametrize("variant", list(FALCON_LAYOUTS))
+def test_falcon_language_model_prune_and_reload(variant, tmp_path):
+    """Falcon's multi-query and new-decoder-architecture layouts through ``prune`` (pruned score = masked score;
+    the new decoder architecture's unequal groups become equal chunks) after ``importance``."""
+    tokenizer = _bpe_tokenizer()
+    torch.manual_seed(0)
+    model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=len(tokenizer) + 16, hidden_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=4, pad_token_id=0, **FALCON_LAYOUTS[variant]))
+    model_dir = _save(model, tokenizer, tmp_path / "m")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(16)) + "\n")
+    head_mask = np.ones((3, 4), dtype=np.float32)
+    head_mask[0, 1] = head_mask[2, 0] = head_mask[2, 3] = 0  # groups [0] [2 3] and [1] [2]
+    head_mask[1] = 0  # a layer with no heads
+    np.save(tmp_path / "mask.npy", head_mask)
+    assert _run("importance", "--model", model_dir, "--data", text, "--max-seq-length", 24, "--batch-size", 8,
+                "--output-dir", tmp_path / "tables") == 0
+    assert np.isfinite(np.load(tmp_path / "tables" / "head_importance.npy")).all()
+    output = tmp_path / "out"
+    assert _run("prune", "--model", model_dir, "--data", text, "--max-seq-length", 24, "--batch-size", 8,
+                "--output-dir", output, "--head-mask", tmp_path / "mask.npy") == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["pruning"]["pruned_score"] == pytest.approx(summary["pruning"]["masked_score"], rel=1e-5)
+    assert summary["pruning"]["parameters_after"] < summary["pruning"]["parameters_before"]
+    loaded, _ = load_model(output / "pruned_model", kind="causal-lm", device=torch.device("cpu"))
+    from fastbertology.architectures import heads_per_layer, kv_heads_per_layer
+
+    assert heads_per_layer(loaded) == [3, 0, 2]
+    assert kv_heads_per_layer(loaded) == ([1, 0, 1] if variant == "multi-query" else [3, 0, 2])

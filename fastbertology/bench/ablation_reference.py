@@ -28,8 +28,8 @@ Replace = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
 def _projection_hooks(model, replace: Replace):
     """Inside the block, every output projection's input goes through ``replace`` (``call``: the index of the
     base-model call since the block began)."""
-    entry = architecture(model)
-    projections = [operator.attrgetter(entry.projections.output)(site.block) for site in attention_sites(model)]
+    output = architecture(model).projections_of(model.config).output
+    projections = [operator.attrgetter(output)(site.block) for site in attention_sites(model)]
     heads = heads_per_layer(model)
     state = {"call": -1, "mask": None}
 

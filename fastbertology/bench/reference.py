@@ -267,7 +267,7 @@ def reference_patching(model, batches: Sequence[dict], task) -> tuple[torch.Tens
     ``(mean batch loss per head [L, H], clean loss, corrupted loss)``."""
     counts = heads_per_layer(model)
     layers, heads = len(counts), counts[0]
-    projections = [operator.attrgetter(architecture(model).projections.output)(block)
+    projections = [operator.attrgetter(architecture(model).projections_of(model.config).output)(block)
                    for block in attention_blocks(model)]
     losses = torch.zeros(layers, heads, dtype=torch.float64)
     clean_loss = corrupted_loss = 0.0
