@@ -48,13 +48,17 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    """Loading a model fails the test: for errors that must be found before any work."""
+    """Loading a model fails the test: for errors that must be found before any work. Patched where the commands
+    call it (``run_setup`` binds ``load_model`` at its import: patching only ``fastbertology.loading`` would miss
+    it, or, when ``run_setup`` is first imported under this fixture, leave the refusal bound for later tests)."""
     import fastbertology.loading
+    import fastbertology.run_setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
     monkeypatch.setattr(fastbertology.loading, "load_model", refuse)
+    monkeypatch.setattr(fastbertology.run_setup, "load_model", refuse)
 
 
 def _run(*argv):
