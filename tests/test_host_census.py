@@ -212,3 +212,12 @@ def test_host_time_runs_the_patched_and_the_stock_step():
     timing = host_time(dataclasses.replace(TINY_BERT, layers=1), 2, 8, repeats=1)
     assert timing["patched_us"] > 0 and timing["stock_noop_us"] > 0
     json.dumps(timing)
+
+
+def test_language_model_step_reads_nothing_back():
+    """GPT-2's importance step (language modelling): the predicting positions are selected by an index made on the
+    host, so the step has no sync (it had 5: the boolean selection's count, forward and backward)."""
+    from fastbertology.bench.workloads import TINY_GPT2
+
+    census = census_importance(dataclasses.replace(TINY_GPT2, layers=2), 4, 16)
+    assert [s for s in census["syncs"] if s["phase"] == "step"] == []

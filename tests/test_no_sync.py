@@ -107,3 +107,33 @@ def test_metric_updates_read_nothing_back():
                 task.update_metric(state, result, batch)
         assert tally(census.events).syncs == 0, (task.name, [e.location for e in census.events if e.sync])
         assert task.compute_metrics(state)[name] == pytest.approx(expected), task.name
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["logits", "chunked-loss"])
+def test_language_model_positions_known_on_the_host_give_the_same_losses(chunk):
+    """A moved batch's predicting positions come from the lengths known on the host (an index: no count read back,
+    in the forward or in the backward); they give bitwise the losses, per-example losses, token losses and head-mask
+    gradient of the boolean selection that a batch without a host plan takes."""
+    from fastbertology.tasks import LanguageModelingTask
+    from fastbertology.tasks.language_modeling import PredictedLogits, PredictedLosses
+
+    model, layers, heads = tiny_model("gpt2")
+    input_ids, attention_mask = random_batch(3, 9, [9, 4, 1])
+    plain = {"input_ids": input_ids, "attention_mask": attention_mask}
+    moved = move_batch({"input_ids": input_ids, "attention_mask": attention_mask.clone()}, torch.device("cpu"))
+    assert packing.known_lengths(moved["attention_mask"]) == (9, 4, 1)
+    assert packing.known_lengths(plain["attention_mask"]) is None
+    task = LanguageModelingTask(loss_chunk_tokens=chunk)
+    results = []
+    with fastbertology.patch(model, backend="torch"):
+        for batch in (plain, moved):
+            mask = torch.ones(layers, heads, dtype=torch.float64, requires_grad=True)
+            output = task.forward(model, batch, head_mask=mask)
+            assert isinstance(output, PredictedLosses if chunk else PredictedLogits)
+            assert (output.index is None) == (batch is plain)
+            result = task.result(output, batch)
+            (gradient,) = torch.autograd.grad(result.loss, mask)
+            results.append((result.loss, result.example_losses, result.token_losses, result.token_mask, gradient))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    assert results[1][3].sum() == 8 + 3  # rows of 9, 4 and 1 tokens predict 8, 3 and 0

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..architectures import architecture
+from ..packing import known_lengths, to_device
 from .base import Task, TaskResult, _at_least_float32, _mask_kwargs, _model_inputs
 
 DECODER_TEXT = ("decoder_input_ids", "decoder_attention_mask")  # an encoder-decoder model's text (its decoder's)
@@ -19,10 +20,13 @@ DECODER_TEXT = ("decoder_input_ids", "decoder_attention_mask")  # an encoder-dec
 class PredictedLogits:
     """Language-model logits at the predicted positions only: ``logits [K, V]`` for the K positions where
     ``positions [B, N]`` (bool) is True, in row-major order. What :class:`LanguageModelingTask` computes instead of
-    ``[B, N, V]`` when it can: no vocabulary projection for padding or for positions that predict nothing."""
+    ``[B, N, V]`` when it can: no vocabulary projection for padding or for positions that predict nothing.
+    ``index``: int64 ``[K]``, the same positions as row-major indices into ``[B * N]`` where they were known on the
+    host (:func:`_predicting_index`: selecting by it reads nothing back), else None."""
 
     logits: torch.Tensor
     positions: torch.Tensor
+    index: torch.Tensor | None = None
 
     def split(self, k: int) -> list[PredictedLogits]:
         """k outputs for k equal row blocks of ``positions``."""
@@ -40,11 +44,38 @@ class PredictedLosses:
 
     losses: torch.Tensor
     positions: torch.Tensor
+    index: torch.Tensor | None = None
 
     def split(self, k: int) -> list[PredictedLosses]:
         """k outputs for k equal row blocks of ``positions``."""
         parts = PredictedLogits(self.losses, self.positions).split(k)
         return [PredictedLosses(part.logits, part.positions) for part in parts]
+
+
+def _predicting_index(batch: dict, length: int, device: torch.device) -> torch.Tensor | None:
+    """int64 ``[K]`` row-major indices into ``[B * N]`` (``N = length``) of the positions that predict a token, made
+    on the host from the row lengths the batch's attention mask carries (:func:`~fastbertology.packing.known_lengths`;
+    every row full without a mask) and copied without blocking: position t of a row of n tokens predicts for
+    ``t < n - 1``. None where that is not what the targets say or the lengths are not known on the host (explicit
+    ``labels``, a mask that is not right-padded or did not come through ``move_batch``): then the positions are
+    selected by a boolean mask, which reads the count back (a sync)."""
+    if "labels" in batch or "input_ids" not in batch:
+        return None
+    rows = batch["input_ids"].shape[0]
+    mask = batch.get("attention_mask")
+    lengths = (length,) * rows if mask is None else known_lengths(mask)
+    if lengths is None:
+        return None
+    index = torch.cat([torch.arange(row * length, row * length + n - 1) for row, n in enumerate(lengths) if n > 1]
+                      or [torch.zeros(0, dtype=torch.long)])
+    return to_device(index, device)
+
+
+def _at(values: torch.Tensor, positions: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``values [B, N, ...]`` at the True ``positions [B, N]``, row-major: ``[K, ...]`` (by ``index`` when known)."""
+    if index is None:
+        return values[positions]
+    return values.reshape(-1, *values.shape[2:]).index_select(0, index)
 
 
 def _chunk_losses(projection: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -137,12 +168,14 @@ class LanguageModelingTask(Task):
         hidden = model.base_model(**inputs, **_mask_kwargs(head_mask)).last_hidden_state  # [B, N, D]
         labels = self.targets(batch).to(hidden.device)
         positions = self._predicting(labels)  # [B, N]
+        index = _predicting_index(batch, labels.shape[1], hidden.device)
         chunk = self.loss_chunk_tokens
-        if chunk is not None and positions.numel() > chunk:  # (no sync: hidden[positions] takes the count)
+        if chunk is not None and positions.numel() > chunk:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
-            return PredictedLosses(chunked_token_losses(projection, hidden[positions], shifted[positions], chunk),
-                                   positions)
-        return PredictedLogits(projection(hidden[positions]), positions)
+            losses = chunked_token_losses(projection, _at(hidden, positions, index), _at(shifted, positions, index),
+                                          chunk)
+            return PredictedLosses(losses, positions, index)
+        return PredictedLogits(projection(_at(hidden, positions, index)), positions, index)
 
     @staticmethod
     def _predicting(labels: torch.Tensor) -> torch.Tensor:
@@ -161,10 +194,9 @@ class LanguageModelingTask(Task):
         ids, mask = DECODER_TEXT if DECODER_TEXT[0] in batch else ("input_ids", "attention_mask")
         if "labels" in batch and batch["labels"].shape == batch[ids].shape:
             return batch["labels"]
-        labels = batch[ids].clone()
-        if mask in batch:
-            labels[batch[mask] == 0] = -100
-        return labels
+        if mask in batch:  # (masked_fill: an index assignment by a boolean mask would read the count back)
+            return batch[ids].masked_fill(batch[mask] == 0, -100)
+        return batch[ids].clone()
 
     def result(self, output, batch):
         if isinstance(output, (PredictedLogits, PredictedLosses)):
@@ -193,8 +225,13 @@ class LanguageModelingTask(Task):
             labels = self.targets(batch).to(output.logits.device)  # [B, N]
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
             logits = output.logits
-            losses = F.cross_entropy(_at_least_float32(logits), shifted[positions], reduction="none")  # [K]
-        token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)[:, :-1]  # [B, N-1]
+            losses = F.cross_entropy(_at_least_float32(logits), _at(shifted, positions, output.index),
+                                     reduction="none")  # [K]
+        if output.index is None:
+            token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)
+        else:
+            token_losses = losses.new_zeros(positions.numel()).index_copy(0, output.index, losses).view_as(positions)
+        token_losses = token_losses[:, :-1]  # [B, N-1]
         token_mask = positions[:, :-1]
         counts = token_mask.sum(-1)
         return TaskResult(loss=losses.sum() / counts.sum().clamp(min=1),
