@@ -80,6 +80,16 @@ def attach_plan(attention_mask: torch.Tensor, plan: PackedBatch) -> None:
     setattr(attention_mask, _PLAN, (attention_mask._version, plan))
 
 
+def planned_on_host(attention_mask: torch.Tensor) -> bool:
+    """Whether ``attention_mask`` is right-padded and carries the padding-free plan made for it on the host (moved by
+    :func:`move_with_plan`, or a CUDA-graph bucket's static mask given its plan by :func:`attach_plan`), so that
+    :func:`plan_packing` answers without reading the device: its plan, or None when there is no padding."""
+    planned = getattr(attention_mask, _PLAN, None)
+    if planned is None or planned[0] != attention_mask._version:
+        return False
+    return planned[1] is not None or known_lengths(attention_mask) is not None
+
+
 def known_lengths(attention_mask: torch.Tensor) -> tuple[int, ...] | None:
     """The lengths of the rows of a right-padded mask moved by :func:`move_with_plan` (known on the host, no
     sync); None for a mask that is not right-padded, was changed in place since, or did not come that way."""

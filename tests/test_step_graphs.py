@@ -22,7 +22,7 @@ from fastbertology.bench.census import Census, tally
 from fastbertology.buckets import LENGTH_STEP, bucket_length, bucket_tokens, plan_bucket
 from fastbertology.importance import analyze_heads, evaluate_metric
 from fastbertology.step_graphs import GraphUse, StaticBatch, graph_refusal
-from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask
+from fastbertology.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, RetrievalTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,6 +185,34 @@ def test_steps_that_cannot_replay_run_eagerly_and_say_why(graphs_on_the_cpu):
     assert result.metric == pytest.approx(expected.metric)
 
 
+def _triton_gpt2():
+    """A one-layer float32 GPT-2 (2 heads of 8) for the interpreter."""
+    pytest.importorskip("triton")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=101, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["logits", "chunked-loss"])
+def test_replayed_language_model_importance_equals_the_eager_pass(graphs_on_the_cpu, chunk):
+    """Language modelling replays too: its vocabulary projection runs on the bucket's packed tokens (real and
+    filler: fixed shapes), the filler's targets are ignored, and its metric is updated in place."""
+    model = _triton_gpt2()
+    batches, task = _batches(labels=None), LanguageModelingTask(loss_chunk_tokens=chunk)
+    with fastbertology.patch(model, backend="triton"):
+        eager = analyze_heads(model, batches, task, cuda_graphs="off")
+        replayed = analyze_heads(model, batches, task)
+        per_example = analyze_heads(model, batches[:2], task, importance="per_example")
+        per_example_eager = analyze_heads(model, batches[:2], task, importance="per_example", cuda_graphs="off")
+    use = replayed.cuda_graphs
+    assert use["enabled"] and (use["captured"], use["replays"]) == (2, 1), use
+    _assert_same_analysis(replayed, eager)
+    assert per_example.cuda_graphs["replays"] == 1
+    _assert_same_analysis(per_example, per_example_eager)
+
+
 def test_refusals_name_the_reason():
     model = tiny_model("gpt2", dtype=torch.float32)[0]
     cpu = torch.device("cpu")
@@ -195,8 +223,8 @@ def test_refusals_name_the_reason():
         assert "'torch' attention backend" in graph_refusal(model, LanguageModelingTask(), "auto",
                                                              torch.device("cuda"))
         state.backend = "triton"
-        assert "selects the predicted positions" in graph_refusal(model, LanguageModelingTask(), "auto",
-                                                                  torch.device("cuda"))
+        assert graph_refusal(model, LanguageModelingTask(), "auto", torch.device("cuda")) is None
+        assert "two inputs per example" in graph_refusal(model, RetrievalTask(), "auto", torch.device("cuda"))
         assert handle is not None
     with pytest.raises(ValueError, match="cuda_graphs must be one of"):
         graph_refusal(model, LanguageModelingTask(), "on", cpu)
@@ -254,14 +282,16 @@ def test_a_failed_capture_or_a_replay_that_differs_turns_graphs_off(graphs_on_th
         _assert_same_analysis(result, expected)
 
 
-def test_the_step_a_graph_captures_reads_nothing_back(monkeypatch):
+@pytest.mark.parametrize("kind", ["bert", "gpt2"], ids=["classification", "language-modelling"])
+def test_the_step_a_graph_captures_reads_nothing_back(monkeypatch, kind):
     """The body a graph captures, run on a bucketed batch through the GPU code path under the census (Triton
     launches recorded, CPU tensors posing as CUDA): no host-device sync, which would make a capture fail."""
     from fastbertology.bench.census_step import census_batches, count_step
-    from fastbertology.bench.workloads import TINY_BERT, SyntheticWorkload, build_model
+    from fastbertology.bench.workloads import TINY_BERT, TINY_GPT2, SyntheticWorkload, build_model
     from fastbertology.step_graphs import StepRunner
 
-    warm, counted = census_batches(TINY_BERT, 4, 16)
+    size = TINY_BERT if kind == "bert" else TINY_GPT2
+    warm, counted = census_batches(size, 4, 16)
     # the bucket plans are host work outside the graph: made here, before the census (which could mistake a host
     # tensor at the address of a freed "device" one for a device tensor)
     plans = {lengths: plan_bucket(lengths) for lengths in
@@ -276,7 +306,7 @@ def test_the_step_a_graph_captures_reads_nothing_back(monkeypatch):
 
     monkeypatch.setattr(importance_module, "graph_refusal", lambda *args: None)
     monkeypatch.setattr(StepRunner, "run", bucketed_body)
-    events = count_step(build_model(TINY_BERT), warm, counted, SyntheticWorkload(TINY_BERT, 4, 16).task(),
+    events = count_step(build_model(size), warm, counted, SyntheticWorkload(size, 4, 16).task(),
                         cuda_graphs="auto")
     step = [event for event in events if event.phase == "step"]
     assert sum(event.kind == "triton" for event in step) >= 4  # the attention kernels ran (were recorded)

@@ -153,3 +153,34 @@ def test_cuda_graph_replay_equals_eager(device, dtype, mode):
         torch.testing.assert_close(result.max_prob, eager.max_prob, **tolerance)
         assert result.tokens == eager.tokens and result.metric == pytest.approx(eager.metric)
     assert report["replays"] == 1 and graph_metric == pytest.approx(eager_metric)
+
+
+@pytest.mark.parametrize("chunk", [None, 64], ids=["logits", "chunked-loss"])
+def test_cuda_graph_replay_of_language_modelling_equals_eager(device, chunk):
+    """GPT-2 language-modelling importance replayed as CUDA graphs (the projected rows are the bucket's packed
+    tokens) equals the eager pass; the CPU version with an emulated graph is tests/test_step_graphs.py's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import fastbertology
+    from fastbertology.batching import move_batch
+    from fastbertology.importance import analyze_heads
+    from fastbertology.tasks import LanguageModelingTask
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=500, n_embd=128, n_layer=2, n_head=4, n_positions=128)
+    model = GPT2LMHeadModel(config).eval().to(device)
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for lengths in ((30, 7, 19, 64), (31, 8, 20, 60), (90, 1, 2, 3)):
+        seq = max(lengths)
+        ids = torch.randint(2, 500, (len(lengths), seq), generator=generator)
+        mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batches.append(move_batch({"input_ids": ids, "attention_mask": mask}, device))
+    task = LanguageModelingTask(loss_chunk_tokens=chunk)
+    with fastbertology.patch(model, backend="triton"):
+        eager = analyze_heads(model, batches, task, cuda_graphs="off")
+        graphs = analyze_heads(model, batches, task)
+    assert graphs.cuda_graphs["reason"] is None and graphs.cuda_graphs["replays"] == 1, graphs.cuda_graphs
+    torch.testing.assert_close(graphs.raw_importance, eager.raw_importance, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(graphs.entropy, eager.entropy, rtol=1e-5, atol=1e-7)
+    assert graphs.metric == pytest.approx(eager.metric, rel=1e-5)

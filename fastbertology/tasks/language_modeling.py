@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..architectures import architecture
-from ..packing import known_lengths, to_device
+from ..packing import plan_packing, planned_on_host
 from .base import Task, TaskResult, _at_least_float32, _mask_kwargs, _model_inputs
 
 DECODER_TEXT = ("decoder_input_ids", "decoder_attention_mask")  # an encoder-decoder model's text (its decoder's)
@@ -18,29 +18,35 @@ DECODER_TEXT = ("decoder_input_ids", "decoder_attention_mask")  # an encoder-dec
 
 @dataclass
 class PredictedLogits:
-    """Language-model logits at the predicted positions only: ``logits [K, V]`` for the K positions where
-    ``positions [B, N]`` (bool) is True, in row-major order. What :class:`LanguageModelingTask` computes instead of
-    ``[B, N, V]`` when it can: no vocabulary projection for padding or for positions that predict nothing.
-    ``index``: int64 ``[K]``, the same positions as row-major indices into ``[B * N]`` where they were known on the
-    host (:func:`_predicting_index`: selecting by it reads nothing back), else None."""
+    """Language-model logits at some positions only: ``logits [K, V]``. What :class:`LanguageModelingTask`
+    computes instead of ``[B, N, V]`` when it can: no vocabulary projection for padding. ``positions [B, N]``
+    (bool): the positions that predict a counted token. ``index``: None, and the logits are those of the K
+    ``positions`` in row-major order (selected by the boolean mask, which reads the count back); or int64 ``[K]``,
+    the row-major positions ``b * N + n`` the logits belong to, a superset of ``positions`` known without reading the
+    device (:func:`_projected_rows`: the batch's real tokens), whose other rows' targets are ignored."""
 
     logits: torch.Tensor
     positions: torch.Tensor
     index: torch.Tensor | None = None
 
     def split(self, k: int) -> list[PredictedLogits]:
-        """k outputs for k equal row blocks of ``positions``."""
-        if self.positions.shape[0] % k:
-            raise ValueError(f"output batch {self.positions.shape[0]} is not a multiple of the {k} copies")
-        blocks = self.positions.chunk(k, dim=0)
-        rows = self.logits.split([int(block.sum()) for block in blocks], dim=0)
-        return [PredictedLogits(logits, block) for logits, block in zip(rows, blocks)]
+        """k outputs for k equal row blocks of ``positions`` (reads the blocks' row counts back)."""
+        batch, length = self.positions.shape
+        if batch % k:
+            raise ValueError(f"output batch {batch} is not a multiple of the {k} copies")
+        blocks, rows = self.positions.chunk(k, dim=0), batch // k
+        if self.index is None:
+            parts = self.logits.split([int(block.sum()) for block in blocks], dim=0)
+            return [PredictedLogits(part, block) for part, block in zip(parts, blocks)]
+        copy = torch.div(self.index, rows * length, rounding_mode="floor")  # [K] the copy each row belongs to
+        return [PredictedLogits(self.logits[copy == j], block, self.index[copy == j] - j * rows * length)
+                for j, block in enumerate(blocks)]
 
 
 @dataclass
 class PredictedLosses:
-    """Token losses at the predicted positions only: ``losses [K]`` (float32 or wider) for the K positions where
-    ``positions [B, N]`` (bool) is True, in row-major order; what the chunked loss computes (no logits are kept)."""
+    """Token losses at some positions only: ``losses [K]`` (float32 or wider, 0 where the target is ignored), at
+    the rows :class:`PredictedLogits` describes; what the chunked loss computes (no logits are kept)."""
 
     losses: torch.Tensor
     positions: torch.Tensor
@@ -48,31 +54,31 @@ class PredictedLosses:
 
     def split(self, k: int) -> list[PredictedLosses]:
         """k outputs for k equal row blocks of ``positions``."""
-        parts = PredictedLogits(self.losses, self.positions).split(k)
-        return [PredictedLosses(part.logits, part.positions) for part in parts]
+        parts = PredictedLogits(self.losses, self.positions, self.index).split(k)
+        return [PredictedLosses(part.logits, part.positions, part.index) for part in parts]
 
 
-def _predicting_index(batch: dict, length: int, device: torch.device) -> torch.Tensor | None:
-    """int64 ``[K]`` row-major indices into ``[B * N]`` (``N = length``) of the positions that predict a token, made
-    on the host from the row lengths the batch's attention mask carries (:func:`~fastbertology.packing.known_lengths`;
-    every row full without a mask) and copied without blocking: position t of a row of n tokens predicts for
-    ``t < n - 1``. None where that is not what the targets say or the lengths are not known on the host (explicit
-    ``labels``, a mask that is not right-padded or did not come through ``move_batch``): then the positions are
-    selected by a boolean mask, which reads the count back (a sync)."""
+def _projected_rows(batch: dict, size: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """int64 ``[K]`` positions ``b * N + n`` (``[B, N] = [size, length]``) to project, a superset of those that
+    predict a token, known without reading the device: every position without an attention mask or padding, else
+    the packed tokens of the padding-free plan made on the host (:func:`~fastbertology.packing.planned_on_host`:
+    the real tokens in row-major order; in a CUDA-graph bucket also its filler, on padding positions). Their
+    number depends on the batch's shapes only where the batch is a bucket's, which a captured graph needs. None
+    with explicit ``labels`` (they may count any position) or a mask without a plan made on the host."""
     if "labels" in batch or "input_ids" not in batch:
         return None
-    rows = batch["input_ids"].shape[0]
     mask = batch.get("attention_mask")
-    lengths = (length,) * rows if mask is None else known_lengths(mask)
-    if lengths is None:
+    if mask is not None and not planned_on_host(mask):
         return None
-    index = torch.cat([torch.arange(row * length, row * length + n - 1) for row, n in enumerate(lengths) if n > 1]
-                      or [torch.zeros(0, dtype=torch.long)])
-    return to_device(index, device)
+    plan = None if mask is None else plan_packing(mask)
+    if plan is None:
+        return torch.arange(size * length, device=device)
+    return plan.index.to(device)
 
 
 def _at(values: torch.Tensor, positions: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """``values [B, N, ...]`` at the True ``positions [B, N]``, row-major: ``[K, ...]`` (by ``index`` when known)."""
+    """``values [B, N, ...]`` at ``index`` ``[K]`` (positions ``b * N + n``), or without one at the True
+    ``positions [B, N]`` in row-major order: ``[K, ...]``."""
     if index is None:
         return values[positions]
     return values.reshape(-1, *values.shape[2:]).index_select(0, index)
@@ -150,7 +156,9 @@ class LanguageModelingTask(Task):
     name = "language_modeling"
     metric_name = "perplexity"
     higher_is_better = False
-    cuda_graph_refusal = "its loss selects the predicted positions (shapes that depend on the data)"
+    # the projected rows are the packed tokens of the batch's plan (a bucket's: fixed shapes), the metric is updated
+    # in place: steps replay as CUDA graphs (batches with explicit labels select by a boolean mask: eagerly)
+    cuda_graph_refusal = None
 
     def __init__(self, loss_chunk_tokens: int | None = None):
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
@@ -168,7 +176,7 @@ class LanguageModelingTask(Task):
         hidden = model.base_model(**inputs, **_mask_kwargs(head_mask)).last_hidden_state  # [B, N, D]
         labels = self.targets(batch).to(hidden.device)
         positions = self._predicting(labels)  # [B, N]
-        index = _predicting_index(batch, labels.shape[1], hidden.device)
+        index = _projected_rows(batch, *labels.shape, hidden.device)
         chunk = self.loss_chunk_tokens
         if chunk is not None and positions.numel() > chunk:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
@@ -226,7 +234,7 @@ class LanguageModelingTask(Task):
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, N], position t predicts token t+1
             logits = output.logits
             losses = F.cross_entropy(_at_least_float32(logits), _at(shifted, positions, output.index),
-                                     reduction="none")  # [K]
+                                     ignore_index=-100, reduction="none")  # [K], 0 where nothing is predicted
         if output.index is None:
             token_losses = losses.new_zeros(positions.shape).masked_scatter(positions, losses)
         else:
@@ -242,10 +250,14 @@ class LanguageModelingTask(Task):
         return {"nll": 0.0, "tokens": 0}
 
     def update_metric(self, state, result, batch):
-        """Sums on the device (0-d tensors after the first batch): no host-device sync. ``token_losses`` is 0
-        where nothing is predicted."""
-        state["nll"] = state["nll"] + result.token_losses.detach().double().sum()
-        state["tokens"] = state["tokens"] + result.token_mask.sum()
+        """Sums on the device (0-d tensors after the first batch, updated in place from then on): no host-device
+        sync, and a CUDA graph replays the update. ``token_losses`` is 0 where nothing is predicted."""
+        for key, value in (("nll", result.token_losses.detach().double().sum()), ("tokens", result.token_mask.sum())):
+            current = state[key]
+            if isinstance(current, torch.Tensor) and current.device == value.device and current.dtype == value.dtype:
+                current.add_(value)
+            else:
+                state[key] = current + value
 
     def compute_metrics(self, state):
         tokens = int(state["tokens"])
