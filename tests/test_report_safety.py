@@ -358,8 +358,11 @@ def test_gates_patching_and_warnings_fields_are_shown_as_text_or_refused(tmp_pat
     """The sections of the gates and patching commands and the run's warnings: a payload in any of their fields is
     shown as text or refused naming summary.json and the field."""
     document, tables = _analyses_run()
+    document["setup"]["warnings"].append("labels <b>a</b> & <script>")
     html = build_html(read_run(write_run(tmp_path / "plain", summary_payload=document, tables=tables)))
     assert "Learned head gates" in html and "Activation patching" in html
+    # the warnings are on the page, as text
+    assert "<li>the data holds one class only</li><li>labels &lt;b&gt;a&lt;/b&gt; &amp; &lt;script&gt;</li>" in html
     shown = refused = 0
     for index, (path, kind) in enumerate(_leaves(document)):
         if path[0] not in ("gates", "patching") and path[:2] != ("setup", "warnings"):

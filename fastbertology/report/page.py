@@ -42,6 +42,9 @@ table.kv td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .pair { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 svg .cell:hover { stroke: #000; stroke-width: 1.5; }
 code { background: #f0f1f3; padding: 1px 4px; border-radius: 3px; }
+.warnings { background: #fff7e0; border: 1px solid #f0d48a; border-radius: 6px; padding: 8px 14px; margin: 12px 0;
+            font-size: 14px; }
+.warnings ul { margin: 4px 0 0; padding-left: 20px; }
 """
 
 SCRIPT = """
@@ -361,6 +364,15 @@ def _cards(summary: dict) -> str:
                                            for v, k in cards) + "</div>"
 
 
+def _warnings(summary: dict) -> str:
+    """The run's warnings (``setup.warnings``, what the console printed before the work), or nothing."""
+    warnings = (summary.get("setup") or {}).get("warnings") or []
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{_text(warning)}</li>" for warning in warnings)
+    return f'<div class="warnings" role="note"><b>Warnings about this run</b><ul>{items}</ul></div>'
+
+
 def _run_details(summary: dict) -> str:
     setup = summary.get("setup") or {}
     versions = summary.get("versions") or {}
@@ -415,7 +427,7 @@ def build_html(run: RunFiles) -> str:
         f"<style>{STYLE}</style></head><body><main>",
         f"<header><h1>{_text(title)}</h1><p class=\"lede\">{_text(_subtitle(setup))}{_text(shape)} · "
         f"{_text(setup.get('device', ''))} · {_text(str(summary.get('date', '')).replace('T', ' '))}</p>",
-        f"{_cards(summary)}<nav>{nav}</nav></header>",
+        f"{_cards(summary)}{_warnings(summary)}<nav>{nav}</nav></header>",
         *(_section(anchor, title, body) for anchor, title, body in sections),
         f"<script>{SCRIPT}</script></main></body></html>\n",
     ])
