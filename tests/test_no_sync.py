@@ -140,3 +140,19 @@ def test_language_model_positions_known_on_the_host_give_the_same_losses(chunk):
     for first, second in zip(*results):
         torch.testing.assert_close(first, second, rtol=1e-12, atol=1e-15)
     assert results[1][3].sum() == 8 + 3  # rows of 9, 4 and 1 tokens predict 8, 3 and 0
+
+
+def test_language_model_output_with_an_index_splits_into_its_copies():
+    """``PredictedLogits.split`` of a k-copies batch whose rows came by index: each copy gets its rows and its
+    index relative to its own ``[B, N]``, whatever the order of the index."""
+    from fastbertology.tasks.language_modeling import PredictedLogits, PredictedLosses
+
+    positions = torch.tensor([[True, False, False], [True, True, False]] * 2)  # 2 copies of a [2, 3] batch
+    index = torch.tensor([9, 0, 3, 10, 4, 6])  # rows b * 3 + n of the [4, 3] replicated batch, in any order
+    logits = torch.arange(6.0)[:, None].expand(6, 5)
+    first, second = PredictedLogits(logits, positions, index).split(2)
+    assert first.index.tolist() == [0, 3, 4] and first.logits[:, 0].tolist() == [1.0, 2.0, 4.0]
+    assert second.index.tolist() == [3, 4, 0] and second.logits[:, 0].tolist() == [0.0, 3.0, 5.0]
+    assert torch.equal(first.positions, positions[:2]) and torch.equal(second.positions, positions[2:])
+    losses = PredictedLosses(torch.arange(6.0), positions, index).split(2)
+    assert [part.index.tolist() for part in losses] == [[0, 3, 4], [3, 4, 0]]
