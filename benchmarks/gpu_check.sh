@@ -16,9 +16,9 @@ if ! "$PYTHON" -c "import fastbertology.kernels" 2>/dev/null; then
     tree=$(mktemp -d)
     mkdir "$tree/fastbertology"
     for f in fastbertology/*; do ln -s "$PWD/$f" "$tree/fastbertology/"; done
-    ln -s "$PWD/kernels" "$tree/fastbertology/kernels"
+    ln -s "$PWD/fastbertology_kernels" "$tree/fastbertology/kernels"
     export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
-    export PYTHONSAFEPATH=1  # keep the repo root (whose fastbertology/ lacks kernels/) off sys.path
+    export PYTHONSAFEPATH=1  # keep the repo root (whose fastbertology/ lacks kernels/: they are fastbertology_kernels/) off sys.path
   fi
   "$PYTHON" -c "import fastbertology.kernels" || { echo "cannot import fastbertology.kernels"; exit 1; }
 fi

@@ -6,7 +6,7 @@
     python benchmarks/kernel_report.py --json report.json    # also write every result as JSON
     python benchmarks/kernel_report.py --head-dim 48,96       # head dims padded to BLOCK_D (64, 128)
 
-For each kernel configuration that the launchers of ``kernels/triton_attention.py`` can pick (listed in
+For each kernel configuration that the launchers of ``fastbertology_kernels/triton_attention.py`` can pick (listed in
 ``benchmarks/kernel_specs.py``) and for the yardstick (``benchmarks/yardstick_attention.py``, a minimal
 tutorial-style forward with the entropy accumulator), it prints per target architecture: registers per thread,
 spilled bytes (local-memory stores / loads), shared memory per CTA, CTAs per SM and what limits them, the SASS
@@ -439,16 +439,23 @@ _ROLE_RE = re.compile(r"#\s*loop:\s*([\w-]+)")
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+KERNEL_DIRECTORIES = ("fastbertology_kernels", "benchmarks")  # where the report's kernels live (the yardstick's too)
 
 
 def local_source(path: str, root: Path = REPOSITORY) -> Path:
     """The file of *this* checkout that a line-info path names. Triton's on-disk cache is shared by every checkout
     on a machine and keyed by the kernel's source, not its path: a cubin compiled from another (perhaps deleted)
     clone of the same source names that clone's absolute path. The longest trailing part of ``path`` that exists
-    under ``root`` (e.g. ``kernels/triton_forward.py``) is taken; ``path`` itself where none does."""
+    under ``root`` (e.g. ``fastbertology_kernels/triton_forward.py``) is taken; else the file of that name in this
+    checkout's kernel directories (a cubin compiled before the kernels' directory was renamed: ``kernels/``); ``path``
+    itself where neither exists."""
     parts = Path(path).parts
     for start in range(1, len(parts)):
         candidate = root.joinpath(*parts[start:])
+        if candidate.is_file():
+            return candidate
+    for directory in KERNEL_DIRECTORIES:
+        candidate = root / directory / Path(path).name
         if candidate.is_file():
             return candidate
     return Path(path)

@@ -1,8 +1,8 @@
 """KERNEL SPECS: every launch of the project's Triton kernels that the launchers can pick, for the kernel report.
 
 The launches are not written out by hand: for each :class:`Case` the real launchers (``_forward`` and ``_backward``
-of ``kernels/triton_attention.py``) run on CPU tensors with the GPU block configurations, with every kernel
-replaced by a recorder, and each recorded launch (its positional arguments, constexpr keywords and options)
+of ``fastbertology_kernels/triton_attention.py``) run on CPU tensors with the GPU block configurations, with every
+kernel replaced by a recorder, and each recorded launch (its positional arguments, constexpr keywords and options)
 becomes a :class:`~kernel_report.KernelSpec`. So the report always compiles exactly what the launchers launch;
 when the kernels change, nothing here changes unless the launchers grow a new choice (a new :class:`Case` field).
 
@@ -26,24 +26,25 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-for _path in (str(REPO), str(BENCHMARKS)):  # `kernels` as a plain package (torch + triton only), the yardstick
+# fastbertology_kernels as a plain package (torch + triton only), and the yardstick
+for _path in (str(REPO), str(BENCHMARKS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
 from kernel_report import KernelSpec, Ptr  # noqa: E402
 
-from kernels import triton_attention as ta  # noqa: E402
-from kernels.common import Packing  # noqa: E402
-from kernels.modifiers import ScoreModifiers  # noqa: E402
+from fastbertology_kernels import triton_attention as ta  # noqa: E402
+from fastbertology_kernels.common import Packing  # noqa: E402
+from fastbertology_kernels.modifiers import ScoreModifiers  # noqa: E402
 
-KERNEL_MODULE = "kernels.triton_attention"
+KERNEL_MODULE = "fastbertology_kernels.triton_attention"
 KERNELS = ("_attn_fwd", "_attn_probs", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
 YARDSTICK = "yardstick_attention:_yardstick_attn_fwd"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (32, 64, 128)
 LAYOUTS = ("packed", "padded", "dense")  # packed sequences; padded with a key padding mask; padded without one
 HEAD_MASKS = ("none", "mask", "grad")  # no head mask, a head mask without gradient, with gradient
-MODIFIERS = ("softcap", "bias", "alibi", "sinks")  # score modifiers (kernels/modifiers.py)
+MODIFIERS = ("softcap", "bias", "alibi", "sinks")  # score modifiers (fastbertology_kernels/modifiers.py)
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
                 torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
@@ -66,7 +67,7 @@ class Case(NamedTuple):
 
 class Shape(NamedTuple):
     """Sizes behind the launch values: sequences, heads, and the (longest) sequence length, which also picks the
-    block configuration (see ``kernels/triton_configs.py``)."""
+    block configuration (see ``fastbertology_kernels/triton_configs.py``)."""
 
     batch: int = 4
     heads: int = 12

@@ -99,19 +99,23 @@ def test_loop_roles_come_from_this_checkout_whatever_path_the_cache_names(tmp_pa
     """Triton's cache is shared by every checkout of a machine: a cubin compiled in a clone that was deleted since
     names that clone's absolute path in its line info. Its loops are labelled from this checkout's file of the same
     name, never from the other path (gone, or holding other markers), and never left unlabelled."""
-    source = Path(kr.__file__).resolve().parents[1] / "kernels" / "triton_forward.py"
+    source = Path(kr.__file__).resolve().parents[1] / "fastbertology_kernels" / "triton_forward.py"
     marked = {number: line for number, line in enumerate(source.read_text().splitlines(), 1) if "# loop:" in line}
     interior = next(number for number, line in marked.items() if "# loop: interior" in line)
     edge = next(number for number, line in marked.items() if "# loop: edge" in line)
-    gone = tmp_path / "deleted-clone" / "kernels" / "triton_forward.py"  # never created
+    gone = tmp_path / "deleted-clone" / "fastbertology_kernels" / "triton_forward.py"  # never created
     loop = {"sites": {f"{gone}:{interior}": 30, f"{gone}:{edge}": 5}}
     assert kr.loop_role(loop) == "interior"
     # another checkout that still exists, with the markers elsewhere: this checkout's markers win
-    other = tmp_path / "other-clone" / "kernels" / "triton_forward.py"
+    other = tmp_path / "other-clone" / "fastbertology_kernels" / "triton_forward.py"
     other.parent.mkdir(parents=True)
     other.write_text("\n" * (edge - 1) + "x = 0  # loop: interior\n")
     assert kr.local_source(str(other)) == source
     assert kr.loop_role({"sites": {f"{other}:{edge}": 9}}) == "edge"
+    # compiled before the kernels' directory was renamed (kernels/ -> fastbertology_kernels/): found by its name
+    renamed = tmp_path / "old-clone" / "kernels" / "triton_forward.py"
+    assert kr.local_source(str(renamed)) == source
+    assert kr.loop_role({"sites": {f"{renamed}:{interior}": 9}}) == "interior"
     # a path with no counterpart here is read as it is
     assert kr.local_source(str(tmp_path / "elsewhere.py")) == tmp_path / "elsewhere.py"
 

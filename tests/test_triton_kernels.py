@@ -322,8 +322,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, sys.argv[1])  # repo root: import kernels/ as a plain package (torch + triton only)
-from kernels import triton_attention as ta
+sys.path.insert(0, sys.argv[1])  # repo root: fastbertology_kernels/ as a plain package (torch + triton only)
+from fastbertology_kernels import triton_attention as ta
 
 calls = []
 

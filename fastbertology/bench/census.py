@@ -325,7 +325,7 @@ def _fastbertology_location() -> str:
 
 
 def _short_path(path: str) -> str:
-    for marker in ("/fastbertology/", "/kernels/", "/transformers/", "/torch/"):
+    for marker in ("/fastbertology/", "/fastbertology_kernels/", "/transformers/", "/torch/"):
         if marker in path:
             return marker.strip("/") + "/" + path.split(marker, 1)[1]
     return path

@@ -1,7 +1,7 @@
 """Fused masked multi-head attention with per-head statistics, in Triton.
 
 :func:`attention_triton` implements the contract of :func:`fastbertology.kernels.attention` (see
-``kernels/__init__.py``), for padded batches ``[B, H, N, D]`` and for packed sequences ``[1, H, T, D]``
+``fastbertology_kernels/__init__.py``), for padded batches ``[B, H, N, D]`` and for packed sequences ``[1, H, T, D]``
 (:class:`~fastbertology.kernels.Packing`, one program per query block of a sequence, as FlashAttention's variable
 length kernels). Every program works on one *sequence* (a batch row, or a packed sequence) and one query head.
 Grouped-query attention (``k, v`` with ``H_kv`` heads, ``group = H / H_kv``): query head ``h`` reads key/value
