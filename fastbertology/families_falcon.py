@@ -1,18 +1,21 @@
 """Falcon in the architecture registry: rotary or ALiBi positions, multi-head, multi-query and the new decoder
 architecture (grouped key/value heads), through a replacement attention forward.
 
-**Attention module.** Falcon computes attention in its own ``FalconAttention.forward``: the patch gives every
-attention module :func:`falcon_attention_forward`, which splits the fused ``query_key_value`` with the module's own
-``_split_heads`` (``[H, 3, d]``; multi-query ``q [H * d] | k [d] | v [d]``; new decoder architecture ``[H_kv,
-H / H_kv + 2, d]``), applies the rotary embeddings (when the model has no ALiBi) and hands q, k, v (one key/value
-head per group) to the kernels.
+**Attention module.** Falcon computes attention in its own ``FalconAttention.forward`` (transformers 5.24 and
+earlier with its own ``_split_heads`` and an ``alibi`` argument; 5.25 on through the attention functions, with ALiBi
+folded into the mask): the patch gives every attention module :func:`falcon_attention_forward`, which splits the
+fused ``query_key_value`` itself (:func:`split_fused_qkv`: ``[H, 3, d]``; multi-query ``q [H * d] | k [d] | v [d]``;
+new decoder architecture ``[H_kv, H / H_kv + 2, d]``), applies the rotary embeddings (when the model has no ALiBi)
+and hands q, k, v (one key/value head per group) to the kernels. It reads only what every transformers 5 version's
+module holds (the head counts, the layout flags, the projections), so one forward serves them all.
 
 **ALiBi** (``config.alibi``). What the model means, and what its SDPA path computes: ``s_ij = (q_i . k_j + slope_h
 * p_j) / sqrt(d)`` with ``p_j`` the key's position among the real tokens; the kernels take ``alibi_slopes =
 slope_h / sqrt(d)``, which differs by a constant within each query's row. (Stock *eager* Falcon with ALiBi adds the
-bias twice: once itself, once inside the mask the model built for SDPA.) The slopes are the model's, rounded to
-bfloat16 as its builder rounds them; the builder also computes ``slope * position`` in bfloat16, which is exact
-while positions stay below 256 (longer sequences: the kernels keep the bias linear, the stock model rounds it).
+bias twice up to transformers 5.24: once itself, once inside the mask the model built for SDPA.) The slopes are the
+model's, rounded to bfloat16 as its builder rounds them; the builder also computes ``slope * position`` in bfloat16,
+which is exact while positions stay below 256 (longer sequences: the kernels keep the bias linear, the stock model
+rounds it).
 
 **Pruning** cuts all three layouts (:func:`falcon_projections`): multi-head ``[H, 3, d]`` (``"fused-per-head"``),
 multi-query ``q | k | v`` with one key/value head (``"fused-qkv"``; the key/value head goes with the last query
@@ -33,7 +36,8 @@ import torch
 
 from .architecture_types import CAUSAL_KINDS, Architecture, Projections, Stack
 
-__all__ = ["FALCON_FAMILIES", "falcon_attention_forward", "falcon_kv_heads", "falcon_projections", "falcon_slopes"]
+__all__ = ["FALCON_FAMILIES", "falcon_attention_forward", "falcon_kv_heads", "falcon_projections", "falcon_slopes",
+           "split_fused_qkv"]
 
 
 def _kept_heads(config, row: int, total: int) -> list[int]:
@@ -65,26 +69,39 @@ def _key_padding(attention_mask, n_keys: int):
     return last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
 
 
+def split_fused_qkv(module, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``FalconAttention``'s ``query_key_value`` output ``[B, N, F]`` -> ``query [B, N, H, d]`` and ``key,
+    value [B, N, H_kv, d]`` (views), by the module's layout: new decoder architecture ``[H_kv, H / H_kv + 2, d]``
+    (each group's query heads, its key, its value), multi-query ``q [H d] | k [d] | v [d]``, else ``[H, 3, d]``."""
+    batch, seq = fused.shape[:2]
+    head_dim = module.head_dim
+    if module.new_decoder_architecture:
+        grouped = fused.view(batch, seq, module.num_kv_heads, -1, head_dim)  # [B, N, H_kv, H / H_kv + 2, d]
+        return grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]
+    if module.multi_query:
+        return fused.view(batch, seq, -1, head_dim).split([module.num_heads, 1, 1], dim=2)
+    return fused.view(batch, seq, module.num_heads, 3, head_dim).unbind(3)
+
+
 def falcon_attention_forward(self, hidden_states, alibi=None, attention_mask=None, position_ids=None,
                              layer_past=None, use_cache=False, output_attentions=False, position_embeddings=None,
                              **kwargs):
-    """Replacement forward of ``FalconAttention``: ``[B, N, D]`` -> ``(dense(context), probs or None)``."""
+    """Replacement forward of ``FalconAttention``: ``[B, N, D]`` -> ``(dense(context), probs or None)``. ``alibi``:
+    what transformers 5.24 and earlier pass (unused: the kernels take the model's slopes, and the mask's ALiBi part
+    is not read)."""
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
     binding = self._fastbertology_layer
     state = binding.state
     batch, seq = hidden_states.shape[:2]
-    query, key, value = self._split_heads(self.query_key_value(hidden_states))  # [B, N, H or H_kv, d]
-    if self.new_decoder_architecture:  # (_split_heads broadcasts each group's key/value to its query heads)
-        group = self.num_heads // self.num_kv_heads
-        key, value = key[:, :, ::group], value[:, :, ::group]
+    query, key, value = split_fused_qkv(self, self.query_key_value(hidden_states))  # [B, N, H or H_kv, d]
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, H or H_kv, N, d]
     modifiers = {}
-    if alibi is None:
+    if state.model.config.alibi:
+        modifiers["alibi_slopes"] = falcon_slopes(state.model.config, binding.row(), query.device).to(query.dtype)
+    else:
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    else:
-        modifiers["alibi_slopes"] = falcon_slopes(state.model.config, binding.row(), query.device).to(query.dtype)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
         if key.shape[2] != seq:
@@ -93,7 +110,8 @@ def falcon_attention_forward(self, hidden_states, alibi=None, attention_mask=Non
     packed = binding.stack in state.context.packed
     key_padding_mask = None if packed else _key_padding(attention_mask, key.shape[2])
     out, probs = state.attend(binding, self, query, key, value, key_padding_mask, causal=True,
-                              scale=self.inv_norm_factor, dropout=self.attention_dropout.p,
+                              scale=self.inv_norm_factor, dropout=getattr(self.attention_dropout, "p",
+                                                                          self.attention_dropout),
                               output_attentions=output_attentions, modifiers=modifiers)
     return self.dense(out.reshape(batch, seq, -1)), probs
 
@@ -126,8 +144,10 @@ def after_pruning(model, sites) -> None:
                                                                                           with_kwargs=True)
 
 
+# num_key_value_groups: what transformers 5.25's stock attention repeats each key/value head by (set by pruning;
+# earlier versions have no such attribute and ignore it)
 _LAYOUT = dict(qkv="query_key_value", output="dense", heads_attribute="num_heads", head_dim_attribute="head_dim",
-               kv_heads_attribute="num_kv_heads", empty="projected")
+               kv_heads_attribute="num_kv_heads", groups_attribute="num_key_value_groups", empty="projected")
 MULTI_HEAD = Projections("fused-per-head", **_LAYOUT)  # [H, 3, d]
 MULTI_QUERY = Projections("fused-qkv", **_LAYOUT)  # q [H d] | k [d] | v [d]
 NEW_DECODER = Projections("fused-grouped", **_LAYOUT)  # [H_kv, G + 2, d]
