@@ -18,7 +18,8 @@ if ! "$PYTHON" -c "import fastbertology.kernels" 2>/dev/null; then
     for f in fastbertology/*; do ln -s "$PWD/$f" "$tree/fastbertology/"; done
     ln -s "$PWD/fastbertology_kernels" "$tree/fastbertology/kernels"
     export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
-    export PYTHONSAFEPATH=1  # keep the repo root (whose fastbertology/ lacks kernels/: they are fastbertology_kernels/) off sys.path
+    # keep the repo root (whose fastbertology/ lacks kernels/: they are fastbertology_kernels/) off sys.path
+    export PYTHONSAFEPATH=1
   fi
   "$PYTHON" -c "import fastbertology.kernels" || { echo "cannot import fastbertology.kernels"; exit 1; }
 fi
@@ -30,7 +31,7 @@ echo "== kernel tests on the GPU"
 # time limit so that a slow phase cannot starve the benchmarks
 workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n ${GPU_CHECK_WORKERS:-8}")
 start=$SECONDS
-timeout "${TESTS_TIMEOUT:-100}" "$PYTHON" -m pytest tests/test_triton_gpu.py tests/test_packed_attention.py \
+timeout "${TESTS_TIMEOUT:-130}" "$PYTHON" -m pytest tests/test_triton_gpu.py tests/test_packed_attention.py \
   ${GPU_CHECK_ALL:+tests/test_triton_kernels.py} -q $workers -p no:cacheprovider
 tests_rc=$?
 echo "   kernel tests: rc=$tests_rc in $((SECONDS - start)) s"
@@ -52,11 +53,12 @@ echo "   profile: rc=$profile_rc in $((SECONDS - start)) s (log: $(dirname "$RES
 
 echo "== end-to-end benchmark (run_bertology reference loop vs SDPA vs fastbertology: CUDA graphs, eager (the A/B), padded)"
 # Rows are appended to $E2E_RESULTS as each mode finishes; no case starts after E2E_BUDGET seconds (its rows say
-# "skipped"), and the step is killed after E2E_TIMEOUT seconds: with the default limits (100 + 100 + 90 + 180 s)
+# "skipped"), and the step is killed after E2E_TIMEOUT seconds: with the default limits (130 + 100 + 90 + 150 s; the
+# kernel tests grew by the CUDA-graph cases)
 # the whole script stays under 8 minutes (run 1 on an H200, before the profile step: 305 s).
 E2E_RESULTS=${E2E_RESULTS:-$(dirname "$RESULTS")/bench_e2e.jsonl}
 e2e_table=$(mktemp)
-timeout "${E2E_TIMEOUT:-180}" "$PYTHON" -m fastbertology.bench --time-budget "${E2E_BUDGET:-120}" \
+timeout "${E2E_TIMEOUT:-150}" "$PYTHON" -m fastbertology.bench --time-budget "${E2E_BUDGET:-120}" \
   --out "$E2E_RESULTS" | tee "$e2e_table"
 e2e_rc=${PIPESTATUS[0]}
 echo "   end-to-end benchmark: rc=$e2e_rc"
