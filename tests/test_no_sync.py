@@ -156,3 +156,25 @@ def test_language_model_output_with_an_index_splits_into_its_copies():
     assert torch.equal(first.positions, positions[:2]) and torch.equal(second.positions, positions[2:])
     losses = PredictedLosses(torch.arange(6.0), positions, index).split(2)
     assert [part.index.tolist() for part in losses] == [[0, 3, 4], [3, 4, 0]]
+
+
+def test_language_model_batch_that_is_not_right_padded_selects_by_its_mask():
+    """A left-padded batch has no padding-free plan (nor known lengths): the projected positions come from the
+    boolean mask (the fallback), and the losses are still those of the stock model's loss."""
+    from fastbertology.tasks import LanguageModelingTask
+
+    model, _, _ = tiny_model("gpt2")
+    input_ids, attention_mask = random_batch(2, 6, [6, 6])
+    attention_mask[1, :2] = 0  # left padding
+    batch = move_batch({"input_ids": input_ids, "attention_mask": attention_mask}, torch.device("cpu"))
+    assert not packing.planned_on_host(batch["attention_mask"])
+    task = LanguageModelingTask()
+    output = task.forward(model, batch)
+    assert output.index is None
+    result = task.result(output, batch)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(result.loss.detach(), expected, rtol=1e-12, atol=1e-12)
