@@ -206,11 +206,18 @@ def test_replayed_language_model_importance_equals_the_eager_pass(graphs_on_the_
         replayed = analyze_heads(model, batches, task)
         per_example = analyze_heads(model, batches[:2], task, importance="per_example")
         per_example_eager = analyze_heads(model, batches[:2], task, importance="per_example", cuda_graphs="off")
+        mask = torch.ones(1, 2)
+        mask[0, 0] = 0.0
+        report = {}
+        eager_metric = evaluate_metric(model, batches, task, head_mask=mask, cuda_graphs="off")
+        graph_metric = evaluate_metric(model, batches, task, head_mask=mask, graph_report=report)
     use = replayed.cuda_graphs
     assert use["enabled"] and (use["captured"], use["replays"]) == (2, 1), use
     _assert_same_analysis(replayed, eager)
     assert per_example.cuda_graphs["replays"] == 1
     _assert_same_analysis(per_example, per_example_eager)
+    assert report["enabled"] and report["replays"] == 1  # iterative masking's evaluation step replays too
+    assert graph_metric == pytest.approx(eager_metric, rel=1e-6)
 
 
 def test_refusals_name_the_reason():
