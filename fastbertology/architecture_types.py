@@ -13,7 +13,7 @@ from torch import nn
 LAYOUTS = ("separate", "fused-conv1d", "fused-per-head", "fused-qkv", "fused-grouped")
 
 
-def _part(module: nn.Module, path: str):
+def submodule(module: nn.Module, path: str) -> nn.Module:
     """``module.<path>`` for a dotted path (``"self.query"``)."""
     return operator.attrgetter(path)(module)
 
@@ -92,7 +92,7 @@ class Projections:
 
     def _fused_width(self, block: nn.Module) -> int:
         """``H * d`` of a ``fused-conv1d`` block (a third of its q | k | v width)."""
-        return _part(block, self.qkv).nf // 3
+        return submodule(block, self.qkv).nf // 3
 
     def heads(self, module: nn.Module, block: nn.Module) -> int:
         """The current number of query heads of one attention module."""
@@ -100,13 +100,13 @@ class Projections:
             return int(getattr(module, self.heads_attribute))
         head_dim = self.head_dim(module, block)
         if self.layout == "separate":
-            return _part(block, self.query).out_features // head_dim
+            return submodule(block, self.query).out_features // head_dim
         if self.layout == "fused-per-head":
-            return _part(block, self.qkv).out_features // (3 * head_dim)
+            return submodule(block, self.qkv).out_features // (3 * head_dim)
         if self.layout == "fused-qkv" and not self.kv_heads_attribute:  # as many key/value heads (ModernBERT)
-            return _part(block, self.qkv).out_features // (3 * head_dim)
+            return submodule(block, self.qkv).out_features // (3 * head_dim)
         if self.layout in ("fused-qkv", "fused-grouped"):  # (each key/value head: a key and a value)
-            return _part(block, self.qkv).out_features // head_dim - 2 * self.kv_heads(module, block)
+            return submodule(block, self.qkv).out_features // head_dim - 2 * self.kv_heads(module, block)
         return self._fused_width(block) // head_dim
 
     def kv_heads(self, module: nn.Module, block: nn.Module) -> int:
@@ -114,7 +114,7 @@ class Projections:
         if self.kv_heads_attribute:
             return int(getattr(module, self.kv_heads_attribute))
         if self.layout == "separate":
-            return _part(block, self.key).out_features // self.head_dim(module, block)
+            return submodule(block, self.key).out_features // self.head_dim(module, block)
         return self.heads(module, block)
 
 

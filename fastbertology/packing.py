@@ -107,7 +107,7 @@ def _right_padded_lengths(keep: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(int(n) for n in lengths)
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device``, without a blocking copy where the device is a GPU."""
     if device.type == "cpu":
         return tensor
@@ -125,6 +125,6 @@ def _plan(keep: torch.Tensor, device: torch.device) -> PackedBatch | None:
         return None
     if not torch.equal(keep, torch.arange(seq)[None, :] < lengths[:, None]):
         return None
-    index = to_device(keep.flatten().nonzero().squeeze(1), device)
+    index = _to_device(keep.flatten().nonzero().squeeze(1), device)
     packing = kernels.Packing.from_lengths(lengths.tolist())
-    return PackedBatch(index, batch, seq, packing._replace(cu_seqlens=to_device(packing.cu_seqlens, device)))
+    return PackedBatch(index, batch, seq, packing._replace(cu_seqlens=_to_device(packing.cu_seqlens, device)))

@@ -9,19 +9,13 @@ returns them) are an empty ``[B, 0, N_q, N_k]`` tensor. Which forward a module g
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
 from torch import nn
 
-from .architecture_types import Projections
+from .architecture_types import Projections, submodule
 
 __all__ = ["install_empty_forward"]
-
-
-def _part(module: nn.Module, path: str) -> nn.Module:
-    """``module.<path>`` for a dotted path (``"self.query"``)."""
-    return operator.attrgetter(path)(module)
 
 
 def _returns_weights(module: nn.Module) -> bool:
@@ -87,14 +81,14 @@ def _projected_empty_forward(module: nn.Module, projections: Projections, hidden
                              **kwargs):
     """A module that returns its projected output with 0 heads: ``[B, N, D] -> (output bias [B, N, D], probs)``."""
     key_length = _key_length(module, hidden_states, kwargs)
-    output = _project_nothing(_part(module, projections.output), hidden_states)
+    output = _project_nothing(submodule(module, projections.output), hidden_states)
     return output, (_empty_probs(hidden_states, key_length) if _returns_weights(module) else None)
 
 
 def _projected_list_empty_forward(module: nn.Module, projections: Projections, x: torch.Tensor,
                                   attention_mask=None, output_attentions=False):
     """openai-gpt ``Attention.forward`` with 0 heads: ``[B, N, D] -> [c_proj bias [B, N, D], (probs [B,0,N,N])]``."""
-    outputs = [_project_nothing(_part(module, projections.output), x)]
+    outputs = [_project_nothing(submodule(module, projections.output), x)]
     if output_attentions:
         outputs.append(_empty_probs(x, x.shape[1]))
     return outputs
@@ -103,8 +97,8 @@ def _projected_list_empty_forward(module: nn.Module, projections: Projections, x
 def _projected_norm_empty_forward(module: nn.Module, projections: Projections, hidden_states: torch.Tensor, *args,
                                   **kwargs):
     """A module that returns ``norm(hidden + projected)`` (ALBERT) with 0 heads: ``(norm(hidden + bias), probs)``."""
-    output = _project_nothing(_part(module, projections.output), hidden_states)
-    norm = _part(module, projections.residual_norm)
+    output = _project_nothing(submodule(module, projections.output), hidden_states)
+    norm = submodule(module, projections.residual_norm)
     probs = _empty_probs(hidden_states, hidden_states.shape[1]) if _returns_weights(module) else None
     return norm(hidden_states + output), probs
 

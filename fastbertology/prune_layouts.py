@@ -20,13 +20,12 @@ gives the same weights as pruning once (what ``load_pruned`` relies on).
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .architecture_types import AttentionSite, Projections
+from .architecture_types import AttentionSite, Projections, submodule
 from .prune_empty import install_empty_forward
 
 __all__ = ["check_groups", "head_parameters", "key_value_groups", "prune_module"]
@@ -71,11 +70,6 @@ def _select_conv1d_inputs(conv: nn.Module, index: torch.Tensor) -> None:
     """Keep input features ``index`` of a ``Conv1D``: weight ``[nx, nf] -> [len(index), nf]``; bias kept."""
     _replace_parameter(conv, "weight", conv.weight.index_select(0, index))
     conv.nx = index.numel()
-
-
-def _part(module: nn.Module, path: str) -> nn.Module:
-    """``module.<path>`` for a dotted path (``"self.query"``)."""
-    return operator.attrgetter(path)(module)
 
 
 class _LayerConfig:
@@ -154,45 +148,45 @@ def prune_module(projections: Projections, site: AttentionSite, remove: list[int
     keep_kv = [current_kv[heads[0]] for heads in groups_after]  # the current key/value head of each one after
     heads, kv_heads = len(before), len(groups_before)
     if projections.layout == "separate":
-        query = _part(block, projections.query)
+        query = submodule(block, projections.query)
         device = query.weight.device
         _select_linear_outputs(query, _head_index(keep, head_dim, device))
         for path in (projections.key, projections.value):
-            _select_linear_outputs(_part(block, path), _head_index(keep_kv, head_dim, device))
-        _select_linear_inputs(_part(block, projections.output), _head_index(keep, head_dim, device))
+            _select_linear_outputs(submodule(block, path), _head_index(keep_kv, head_dim, device))
+        _select_linear_inputs(submodule(block, projections.output), _head_index(keep, head_dim, device))
     elif projections.layout == "fused-conv1d":
-        qkv = _part(block, projections.qkv)
+        qkv = submodule(block, projections.qkv)
         width = qkv.nf // 3
         index = _head_index(keep, head_dim, qkv.weight.device)
         _select_conv1d_outputs(qkv, torch.cat([index, index + width, index + 2 * width]))
-        _select_conv1d_inputs(_part(block, projections.output), index)
+        _select_conv1d_inputs(submodule(block, projections.output), index)
     elif projections.layout == "fused-per-head":
-        qkv = _part(block, projections.qkv)
+        qkv = submodule(block, projections.qkv)
         _select_linear_outputs(qkv, _head_index(keep, 3 * head_dim, qkv.weight.device))
-        _select_linear_inputs(_part(block, projections.output), _head_index(keep, head_dim, qkv.weight.device))
+        _select_linear_inputs(submodule(block, projections.output), _head_index(keep, head_dim, qkv.weight.device))
     elif projections.layout == "fused-qkv":
-        qkv = _part(block, projections.qkv)
+        qkv = submodule(block, projections.qkv)
         device = qkv.weight.device
         _select_linear_outputs(qkv, torch.cat([
             _head_index(keep, head_dim, device), _head_index(keep_kv, head_dim, device, offset=heads * head_dim),
             _head_index(keep_kv, head_dim, device, offset=(heads + kv_heads) * head_dim)]))
-        _select_linear_inputs(_part(block, projections.output), _head_index(keep, head_dim, device))
+        _select_linear_inputs(submodule(block, projections.output), _head_index(keep, head_dim, device))
     elif projections.layout == "fused-grouped":
-        qkv = _part(block, projections.qkv)
+        qkv = submodule(block, projections.qkv)
         device = qkv.weight.device
         rows = _fused_grouped_rows(before, groups_before, groups_after, keep_kv)
         _select_linear_outputs(qkv, _head_index(rows, head_dim, device))
-        _select_linear_inputs(_part(block, projections.output), _head_index(keep, head_dim, device))
+        _select_linear_inputs(submodule(block, projections.output), _head_index(keep, head_dim, device))
     else:  # Projections checks its layout: only a layout added there but not here gets here
         raise ValueError(f"pruning does not know projection layout {projections.layout!r}")
     for path, kind in projections.head_norms:
-        norms = _part(module, path)  # an nn.ModuleList, one module per head
+        norms = submodule(module, path)  # an nn.ModuleList, one module per head
         kept = [norms[h] for h in (keep if kind == "query" else keep_kv)]
         norms._modules.clear()
         norms.extend(kept)
     for path in projections.head_parameters:  # one entry per query head: keep the remaining heads'
         owner, _, name = path.rpartition(".")
-        owner = _part(module, owner) if owner else module
+        owner = submodule(module, owner) if owner else module
         parameter = getattr(owner, name)
         index = torch.as_tensor(keep, dtype=torch.long, device=parameter.device)
         setattr(owner, name, nn.Parameter(parameter.detach().index_select(0, index),
@@ -234,5 +228,5 @@ def head_parameters(projections: Projections, block: nn.Module) -> int:
     ``"fused-grouped"`` layout's key/value copies included)."""
     paths = (projections.query, projections.key, projections.value) if projections.layout == "separate" else (
         projections.qkv,)
-    qkv = sum(p.numel() for path in paths for p in _part(block, path).parameters())
-    return qkv + _part(block, projections.output).weight.numel()
+    qkv = sum(p.numel() for path in paths for p in submodule(block, path).parameters())
+    return qkv + submodule(block, projections.output).weight.numel()
