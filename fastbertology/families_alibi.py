@@ -27,16 +27,10 @@ import torch
 from torch import nn
 
 from .architecture_types import CAUSAL_KINDS, Architecture, Projections, Stack
+from .pruned_config import kept_heads
 
 __all__ = ["ALIBI_FAMILIES", "alibi_slopes", "bloom_slopes", "mpt_slopes", "bloom_attention_forward",
            "mpt_attention_forward"]
-
-
-def _kept_heads(config, row: int, total: int) -> list[int]:
-    """The original indices of the current heads of ``row`` (``config.pruned_heads`` lists the removed ones)."""
-    pruned = getattr(config, "pruned_heads", None) or {}
-    gone = set(pruned.get(row, pruned.get(str(row), [])))
-    return [head for head in range(total) if head not in gone]
 
 
 def bloom_slopes(heads: int, device=None) -> torch.Tensor:
@@ -59,7 +53,7 @@ def alibi_slopes(config, row: int, builder, total: int, device=None) -> torch.Te
     """The ALiBi slopes ``[H_row]`` (float32) of the current heads of ``row`` of a model with ``total`` heads, from
     the family's slopes ``builder`` (:func:`bloom_slopes`, :func:`mpt_slopes`)."""
     slopes = builder(total, device)
-    kept = _kept_heads(config, row, total)
+    kept = kept_heads(config, row, total)
     return slopes[torch.tensor(kept, dtype=torch.long, device=slopes.device)] if len(kept) != total else slopes
 
 
@@ -171,7 +165,7 @@ def _hook_pruned(model: nn.Module, sites, argument: str, total: int) -> None:
         module = site.module
         module._fastbertology_alibi_argument = argument
         module._fastbertology_total_heads = total
-        module._fastbertology_alibi_heads = _kept_heads(model.config, site.row, total)
+        module._fastbertology_alibi_heads = kept_heads(model.config, site.row, total)
         if getattr(module, "_fastbertology_alibi_hooks", None) is None:
             module._fastbertology_alibi_hooks = (
                 module.register_forward_pre_hook(_pruned_pre_hook, with_kwargs=True),

@@ -35,15 +35,10 @@ import math
 import torch
 
 from .architecture_types import CAUSAL_KINDS, Architecture, Projections, Stack
+from .pruned_config import kept_heads
 
 __all__ = ["FALCON_FAMILIES", "falcon_attention_forward", "falcon_kv_heads", "falcon_projections", "falcon_slopes",
            "split_fused_qkv"]
-
-
-def _kept_heads(config, row: int, total: int) -> list[int]:
-    pruned = getattr(config, "pruned_heads", None) or {}
-    gone = set(pruned.get(row, pruned.get(str(row), [])))
-    return [head for head in range(total) if head not in gone]
 
 
 def falcon_slopes(config, row: int, device=None) -> torch.Tensor:
@@ -55,7 +50,7 @@ def falcon_slopes(config, row: int, device=None) -> torch.Tensor:
     positions = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long, device=device), total, torch.float32)
     slopes = (positions.view(total, 2)[:, 1] - positions.view(total, 2)[:, 0]).double() / math.sqrt(
         config.hidden_size // total)
-    kept = _kept_heads(config, row, total)
+    kept = kept_heads(config, row, total)
     return slopes[torch.tensor(kept, dtype=torch.long, device=slopes.device)] if len(kept) != total else slopes
 
 
@@ -138,7 +133,7 @@ def after_pruning(model, sites) -> None:
     total = model.config.num_attention_heads
     for site in sites:
         site.module._fastbertology_total_heads = total
-        site.module._fastbertology_alibi_heads = _kept_heads(model.config, site.row, total)
+        site.module._fastbertology_alibi_heads = kept_heads(model.config, site.row, total)
         if getattr(site.module, "_fastbertology_alibi_hook", None) is None:
             site.module._fastbertology_alibi_hook = site.module.register_forward_pre_hook(_pruned_pre_hook,
                                                                                           with_kwargs=True)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .architecture_types import Architecture, Projections, Stack
+from .pruned_config import kept_heads
 
 __all__ = ["T5_FAMILIES", "relative_bias_table", "prepare_patch", "after_pruning"]
 
@@ -49,13 +50,6 @@ def _bias_module(model: nn.Module, stack: int) -> nn.Module:
     return layers[0].layer[0].SelfAttention
 
 
-def _kept_heads(model: nn.Module, row: int, total: int) -> list[int]:
-    """The original indices of the current heads of ``row`` (``config.pruned_heads`` lists the removed ones)."""
-    pruned = getattr(model.config, "pruned_heads", None) or {}
-    gone = set(pruned.get(row, pruned.get(str(row), [])))
-    return [head for head in range(total) if head not in gone]
-
-
 def relative_bias_table(model: nn.Module, stack: int, row: int, span: int) -> torch.Tensor:
     """The kernels' ``relative_bias`` ``[H_row, 2 * span - 1]`` of self-attention row ``row`` of stack ``stack``:
     entry ``r + span - 1`` holds T5's bias of distance ``r = j - i`` (key minus query position) for each of the row's
@@ -67,7 +61,7 @@ def relative_bias_table(model: nn.Module, stack: int, row: int, span: int) -> to
         distances, bidirectional=not module.is_decoder, num_buckets=module.relative_attention_num_buckets,
         max_distance=module.relative_attention_max_distance)
     table = weight[buckets].transpose(0, 1)  # [H, 2 * span - 1]
-    kept = _kept_heads(model, row, weight.shape[1])
+    kept = kept_heads(model.config, row, weight.shape[1])
     if len(kept) != weight.shape[1]:
         table = table[torch.tensor(kept, dtype=torch.long, device=weight.device)]
     return table.contiguous()
@@ -136,7 +130,7 @@ def after_pruning(model: nn.Module, sites) -> None:
     for site in sites:
         module = site.module
         module._fastbertology_cross = site.cross
-        module._fastbertology_bias_heads = _kept_heads(model, site.row, total)
+        module._fastbertology_bias_heads = kept_heads(model.config, site.row, total)
         if getattr(module, "_fastbertology_bias_hooks", None) is None:
             module._fastbertology_bias_hooks = (
                 module.register_forward_pre_hook(_pruned_pre_hook, with_kwargs=True),

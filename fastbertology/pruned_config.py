@@ -46,3 +46,11 @@ def read_pruned_heads(recorded) -> dict[int, list[int]]:
     except ValueError as error:
         raise ValueError(f"pruned_heads must be {FIELD_SHAPE}; {error}") from None
     return result
+
+
+def kept_heads(config, row: int, total: int) -> list[int]:
+    """The original indices of the current heads of ``row`` of a model with ``total`` heads per row
+    (``config.pruned_heads`` lists the removed ones; row keys may be ints or, from JSON, strings)."""
+    pruned = getattr(config, "pruned_heads", None) or {}
+    gone = set(pruned.get(row, pruned.get(str(row), [])))
+    return [head for head in range(total) if head not in gone]
