@@ -90,11 +90,25 @@ def current_memory(device: torch.device) -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def proc_status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``); OSError where there is none."""
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
 def peak_memory(device: torch.device) -> int:
-    """The process's peak so far: ``torch.cuda.max_memory_allocated`` on CUDA, peak resident memory on the CPU."""
+    """The process's peak so far: ``torch.cuda.max_memory_allocated`` on CUDA, peak resident memory on the CPU.
+
+    On the CPU it is the kernel's high-water mark of this process's own address space (``VmHWM``), not
+    ``getrusage``'s ``ru_maxrss``: Linux carries the latter over ``vfork`` + ``exec``, so a process started by a
+    large one (``subprocess`` from a notebook or a test runner) would report its parent's resident size as its
+    own peak."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return proc_status_kib("VmHWM") * 1024
 
 
 # glibc's mallopt parameter M_MMAP_THRESHOLD, and the size from which allocations get their own mapping

@@ -17,6 +17,7 @@ from fastbertology.memory_plan import (
     OUTPUT_ALLOWANCE,
     MemoryPlanError,
     activation_bytes_per_token,
+    current_memory,
     layer_shape,
     parse_memory_size,
     plan_memory,
@@ -280,6 +281,22 @@ def test_plan_refuses_with_numbers_and_a_fix():
     with pytest.raises(MemoryPlanError, match=r"does not fit in 101 MiB .*estimated peak .*--batch-size.*"
                                               r"--max-memory \(at least"):
         _plan(_llama(), 101 << 20)
+
+
+def test_peak_memory_of_a_process_started_by_a_large_one_is_its_own():
+    """Linux carries ru_maxrss over vfork + exec: a CLI run started by a large process (a test runner, a notebook)
+    took its parent's resident size as its own peak and refused --max-memory for it. VmHWM is the child's own."""
+    import subprocess
+    import sys
+
+    parent = torch.ones(2**30 // 4)  # 1 GiB resident in this process when the child starts
+    code = ("import torch; from fastbertology.memory_plan import peak_memory; "
+            "print(peak_memory(torch.device('cpu')))")
+    parent_now = current_memory(torch.device("cpu"))
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del parent
+    # ru_maxrss gave at least parent_now; the child alone (torch imported) holds a few hundred MiB
+    assert parent_now > 2**30 and child_peak < parent_now - 2**29, (child_peak, parent_now)
 
 
 def test_plan_refuses_when_loading_already_exceeded_the_budget():

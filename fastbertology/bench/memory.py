@@ -16,21 +16,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import re
 
 import torch
 
-_STATUS = "/proc/self/status"
+from ..memory_plan import proc_status_kib
+
 _CLEAR_REFS = "/proc/self/clear_refs"
-
-
-def _status_kib(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
-    with open(_STATUS) as status:
-        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"{_STATUS} has no {field}")
-    return int(match.group(1))
 
 
 def _trim_heap() -> None:
@@ -70,7 +61,7 @@ class PeakMemory:
         try:
             with open(_CLEAR_REFS, "w") as clear_refs:
                 clear_refs.write("5")
-            self._start_kib = _status_kib("VmRSS")
+            self._start_kib = proc_status_kib("VmRSS")
         except OSError:
             self._start_kib = None
         return self
@@ -80,5 +71,5 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.mib, self.kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda-max-allocated"
         elif self._start_kib is not None:
-            self.mib, self.kind = (_status_kib("VmHWM") - self._start_kib) / 1024, "cpu-rss-growth"
+            self.mib, self.kind = (proc_status_kib("VmHWM") - self._start_kib) / 1024, "cpu-rss-growth"
         return False
