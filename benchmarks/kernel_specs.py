@@ -31,7 +31,7 @@ for _path in (str(REPO), str(BENCHMARKS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from kernel_report import KernelSpec, Ptr  # noqa: E402
+from kernel_compile import KernelSpec, Ptr  # noqa: E402
 
 from fastbertology_kernels import triton_attention as ta  # noqa: E402
 from fastbertology_kernels.common import Packing  # noqa: E402

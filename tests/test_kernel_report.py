@@ -26,7 +26,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(BENCHMARKS))
 
-import kernel_report as kr  # noqa: E402 - standard library only at import
+import kernel_analysis as analysis  # noqa: E402 - standard library only at import (all five)
+import kernel_compile as compiling  # noqa: E402
+import kernel_loop_roles as roles  # noqa: E402
+import kernel_occupancy as occupancy  # noqa: E402
+import kernel_report as kr  # noqa: E402
+import kernel_sass as sass  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure Python: parser, loops, classes, occupancy, specialisation
@@ -37,18 +42,18 @@ import kernel_report as kr  # noqa: E402 - standard library only at import
 def test_parser_finds_the_nested_loops_of_a_real_listing(tool):
     """Outer loop 0xb0-0x510 (71 instructions) holding the unrolled-by-4 inner loop 0x200-0x300 (17) and its
     remainder loop 0x450-0x4f0 (11); the BRA spin after EXIT is not a loop."""
-    instructions = kr.parse_sass((DATA / f"nested_sum.{tool}.sass").read_text())
+    instructions = sass.parse_sass((DATA / f"nested_sum.{tool}.sass").read_text())
     assert len(instructions) == 104 and {i.function for i in instructions} == {"nested_sum"}
     assert instructions[0].opcode == "LDC" and instructions[-1].opcode == "NOP"
     branches = {i.address: i.target for i in instructions if i.target is not None}
     assert branches[0x300] == 0x200 and branches[0x510] == 0xB0 and branches[0x60] == 0x520
 
-    loops = kr.find_loops(instructions)
+    loops = sass.find_loops(instructions)
     spans = [(loop.start, loop.end, loop.instructions, loop.depth, loop.innermost) for loop in loops]
     assert spans == [(0x200, 0x300, 17, 1, True), (0x450, 0x4F0, 11, 1, True), (0xB0, 0x510, 71, 0, False)]
     assert loops[0].classes == {"int": 6, "load": 4, "fp": 4, "pred/select": 2, "control": 1}
     assert sum(loops[2].classes.values()) == 71
-    assert kr.hottest_loop(loops) == loops[0]
+    assert sass.hottest_loop(loops) == loops[0]
 
 
 def test_opcode_classes():
@@ -58,7 +63,7 @@ def test_opcode_classes():
                 "LDGSTS.E.BYPASS.128": "load", "LDSM.16.M88.4": "load", "STS.128": "store", "BAR.SYNC": "sync",
                 "WARPGROUP.ARRIVE": "sync", "BRA": "control", "UIADD3": "uniform", "ULDC.64": "load",
                 "XYZ": "other"}
-    assert {opcode: kr.opcode_class(opcode) for opcode in expected} == expected
+    assert {opcode: sass.opcode_class(opcode) for opcode in expected} == expected
 
 
 def test_local_memory_bytes_count_spills():
@@ -67,32 +72,32 @@ def test_local_memory_bytes_count_spills():
         /*0110*/                   STL [R1+0x8], R6 ;
         /*0120*/              @!P0 LDL.128 R8, [R1+0x10] ;
     """
-    assert kr.local_memory_bytes(kr.parse_sass(listing)) == (12, 16)
+    assert sass.local_memory_bytes(sass.parse_sass(listing)) == (12, 16)
 
 
 def test_ctas_per_sm():
-    h100, a100 = kr.ARCH_LIMITS[90], kr.ARCH_LIMITS[80]
+    h100, a100 = occupancy.ARCH_LIMITS[90], occupancy.ARCH_LIMITS[80]
     # 142 regs -> 4608 per warp, 3 warps per sub-partition: 12 warps, one CTA of 8 warps
-    assert kr.ctas_per_sm(142, 8, 65 * 1024, h100) == kr.Occupancy(1, "regs", 1, 8, 3)
-    assert kr.ctas_per_sm(128, 8, 65 * 1024, h100).ctas == 2  # 4096 per warp: 16 warps
-    assert kr.ctas_per_sm(40, 4, 100 * 1024, a100) == kr.Occupancy(1, "smem", 12, 16, 1)
-    assert kr.ctas_per_sm(32, 4, 0, h100) == kr.Occupancy(16, "regs+threads", 16, 16, 228)
-    assert kr.ctas_per_sm(16, 1, 0, h100).ctas == 32  # the 32 CTAs per SM cap
-    assert kr.ctas_per_sm(40, 4, 200 * 1024, a100).ctas == 0  # over the per-block maximum
-    assert kr.ctas_per_sm(255, 32, 0, h100).ctas == 0  # 32 warps x 8192 registers > 64K per block
+    assert occupancy.ctas_per_sm(142, 8, 65 * 1024, h100) == occupancy.Occupancy(1, "regs", 1, 8, 3)
+    assert occupancy.ctas_per_sm(128, 8, 65 * 1024, h100).ctas == 2  # 4096 per warp: 16 warps
+    assert occupancy.ctas_per_sm(40, 4, 100 * 1024, a100) == occupancy.Occupancy(1, "smem", 12, 16, 1)
+    assert occupancy.ctas_per_sm(32, 4, 0, h100) == occupancy.Occupancy(16, "regs+threads", 16, 16, 228)
+    assert occupancy.ctas_per_sm(16, 1, 0, h100).ctas == 32  # the 32 CTAs per SM cap
+    assert occupancy.ctas_per_sm(40, 4, 200 * 1024, a100).ctas == 0  # over the per-block maximum
+    assert occupancy.ctas_per_sm(255, 32, 0, h100).ctas == 0  # 32 warps x 8192 registers > 64K per block
 
 
 def test_specialize_follows_the_jit_rules():
     names = ["X", "Y", "n", "stride", "one", "scale", "big", "BLOCK"]
-    args = (kr.Ptr("bf16"), kr.Ptr("u8", aligned=False), 12, 768, 1, 0.5, 2**33)
-    signature, constexprs, attrs = kr.specialize(names, {"BLOCK"}, args, {"BLOCK": 64})
+    args = (compiling.Ptr("bf16"), compiling.Ptr("u8", aligned=False), 12, 768, 1, 0.5, 2**33)
+    signature, constexprs, attrs = compiling.specialize(names, {"BLOCK"}, args, {"BLOCK": 64})
     assert signature == {"X": "*bf16", "Y": "*u8", "n": "i32", "stride": "i32", "one": "constexpr",
                          "scale": "fp32", "big": "i64", "BLOCK": "constexpr"}
     assert constexprs == {"one": 1, "BLOCK": 64}
     assert attrs == {(0,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]],
                      (6,): [["tt.divisibility", 16]]}
     with pytest.raises(TypeError, match="missing"):
-        kr.specialize(names, {"BLOCK"}, args, {})
+        compiling.specialize(names, {"BLOCK"}, args, {})
 
 
 def test_loop_roles_come_from_this_checkout_whatever_path_the_cache_names(tmp_path):
@@ -105,19 +110,19 @@ def test_loop_roles_come_from_this_checkout_whatever_path_the_cache_names(tmp_pa
     edge = next(number for number, line in marked.items() if "# loop: edge" in line)
     gone = tmp_path / "deleted-clone" / "fastbertology_kernels" / "triton_forward.py"  # never created
     loop = {"sites": {f"{gone}:{interior}": 30, f"{gone}:{edge}": 5}}
-    assert kr.loop_role(loop) == "interior"
+    assert roles.loop_role(loop) == "interior"
     # another checkout that still exists, with the markers elsewhere: this checkout's markers win
     other = tmp_path / "other-clone" / "fastbertology_kernels" / "triton_forward.py"
     other.parent.mkdir(parents=True)
     other.write_text("\n" * (edge - 1) + "x = 0  # loop: interior\n")
-    assert kr.local_source(str(other)) == source
-    assert kr.loop_role({"sites": {f"{other}:{edge}": 9}}) == "edge"
+    assert roles.local_source(str(other)) == source
+    assert roles.loop_role({"sites": {f"{other}:{edge}": 9}}) == "edge"
     # compiled before the kernels' directory was renamed (kernels/ -> fastbertology_kernels/): found by its name
     renamed = tmp_path / "old-clone" / "kernels" / "triton_forward.py"
-    assert kr.local_source(str(renamed)) == source
-    assert kr.loop_role({"sites": {f"{renamed}:{interior}": 9}}) == "interior"
+    assert roles.local_source(str(renamed)) == source
+    assert roles.loop_role({"sites": {f"{renamed}:{interior}": 9}}) == "interior"
     # a path with no counterpart here is read as it is
-    assert kr.local_source(str(tmp_path / "elsewhere.py")) == tmp_path / "elsewhere.py"
+    assert roles.local_source(str(tmp_path / "elsewhere.py")) == tmp_path / "elsewhere.py"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,7 +130,7 @@ def test_loop_roles_come_from_this_checkout_whatever_path_the_cache_names(tmp_pa
 # ----------------------------------------------------------------------------------------------------------
 
 
-_PROBLEM = kr.toolchain_problem(archs=(90,))  # triton or its NVIDIA tools missing
+_PROBLEM = compiling.toolchain_problem(archs=(90,))  # triton or its NVIDIA tools missing
 needs_toolchain = pytest.mark.skipif(_PROBLEM is not None, reason=f"cannot compile for sm_90 here: {_PROBLEM}")
 
 
@@ -135,7 +140,7 @@ def quick_rows():
     D=64, every kernel; the yardstick) for sm_90."""
     import kernel_specs
 
-    rows = kr.run_specs(kernel_specs.report_specs(quick=True, archs=(90,)), [90], jobs=2)
+    rows = analysis.run_specs(kernel_specs.report_specs(quick=True, archs=(90,)), [90], jobs=2)
     kr.add_yardstick_ratios(rows)
     kr.add_plain_ratios(rows)
     return rows
@@ -162,7 +167,7 @@ def test_bert_and_gpt2_kernels_compile_without_spills(quick_rows):
         assert "error" not in row, row.get("error")
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (row["kernel"], row["config"])
         assert 16 <= row["regs"] <= 255 and row["ctas_per_sm"] >= 1
-        assert row["smem_bytes"] <= kr.ARCH_LIMITS[90].max_smem_per_block
+        assert row["smem_bytes"] <= occupancy.ARCH_LIMITS[90].max_smem_per_block
 
 
 @needs_toolchain
@@ -272,7 +277,7 @@ def test_a_bias_table_at_head_dim_128_compiles_without_spills():
     import kernel_specs
 
     cases = [kernel_specs.Case(dtype, 128, False, "padded", "grad", modifiers=("bias",)) for dtype in ("fp32", "bf16")]
-    rows = kr.run_specs(kernel_specs.project_kernel_specs(cases, archs=(90,)), [90], jobs=2)
+    rows = analysis.run_specs(kernel_specs.project_kernel_specs(cases, archs=(90,)), [90], jobs=2)
     assert {row["kernel"] for row in rows} >= {"_attn_fwd", "_attn_probs", "_attn_bwd_dkdv", "_attn_bwd_dq"}
     for row in rows:
         assert "error" not in row, row.get("error")
