@@ -16,7 +16,8 @@ import sys
 from . import __version__, interrupts
 
 DESCRIPTION = ("Head importance, attention entropy, iterative masking, pruning, ablation sweeps, learned head gates "
-               "and activation patching for BERT, RoBERTa, GPT-2 and OpenAI GPT models on transformers 5. Every "
+               "and activation patching on transformers 5, for the text families of docs/models.md (BERT, RoBERTa, "
+               "ModernBERT, GPT-2, Llama, Mistral, Qwen, Gemma, GPT-OSS, Falcon, BLOOM, T5, BART, ...). Every "
                "command writes its results, summary.json and a one-page report.html into --output-dir (default "
                "runs/<command>-<time>).")
 EPILOG = ("Start with: fastbertology demo    (offline; about 20 s on 2 idle CPU cores, then open the report.html it "
