@@ -560,6 +560,9 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
         register_implementation()
         previous = model.config._attn_implementation
         model.set_attn_implementation(IMPLEMENTATION_NAME)
+        if model.config._attn_implementation != IMPLEMENTATION_NAME:  # transformers declined it (with a log line)
+            PatchHandle(state, undo).remove()
+            raise ValueError(_interface_refusal(model, entry))
         # (a model pruned to unequal key/value groups meanwhile keeps fastbertology's attention: it needs it)
         undo.append(lambda: model.set_attn_implementation(
             IMPLEMENTATION_NAME if getattr(model.config, UNEQUAL_GROUPS, None) else previous))
@@ -573,6 +576,18 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, padding_free: bool =
         post = module.register_forward_hook(StateHook(_make_post_hook, state), always_call=True)
         undo.extend([pre.remove, post.remove])
     return PatchHandle(state, undo)
+
+
+def _interface_refusal(model: torch.nn.Module, entry: Architecture) -> str:
+    """Why a family registered as calling transformers' attention functions cannot be patched in this transformers:
+    its model computes attention itself there (GPT-J before 5.24), so a patch would see none of its heads and a head
+    mask would be silently ignored."""
+    import transformers
+
+    return (f"{entry.name}'s attention does not go through transformers' attention functions in transformers "
+            f"{transformers.__version__} ({type(model).__name__} refused set_attn_implementation), so fastbertology "
+            "could not mask or measure its heads; install a transformers release it is tested with: "
+            "pip install 'transformers>=5.24,<5.26'")
 
 
 # Names other modules import from here (the registry owns them)

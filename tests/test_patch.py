@@ -221,6 +221,26 @@ def test_unsupported_model_names_supported_types():
         fastbertology.patch(model)
 
 
+def test_a_model_that_declines_the_attention_functions_is_refused(monkeypatch):
+    """transformers declines set_attn_implementation (a log line, nothing else) for a model that computes attention
+    itself: GPT-J before transformers 5.24. A patch would then see no head and a head mask would be silently
+    ignored; it is refused instead, naming the family, the transformers version and the fix, and the model is left
+    as it was."""
+    model, _, _ = tiny_model("gpt2")
+    model.eval()
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        stock = model(input_ids=input_ids).logits
+    monkeypatch.setattr(model, "set_attn_implementation", lambda *args, **kwargs: None)  # what it does there
+    with pytest.raises(ValueError, match=r"GPT-2's attention does not go through transformers' attention functions "
+                                         r"in transformers 5\.\d+.*pip install 'transformers>=5\.24"):
+        fastbertology.patch(model)
+    assert not fastbertology.is_patched(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, stock, atol=0, rtol=0)
+
+
 def test_patching_twice_raises(patched_bert):
     model, _ = patched_bert
     with pytest.raises(RuntimeError, match="already patched"):
