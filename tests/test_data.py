@@ -177,6 +177,9 @@ def test_read_csv_tsv_and_subset_keeps_the_full_mapping(tmp_path):
     ("text,label\na,1\nb\n", 3, "expected 2 columns"),
     ("text,label\na,1\n,0\n", 3, "missing 'text'"),
     ("text,label\na,1\nb,\n", 3, "missing 'label'"),
+    # a column read here named twice: the last one was read silently (a run on the wrong labels or texts)
+    ("text,label,label\na,0,1\nb,1,1\n", 1, "two 'label' columns \\(columns 2 and 3\\).*rename or remove one"),
+    ("text, text ,label\na,b,1\n", 1, "two 'text' columns \\(columns 1 and 2\\)"),
 ])
 def test_read_csv_malformed(tmp_path, content, line, message):
     path = write(tmp_path / "bad.csv", content)
@@ -240,6 +243,8 @@ def test_read_jsonl_text_labels_and_pretokenized(tmp_path):
     ([{"input_ids": [], "label": 1}], 1, "'input_ids' must be"),
     ([{"input_ids": "1 2", "label": 1}], 1, "'input_ids' must be"),
     ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": 1}], 3, "mixes numbers"),
+    # a key twice in an object: Python's json kept the last value silently
+    ([{"text": "a", "label": 1}, '{"text": "b", "label": 0, "label": 1}'], 2, "the key 'label' appears twice"),
 ])
 def test_read_jsonl_malformed(tmp_path, rows, line, message):
     path = jsonl(tmp_path / "bad.jsonl", *rows)
