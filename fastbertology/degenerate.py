@@ -99,6 +99,7 @@ def resample_warnings(batch_sizes: Sequence[int]) -> list[str]:
                          "--ablation zero / mean")
     if single:
         return [f"{single} of the {len(batch_sizes)} batches {'holds' if single == 1 else 'hold'} one example, which "
-                "resample ablation cannot ablate (it is its own source): those examples score the same under every mask, pulling every delta "
-                "towards 0. Choose a --batch-size that leaves no batch of one (or use --data-subset)"]
+                "resample ablation cannot ablate (it is its own source): those examples score the same under every "
+                "mask, pulling every delta towards 0. Choose a --batch-size that leaves no batch of one (or use "
+                "--data-subset)"]
     return []
