@@ -434,3 +434,17 @@ def test_demo_pairs_errors(monkeypatch):
     monkeypatch.setattr(fastbertology.data.demo, "topics", None)  # as on a Python without pydoc_data
     with pytest.raises(RuntimeError, match="pydoc_data"):
         demo_pairs(8)
+
+
+def test_read_csv_cells_longer_than_the_csv_module_limit(tmp_path):
+    """A long document in a cell (the tokenizer truncates it) was refused: "field larger than field limit (131072)",
+    the csv module's default. The process's limit is left as it was."""
+    import csv
+
+    before = csv.field_size_limit()
+    long_text = "word " * 60_000
+    path = write(tmp_path / "long.csv", f'text,label\n"{long_text}",1\nshort,0\n')
+    assert [example.text for example in read_csv(path)] == [long_text, "short"]
+    assert [example.text for example in read_csv(write(tmp_path / "long.tsv", f"text\tlabel\n{long_text}\t1\n"),
+                                                 delimiter="\t")] == [long_text]
+    assert csv.field_size_limit() == before

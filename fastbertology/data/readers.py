@@ -148,14 +148,20 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
     """
     path = Path(path)
     rows = []  # (first physical line of the record, cells): quoted cells may span lines
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    text = read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     start = 1
+    # A cell may be as long as the file (a long document: the tokenizer truncates it), not only the csv module's
+    # default 131,072 characters; the limit is the process's, so it is restored.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
         for row in reader:
             rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as error:
         raise DataError(path, reader.line_num, f"unreadable CSV: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
     rows = [(line, row) for line, row in rows if row and any(cell.strip() for cell in row)]
     if not rows:
         raise DataError(path, 1, "empty file (expected a header with a 'text' column)")
