@@ -348,6 +348,57 @@ def test_make_batches_truncation_warns_once(tokenizer):
         make_batches([Example("short")], tokenizer, max_seq_length=64, batch_size=1)  # no warning
 
 
+def test_make_batches_long_texts_tokenized_from_a_prefix(tokenizer):
+    """A text far over the limit is tokenized from a prefix, with the same ids, types and truncation count as the
+    whole text truncated by the tokenizer (single texts, either or both sides of a pair, odd and even room for the
+    pair, equal sides): a 50 MB cell was tokenized whole, 13.8 GB and two minutes, to keep 64 tokens. A tokenizer
+    that truncates on the left gets the whole text."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    words = "the cat sat on a mat while dogs ran fast in green fields under blue skies, é 😀 naïve".split()
+    huge = " ".join(generator.choice(words, size=1200))  # about 5,400 characters
+    longer = huge + " " + " ".join(generator.choice(words, size=7))
+    other = " ".join(generator.choice(words, size=30))
+    seen = []
+
+    class Recording:  # the tokenizer, recording the longest text of each call
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, pairs=None, **options):
+            seen.append(max(len(t) for t in [*texts, *(pairs or [])]))
+            return tokenizer(texts, pairs, **options)
+
+    for limit in (16, 37, 64):  # room for a pair: 13, 34, 61 tokens
+        cases = [[Example(huge), Example(other)], [Example(huge, other)], [Example(other, huge)],
+                 [Example(huge, huge)], [Example(longer, huge)], [Example(huge, longer)],
+                 [Example(huge[:1500] + " " + huge, huge[:2000])],
+                 [Example(huge, "," * 1000)]]  # 1000 tokens and no space: the cut side would become the shorter
+        for examples in cases:
+            seen.clear()
+            with pytest.warns(UserWarning, match="were truncated"):
+                (batch,) = make_batches(examples, Recording(), max_seq_length=limit, batch_size=2)
+            for row, example in enumerate(examples):
+                expected = tokenizer(example.text, example.text_pair, truncation=True, max_length=limit)
+                n = len(expected["input_ids"])
+                assert batch["input_ids"][row, :n].tolist() == expected["input_ids"]
+                assert batch["token_type_ids"][row, :n].tolist() == expected["token_type_ids"]
+                assert int(batch["attention_mask"][row].sum()) == n
+            if limit < 64 and examples[0].text_pair in (None, other):
+                assert max(seen) < 3000  # never the whole long text
+    left = Recording()
+    tokenizer.truncation_side = "left"
+    try:
+        seen.clear()
+        with pytest.warns(UserWarning, match="were truncated"):
+            (batch,) = make_batches([Example(huge)], left, max_seq_length=16, batch_size=1)
+        assert batch["input_ids"][0].tolist() == tokenizer(huge, truncation=True, max_length=16)["input_ids"]
+        assert max(seen) == len(huge)
+    finally:
+        tokenizer.truncation_side = "right"
+
+
 def test_make_batches_pretokenized(tokenizer):
     examples = [Example(None, input_ids=[7, 8, 9], label=1), Example(None, input_ids=[5], label=0)]
     batch, = make_batches(examples, tokenizer, max_seq_length=16, batch_size=8)
