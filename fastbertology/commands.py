@@ -406,9 +406,10 @@ def run_prune(args, console: Console) -> int:
 
 def run_demo(args, console: Console) -> int:
     model_path = args.model or minilm_path()
+    candidates = max(1, min(args.group_size, args.pairs))  # fewer pairs than --group-size: one group of them all
     console.say(f"fastbertology demo: pretrained MiniLM ({model_path})\nTask: given the first sentence of a paragraph "
-                f"of Python's own documentation, find the sentences that follow it among {args.group_size} "
-                f"candidates (chance = {1 / args.group_size:.3f})")
+                f"of Python's own documentation, find the sentences that follow it among {candidates} "
+                f"candidates (chance = {1 / candidates:.3f})")
 
     def steps(run, inputs, output, summary):
         result = _importance_and_masking(args, console, run, output, summary)
