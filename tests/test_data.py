@@ -232,6 +232,8 @@ def test_read_jsonl_text_labels_and_pretokenized(tmp_path):
     ([{"text": "a", "label": 1}, "{not json"], 2, "invalid JSON"),
     ([{"text": "a", "label": 1}, "", "[1, 2]"], 3, "expected a JSON object, got list"),
     ([{"label": 1}], 1, "missing 'text'"),
+    ([{"text": "a"}], 1, "missing 'label': classification and regression data need one in every row \\(language "
+                         "modelling reads a .txt file"),
     ([{"text": "a", "label": 1}, {"text": "b"}], 2, "missing 'label'"),
     ([{"text": 3, "label": 1}], 1, "'text' must be a string"),
     ([{"text": "a", "label": [1]}], 1, "'label' must be an int, a float or a string"),

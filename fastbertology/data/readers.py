@@ -298,6 +298,10 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
             pair = _check_text(path, line, row.get("text_pair"), "text_pair", required=require_pair)
             label = row.get("label")
             if label is None:
+                if require_label and not raw_labels:  # no row so far has one: perhaps data for another task
+                    raise DataError(path, line, "missing 'label': classification and regression data need one in "
+                                                "every row (language modelling reads a .txt file; activation "
+                                                "patching of a language model takes --task lm)")
                 if require_label:
                     raise DataError(path, line, "missing 'label'")
             elif isinstance(label, bool) or not isinstance(label, (int, float, str)):
