@@ -138,6 +138,15 @@ def test_retrieval_with_fewer_pairs_than_the_group_size_says_so(classifier, tmp_
     assert "among 5 candidates (chance = 0.200)" in capsys.readouterr().out
 
 
+
+def test_demo_pairs_out_of_range_names_the_option(tmp_path, capsys):
+    """The error named the library's argument ("demo_pairs: n must be between ..."), not --pairs."""
+    for pairs in (0, 100_000):
+        err = _error(capsys, "demo", "--pairs", pairs, "--output-dir", tmp_path / "demo")
+        assert err.startswith("fastbertology demo: error: --pairs must be between 1 and ") and f"got {pairs}" in err
+        assert "demo_pairs" not in err and not (tmp_path / "demo").exists()
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def _error(capsys, *argv):
     assert _run(*argv) == 2
