@@ -89,14 +89,40 @@ def _prefix(text: str, chars: int) -> str | None:
     return None if found is None else text[:found.start()]
 
 
+def _tokens(tokenizer, text: str) -> int:
+    """The number of tokens of ``text`` (no special tokens), counted piece by piece (pieces of about 64 KiB cut
+    before a whitespace: a tokenizer's tokens never span one), so that a text of megabytes is never held whole as
+    tokens."""
+    total, start = 0, 0
+    while start < len(text):
+        found = _SPACE.search(text, start + 65536)
+        end = len(text) if found is None else found.start()
+        total += len(tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"])
+        start = end
+    return total
+
+
+def _longer_prefix(tokenizer, text: str, cut: str, count: int, needed: int) -> tuple[str | None, int]:
+    """A prefix of ``text`` longer than ``cut`` (of ``count`` tokens) with at least ``needed`` tokens, and its token
+    count; ``(None, 0)`` when only the whole text has them. Each try grows the prefix by the tokens still missing,
+    at the rate seen so far, plus a fifth."""
+    while count < needed:
+        chars = min(max(len(cut) + 1, int(len(cut) * needed / max(count, 1) * 1.2)), len(text) - 1)
+        longer = _prefix(text, chars)
+        if longer is None or len(longer) <= len(cut):
+            return None, 0
+        cut, count = longer, len(tokenizer(longer, add_special_tokens=False, verbose=False)["input_ids"])
+    return cut, count
+
+
 def _shortened(texts: list[str], pairs: list[str] | None, tokenizer, limit: int):
     """``(texts, pairs)`` with each text far longer than ``limit`` tokens replaced by a prefix that tokenizes to the
     text's first tokens and is truncated exactly as the text would be (else the text is kept whole): the prefix
     gives more than ``limit`` + ``_MARGIN_TOKENS`` tokens and the tokenizer truncates on the right. In a pair,
     longest-first truncation compares the two sides' lengths: one cut side must stay the longer one; where both are
     cut and the room left by the special tokens is odd (the longer side gets the odd token), the prefixes must
-    compare as the whole texts do. The whole texts are never truncated by the tokenizer, whose truncation of a pair
-    of long texts takes time and memory quadratic in their lengths."""
+    compare as the whole texts do (a prefix is lengthened until it does so, or the whole text is kept). The
+    tokenizer's own truncation of a pair of long texts takes time and memory quadratic in their lengths."""
     if getattr(tokenizer, "truncation_side", "right") != "right":
         return texts, pairs
     chars = (limit + _MARGIN_TOKENS) * _CHARS_PER_TOKEN
@@ -114,24 +140,26 @@ def _shortened(texts: list[str], pairs: list[str] | None, tokenizer, limit: int)
     first = counts([texts[i] if text_cuts[i] is None else text_cuts[i] for i in rows])
     second = [0] * len(rows) if pairs is None else counts([pairs[i] if pair_cuts[i] is None else pair_cuts[i]
                                                            for i in rows])
-    both = [j for j, i in enumerate(rows) if text_cuts[i] is not None and pair_cuts[i] is not None]
-    whole = {}  # j -> is the whole first text longer than the whole second?
-    if both and (limit - tokenizer.num_special_tokens_to_add(pair=True)) % 2:
-        longer = zip(counts([texts[rows[j]] for j in both]), counts([pairs[rows[j]] for j in both]))
-        whole = {j: a > b for j, (a, b) in zip(both, longer)}
+    odd = pairs is not None and (limit - tokenizer.num_special_tokens_to_add(pair=True)) % 2 == 1
     texts, pairs = list(texts), None if pairs is None else list(pairs)
     for j, i in enumerate(rows):
-        cut_first, cut_second = text_cuts[i] is not None, pair_cuts[i] is not None
-        if (cut_first and first[j] <= limit + _MARGIN_TOKENS) or (cut_second and second[j] <= limit + _MARGIN_TOKENS):
+        if (text_cuts[i] is not None and first[j] <= limit + _MARGIN_TOKENS) or \
+                (pair_cuts[i] is not None and second[j] <= limit + _MARGIN_TOKENS):
             continue
-        if cut_first and cut_second:
-            if j in whole and whole[j] != (first[j] > second[j]):
-                continue
-        elif pairs is not None and (first[j] > second[j]) != cut_first:
-            continue
-        if cut_first:
+        if text_cuts[i] is not None and pair_cuts[i] is not None and odd:
+            if _tokens(tokenizer, texts[i]) > _tokens(tokenizer, pairs[i]):  # the first is longer: keep it so
+                if first[j] <= second[j]:
+                    text_cuts[i], first[j] = _longer_prefix(tokenizer, texts[i], text_cuts[i], first[j], second[j] + 1)
+            elif first[j] > second[j]:  # the second is longer, or they are equal: the second's prefix must not lose
+                pair_cuts[i], second[j] = _longer_prefix(tokenizer, pairs[i], pair_cuts[i], second[j], first[j])
+        elif pairs is not None and text_cuts[i] is not None and pair_cuts[i] is None and first[j] <= second[j]:
+            # the one cut side must stay the longer one
+            text_cuts[i], first[j] = _longer_prefix(tokenizer, texts[i], text_cuts[i], first[j], second[j] + 1)
+        elif pairs is not None and pair_cuts[i] is not None and text_cuts[i] is None and first[j] > second[j]:
+            pair_cuts[i], second[j] = _longer_prefix(tokenizer, pairs[i], pair_cuts[i], second[j], first[j])
+        if text_cuts[i] is not None:
             texts[i] = text_cuts[i]
-        if cut_second:
+        if pair_cuts[i] is not None:
             pairs[i] = pair_cuts[i]
     return texts, pairs
 

@@ -353,8 +353,9 @@ def test_make_batches_truncation_warns_once(tokenizer):
 def test_make_batches_long_texts_tokenized_from_a_prefix(tokenizer):
     """A text far over the limit is tokenized from a prefix, with the same ids, types and truncation count as the
     whole text truncated by the tokenizer (single texts, either or both sides of a pair, odd and even room for the
-    pair, equal sides): a 50 MB cell was tokenized whole, 13.8 GB and two minutes, to keep 64 tokens. A tokenizer
-    that truncates on the left gets the whole text."""
+    pair, equal sides, prefixes that compare unlike the whole texts): a 50 MB cell was tokenized whole, 13.8 GB
+    and two minutes, to keep 64 tokens, and the tokenizer's truncation of a pair is quadratic in its lengths. A
+    tokenizer that truncates on the left gets the whole text."""
     import numpy as np
 
     generator = np.random.default_rng(0)
@@ -362,23 +363,27 @@ def test_make_batches_long_texts_tokenized_from_a_prefix(tokenizer):
     huge = " ".join(generator.choice(words, size=1200))  # about 5,400 characters
     longer = huge + " " + " ".join(generator.choice(words, size=7))
     other = " ".join(generator.choice(words, size=30))
-    seen = []
+    sparse, dense = "cat " * 1200, " ".join(["x,x,x,x,x"] * 120)  # 1200 tokens; 1080 tokens, most in any prefix
+    truncated = []  # the longest text of each call that asks the tokenizer to truncate
 
-    class Recording:  # the tokenizer, recording the longest text of each call
+    class Recording:
         def __getattr__(self, name):
             return getattr(tokenizer, name)
 
         def __call__(self, texts, pairs=None, **options):
-            seen.append(max(len(t) for t in [*texts, *(pairs or [])]))
+            if options.get("truncation"):
+                truncated.append(max(len(t) for t in [*texts, *(pairs or [])]))
             return tokenizer(texts, pairs, **options)
 
     for limit in (16, 37, 64):  # room for a pair: 13, 34, 61 tokens
-        cases = [[Example(huge), Example(other)], [Example(huge, other)], [Example(other, huge)],
-                 [Example(huge, huge)], [Example(longer, huge)], [Example(huge, longer)],
-                 [Example(huge[:1500] + " " + huge, huge[:2000])],
-                 [Example(huge, "," * 1000)]]  # 1000 tokens and no space: the cut side would become the shorter
-        for examples in cases:
-            seen.clear()
+        cases = [([Example(huge), Example(other)], True), ([Example(huge, other)], True),
+                 ([Example(other, huge)], True), ([Example(huge, huge)], True), ([Example(longer, huge)], True),
+                 ([Example(huge, longer)], True), ([Example(huge[:1500] + " " + huge, huge[:2000])], True),
+                 ([Example(sparse, dense)], limit < 64), ([Example(dense, sparse)], limit < 64),
+                 # 600 tokens and no space (never cut): the cut side's prefix is lengthened to stay the longer
+                 ([Example(huge, "," * 600)], True)]
+        for examples, cut in cases:
+            truncated.clear()
             with pytest.warns(UserWarning, match="were truncated"):
                 (batch,) = make_batches(examples, Recording(), max_seq_length=limit, batch_size=2)
             for row, example in enumerate(examples):
@@ -387,16 +392,17 @@ def test_make_batches_long_texts_tokenized_from_a_prefix(tokenizer):
                 assert batch["input_ids"][row, :n].tolist() == expected["input_ids"]
                 assert batch["token_type_ids"][row, :n].tolist() == expected["token_type_ids"]
                 assert int(batch["attention_mask"][row].sum()) == n
-            if limit < 64 and examples[0].text_pair in (None, other):
-                assert max(seen) < 3000  # never the whole long text
+            if cut:  # the tokenizer never truncated a whole long text
+                assert max(truncated) < min(len(t) for e in examples for t in (e.text, e.text_pair or "") if
+                                            len(t) > 3000)
     left = Recording()
     tokenizer.truncation_side = "left"
     try:
-        seen.clear()
+        truncated.clear()
         with pytest.warns(UserWarning, match="were truncated"):
             (batch,) = make_batches([Example(huge)], left, max_seq_length=16, batch_size=1)
         assert batch["input_ids"][0].tolist() == tokenizer(huge, truncation=True, max_length=16)["input_ids"]
-        assert max(seen) == len(huge)
+        assert max(truncated) == len(huge)
     finally:
         tokenizer.truncation_side = "right"
 
