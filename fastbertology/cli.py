@@ -106,7 +106,7 @@ def _model_and_data(parser, *, demo: bool = False) -> None:
                            help="classification: accuracy, f1 or mcc; regression: pearson or mse (default: the "
                                 "GLUE task's metric, else accuracy / pearson)")
         group.add_argument("--data-subset", type=int, default=None, metavar="N",
-                           help="use only the first N examples (default: all)")
+                           help="use only the first N examples (default, or 0: all)")
         group.add_argument("--allow-random-head", action="store_true",
                            help="analyse a checkpoint whose task head (classifier) is missing and so random "
                                 "(refused by default; recorded in summary.json)")

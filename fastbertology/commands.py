@@ -406,15 +406,20 @@ def run_prune(args, console: Console) -> int:
 
 def run_demo(args, console: Console) -> int:
     model_path = args.model or minilm_path()
+    candidates = max(1, min(args.group_size, args.pairs))  # fewer pairs than --group-size: one group of them all
     console.say(f"fastbertology demo: pretrained MiniLM ({model_path})\nTask: given the first sentence of a paragraph "
-                f"of Python's own documentation, find the sentences that follow it among {args.group_size} "
-                f"candidates (chance = {1 / args.group_size:.3f})")
+                f"of Python's own documentation, find the sentences that follow it among {candidates} "
+                f"candidates (chance = {1 / candidates:.3f})")
 
     def steps(run, inputs, output, summary):
         result = _importance_and_masking(args, console, run, output, summary)
         pruning_step(args, console, run, result.head_mask, output, summary)
 
-    return _run_command(args, console, steps, examples=demo_pairs(args.pairs), model_path=model_path,
+    try:
+        examples = demo_pairs(args.pairs)
+    except ValueError as error:  # the pairs this Python's documentation gives
+        raise ValueError(f"--pairs {str(error).removeprefix('demo_pairs: n ')}") from None
+    return _run_command(args, console, steps, examples=examples, model_path=model_path,
                         model_label=None if args.model else DEMO_MODEL_LABEL, data_label=DEMO_DATA_LABEL)
 
 

@@ -5,7 +5,9 @@ Refused (ValueError, before any work):
 * retrieval with fewer than 2 pairs: the only candidate of the query is its own positive, so accuracy@1 is 1 and
   the loss and every head's importance are exactly 0;
 * a classifier with fewer than 2 classes (a checkpoint with one output, or a random head rebuilt for data whose
-  labels are all 0): every prediction is right and the loss is exactly 0 for the same reason.
+  labels are all 0): every prediction is right and the loss is exactly 0 for the same reason;
+* a resample-ablation sweep whose batches all hold one example (:func:`resample_warnings`): an example of a batch of
+  one is its own source, so every mask would change nothing and every delta be exactly 0.
 
 Warned about (the run goes on; the warning is printed and kept in ``summary.json`` under ``setup.warnings``):
 
@@ -15,7 +17,9 @@ Warned about (the run goes on; the warning is printed and kept in ``summary.json
   (F1 and Matthews are degenerate) and the importance describes that class alone;
 * regression targets that are all equal, under the Pearson metric: the correlation is undefined (reported as 0);
 * an importance table of exact zeros (any task): the loss does not depend on any head
-  (:func:`zero_importance_warning`).
+  (:func:`zero_importance_warning`);
+* a resample-ablation sweep with some batches of one example (e.g. the last): their example is not ablated, which
+  pulls every delta towards 0.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["task_warnings", "zero_importance_warning"]
+__all__ = ["resample_warnings", "task_warnings", "zero_importance_warning"]
 
 
 def task_warnings(objective: str, examples: Sequence, *, num_labels: int | None, group_size: int | None,
@@ -82,3 +86,20 @@ def zero_importance_warning(raw_importance: torch.Tensor) -> str | None:
         return ("every head's importance is exactly 0: the loss does not depend on any head on this data (a "
                 "degenerate task, e.g. one class or one candidate), so the table ranks nothing")
     return None
+
+
+def resample_warnings(batch_sizes: Sequence[int]) -> list[str]:
+    """Refuse a resample ablation (:mod:`fastbertology.ablation`) over batches that all hold one example (ValueError
+    with the fix); warn when some do. ``batch_sizes``: the examples of each batch of the sweep (every process's)."""
+    single = sum(1 for size in batch_sizes if size == 1)
+    if single and single == len(batch_sizes):
+        raise ValueError("resample ablation takes a masked head's output from another example of the same batch, but "
+                         "every batch holds one example (its own source): no mask would change anything and every "
+                         "delta would be exactly 0. Use --batch-size 2 or more (and data of at least 2 examples), or "
+                         "--ablation zero / mean")
+    if single:
+        return [f"{single} of the {len(batch_sizes)} batches {'holds' if single == 1 else 'hold'} one example, which "
+                "resample ablation cannot ablate (it is its own source): those examples score the same under every "
+                "mask, pulling every delta towards 0. Choose a --batch-size that leaves no batch of one (or use "
+                "--data-subset)"]
+    return []

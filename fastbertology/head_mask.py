@@ -20,6 +20,15 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
     each head's post-softmax probabilities and must be finite (a NaN or infinite entry would silently turn every
     output into NaN). Raises ValueError naming the problem and the fix.
     """
+    checked_form(head_mask, heads_per_layer=heads_per_layer, device=device)
+    _check_finite(head_mask)
+    return _layer_form(head_mask, len(heads_per_layer))
+
+
+def checked_form(head_mask, *, heads_per_layer: list[int], device: torch.device) -> None:
+    """Everything :func:`normalize_head_mask` checks but the values (no device sync): a floating-point tensor on
+    ``device``, a model whose layers have equal head counts, and an accepted shape (``[H]``, ``[L, H]``,
+    ``[B, L, H]``). ValueError naming the problem and the fix."""
     if not isinstance(head_mask, torch.Tensor):
         raise ValueError(f"head_mask must be a torch.Tensor, got {type(head_mask).__name__}")
     if not head_mask.is_floating_point():
@@ -35,16 +44,29 @@ def normalize_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.
     if head_mask.device != device:
         raise ValueError(
             f"head_mask is on {head_mask.device} but the model is on {device}; pass head_mask.to({str(device)!r})")
-    _check_finite(head_mask)
     shape = tuple(head_mask.shape)
-    if shape == (heads,):
-        return head_mask.expand(num_layers, heads)
-    if shape == (num_layers, heads) or (len(shape) == 3 and shape[1:] == (num_layers, heads)):
-        return head_mask
-    raise ValueError(
-        f"head_mask has shape {shape}; this model takes [heads]=({heads},), [layers, heads]=({num_layers}, {heads}) "
-        f"or [batch, layers, heads]=(B, {num_layers}, {heads})"
-    )
+    if shape not in ((heads,), (num_layers, heads)) and not (len(shape) == 3 and shape[1:] == (num_layers, heads)):
+        raise ValueError(
+            f"head_mask has shape {shape}; this model takes [heads]=({heads},), [layers, heads]=({num_layers}, "
+            f"{heads}) or [batch, layers, heads]=(B, {num_layers}, {heads})")
+
+
+def pass_head_mask(head_mask, *, heads_per_layer: list[int], device: torch.device) -> torch.Tensor:
+    """A caller's base mask for a whole analysis pass, as ``[L, H]`` (``[H]`` expanded as the model expands it),
+    detached; its values are checked by the pass (:func:`checked_head_masks`). ValueError naming the problem and the
+    fix where :func:`checked_form` finds one, and for a per-example ``[B, L, H]`` mask: one pass runs batches of
+    different sizes under one mask (and its importance would be a ``[B, L, H]`` table)."""
+    checked_form(head_mask, heads_per_layer=heads_per_layer, device=device)
+    if head_mask.dim() == 3:
+        raise ValueError(f"head_mask has shape {tuple(head_mask.shape)}; an analysis pass runs every batch under one "
+                         f"[layers, heads]=({len(heads_per_layer)}, {heads_per_layer[0]}) mask (or [heads]): for "
+                         "per-example masks call the patched model itself")
+    return _layer_form(head_mask.detach(), len(heads_per_layer)).contiguous()
+
+
+def _layer_form(head_mask: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """An accepted mask as ``[L, H]`` / ``[B, L, H]`` (``[H]`` expanded as a view)."""
+    return head_mask.expand(num_layers, head_mask.shape[0]) if head_mask.dim() == 1 else head_mask
 
 
 @contextlib.contextmanager

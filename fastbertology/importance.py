@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .architectures import heads_per_layer
 from .checkpointing import checkpointed_layers
 from .graph_passes import evaluation_runner, importance_runner
-from .head_mask import checked_head_masks
+from .head_mask import checked_head_masks, pass_head_mask
 from .patching import is_patched
 from .recording import record
 from .step_graphs import GraphUse, graph_refusal
@@ -129,7 +129,9 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     task:      an object with ``evaluate(model, batch, head_mask=...) -> TaskResult`` (``.loss`` scalar batch loss,
                ``.example_losses`` ``[B]``) and ``metric_state()`` / ``update_metric(state, result, batch)`` /
                ``compute_metric(state) -> float`` (see :mod:`fastbertology.tasks`).
-    head_mask: ``[L, H]`` mask to analyse the model under (default: ones). Importance is the gradient at it.
+    head_mask: ``[L, H]`` (or ``[H]``, every layer) floating-point mask on the model's device to analyse the model
+               under (default: ones). Importance is the gradient at it. Anything else (an integer or bool mask, a
+               per-example ``[B, L, H]`` mask) raises ValueError before the pass.
     importance: ``"per_batch"`` or ``"per_example"`` (see the module docstring).
     reduce:    optional ``reduce(totals) -> totals``, applied to the accumulated sums before they are finalised
                (data-parallel runs sum them over processes: :func:`fastbertology.distributed.analysis_reducer`).
@@ -146,11 +148,11 @@ def analyze_heads(model: nn.Module, batches: Iterable[dict], task: TaskProtocol,
     require_patched(model)
     if importance not in IMPORTANCE_MODES:
         raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {importance!r}")
-    base_mask = full_head_mask(model) if head_mask is None else head_mask.detach()
+    base_mask = full_head_mask(model)
+    if head_mask is not None:
+        base_mask = pass_head_mask(head_mask, heads_per_layer=heads_per_layer(model), device=base_mask.device)
     refusal = graph_refusal(model, task, cuda_graphs, base_mask.device)
     use = GraphUse(cuda_graphs, enabled=refusal is None, reason=refusal)
-    if refusal is None and base_mask.dim() != 2:
-        use.turn_off("a per-example base head mask runs eagerly")
     if use.enabled and checkpoint_layers:
         use.turn_off("per-layer activation checkpointing (the memory plan) runs eagerly")
     through_runner = use.enabled  # its sums hold the results, even if graphs are turned off during the pass

@@ -120,5 +120,7 @@ def _patch(args, console: Console, options: RunOptions, objective: str, model_pa
                                                   f"{result.score} gap recovered (rows = layers)"))
     if result.attribution is not None:
         console.say(format_table(result.attribution, title="\nAttribution patching (first-order estimate)"))
-        console.say(f"\nSpearman rank correlation of the two: {correlation:.3f}")
+        console.say("\nSpearman rank correlation of the two: " + (
+            f"{correlation:.3f}" if math.isfinite(correlation) else
+            "undefined (fewer than 2 heads with both scores, or a table of equal values)"))
     finish(console, output, summary, started)

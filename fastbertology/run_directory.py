@@ -129,6 +129,7 @@ class RunDirectory:
     def __init__(self, path: Path, staging: Path, lock: _Lock, created: list[Path]):
         self.path, self.staging = path, staging
         self._lock, self._created, self._live, self._committed = lock, created, set(), False
+        self.written: list[str] = []
         self._existed = os.path.lexists(path)
 
     def __truediv__(self, name: str) -> Path:
@@ -140,7 +141,10 @@ class RunDirectory:
         return self.path / name
 
     def commit(self) -> None:
-        """Move the staged outputs into place (see the module docstring); signals wait until it is done."""
+        """Move the staged outputs into place (see the module docstring); signals wait until it is done.
+        ``written`` then lists the names of this run's outputs (staged and live), not other files kept there."""
+        self.written = sorted(set(os.listdir(self.staging))
+                              | {name for name in self._live if os.path.lexists(self.path / name)})
         with interrupts.deferred():
             if not os.path.lexists(self.path):
                 os.rename(self.staging, self.path)

@@ -252,8 +252,9 @@ def _data_description(options: RunOptions, objective: str, examples, max_length:
                 f"{len(examples)} consecutive blocks of up to {max_length} tokens; each block is one example, and "
                 "perplexity is exp of the mean next-token loss over every predicted token")
     if objective == "retrieval":
+        group = min(options.group_size, len(examples))  # fewer pairs than --group-size: one group of them all
         return (f"{name}: {len(examples)} (text, text_pair) pairs; each text must find its own pair among the "
-                f"{options.group_size} pairs of its group (in-batch candidates)")
+                f"{group} pairs of its group (in-batch candidates)")
     return f"{name}: {len(examples)} labelled examples"
 
 

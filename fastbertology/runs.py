@@ -65,7 +65,7 @@ def describe_setup(console: Console, description: dict) -> None:
 
 def finish(console: Console, output: RunDirectory | None, summary: dict, started: float) -> None:
     """Write ``summary.json`` and ``report.html`` into the run's staging directory, move the whole set into place
-    (:meth:`~fastbertology.run_directory.RunDirectory.commit`) and list what the directory holds (rank 0 only:
+    (:meth:`~fastbertology.run_directory.RunDirectory.commit`) and list what the run wrote there (rank 0 only:
     ``output`` is None elsewhere)."""
     if output is None:
         return
@@ -75,6 +75,6 @@ def finish(console: Console, output: RunDirectory | None, summary: dict, started
     interrupts.stage("commit")
     output.commit()
     path = output.path
-    console.say(f"\nOutputs in {path}/ ({', '.join(sorted(p.name for p in path.iterdir()))})")
+    console.say(f"\nOutputs in {path}/ ({', '.join(output.written)})")
     console.say(f"Open {path / 'report.html'} in a browser for the whole run on one page.")
     console.say(f"Total {summary['seconds_total']:.0f} s")

@@ -27,6 +27,7 @@ import torch
 from . import distributed, interrupts, plots
 from .commands import warn_all
 from .console import Console, format_table
+from .degenerate import resample_warnings
 from .mask_files import read_sweep_masks
 from .outputs import OutputDirectoryError, check_output_dir, check_writable_dir, write_npy
 from .run_directory import RunDirectory, open_run_directory
@@ -221,6 +222,9 @@ def _sweep(args, console: Console, options: RunOptions, inputs: SweepInputs, out
     fingerprint = _fingerprint(args, run, masks, kind, agreement, masks_per_pass)
     total_batches = len(run.batches)
     steps = steps_for(total_batches, distributed.world_size())
+    if args.ablation == "resample":
+        run.description["warnings"] = [*run.description.get("warnings", []),
+                                       *resample_warnings([run.task.batch_size(batch) for batch in run.batches])]
     describe_setup(console, run.description)
     warn_all(console, run.description)
     resume = _resume_state(console, run, output, fingerprint, steps, len(masks)) if args.resume else None

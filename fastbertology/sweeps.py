@@ -471,9 +471,13 @@ def _check_finite_losses(baseline: float, losses: list[float]) -> None:
     bad = [index for index, loss in enumerate(losses) if not math.isfinite(loss)]
     if math.isfinite(baseline) and not bad:
         return
-    which = "the unmasked model" if not math.isfinite(baseline) else f"{len(bad)} mask(s) (e.g. mask {bad[0]})"
-    raise ValueError(f"the loss of {which} is NaN or infinite: the model computes non-finite values on this data "
-                     "(weights with NaN or inf, or an overflow in a 16-bit dtype: try --dtype float32)")
+    if math.isfinite(baseline):  # the model is fine unmasked: the masks overflow it
+        raise ValueError(f"the loss of {len(bad)} mask(s) (e.g. mask {bad[0]}) is NaN or infinite while the unmasked "
+                         "model's is finite: mask values far outside 0..1 (e.g. 1e30) overflow the model's "
+                         "activations; use masks of 0 (masked) and 1 (kept), or values in between to interpolate "
+                         "(or, with a 16-bit dtype, try --dtype float32)")
+    raise ValueError("the loss of the unmasked model is NaN or infinite: the model computes non-finite values on this "
+                     "data (weights with NaN or inf, or an overflow in a 16-bit dtype: try --dtype float32)")
 
 
 def sweep_masks(model: nn.Module, kind: str | torch.Tensor) -> tuple[str, torch.Tensor]:

@@ -210,3 +210,27 @@ def test_cli_sweep_records_the_ablation_and_refuses_to_resume_another(cli_model,
     capsys.readouterr()
     assert main(argv(tmp_path / "resample", "--ablation", "mean", "--resume")) == 2
     assert "ablation" in capsys.readouterr().err
+
+
+def test_cli_resample_refuses_batches_of_one_and_warns_about_some(cli_model, tmp_path, capsys):
+    """A batch of one example is its own resample source: with --batch-size 1 every delta came out exactly 0, a
+    table that says no head matters; now refused before the sweep, nothing written. A last batch of one (21 = 2 x
+    10 + 1) is warned about and recorded."""
+    import json
+
+    from fastbertology.cli import main
+
+    def argv(output, batch_size):
+        return ["sweep", "--model", str(cli_model), "--data", str(cli_model / "data.csv"), "--batch-size",
+                str(batch_size), "--max-seq-length", "16", "--device", "cpu", "--output-dir", str(output),
+                "--no-progress", "--kind", "layers", "--ablation", "resample"]
+
+    capsys.readouterr()
+    assert main(argv(tmp_path / "ones", 1)) == 2
+    err = capsys.readouterr().err
+    assert "every batch holds one example" in err and "--batch-size 2 or more" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ones").exists()
+    assert main(argv(tmp_path / "last", 10)) == 0
+    assert "1 of the 3 batches holds one example" in capsys.readouterr().err
+    warnings = json.loads((tmp_path / "last" / "summary.json").read_text())["setup"]["warnings"]
+    assert any("1 of the 3 batches holds one example" in warning for warning in warnings)

@@ -123,6 +123,30 @@ def test_demo_reduced(tmp_path, capsys):
     assert (output / "pruned_model" / "model.safetensors").exists() and (output / "report.html").exists()
 
 
+def test_retrieval_with_fewer_pairs_than_the_group_size_says_so(classifier, tmp_path, capsys):
+    """3 pairs with --group-size 32 form one group of 3: the description (printed, summary.json, report) said
+    "among the 32 pairs of its group" (the metric and chance@1 were right); the demo's "among 32 candidates (chance
+    = 0.031)" likewise for --pairs below --group-size."""
+    data = tmp_path / "pairs.csv"
+    data.write_text("text,text_pair\nthe cat sat,on a mat\ndogs ran,fast in fields\nblue skies,green fields\n")
+    assert _run("importance", "--model", classifier, "--data", data, "--task", "retrieval",
+                "--output-dir", tmp_path / "out") == 0
+    assert "own pair among the 3 pairs of its group" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "among the 3 pairs of its group" in summary["setup"]["data"]
+    assert _run("demo", "--pairs", 5, "--max-memory", "1MiB", "--output-dir", tmp_path / "demo") == 2  # stops early
+    assert "among 5 candidates (chance = 0.200)" in capsys.readouterr().out
+
+
+
+def test_demo_pairs_out_of_range_names_the_option(tmp_path, capsys):
+    """The error named the library's argument ("demo_pairs: n must be between ..."), not --pairs."""
+    for pairs in (0, 100_000):
+        err = _error(capsys, "demo", "--pairs", pairs, "--output-dir", tmp_path / "demo")
+        assert err.startswith("fastbertology demo: error: --pairs must be between 1 and ") and f"got {pairs}" in err
+        assert "demo_pairs" not in err and not (tmp_path / "demo").exists()
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def _error(capsys, *argv):
     assert _run(*argv) == 2

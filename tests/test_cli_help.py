@@ -68,6 +68,8 @@ def test_each_command_shows_only_options_it_uses():
     demo = commands["demo"].parse_args([])
     assert (demo.batch_size, demo.importance, demo.task) == (64, "per_example", "retrieval")
     assert "(default: 64)" in commands["demo"].format_help()
+    # --data-subset 0 keeps every example (run_bertology's meaning); the help said only "the first N"
+    assert "(default, or 0: all)" in " ".join(commands["importance"].format_help().split())
 
 
 # ------------------------------------------------------------------------------------------------------ layout

@@ -177,6 +177,9 @@ def test_read_csv_tsv_and_subset_keeps_the_full_mapping(tmp_path):
     ("text,label\na,1\nb\n", 3, "expected 2 columns"),
     ("text,label\na,1\n,0\n", 3, "missing 'text'"),
     ("text,label\na,1\nb,\n", 3, "missing 'label'"),
+    # a column read here named twice: the last one was read silently (a run on the wrong labels or texts)
+    ("text,label,label\na,0,1\nb,1,1\n", 1, "two 'label' columns \\(columns 2 and 3\\).*rename or remove one"),
+    ("text, text ,label\na,b,1\n", 1, "two 'text' columns \\(columns 1 and 2\\)"),
 ])
 def test_read_csv_malformed(tmp_path, content, line, message):
     path = write(tmp_path / "bad.csv", content)
@@ -229,6 +232,8 @@ def test_read_jsonl_text_labels_and_pretokenized(tmp_path):
     ([{"text": "a", "label": 1}, "{not json"], 2, "invalid JSON"),
     ([{"text": "a", "label": 1}, "", "[1, 2]"], 3, "expected a JSON object, got list"),
     ([{"label": 1}], 1, "missing 'text'"),
+    ([{"text": "a"}], 1, "missing 'label': classification and regression data need one in every row \\(language "
+                         "modelling reads a .txt file"),
     ([{"text": "a", "label": 1}, {"text": "b"}], 2, "missing 'label'"),
     ([{"text": 3, "label": 1}], 1, "'text' must be a string"),
     ([{"text": "a", "label": [1]}], 1, "'label' must be an int, a float or a string"),
@@ -240,6 +245,8 @@ def test_read_jsonl_text_labels_and_pretokenized(tmp_path):
     ([{"input_ids": [], "label": 1}], 1, "'input_ids' must be"),
     ([{"input_ids": "1 2", "label": 1}], 1, "'input_ids' must be"),
     ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": 1}], 3, "mixes numbers"),
+    # a key twice in an object: Python's json kept the last value silently
+    ([{"text": "a", "label": 1}, '{"text": "b", "label": 0, "label": 1}'], 2, "the key 'label' appears twice"),
 ])
 def test_read_jsonl_malformed(tmp_path, rows, line, message):
     path = jsonl(tmp_path / "bad.jsonl", *rows)
@@ -343,6 +350,63 @@ def test_make_batches_truncation_warns_once(tokenizer):
         make_batches([Example("short")], tokenizer, max_seq_length=64, batch_size=1)  # no warning
 
 
+def test_make_batches_long_texts_tokenized_from_a_prefix(tokenizer):
+    """A text far over the limit is tokenized from a prefix, with the same ids, types and truncation count as the
+    whole text truncated by the tokenizer (single texts, either or both sides of a pair, odd and even room for the
+    pair, equal sides, prefixes that compare unlike the whole texts): a 50 MB cell was tokenized whole, 13.8 GB
+    and two minutes, to keep 64 tokens, and the tokenizer's truncation of a pair is quadratic in its lengths. A
+    tokenizer that truncates on the left gets the whole text."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    words = "the cat sat on a mat while dogs ran fast in green fields under blue skies, é 😀 naïve".split()
+    huge = " ".join(generator.choice(words, size=1200))  # about 5,400 characters
+    longer = huge + " " + " ".join(generator.choice(words, size=7))
+    other = " ".join(generator.choice(words, size=30))
+    sparse, dense = "cat " * 1200, " ".join(["x,x,x,x,x"] * 120)  # 1200 tokens; 1080 tokens, most in any prefix
+    truncated = []  # the longest text of each call that asks the tokenizer to truncate
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, pairs=None, **options):
+            if options.get("truncation"):
+                truncated.append(max(len(t) for t in [*texts, *(pairs or [])]))
+            return tokenizer(texts, pairs, **options)
+
+    for limit in (16, 37, 64):  # room for a pair: 13, 34, 61 tokens
+        cases = [([Example(huge), Example(other)], True), ([Example(huge, other)], True),
+                 ([Example(other, huge)], True), ([Example(huge, huge)], True), ([Example(longer, huge)], True),
+                 ([Example(huge, longer)], True), ([Example(huge[:1500] + " " + huge, huge[:2000])], True),
+                 ([Example(sparse, dense)], limit < 64), ([Example(dense, sparse)], limit < 64),
+                 # 600 tokens and no space (never cut): the cut side's prefix is lengthened to stay the longer
+                 ([Example(huge, "," * 600)], True)]
+        for examples, cut in cases:
+            truncated.clear()
+            with pytest.warns(UserWarning, match="were truncated"):
+                (batch,) = make_batches(examples, Recording(), max_seq_length=limit, batch_size=2)
+            for row, example in enumerate(examples):
+                expected = tokenizer(example.text, example.text_pair, truncation=True, max_length=limit)
+                n = len(expected["input_ids"])
+                assert batch["input_ids"][row, :n].tolist() == expected["input_ids"]
+                assert batch["token_type_ids"][row, :n].tolist() == expected["token_type_ids"]
+                assert int(batch["attention_mask"][row].sum()) == n
+            if cut:  # the tokenizer never truncated a whole long text
+                assert max(truncated) < min(len(t) for e in examples for t in (e.text, e.text_pair or "") if
+                                            len(t) > 3000)
+    left = Recording()
+    tokenizer.truncation_side = "left"
+    try:
+        truncated.clear()
+        with pytest.warns(UserWarning, match="were truncated"):
+            (batch,) = make_batches([Example(huge)], left, max_seq_length=16, batch_size=1)
+        assert batch["input_ids"][0].tolist() == tokenizer(huge, truncation=True, max_length=16)["input_ids"]
+        assert max(truncated) == len(huge)
+    finally:
+        tokenizer.truncation_side = "right"
+
+
 def test_make_batches_pretokenized(tokenizer):
     examples = [Example(None, input_ids=[7, 8, 9], label=1), Example(None, input_ids=[5], label=0)]
     batch, = make_batches(examples, tokenizer, max_seq_length=16, batch_size=8)
@@ -429,3 +493,17 @@ def test_demo_pairs_errors(monkeypatch):
     monkeypatch.setattr(fastbertology.data.demo, "topics", None)  # as on a Python without pydoc_data
     with pytest.raises(RuntimeError, match="pydoc_data"):
         demo_pairs(8)
+
+
+def test_read_csv_cells_longer_than_the_csv_module_limit(tmp_path):
+    """A long document in a cell (the tokenizer truncates it) was refused: "field larger than field limit (131072)",
+    the csv module's default. The process's limit is left as it was."""
+    import csv
+
+    before = csv.field_size_limit()
+    long_text = "word " * 60_000
+    path = write(tmp_path / "long.csv", f'text,label\n"{long_text}",1\nshort,0\n')
+    assert [example.text for example in read_csv(path)] == [long_text, "short"]
+    assert [example.text for example in read_csv(write(tmp_path / "long.tsv", f"text\tlabel\n{long_text}\t1\n"),
+                                                 delimiter="\t")] == [long_text]
+    assert csv.field_size_limit() == before

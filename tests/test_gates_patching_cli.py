@@ -174,3 +174,9 @@ def test_patching_without_a_gap_warns_and_writes_nan(tmp_path, capsys):
     assert "there is no gap to recover" in capsys.readouterr().err
     assert np.isnan(np.load(tmp_path / "out" / "patching_scores.npy")).all()
     assert not (tmp_path / "out" / "patching_scores.png").exists()
+    # the rank correlation with attribution patching is undefined too: it printed "nan"
+    assert _run("patching", "--model", classifier, "--data", same, "--attribution", "--output-dir",
+                tmp_path / "out2") == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Spearman")]
+    assert line == ("Spearman rank correlation of the two: undefined (fewer than 2 heads with both scores, or a "
+                    "table of equal values)")

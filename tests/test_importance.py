@@ -124,6 +124,29 @@ def test_analyses_refuse_unpatched_model():
         analyze_heads(model, _batches(), ClassificationTask())
 
 
+def test_base_mask_forms():
+    """A [heads] base mask is every layer's, as the model takes it: an [L, H] table equal to the [L, H] mask's (it
+    was an [H] table, the layers' gradients summed). An integer or bool mask, or a per-example one, is refused
+    before the pass (an integer mask failed inside autograd: "only Tensors of floating point dtype can require
+    gradients"; a [B, L, H] mask gave a [B, L, H] table, and failed on the first batch of another size)."""
+    model, layers, heads = tiny_model("bert")
+    batches, task = _batches(), ClassificationTask()
+    row = torch.ones(heads)
+    row[1] = 0.0
+    with fastbertology.patch(model, backend="torch"):
+        for importance in ("per_batch", "per_example"):
+            whole = analyze_heads(model, batches, task, head_mask=row.expand(layers, heads).clone(),
+                                  importance=importance)
+            one_row = analyze_heads(model, batches, task, head_mask=row, importance=importance)
+            assert one_row.raw_importance.shape == (layers, heads)
+            torch.testing.assert_close(one_row.raw_importance, whole.raw_importance)
+        for dtype in (torch.int64, torch.bool):
+            with pytest.raises(ValueError, match=f"floating-point tensor .*got dtype {dtype}"):
+                analyze_heads(model, batches, task, head_mask=torch.ones(layers, heads, dtype=dtype))
+        with pytest.raises(ValueError, match=r"every batch under one \[layers, heads\]"):
+            analyze_heads(model, batches, task, head_mask=torch.ones(3, layers, heads))
+
+
 def test_normalisation_options():
     raw = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(normalize_importance(raw, by_layer=False, global_minmax=False), raw)

@@ -80,6 +80,15 @@ def test_label_names_follow_id2label_even_its_default_names(tmp_path):
     assert describe_labels(others) == {"ids": {"neg": 0, "pos": 1}, "order": "label names in sorted order"}
 
 
+def test_a_name_of_two_checkpoint_classes_is_refused(tmp_path):
+    """id2label {0: "pos", 1: "Pos"}: "pos" was silently mapped to the last of the two."""
+    examples = load_examples(_write(tmp_path / "d.jsonl", ["pos", "neg", "pos"], TEXTS[:3]))
+    with pytest.raises(DataError, match=r"label name 'pos' names 2 of the checkpoint's classes \(ids \[0, 1\] .*"
+                                        r"integer class ids"):
+        align_label_names(examples, {0: "pos", 1: "Pos", 2: "neg"})
+    assert align_label_names(examples, {0: "pos", 1: "neg"}) == {"neg": 1, "pos": 0}
+
+
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory):
     return save_tiny_classifier(tmp_path_factory.mktemp("bert3"), num_labels=3)

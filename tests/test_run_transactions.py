@@ -213,14 +213,18 @@ def test_a_full_disk_leaves_the_previous_state(bert, data, tmp_path, capsys, mon
 
 
 # --------------------------------------------------------------------------------------------------- overwrite
-def test_overwrite_replaces_the_old_set_as_a_whole(bert, data, tmp_path):
+def test_overwrite_replaces_the_old_set_as_a_whole(bert, data, tmp_path, capsys):
     output = tmp_path / "out"
     assert main(_argv("mask", bert, data, output, "--masking-amount", "0.5")) == 0
     (output / "notes.txt").write_text("mine")
+    capsys.readouterr()
     assert main(_argv("importance", bert, data, output, "--overwrite")) == 0
     files = set(_snapshot(output))
     assert "head_mask.npy" not in files and "masking_curve.png" not in files  # the old run's, not this one's
     assert {"notes.txt", "summary.json", "head_importance.npy"} <= files and _siblings(output) == []
+    # the run lists what it wrote, not the files it kept (notes.txt was listed as one of its outputs)
+    (listed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Outputs in")]
+    assert "head_importance.npy" in listed and "notes.txt" not in listed
 
 
 def test_what_a_killed_run_left_does_not_block_the_next(bert, data, tmp_path):

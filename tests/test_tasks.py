@@ -106,6 +106,15 @@ def test_classification_confusion_grows_with_labels():
     assert state["confusion"].shape == (5, 5) and task.compute_metric(state) == 0.5
 
 
+def test_a_batch_without_labels_is_named():
+    """A batch dict without labels raised KeyError: 'labels' from inside the task."""
+    logits = torch.eye(3)[[0, 2]]
+    with pytest.raises(ValueError, match=r"the batch has no 'labels' \(\[B\] class ids\).*add them to every batch"):
+        ClassificationTask().result(logits, {"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"the batch has no 'labels' \(\[B\] float targets\)"):
+        RegressionTask().result(torch.ones(2, 1), {})
+
+
 def test_classification_task_matches_transformers_loss():
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

@@ -205,6 +205,20 @@ def test_sweep_of_a_model_with_nan_outputs_raises():
         ablation_sweep(model, [batch], ClassificationTask(), kind="layers")
 
 
+def test_sweep_masks_that_overflow_a_finite_model_are_named():
+    """A --masks file holding 1e30 overflowed a finite model; the error blamed the weights or a 16-bit dtype."""
+    model, layers, heads = tiny_model("bert")
+    model.float()  # float64 would not overflow
+    fastbertology.patch(model, backend="torch")
+    input_ids, attention_mask = random_batch(2, 7, [7, 4])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1])}
+    masks = torch.ones(2, layers, heads)
+    masks[1] = 1e30
+    with pytest.raises(ValueError, match=r"1 mask\(s\) \(e\.g\. mask 1\) is NaN or infinite while the unmasked "
+                                         r"model's is finite: mask values far outside 0\.\.1"):
+        ablation_sweep(model, [batch], ClassificationTask(), kind=masks)
+
+
 def test_an_all_zero_importance_table_is_named():
     assert "exactly 0" in zero_importance_warning(torch.zeros(3, 4))
     assert zero_importance_warning(torch.tensor([[0.0, 1e-30]])) is None

@@ -128,7 +128,8 @@ def align_label_names(examples: Sequence[Example], id2label: dict | None) -> dic
     the order the checkpoint was trained with (MNLI checkpoints disagree). When every name of
     ``examples.label_names`` is a name of ``id2label`` (case-insensitively; transformers' default ``LABEL_i``
     names included), the label ids are rewritten to the checkpoint's. When ``id2label`` has names of its own (not
-    only ``LABEL_i`` defaults) and some data name is not among them, :class:`DataError`. Integer-string names
+    only ``LABEL_i`` defaults) and some data name is not among them, or names two of its classes (``id2label``
+    naming two classes alike, case-insensitively), :class:`DataError`. Integer-string names
     (GLUE's ``"0"``, ``"1"``) are ids already. Returns the mapping used (name -> id), or None when nothing was done.
     """
     names = getattr(examples, "label_names", None)
@@ -144,6 +145,13 @@ def align_label_names(examples: Sequence[Example], id2label: dict | None) -> dic
                         f"label name(s) {unknown} are not among the checkpoint's classes "
                         f"{[checkpoint[i] for i in sorted(checkpoint)]}; use the checkpoint's label names (or their "
                         "integer ids)")
+    for name in names:
+        classes = sorted(i for i, known in checkpoint.items() if known.lower() == str(name).lower())
+        if len(classes) > 1:
+            raise DataError(where(examples), None,
+                            f"label name {str(name)!r} names {len(classes)} of the checkpoint's classes (ids "
+                            f"{classes} in its id2label {[checkpoint[i] for i in sorted(checkpoint)]}), so which one "
+                            "it means is ambiguous; write the labels as integer class ids")
     mapping = {str(name): by_name[str(name).lower()] for name in names}
     for example in examples:
         if example.label is not None:

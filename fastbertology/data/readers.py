@@ -26,6 +26,8 @@ from .labels import labels_from_raw
 
 # Optional columns / keys of activation-patching data (the corrupted version of text and text_pair)
 CORRUPTED_KEYS = ("corrupted_text", "corrupted_text_pair")
+# The CSV / TSV columns the reader reads (a header naming one of them twice is refused: which one counts is ambiguous)
+READ_COLUMNS = ("text", "text_pair", "label", *CORRUPTED_KEYS)
 
 __all__ = ["CORRUPTED_KEYS", "GLUE_TASKS", "GlueTaskSpec", "glue_spec", "load_examples", "read_csv", "read_glue",
            "read_jsonl", "read_text_blocks"]
@@ -141,24 +143,36 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
                    are class ids, all numbers regression targets, names ids in sorted order (``label_names`` of the
                    result reports the mapping).
     Optional ``corrupted_text`` / ``corrupted_text_pair`` columns (activation patching) are kept on the examples.
-    Raises :class:`DataError` (file and line) for an empty file, a missing column or value, or a row with a
-    different number of columns than the header.
+    Raises :class:`DataError` (file and line) for an empty file, a missing column or value, a column read here
+    named twice in the header, or a row with a different number of columns than the header.
     """
     path = Path(path)
     rows = []  # (first physical line of the record, cells): quoted cells may span lines
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    text = read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     start = 1
+    # A cell may be as long as the file (a long document: the tokenizer truncates it), not only the csv module's
+    # default 131,072 characters; the limit is the process's, so it is restored.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
         for row in reader:
             rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as error:
         raise DataError(path, reader.line_num, f"unreadable CSV: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
     rows = [(line, row) for line, row in rows if row and any(cell.strip() for cell in row)]
     if not rows:
         raise DataError(path, 1, "empty file (expected a header with a 'text' column)")
     header_line, header = rows[0]
-    columns = {name.strip(): i for i, name in enumerate(header)}
+    columns: dict[str, int] = {}
+    for i, name in enumerate(header):
+        name = name.strip()
+        if name in columns and name in READ_COLUMNS:
+            raise DataError(path, header_line, f"the header has two {name!r} columns (columns {columns[name] + 1} and "
+                                               f"{i + 1}): which one holds the data is ambiguous; rename or remove one")
+        columns.setdefault(name, i)
     if "text" not in columns:
         raise DataError(path, header_line, f"the header has no 'text' column (columns: {header})")
     if require_label and "label" not in columns:
@@ -222,10 +236,23 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different (JSON does not say which of two equal keys counts; Python's json
+    keeps the last one, other readers the first)."""
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise ValueError(f"the key {key!r} appears twice in one object (which value counts is ambiguous: keep one)")
+        row[key] = value
+    return row
+
+
 def _json_line(path, line: int, content: str):
-    """One JSON line, strictly: no NaN / Infinity, no number beyond float64, valid Unicode; DataError otherwise."""
+    """One JSON line, strictly: no NaN / Infinity, no number beyond float64, no key twice in an object, valid
+    Unicode; DataError otherwise."""
     try:
-        row = json.loads(content, parse_constant=_no_constant, parse_float=_finite_float)
+        row = json.loads(content, parse_constant=_no_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
         json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\\ud800") is not text
     except json.JSONDecodeError as error:
         raise DataError(path, line, f"invalid JSON: {error.msg} (column {error.colno})") from None
@@ -248,8 +275,8 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
     is and as a CSV ``1`` is), numbers with a fraction make the data a regression set (floats), other strings are
     names mapped to ids in sorted order (reported as ``label_names``) unless ``label_names`` is given.
     ``require_label`` / ``require_pair`` as in :func:`read_csv`. Raises :class:`DataError` (file and line) for bad
-    JSON, a row that is not an object, a missing or mistyped key, non-integer ``input_ids``, labels of mixed kinds
-    (names and numbers), an empty file.
+    JSON, a row that is not an object, a key twice in one object, a missing or mistyped key, non-integer
+    ``input_ids``, labels of mixed kinds (names and numbers), an empty file.
     """
     path = Path(path)
     examples, raw_labels = [], []
@@ -271,6 +298,10 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
             pair = _check_text(path, line, row.get("text_pair"), "text_pair", required=require_pair)
             label = row.get("label")
             if label is None:
+                if require_label and not raw_labels:  # no row so far has one: perhaps data for another task
+                    raise DataError(path, line, "missing 'label': classification and regression data need one in "
+                                                "every row (language modelling reads a .txt file; activation "
+                                                "patching of a language model takes --task lm)")
                 if require_label:
                     raise DataError(path, line, "missing 'label'")
             elif isinstance(label, bool) or not isinstance(label, (int, float, str)):

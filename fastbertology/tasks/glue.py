@@ -17,6 +17,16 @@ GLUE_METRICS = {
 }
 
 
+def _batch_labels(batch: dict, what: str) -> torch.Tensor:
+    """``batch["labels"]`` ``[B]``; ValueError naming the key when the batch has none (a KeyError said only
+    'labels')."""
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError(f"the batch has no 'labels' ([B] {what}), which this task's loss and metric need: add them "
+                         f"to every batch (fastbertology.batching.make_batches does for labelled examples)")
+    return labels
+
+
 def confusion_metrics(confusion: torch.Tensor, *, positive_label: int = 1) -> dict[str, float]:
     """Accuracy, F1 and Matthews correlation from a confusion matrix ``[C, C]`` (rows: true, columns: predicted).
 
@@ -84,7 +94,7 @@ class ClassificationTask(Task):
         logits = output.logits if hasattr(output, "logits") else output
         if logits.dim() != 2:
             raise ValueError(f"classification logits must be [B, C], got shape {tuple(logits.shape)}")
-        labels = batch["labels"]
+        labels = _batch_labels(batch, "class ids")
         losses = F.cross_entropy(_at_least_float32(logits), labels.to(logits.device).long(), reduction="none")
         return TaskResult(loss=losses.mean(), example_losses=losses, logits=logits)
 
@@ -170,7 +180,7 @@ class RegressionTask(Task):
             logits = logits.squeeze(-1)
         if logits.dim() != 1:
             raise ValueError(f"regression logits must be [B, 1] or [B], got shape {tuple(logits.shape)}")
-        target = batch["labels"].to(device=logits.device, dtype=_at_least_float32(logits).dtype)
+        target = _batch_labels(batch, "float targets").to(device=logits.device, dtype=_at_least_float32(logits).dtype)
         losses = (_at_least_float32(logits) - target) ** 2
         return TaskResult(loss=losses.mean(), example_losses=losses, logits=logits)
 
