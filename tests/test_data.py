@@ -127,7 +127,7 @@ def test_read_glue_errors(tmp_path):
     with pytest.raises(DataError, match=r"line 2: sts-b label must be a number"):
         read_glue(tmp_path, task="sts-b")
     write(tmp_path / "dev.tsv", "")
-    with pytest.raises(DataError, match=r"dev\.tsv, line 1: empty file"):
+    with pytest.raises(DataError, match=r"dev\.tsv, line 1: empty file; .*restore it from the task's download"):
         read_glue(tmp_path, task="cola")
     write(tmp_path / "dev.tsv", tsv(["sentence", "label"]))
     with pytest.raises(DataError, match=r"dev\.tsv, line 1: no examples"):
@@ -168,11 +168,11 @@ def test_read_csv_tsv_and_subset_keeps_the_full_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("content, line, message", [
-    ("", 1, "empty file"),
+    ("", 1, "empty file .*; write the header, e.g. text,label, then one example per line"),
     ("\n\n", 1, "empty file"),
     ("words,label\na,1\n", 1, "no 'text' column"),
     ("text,labels\na,1\n", 1, "no 'label' column"),
-    ("text,label\n", 2, "no examples after the header"),
+    ("text,label\n", 2, "no examples after the header; add one example per line below it"),
     ("text,label\na,1\nb,1,extra\n", 3, "expected 2 columns as in the header, found 3"),
     ("text,label\na,1\nb\n", 3, "expected 2 columns"),
     ("text,label\na,1\n,0\n", 3, "missing 'text'"),
@@ -228,7 +228,7 @@ def test_read_jsonl_text_labels_and_pretokenized(tmp_path):
 
 
 @pytest.mark.parametrize("rows, line, message", [
-    ([], 1, "empty file"),
+    ([], 1, "empty file \\(no JSON lines\\); write one JSON object per line"),
     ([{"text": "a", "label": 1}, "{not json"], 2, "invalid JSON"),
     ([{"text": "a", "label": 1}, "", "[1, 2]"], 3, "expected a JSON object, got list"),
     ([{"label": 1}], 1, "missing 'text'"),
@@ -273,7 +273,7 @@ def test_read_text_blocks(tmp_path, tokenizer):
     assert all(len(e.input_ids) == 16 for e in blocks[:-1]) and 2 <= len(blocks[-1].input_ids) <= 16
     assert all(e.text is None and e.label is None for e in blocks)
     assert len(load_examples(path, tokenizer=tokenizer, max_seq_length=16, data_subset=2)) == 2
-    with pytest.raises(DataError, match=r"empty\.txt, line 1: empty file"):
+    with pytest.raises(DataError, match=r"empty\.txt, line 1: empty file; .*give a file with some text"):
         read_text_blocks(write(tmp_path / "empty.txt", "  \n"), tokenizer, max_seq_length=16)
     with pytest.raises(DataError, match=r"one\.txt, line 1: .*at least 2"):
         read_text_blocks(write(tmp_path / "one.txt", "hello"), tokenizer, max_seq_length=16)

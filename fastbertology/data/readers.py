@@ -92,7 +92,8 @@ def read_glue(data_dir, *, task: str, data_subset: int | None = None) -> Example
     rows = list(enumerate(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quotechar=None),
                           start=1))
     if not rows:
-        raise DataError(path, 1, "empty file")
+        raise DataError(path, 1, "empty file; a GLUE task file has its header and one example per line: restore it "
+                                 "from the task's download")
     if spec.header:
         rows = rows[1:]
     for line, row in rows:
@@ -164,7 +165,8 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
         csv.field_size_limit(limit)
     rows = [(line, row) for line, row in rows if row and any(cell.strip() for cell in row)]
     if not rows:
-        raise DataError(path, 1, "empty file (expected a header with a 'text' column)")
+        raise DataError(path, 1, "empty file (expected a header with a 'text' column); write the header, e.g. "
+                                 "text,label, then one example per line")
     header_line, header = rows[0]
     columns: dict[str, int] = {}
     for i, name in enumerate(header):
@@ -180,7 +182,7 @@ def read_csv(path, *, delimiter: str = ",", require_label: bool = True, require_
     if require_pair and "text_pair" not in columns:
         raise DataError(path, header_line, f"the header has no 'text_pair' column (columns: {header})")
     if len(rows) == 1:
-        raise DataError(path, header_line + 1, "no examples after the header")
+        raise DataError(path, header_line + 1, "no examples after the header; add one example per line below it")
     examples, raw_labels = [], []
     for line, row in rows[1:]:
         if len(row) != len(header):
@@ -312,7 +314,8 @@ def read_jsonl(path, *, require_label: bool = True, require_pair: bool = False,
             examples.append((line, Example(text=text, text_pair=pair, label=label, input_ids=input_ids, line=line,
                                            **corrupted)))
     if not examples:
-        raise DataError(path, 1, "empty file (no JSON lines)")
+        raise DataError(path, 1, "empty file (no JSON lines); write one JSON object per line, e.g. "
+                                 '{"text": "...", "label": 1}')
     return _attach_labels(path, examples, raw_labels, label_names=label_names,
                           data_subset=data_subset)
 
@@ -328,7 +331,7 @@ def read_text_blocks(path, tokenizer, *, max_seq_length: int, data_subset: int |
     path = Path(path)
     text = read_text(path)
     if not text.strip():
-        raise DataError(path, 1, "empty file")
+        raise DataError(path, 1, "empty file; language modelling reads plain text: give a file with some text")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) < 2:
         raise DataError(path, 1, f"the text has {len(ids)} token(s); language modelling needs at least 2")
