@@ -415,11 +415,7 @@ def run_demo(args, console: Console) -> int:
         result = _importance_and_masking(args, console, run, output, summary)
         pruning_step(args, console, run, result.head_mask, output, summary)
 
-    try:
-        examples = demo_pairs(args.pairs)
-    except ValueError as error:  # the pairs this Python's documentation gives
-        raise ValueError(f"--pairs {str(error).removeprefix('demo_pairs: n ')}") from None
-    return _run_command(args, console, steps, examples=examples, model_path=model_path,
+    return _run_command(args, console, steps, examples=demo_pairs(args.pairs, name="--pairs"), model_path=model_path,
                         model_label=None if args.model else DEMO_MODEL_LABEL, data_label=DEMO_DATA_LABEL)
 
 

@@ -77,7 +77,7 @@ def _all_demo_pairs(*, min_query_chars: int, max_query_chars: int, max_positive_
 
 
 def demo_pairs(n: int = 256, *, min_query_chars: int = 40, max_query_chars: int = 150,
-               max_positive_chars: int = 180) -> ExampleList:
+               max_positive_chars: int = 180, name: str = "demo_pairs: n") -> ExampleList:
     """``n`` (query, positive) retrieval pairs made from the Python reference documentation that ships with Python
     (``pydoc_data.topics.topics``: 79 topics such as "assignment" or "string-methods"; real text, not ours).
 
@@ -97,7 +97,8 @@ def demo_pairs(n: int = 256, *, min_query_chars: int = 40, max_query_chars: int 
     defaults).
 
     Returns an :class:`ExampleList` of ``Example(text=query, text_pair=positive)``. Raises RuntimeError when
-    ``pydoc_data`` is missing, ValueError when fewer than ``n`` pairs exist.
+    ``pydoc_data`` is missing, ValueError when fewer than ``n`` pairs exist (naming ``n`` as ``name``: the CLI's
+    ``--pairs``).
     """
     pairs = _all_demo_pairs(min_query_chars=min_query_chars, max_query_chars=max_query_chars,
                             max_positive_chars=max_positive_chars)
@@ -112,7 +113,7 @@ def demo_pairs(n: int = 256, *, min_query_chars: int = 40, max_query_chars: int 
         keyed.append(((i + 0.5) / counts[topic], topic, i, query, positive))
     keyed.sort(key=lambda item: item[:3])
     if n < 1 or n > len(keyed):
-        raise ValueError(f"demo_pairs: n must be between 1 and {len(keyed)} (pairs available in this Python's "
+        raise ValueError(f"{name} must be between 1 and {len(keyed)} (pairs available in this Python's "
                          f"documentation with these options), got {n}")
     chosen = sorted(keyed[:n], key=lambda item: (len(item[4]), item[:3]))
     return ExampleList((Example(text=query, text_pair=positive) for _, _, _, query, positive in chosen),
